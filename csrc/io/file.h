@@ -1,0 +1,28 @@
+// A read-only file with exact positional reads. Errors name the file.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace fm {
+
+class File {
+  public:
+    explicit File(const std::string& path);
+    ~File();
+    File(const File&) = delete;
+    File& operator=(const File&) = delete;
+
+    uint64_t size() const { return size_; }
+    const std::string& path() const { return path_; }
+    // Reads exactly n bytes at offset; throws std::runtime_error naming the file and `what`
+    // on a short file or a read error.
+    void read_exact(void* dst, size_t n, uint64_t offset, const std::string& what) const;
+
+  private:
+    std::string path_;
+    int fd_ = -1;
+    uint64_t size_ = 0;
+};
+
+}  // namespace fm

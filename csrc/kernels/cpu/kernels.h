@@ -1,0 +1,43 @@
+// CPU kernels, chosen once at run time for the best instruction set this CPU has
+// (AVX-512 where present, else AVX2+FMA+F16C). Each has a scalar reference in reference.cpp,
+// which tests compare against (tests/test_kernels.py).
+//
+// Layout contract: row-major; a matrix W of N rows has row n at W + n*ldw elements of its dtype.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace fm {
+
+// Rows of W that the matrix-matrix kernels convert to f32 at a time; scratch buffers passed
+// to them hold kScratchRows * round_up(K, 16) floats.
+constexpr int kScratchRows = 16;
+inline size_t scratch_floats(int K) { return size_t(kScratchRows) * ((K + 15) / 16 * 16); }
+
+struct Kernels {
+    const char* isa;
+    // Y[t*ldy + n] = sum_k X[t*ldx + k] * W[n*ldw + k], for t < T, n < N.
+    void (*gemm[3])(float* Y, size_t ldy, const float* X, size_t ldx, int T, const void* W, size_t ldw,
+                    int K, int N, float* scratch);
+    // Y[t*ldy + d] += sum_j A[t*lda + j] * B[j*ldb + d], for t < T, d < D, j < NB.
+    void (*accumulate[3])(float* Y, size_t ldy, const float* A, size_t lda, int T, const void* B,
+                          size_t ldb, int D, int NB, float* scratch);
+    // dst[i] = (float)src[i]
+    void (*to_f32[3])(float* dst, const void* src, int n);
+    float (*dot)(const float* a, const float* b, int n);
+    void (*axpy)(float* y, float a, const float* x, int n);  // y += a*x
+};
+
+const Kernels& kernels();  // the best for this CPU
+const Kernels* kernels_avx2();
+const Kernels* kernels_avx512();  // nullptr where the CPU lacks AVX-512
+
+// Scalar references (double accumulation), for tests.
+void gemm_ref(float* Y, size_t ldy, const float* X, size_t ldx, int T, const void* W, DType dt, size_t ldw,
+              int K, int N);
+void accumulate_ref(float* Y, size_t ldy, const float* A, size_t lda, int T, const void* B, DType dt,
+                    size_t ldb, int D, int NB);
+
+}  // namespace fm

@@ -1,0 +1,35 @@
+// AVX-512 (F, BW, VL) instantiation of kernels_impl.inc. Compiled with -mavx512f -mavx512bw
+// -mavx512vl -mfma -mf16c; only called after a run-time check of the CPU.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "kernels/cpu/kernels.h"
+
+namespace fm::avx512 {
+
+struct V {
+    using R = __m512;
+    static constexpr int W = 16;
+    static __mmask16 mask(int n) { return __mmask16((1u << n) - 1); }
+    static R zero() { return _mm512_setzero_ps(); }
+    static R set1(float a) { return _mm512_set1_ps(a); }
+    static R add(R a, R b) { return _mm512_add_ps(a, b); }
+    static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+    static float hsum(R v) { return _mm512_reduce_add_ps(v); }
+    static R load(const float* p) { return _mm512_loadu_ps(p); }
+    static R load_tail(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+    static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+    static void store_tail(float* p, R v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
+    static R load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+    static R load_f16_tail(const uint16_t* p, int n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(n), p)); }
+    static R widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+    static R load_bf16(const uint16_t* p) { return widen_bf16(_mm256_loadu_si256((const __m256i*)p)); }
+    static R load_bf16_tail(const uint16_t* p, int n) { return widen_bf16(_mm256_maskz_loadu_epi16(mask(n), p)); }
+};
+
+constexpr const char* kIsaName = "avx512";
+#include "kernels/cpu/kernels_impl.inc"
+
+}  // namespace fm::avx512
+

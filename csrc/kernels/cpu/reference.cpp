@@ -1,0 +1,26 @@
+// Plain scalar references for the SIMD kernels in kernels_impl.inc.
+#include "kernels/cpu/kernels.h"
+
+namespace fm {
+
+void gemm_ref(float* Y, size_t ldy, const float* X, size_t ldx, int T, const void* W, DType dt, size_t ldw,
+              int K, int N) {
+    for (int t = 0; t < T; ++t)
+        for (int n = 0; n < N; ++n) {
+            double s = 0;
+            for (int k = 0; k < K; ++k) s += double(X[t * ldx + k]) * load_as_f32(W, dt, n * ldw + k);
+            Y[t * ldy + n] = float(s);
+        }
+}
+
+void accumulate_ref(float* Y, size_t ldy, const float* A, size_t lda, int T, const void* B, DType dt,
+                    size_t ldb, int D, int NB) {
+    for (int t = 0; t < T; ++t)
+        for (int d = 0; d < D; ++d) {
+            double s = Y[t * ldy + d];
+            for (int j = 0; j < NB; ++j) s += double(A[t * lda + j]) * load_as_f32(B, dt, j * ldb + d);
+            Y[t * ldy + d] = float(s);
+        }
+}
+
+}  // namespace fm

@@ -1,0 +1,283 @@
+#include "model/decoder.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+#include "ffn/bundled_ffn.h"
+#include "io/file.h"
+#include "kernels/cpu/kernels.h"
+#include "kernels/cpu/ops.h"
+
+namespace fm {
+
+namespace {
+constexpr int kMaxChunk = 256;  // prompt tokens per prefill pass
+}
+
+void Config::validate() const {
+    FM_ARG(vocab_size > 0 && dim > 0 && hidden_dim > 0 && n_layers > 0, "config: vocab_size, hidden_size, ",
+           "intermediate_size and num_hidden_layers must be positive");
+    FM_ARG(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0, "config: num_attention_heads (", n_heads,
+           ") must be a positive multiple of num_key_value_heads (", n_kv_heads, ")");
+    FM_ARG(head_dim > 0 && head_dim % 2 == 0, "config: head_dim must be positive and even, got ", head_dim);
+    FM_ARG(max_context > 0, "max_context must be positive, got ", max_context);
+    FM_ARG(int(rope_inv_freq.size()) == head_dim / 2, "config: rope_inv_freq has ", rope_inv_freq.size(),
+           " entries, expected head_dim/2 = ", head_dim / 2);
+}
+
+Model::Model(Config cfg, int n_threads) : cfg_(std::move(cfg)), pool_(n_threads) {
+    cfg_.validate();
+    kernels();  // fails early on a CPU without AVX2
+    const Config& c = cfg_;
+    chunk_ = c.max_context < kMaxChunk ? c.max_context : kMaxChunk;
+    const int nt = pool_.size();
+    const size_t f = sizeof(float);
+    w_.layers.resize(c.n_layers);
+    x_.allocate(f * chunk_ * c.dim);
+    xn_.allocate(f * chunk_ * c.dim);
+    q_.allocate(f * chunk_ * c.q_dim());
+    att_out_.allocate(f * chunk_ * c.q_dim());
+    proj_.allocate(f * chunk_ * c.dim);
+    scores_.allocate(f * nt * c.max_context);
+    ffn_acc_.allocate(f * nt * chunk_ * c.dim);
+    ffn_hu_.allocate(f * nt * 2 * chunk_ * kNeuronBlock);
+    convert_.allocate(f * nt * scratch_floats(c.dim > c.q_dim() ? c.dim : c.q_dim()));
+    const int half = c.head_dim / 2;
+    rope_cos_.allocate(f * size_t(c.max_context) * half);
+    rope_sin_.allocate(f * size_t(c.max_context) * half);
+    for (int p = 0; p < c.max_context; ++p)
+        for (int i = 0; i < half; ++i) {
+            float angle = float(p) * c.rope_inv_freq[i];  // f32 product, as HF computes it
+            rope_cos_.data<float>()[size_t(p) * half + i] = float(std::cos(double(angle))) * c.rope_attention_scaling;
+            rope_sin_.data<float>()[size_t(p) * half + i] = float(std::sin(double(angle))) * c.rope_attention_scaling;
+        }
+    key_cache_.allocate(f * size_t(c.n_layers) * c.max_context * c.kv_dim());
+    value_cache_.allocate(f * size_t(c.n_layers) * c.max_context * c.kv_dim());
+}
+
+size_t Model::weight_bytes() const {
+    size_t n = w_.embed.size() + w_.final_norm.size() + w_.lm_head.size();
+    for (const auto& L : w_.layers)
+        n += L.attn_norm.size() + L.wq.size() + L.wk.size() + L.wv.size() + L.wo.size() + L.bq.size() +
+             L.bk.size() + L.bv.size() + L.ffn_norm.size() + L.ffn_bundles.size();
+    return n;
+}
+
+size_t Model::state_bytes() const {
+    return x_.size() + xn_.size() + q_.size() + att_out_.size() + proj_.size() + scores_.size() + ffn_acc_.size() +
+           ffn_hu_.size() + convert_.size() + rope_cos_.size() + rope_sin_.size() + key_cache_.size() +
+           value_cache_.size();
+}
+
+void Model::load_tensor(const std::string& kind, int layer, const std::string& path, uint64_t offset,
+                        const std::string& dtype, const std::vector<int64_t>& shape) {
+    const Config& c = cfg_;
+    const std::string what = "tensor '" + kind + (layer >= 0 ? "' of layer " + std::to_string(layer) : "'");
+    DType dt = dtype_from_name(dtype);
+    const bool per_layer = kind != "embed" && kind != "final_norm" && kind != "lm_head";
+    FM_ARG(per_layer ? (layer >= 0 && layer < c.n_layers) : layer == -1, what, ": layer index ", layer,
+           " out of range [0, ", c.n_layers, ")");
+    LayerWeights* L = per_layer ? &w_.layers[layer] : nullptr;
+
+    Buffer* dst = nullptr;
+    std::vector<int64_t> expect;
+    bool is_matrix = true;
+    if (kind == "embed") dst = &w_.embed, expect = {c.vocab_size, c.dim};
+    else if (kind == "lm_head") dst = &w_.lm_head, expect = {c.vocab_size, c.dim};
+    else if (kind == "final_norm") dst = &w_.final_norm, expect = {c.dim}, is_matrix = false;
+    else if (kind == "attn_norm") dst = &L->attn_norm, expect = {c.dim}, is_matrix = false;
+    else if (kind == "ffn_norm") dst = &L->ffn_norm, expect = {c.dim}, is_matrix = false;
+    else if (kind == "wq") dst = &L->wq, expect = {c.q_dim(), c.dim};
+    else if (kind == "wk") dst = &L->wk, expect = {c.kv_dim(), c.dim};
+    else if (kind == "wv") dst = &L->wv, expect = {c.kv_dim(), c.dim};
+    else if (kind == "wo") dst = &L->wo, expect = {c.dim, c.q_dim()};
+    else if (kind == "bq") dst = &L->bq, expect = {c.q_dim()}, is_matrix = false;
+    else if (kind == "bk") dst = &L->bk, expect = {c.kv_dim()}, is_matrix = false;
+    else if (kind == "bv") dst = &L->bv, expect = {c.kv_dim()}, is_matrix = false;
+    else if (kind == "ffn_bundles") dst = &L->ffn_bundles, expect = {c.hidden_dim, 3 * c.dim};
+    else FM_ARG(false, "unknown tensor kind '", kind, "'");
+
+    const DType want = is_matrix ? c.dtype : DType::F32;
+    FM_ARG(dt == want, what, " in '", path, "': expected dtype ", dtype_name(want), ", got ", dtype_name(dt));
+    const bool padded_rows = kind == "ffn_bundles";
+    bool shape_ok = shape.size() == expect.size() && shape[0] == expect[0];
+    if (shape_ok && shape.size() == 2) shape_ok = padded_rows ? shape[1] >= expect[1] : shape[1] == expect[1];
+    if (!shape_ok) {
+        std::string got, exp;
+        for (auto s : shape) got += (got.empty() ? "" : ", ") + std::to_string(s);
+        for (auto s : expect) exp += (exp.empty() ? "" : ", ") + std::to_string(s);
+        FM_ARG(false, what, " in '", path, "': expected shape (", exp, padded_rows ? " or wider" : "", "), got (",
+               got, ")");
+    }
+
+    File file(path);
+    const size_t esz = dtype_size(dt);
+    const size_t rows = size_t(expect[0]), cols = expect.size() == 2 ? size_t(expect[1]) : 1;
+    dst->allocate(rows * cols * esz);
+    if (!padded_rows || size_t(shape[1]) == cols) {
+        file.read_exact(dst->data(), rows * cols * esz, offset, what);
+    } else {  // drop the alignment padding of each bundle while reading
+        const size_t src_row = size_t(shape[1]) * esz, dst_row = cols * esz;
+        const size_t per_read = (size_t(8) << 20) / src_row + 1;
+        Buffer tmp(per_read * src_row);
+        for (size_t r = 0; r < rows; r += per_read) {
+            size_t n = rows - r < per_read ? rows - r : per_read;
+            file.read_exact(tmp.data(), n * src_row, offset + r * src_row, what);
+            for (size_t i = 0; i < n; ++i)
+                std::memcpy(dst->data<char>() + (r + i) * dst_row, tmp.data<char>() + i * src_row, dst_row);
+        }
+    }
+}
+
+void Model::check_loaded() const {
+    const Config& c = cfg_;
+    FM_IO(w_.embed.size() && w_.final_norm.size(), "model is missing its token embeddings or final norm");
+    FM_IO(c.tied_embeddings || w_.lm_head.size(), "model is missing lm_head (and its embeddings are not tied)");
+    for (int l = 0; l < c.n_layers; ++l) {
+        const LayerWeights& L = w_.layers[l];
+        FM_IO(L.attn_norm.size() && L.wq.size() && L.wk.size() && L.wv.size() && L.wo.size() &&
+                  L.ffn_norm.size() && L.ffn_bundles.size(),
+              "model is missing tensors of layer ", l);
+        FM_IO(!c.qkv_bias || (L.bq.size() && L.bk.size() && L.bv.size()), "model is missing q/k/v biases of layer ",
+              l);
+    }
+}
+
+void Model::check_positions(int T, int start_pos) const {
+    FM_ARG(T > 0, "no input positions (T = ", T, ")");
+    FM_ARG(start_pos >= 0 && start_pos <= n_cached_, "start_pos ", start_pos, " must lie in [0, ", n_cached_,
+           "] (positions before it must already be in the KV cache)");
+    FM_ARG(int64_t(start_pos) + T <= cfg_.max_context, "context overflow: ", start_pos, " cached + ", T,
+           " new positions > max_context ", cfg_.max_context);
+}
+
+void Model::linear(float* Y, size_t ldy, const float* X, int T, const Buffer& W, int K, int N) {
+    const Kernels& k = kernels();
+    const int di = int(cfg_.dtype);
+    const size_t esz = dtype_size(cfg_.dtype), cs = convert_.size() / sizeof(float) / pool_.size();
+    pool_.parallel_for(N, 16, [&](size_t n0, size_t n1, int tid) {
+        k.gemm[di](Y + n0, ldy, X, K, T, W.data<char>() + n0 * K * esz, K, K, int(n1 - n0),
+                   convert_.data<float>() + tid * cs);
+    });
+}
+
+void Model::embed(const int32_t* tokens, int T, float* out) {
+    const Config& c = cfg_;
+    for (int t = 0; t < T; ++t)
+        FM_ARG(tokens[t] >= 0 && tokens[t] < c.vocab_size, "token id ", tokens[t], " at position ", t,
+               " out of range [0, ", c.vocab_size, ")");
+    const size_t esz = dtype_size(c.dtype);
+    for (int t = 0; t < T; ++t)
+        kernels().to_f32[int(c.dtype)](out + size_t(t) * c.dim, w_.embed.data<char>() + size_t(tokens[t]) * c.dim * esz,
+                                       c.dim);
+}
+
+void Model::forward_tokens(const int32_t* tokens, int T, int start_pos, float* logits, bool all_logits) {
+    for (int t = 0; t < T; ++t)  // check all ids before touching the cache
+        FM_ARG(tokens[t] >= 0 && tokens[t] < cfg_.vocab_size, "token id ", tokens[t], " at position ", t,
+               " out of range [0, ", cfg_.vocab_size, ")");
+    forward(T, start_pos, logits, all_logits, [&](int t0, int n, float* x) { embed(tokens + t0, n, x); });
+}
+
+void Model::forward_embeds(const float* embeds, int T, int start_pos, float* logits, bool all_logits) {
+    const size_t d = cfg_.dim;
+    for (size_t i = 0; i < size_t(T) * d; ++i)
+        FM_ARG(std::isfinite(embeds[i]), "inputs_embeds has a non-finite value at position ", i / d, ", column ",
+               i % d);
+    forward(T, start_pos, logits, all_logits, [&](int t0, int n, float* x) {
+        std::memcpy(x, embeds + size_t(t0) * d, sizeof(float) * n * d);
+    });
+}
+
+template <typename Fill>
+void Model::forward(int T, int start_pos, float* logits, bool all_logits, Fill&& fill) {
+    check_positions(T, start_pos);
+    const Config& c = cfg_;
+    n_cached_ = start_pos;  // positions past this are overwritten now
+    for (int t0 = 0; t0 < T; t0 += chunk_) {
+        const int n = T - t0 < chunk_ ? T - t0 : chunk_;
+        float* x = x_.data<float>();
+        fill(t0, n, x);
+        for (int l = 0; l < c.n_layers; ++l) layer_forward(l, n, start_pos + t0);
+        n_cached_ = start_pos + t0 + n;
+        if (all_logits) compute_logits(x, n, logits + size_t(t0) * c.vocab_size);
+        else if (t0 + n == T) compute_logits(x + size_t(n - 1) * c.dim, 1, logits);
+    }
+}
+
+void Model::compute_logits(const float* x, int T, float* logits) {
+    const Config& c = cfg_;
+    float* xn = xn_.data<float>();
+    for (int t = 0; t < T; ++t)
+        rmsnorm(xn + size_t(t) * c.dim, x + size_t(t) * c.dim, w_.final_norm.data<float>(), c.dim, c.norm_eps);
+    linear(logits, c.vocab_size, xn, T, c.tied_embeddings ? w_.embed : w_.lm_head, c.dim, c.vocab_size);
+}
+
+void Model::layer_forward(int l, int T, int start_pos) {
+    const Config& c = cfg_;
+    const LayerWeights& L = w_.layers[l];
+    float* x = x_.data<float>();
+    float* xn = xn_.data<float>();
+    const size_t kv_dim = c.kv_dim(), q_dim = c.q_dim();
+    float* kc = key_cache_.data<float>() + (size_t(l) * c.max_context + start_pos) * kv_dim;    // (T, kv_dim)
+    float* vc = value_cache_.data<float>() + (size_t(l) * c.max_context + start_pos) * kv_dim;  // (T, kv_dim)
+
+    // attention block: q, k, v (k and v straight into the cache), rope, attention, output projection
+    for (int t = 0; t < T; ++t)
+        rmsnorm(xn + size_t(t) * c.dim, x + size_t(t) * c.dim, L.attn_norm.data<float>(), c.dim, c.norm_eps);
+    linear(q_.data<float>(), q_dim, xn, T, L.wq, c.dim, q_dim);
+    linear(kc, kv_dim, xn, T, L.wk, c.dim, kv_dim);
+    linear(vc, kv_dim, xn, T, L.wv, c.dim, kv_dim);
+    const int half = c.head_dim / 2;
+    for (int t = 0; t < T; ++t) {
+        float* q = q_.data<float>() + t * q_dim;
+        float* k = kc + t * kv_dim;
+        if (c.qkv_bias) {
+            for (size_t i = 0; i < q_dim; ++i) q[i] += L.bq.data<float>()[i];
+            for (size_t i = 0; i < kv_dim; ++i) k[i] += L.bk.data<float>()[i], vc[t * kv_dim + i] += L.bv.data<float>()[i];
+        }
+        const float* cs = rope_cos_.data<float>() + size_t(start_pos + t) * half;
+        const float* sn = rope_sin_.data<float>() + size_t(start_pos + t) * half;
+        rope(q, c.n_heads, c.head_dim, cs, sn);
+        rope(k, c.n_kv_heads, c.head_dim, cs, sn);
+    }
+    attention(l, T, start_pos);
+    linear(proj_.data<float>(), c.dim, att_out_.data<float>(), T, L.wo, q_dim, c.dim);
+    for (size_t i = 0; i < size_t(T) * c.dim; ++i) x[i] += proj_.data<float>()[i];
+
+    // FFN block
+    for (int t = 0; t < T; ++t)
+        rmsnorm(xn + size_t(t) * c.dim, x + size_t(t) * c.dim, L.ffn_norm.data<float>(), c.dim, c.norm_eps);
+    const int nt = pool_.size();
+    FfnScratch s{ffn_acc_.data<float>(), ffn_hu_.data<float>(), convert_.data<float>(),
+                 convert_.size() / sizeof(float) / nt, chunk_};
+    bundled_ffn(pool_, x, xn, T, c.dim, L.ffn_bundles.data(), c.dtype, c.hidden_dim, s);
+}
+
+// Causal GQA attention of T new queries over positions [0, start_pos + t]. Work items
+// (token, head) are dealt out round-robin, which balances the growing causal lengths.
+void Model::attention(int l, int T, int start_pos) {
+    const Config& c = cfg_;
+    const Kernels& k = kernels();
+    const size_t kv_dim = c.kv_dim(), q_dim = c.q_dim();
+    const float* kc = key_cache_.data<float>() + size_t(l) * c.max_context * kv_dim;  // (max_context, kv_dim)
+    const float* vc = value_cache_.data<float>() + size_t(l) * c.max_context * kv_dim;
+    const int group = c.n_heads / c.n_kv_heads, hd = c.head_dim;
+    const float scale = 1.0f / std::sqrt(float(hd));
+    pool_.run([&](int tid, int nt) {
+        float* sc = scores_.data<float>() + size_t(tid) * c.max_context;
+        for (int item = tid; item < T * c.n_heads; item += nt) {
+            const int t = item / c.n_heads, h = item % c.n_heads, kvh = h / group;
+            const int n_pos = start_pos + t + 1;
+            const float* q = q_.data<float>() + t * q_dim + h * hd;
+            for (int p = 0; p < n_pos; ++p) sc[p] = k.dot(q, kc + p * kv_dim + kvh * hd, hd) * scale;
+            softmax(sc, n_pos);
+            float* out = att_out_.data<float>() + t * q_dim + h * hd;
+            std::memset(out, 0, sizeof(float) * hd);
+            for (int p = 0; p < n_pos; ++p) k.axpy(out, sc[p], vc + p * kv_dim + kvh * hd, hd);
+        }
+    });
+}
+
+}  // namespace fm

@@ -1,0 +1,107 @@
+// Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2): config, weights, run state and
+// the forward pass (batched prefill and single-token decode share one code path).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/buffer.h"
+#include "core/dtype.h"
+#include "core/thread_pool.h"
+
+namespace fm {
+
+struct Config {
+    int vocab_size = 0;
+    int dim = 0;         // d_model
+    int hidden_dim = 0;  // d_ff
+    int n_layers = 0;
+    int n_heads = 0;
+    int n_kv_heads = 0;
+    int head_dim = 0;
+    int max_context = 0;  // KV cache length
+    float norm_eps = 1e-5f;
+    bool tied_embeddings = false;
+    bool qkv_bias = false;  // Qwen2
+    DType dtype = DType::F32;  // storage dtype of the matrices (norms and biases are f32)
+    std::vector<float> rope_inv_freq;  // (head_dim/2), scaling already applied (computed in Python)
+    float rope_attention_scaling = 1.0f;
+
+    int q_dim() const { return n_heads * head_dim; }
+    int kv_dim() const { return n_kv_heads * head_dim; }
+    void validate() const;
+};
+
+struct LayerWeights {
+    Buffer attn_norm;    // (dim) f32
+    Buffer wq;           // (q_dim, dim)
+    Buffer wk, wv;       // (kv_dim, dim)
+    Buffer wo;           // (dim, q_dim)
+    Buffer bq, bk, bv;   // (q_dim), (kv_dim), (kv_dim) f32, only with qkv_bias
+    Buffer ffn_norm;     // (dim) f32
+    Buffer ffn_bundles;  // (hidden_dim, 3*dim): bundle i = [gate row i | up row i | down column i]
+};
+
+struct Weights {
+    Buffer embed;       // (vocab, dim)
+    Buffer final_norm;  // (dim) f32
+    Buffer lm_head;     // (vocab, dim); empty when tied to embed
+    std::vector<LayerWeights> layers;
+};
+
+class Model {
+  public:
+    Model(Config cfg, int n_threads);
+
+    const Config& config() const { return cfg_; }
+    int n_threads() const { return pool_.size(); }
+    int n_cached() const { return n_cached_; }
+    size_t weight_bytes() const;
+    size_t state_bytes() const;
+
+    // Loads one tensor from `path` at byte `offset`. kind: embed, final_norm, lm_head, attn_norm,
+    // wq, wk, wv, wo, bq, bk, bv, ffn_norm, ffn_bundles; layer: -1 for the global ones.
+    // shape/dtype are as stored in the file; ffn_bundles may have padded rows (shape[1] >= 3*dim).
+    void load_tensor(const std::string& kind, int layer, const std::string& path, uint64_t offset,
+                     const std::string& dtype, const std::vector<int64_t>& shape);
+    void check_loaded() const;  // throws naming the first missing tensor
+
+    // Runs T tokens (or T input embeddings of width dim) at positions [start_pos, start_pos+T).
+    // Positions before start_pos must already be in the KV cache. Writes logits (vocab) for the
+    // last token, or for every token when all_logits ((T, vocab)).
+    void forward_tokens(const int32_t* tokens, int T, int start_pos, float* logits, bool all_logits);
+    void forward_embeds(const float* embeds, int T, int start_pos, float* logits, bool all_logits);
+    // Input embeddings of tokens: out (T, dim).
+    void embed(const int32_t* tokens, int T, float* out);
+
+  private:
+    template <typename Fill>
+    void forward(int T, int start_pos, float* logits, bool all_logits, Fill&& fill);
+    void check_positions(int T, int start_pos) const;
+    void layer_forward(int l, int T, int start_pos);
+    void attention(int l, int T, int start_pos);
+    void linear(float* Y, size_t ldy, const float* X, int T, const Buffer& W, int K, int N);
+    void compute_logits(const float* x, int T, float* logits);
+
+    Config cfg_;
+    ThreadPool pool_;
+    Weights w_;
+    int n_cached_ = 0;
+    int chunk_;  // tokens per prefill chunk
+
+    // Run state, (chunk) rows each.
+    Buffer x_;         // (chunk, dim) residual stream
+    Buffer xn_;        // (chunk, dim) normed residual
+    Buffer q_;         // (chunk, q_dim)
+    Buffer att_out_;   // (chunk, q_dim)
+    Buffer proj_;      // (chunk, dim) attention output projection
+    Buffer scores_;    // (n_threads, max_context)
+    Buffer ffn_acc_;   // (n_threads, chunk, dim)
+    Buffer ffn_hu_;    // (n_threads, 2, chunk, kNeuronBlock)
+    Buffer convert_;   // (n_threads, scratch_floats(max(dim, q_dim)))
+    Buffer rope_cos_, rope_sin_;  // (max_context, head_dim/2)
+    Buffer key_cache_, value_cache_;  // (n_layers, max_context, kv_dim) f32
+};
+
+}  // namespace fm
