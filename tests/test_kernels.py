@@ -1,0 +1,70 @@
+"""SIMD kernels against their scalar references (csrc/kernels/cpu/reference.cpp), odd sizes,
+every dtype, both instruction sets this CPU has."""
+import numpy as np
+import pytest
+
+from flashmem import _core
+from flashmem.safetensors_io import from_f32
+
+SIZES = [(1, 40, 7), (1, 576, 64), (2, 17, 9), (3, 769, 33), (5, 72, 40), (128, 576, 100), (7, 1, 1)]
+ISAS = ["best", "avx2"]
+
+
+def weights(rng, n, k, dtype):
+    return from_f32(rng.standard_normal((n, k)).astype(np.float32), dtype)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("T,K,N", SIZES)
+def test_gemm_matches_reference(T, K, N, dtype, isa):
+    rng = np.random.default_rng(T * 1000 + K + N)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    w = weights(rng, N, K, dtype)
+    ref = _core.gemm(x, w, dtype, reference=True)
+    got = _core.gemm(x, w, dtype, isa=isa)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.sqrt(K))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("T,D,NB", SIZES)
+def test_accumulate_matches_reference(T, D, NB, dtype, isa):
+    rng = np.random.default_rng(T * 7 + D * 3 + NB)
+    y0 = rng.standard_normal((T, D)).astype(np.float32)
+    a = rng.standard_normal((T, NB)).astype(np.float32)
+    b = weights(rng, NB, D, dtype)
+    ref = _core.accumulate(y0, a, b, dtype, reference=True)
+    got = _core.accumulate(y0, a, b, dtype, isa=isa)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.sqrt(NB))
+
+
+def test_reference_matches_numpy():
+    """The scalar reference itself against numpy, so the chain ends at an independent result."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 19)).astype(np.float32)
+    w = rng.standard_normal((11, 19)).astype(np.float32)
+    np.testing.assert_allclose(_core.gemm(x, w, "f32", reference=True), x @ w.T, rtol=1e-5, atol=1e-5)
+    wb = from_f32(w, "bf16")
+    w_back = (wb.astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_allclose(_core.gemm(x, wb, "bf16", reference=True), x @ w_back.T, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_rejects_wrong_shapes():
+    x = np.zeros((2, 5), np.float32)
+    with pytest.raises(ValueError, match="K"):
+        _core.gemm(x, np.zeros((3, 6), np.float32), "f32")
+    with pytest.raises(ValueError, match="dtype"):
+        _core.gemm(x, np.zeros((3, 5), np.float32), "q3")
+    with pytest.raises(ValueError, match="itemsize|items"):
+        _core.gemm(x, np.zeros((3, 5), np.float32), "f16")
+
+
+@pytest.mark.skipif(not _core.cuda_available(), reason="no CUDA device (kernel compiled, not run)")
+@pytest.mark.parametrize("N,K", [(7, 40), (33, 769), (576, 576)])
+def test_cuda_gemv_f16_matches_reference(N, K):
+    rng = np.random.default_rng(N + K)
+    x = rng.standard_normal(K).astype(np.float32)
+    w = weights(rng, N, K, "f16")
+    ref = _core.gemm(x[None], w, "f16", reference=True)[0]
+    np.testing.assert_allclose(_core.cuda_gemv_f16(x, w.view(np.uint16)), ref, rtol=1e-4, atol=1e-4 * np.sqrt(K))
