@@ -35,6 +35,12 @@ fm::DType weight_dtype(const nb::ndarray<nb::c_contig, nb::device::cpu>& w, cons
     return dt;
 }
 
+const fm::Kernels* pick_isa(const std::string& isa) {
+    const fm::Kernels* k = isa == "avx2" ? fm::kernels_avx2() : &fm::kernels();
+    FM_ARG(k != nullptr, "ISA ", isa, " not available on this CPU");
+    return k;
+}
+
 // Kernel entry points for tests: the dispatched SIMD kernel or its scalar reference.
 nb::ndarray<nb::numpy, float> py_gemm(CF32Array x, nb::ndarray<nb::c_contig, nb::device::cpu> w, const std::string& dtype,
                                       bool reference, const std::string& isa) {
@@ -45,8 +51,7 @@ nb::ndarray<nb::numpy, float> py_gemm(CF32Array x, nb::ndarray<nb::c_contig, nb:
     if (reference) {
         fm::gemm_ref(y.data(), N, x.data(), K, T, w.data(), dt, K, K, N);
     } else {
-        const fm::Kernels* k = isa == "avx2" ? fm::kernels_avx2() : &fm::kernels();
-        FM_ARG(k != nullptr, "ISA ", isa, " not available on this CPU");
+        const fm::Kernels* k = pick_isa(isa);
         std::vector<float> scratch(fm::scratch_floats(K));
         nb::gil_scoped_release nogil;
         k->gemm[int(dt)](y.data(), N, x.data(), K, T, w.data(), K, K, N, scratch.data());
@@ -65,8 +70,7 @@ nb::ndarray<nb::numpy, float> py_accumulate(CF32Array y0, CF32Array a, nb::ndarr
     if (reference) {
         fm::accumulate_ref(y.data(), D, a.data(), NB, T, b.data(), dt, D, D, NB);
     } else {
-        const fm::Kernels* k = isa == "avx2" ? fm::kernels_avx2() : &fm::kernels();
-        FM_ARG(k != nullptr, "ISA ", isa, " not available on this CPU");
+        const fm::Kernels* k = pick_isa(isa);
         std::vector<float> scratch(fm::scratch_floats(D));
         nb::gil_scoped_release nogil;
         k->accumulate[int(dt)](y.data(), D, a.data(), NB, T, b.data(), D, D, NB, scratch.data());
@@ -82,6 +86,20 @@ NB_MODULE(_core, m) {
     m.def("owned_bytes", [] { return size_t(fm::owned_bytes()); }, "bytes held by all native buffers");
     m.def("gemm", &py_gemm, "x"_a, "w"_a, "dtype"_a, "reference"_a = false, "isa"_a = "best");
     m.def("accumulate", &py_accumulate, "y"_a, "a"_a, "b"_a, "dtype"_a, "reference"_a = false, "isa"_a = "best");
+    m.def(
+        "softmax",
+        [](CF32Array x, float scale, bool reference, const std::string& isa) {
+            auto y = numpy_owned<float>({x.size()});
+            std::copy(x.data(), x.data() + x.size(), y.data());
+            if (reference) {
+                fm::softmax_ref(y.data(), int(x.size()), scale);
+            } else {
+                const fm::Kernels* k = pick_isa(isa);
+                k->softmax(y.data(), int(x.size()), scale);
+            }
+            return y;
+        },
+        "x"_a, "scale"_a = 1.0f, "reference"_a = false, "isa"_a = "best", "softmax(scale * x) of a 1-D array");
     m.def("cuda_available", &fm::cuda::available, "True when built with CUDA and a GPU is visible");
     m.def("cuda_gemv_f16", [](CF32Array x, nb::ndarray<const uint16_t, nb::c_contig, nb::device::cpu> w) {
         FM_ARG(w.ndim() == 2 && x.ndim() == 1 && x.shape(0) == w.shape(1), "x must be (K,) with K = W.shape[1]");
@@ -118,6 +136,17 @@ NB_MODULE(_core, m) {
         .def("load_tensor", &fm::Model::load_tensor, "kind"_a, "layer"_a, "path"_a, "offset"_a, "dtype"_a, "shape"_a,
              nb::call_guard<nb::gil_scoped_release>())
         .def("check_loaded", &fm::Model::check_loaded)
+        .def(
+            "profile",
+            [](const fm::Model& self) {
+                nb::dict d;
+                const fm::Profile& p = self.profile();
+                for (int i = 0; i < fm::Profile::kParts; ++i) d[fm::Profile::kNames[i]] = p.seconds[i];
+                d["tokens"] = p.tokens;
+                return d;
+            },
+            "Seconds spent per part of the forward pass since the last reset_profile().")
+        .def("reset_profile", &fm::Model::reset_profile)
         .def(
             "forward",
             [](fm::Model& self, nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> tokens,

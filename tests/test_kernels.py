@@ -68,3 +68,15 @@ def test_cuda_gemv_f16_matches_reference(N, K):
     w = weights(rng, N, K, "f16")
     ref = _core.gemm(x[None], w, "f16", reference=True)[0]
     np.testing.assert_allclose(_core.cuda_gemv_f16(x, w.view(np.uint16)), ref, rtol=1e-4, atol=1e-4 * np.sqrt(K))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [1, 7, 16, 17, 100, 769, 8192])
+def test_softmax_matches_reference(n, isa):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 20).astype(np.float32)
+    x[0] = 300.0 if n > 1 else x[0]  # a dominant score: the rest underflow towards 0
+    ref = _core.softmax(x, 0.125, reference=True)
+    got = _core.softmax(x, 0.125, isa=isa)
+    np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-12)
+    assert abs(got.sum() - 1) < 1e-5

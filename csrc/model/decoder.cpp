@@ -195,6 +195,8 @@ void Model::forward(int T, int start_pos, float* logits, bool all_logits, Fill&&
     check_positions(T, start_pos);
     const Config& c = cfg_;
     n_cached_ = start_pos;  // positions past this are overwritten now
+    last_mark_ = std::chrono::steady_clock::now();
+    prof_.tokens += T;
     for (int t0 = 0; t0 < T; t0 += chunk_) {
         const int n = T - t0 < chunk_ ? T - t0 : chunk_;
         float* x = x_.data<float>();
@@ -203,6 +205,7 @@ void Model::forward(int T, int start_pos, float* logits, bool all_logits, Fill&&
         n_cached_ = start_pos + t0 + n;
         if (all_logits) compute_logits(x, n, logits + size_t(t0) * c.vocab_size);
         else if (t0 + n == T) compute_logits(x + size_t(n - 1) * c.dim, 1, logits);
+        mark(Profile::kLogits);
     }
 }
 
@@ -226,9 +229,11 @@ void Model::layer_forward(int l, int T, int start_pos) {
     // attention block: q, k, v (k and v straight into the cache), rope, attention, output projection
     for (int t = 0; t < T; ++t)
         rmsnorm(xn + size_t(t) * c.dim, x + size_t(t) * c.dim, L.attn_norm.data<float>(), c.dim, c.norm_eps);
+    mark(Profile::kNorms);
     linear(q_.data<float>(), q_dim, xn, T, L.wq, c.dim, q_dim);
     linear(kc, kv_dim, xn, T, L.wk, c.dim, kv_dim);
     linear(vc, kv_dim, xn, T, L.wv, c.dim, kv_dim);
+    mark(Profile::kQkv);
     const int half = c.head_dim / 2;
     for (int t = 0; t < T; ++t) {
         float* q = q_.data<float>() + t * q_dim;
@@ -242,24 +247,31 @@ void Model::layer_forward(int l, int T, int start_pos) {
         rope(q, c.n_heads, c.head_dim, cs, sn);
         rope(k, c.n_kv_heads, c.head_dim, cs, sn);
     }
+    mark(Profile::kNorms);
     attention(l, T, start_pos);
+    mark(Profile::kAttention);
     linear(proj_.data<float>(), c.dim, att_out_.data<float>(), T, L.wo, q_dim, c.dim);
     for (size_t i = 0; i < size_t(T) * c.dim; ++i) x[i] += proj_.data<float>()[i];
 
     // FFN block
+    mark(Profile::kOutProj);
     for (int t = 0; t < T; ++t)
         rmsnorm(xn + size_t(t) * c.dim, x + size_t(t) * c.dim, L.ffn_norm.data<float>(), c.dim, c.norm_eps);
+    mark(Profile::kNorms);
     const int nt = pool_.size();
     FfnScratch s{ffn_acc_.data<float>(), ffn_hu_.data<float>(), convert_.data<float>(),
                  convert_.size() / sizeof(float) / nt, chunk_};
     bundled_ffn(pool_, x, xn, T, c.dim, L.ffn_bundles.data(), c.dtype, c.hidden_dim, s);
+    mark(Profile::kFfn);
 }
 
-// Causal GQA attention of T new queries over positions [0, start_pos + t]. Work items
-// (token, head) are dealt out round-robin, which balances the growing causal lengths.
+// Causal GQA attention of T new queries over positions [0, start_pos + t]: per (token, head),
+// scores = K q (a GEMV over the cached keys), softmax, out = V^T scores (an accumulate over the
+// cached values). Work items are dealt out round-robin, which balances the growing causal lengths.
 void Model::attention(int l, int T, int start_pos) {
     const Config& c = cfg_;
     const Kernels& k = kernels();
+    const int F32 = int(DType::F32);
     const size_t kv_dim = c.kv_dim(), q_dim = c.q_dim();
     const float* kc = key_cache_.data<float>() + size_t(l) * c.max_context * kv_dim;  // (max_context, kv_dim)
     const float* vc = value_cache_.data<float>() + size_t(l) * c.max_context * kv_dim;
@@ -271,11 +283,11 @@ void Model::attention(int l, int T, int start_pos) {
             const int t = item / c.n_heads, h = item % c.n_heads, kvh = h / group;
             const int n_pos = start_pos + t + 1;
             const float* q = q_.data<float>() + t * q_dim + h * hd;
-            for (int p = 0; p < n_pos; ++p) sc[p] = k.dot(q, kc + p * kv_dim + kvh * hd, hd) * scale;
-            softmax(sc, n_pos);
+            k.gemm[F32](sc, n_pos, q, hd, 1, kc + kvh * hd, kv_dim, hd, n_pos, nullptr);
+            k.softmax(sc, n_pos, scale);
             float* out = att_out_.data<float>() + t * q_dim + h * hd;
             std::memset(out, 0, sizeof(float) * hd);
-            for (int p = 0; p < n_pos; ++p) k.axpy(out, sc[p], vc + p * kv_dim + kvh * hd, hd);
+            k.accumulate[F32](out, hd, sc, n_pos, 1, vc + kvh * hd, kv_dim, hd, n_pos, nullptr);
         }
     });
 }

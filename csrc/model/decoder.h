@@ -1,6 +1,8 @@
 // Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2): config, weights, run state and
 // the forward pass (batched prefill and single-token decode share one code path).
 #pragma once
+#include <array>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -50,6 +52,14 @@ struct Weights {
     std::vector<LayerWeights> layers;
 };
 
+// Wall time spent per part of the forward pass, accumulated until reset.
+struct Profile {
+    enum Part { kNorms, kQkv, kAttention, kOutProj, kFfn, kLogits, kParts };
+    static constexpr const char* kNames[kParts] = {"norms_rope", "qkv", "attention", "out_proj", "ffn", "logits"};
+    std::array<double, kParts> seconds{};
+    int64_t tokens = 0;
+};
+
 class Model {
   public:
     Model(Config cfg, int n_threads);
@@ -72,6 +82,9 @@ class Model {
     // last token, or for every token when all_logits ((T, vocab)).
     void forward_tokens(const int32_t* tokens, int T, int start_pos, float* logits, bool all_logits);
     void forward_embeds(const float* embeds, int T, int start_pos, float* logits, bool all_logits);
+    const Profile& profile() const { return prof_; }
+    void reset_profile() { prof_ = Profile{}; }
+
     // Input embeddings of tokens: out (T, dim).
     void embed(const int32_t* tokens, int T, float* out);
 
@@ -84,8 +97,17 @@ class Model {
     void linear(float* Y, size_t ldy, const float* X, int T, const Buffer& W, int K, int N);
     void compute_logits(const float* x, int T, float* logits);
 
+    // Adds the time since the last mark to `part` of the profile.
+    void mark(Profile::Part part) {
+        auto now = std::chrono::steady_clock::now();
+        prof_.seconds[part] += std::chrono::duration<double>(now - last_mark_).count();
+        last_mark_ = now;
+    }
+
     Config cfg_;
     ThreadPool pool_;
+    Profile prof_;
+    std::chrono::steady_clock::time_point last_mark_;
     Weights w_;
     int n_cached_ = 0;
     int chunk_;  // tokens per prefill chunk

@@ -28,6 +28,7 @@ struct Kernels {
     void (*to_f32[3])(float* dst, const void* src, int n);
     float (*dot)(const float* a, const float* b, int n);
     void (*axpy)(float* y, float a, const float* x, int n);  // y += a*x
+    void (*softmax)(float* x, int n, float scale);           // x = softmax(scale * x), in place
 };
 
 const Kernels& kernels();  // the best for this CPU
@@ -37,6 +38,7 @@ const Kernels* kernels_avx512();  // nullptr where the CPU lacks AVX-512
 // Scalar references (double accumulation), for tests.
 void gemm_ref(float* Y, size_t ldy, const float* X, size_t ldx, int T, const void* W, DType dt, size_t ldw,
               int K, int N);
+void softmax_ref(float* x, int n, float scale);
 void accumulate_ref(float* Y, size_t ldy, const float* A, size_t lda, int T, const void* B, DType dt,
                     size_t ldb, int D, int NB);
 

@@ -14,6 +14,17 @@ struct V {
     static R zero() { return _mm256_setzero_ps(); }
     static R set1(float a) { return _mm256_set1_ps(a); }
     static R add(R a, R b) { return _mm256_add_ps(a, b); }
+    static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+    static R max(R a, R b) { return _mm256_max_ps(a, b); }
+    static float hmax(R v) {
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    }
+    static R round(R x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    static R pow2i(R n) {  // 2^n for integral n in [-126, 127]
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+    }
     static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
     static float hsum(R v) {
         __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -15,6 +15,11 @@ struct V {
     static R zero() { return _mm512_setzero_ps(); }
     static R set1(float a) { return _mm512_set1_ps(a); }
     static R add(R a, R b) { return _mm512_add_ps(a, b); }
+    static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+    static R max(R a, R b) { return _mm512_max_ps(a, b); }
+    static float hmax(R v) { return _mm512_reduce_max_ps(v); }
+    static R round(R x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    static R pow2i(R n) { return _mm512_scalef_ps(_mm512_set1_ps(1.0f), n); }  // 2^n for integral n
     static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
     static float hsum(R v) { return _mm512_reduce_add_ps(v); }
     static R load(const float* p) { return _mm512_loadu_ps(p); }

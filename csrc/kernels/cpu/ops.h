@@ -27,15 +27,6 @@ inline void rope(float* v, int n_heads, int hd, const float* cs, const float* sn
     }
 }
 
-inline void softmax(float* x, int n) {
-    float mx = x[0];
-    for (int i = 1; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
-    float s = 0;
-    for (int i = 0; i < n; ++i) s += (x[i] = std::exp(x[i] - mx));
-    float inv = 1.0f / s;
-    for (int i = 0; i < n; ++i) x[i] *= inv;
-}
-
 // SwiGLU: h = silu(g) * u
 inline void swiglu(float* h, const float* u, int n) {
     for (int i = 0; i < n; ++i) h[i] = h[i] / (1.0f + std::exp(-h[i])) * u[i];

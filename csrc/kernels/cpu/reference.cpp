@@ -1,6 +1,9 @@
 // Plain scalar references for the SIMD kernels in kernels_impl.inc.
 #include "kernels/cpu/kernels.h"
 
+#include <cmath>
+#include <vector>
+
 namespace fm {
 
 void gemm_ref(float* Y, size_t ldy, const float* X, size_t ldx, int T, const void* W, DType dt, size_t ldw,
@@ -11,6 +14,14 @@ void gemm_ref(float* Y, size_t ldy, const float* X, size_t ldx, int T, const voi
             for (int k = 0; k < K; ++k) s += double(X[t * ldx + k]) * load_as_f32(W, dt, n * ldw + k);
             Y[t * ldy + n] = float(s);
         }
+}
+
+void softmax_ref(float* x, int n, float scale) {
+    double mx = -INFINITY, sum = 0;
+    for (int i = 0; i < n; ++i) mx = std::fmax(mx, double(x[i]) * scale);
+    std::vector<double> e(n);
+    for (int i = 0; i < n; ++i) sum += (e[i] = std::exp(double(x[i]) * scale - mx));
+    for (int i = 0; i < n; ++i) x[i] = float(e[i] / sum);
 }
 
 void accumulate_ref(float* Y, size_t ldy, const float* A, size_t lda, int T, const void* B, DType dt,
