@@ -68,9 +68,8 @@ def run_hf(gguf, dtype, threads, prompt, n_new):
 
     torch.set_num_threads(threads)
     d, f = os.path.split(gguf)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    if dtype == "f16":
-        model = model.half()
+    torch_dtype = torch.float16 if dtype == "f16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch_dtype).eval()
 
     @torch.no_grad()
     def once():

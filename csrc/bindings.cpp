@@ -100,6 +100,22 @@ NB_MODULE(_core, m) {
             return y;
         },
         "x"_a, "scale"_a = 1.0f, "reference"_a = false, "isa"_a = "best", "softmax(scale * x) of a 1-D array");
+    m.def(
+        "ffn_decode",
+        [](CF32Array y0, CF32Array x, nb::ndarray<nb::c_contig, nb::device::cpu> b, const std::string& dtype,
+           bool reference, const std::string& isa) {
+            fm::DType dt = weight_dtype(b, dtype);
+            const int D = int(x.size()), n = int(b.shape(0));
+            FM_ARG(b.shape(1) >= size_t(3 * D), "bundles must be (n, >= 3*D) with D = len(x)");
+            FM_ARG(y0.size() == size_t(D), "y must have length D");
+            auto y = numpy_owned<float>({size_t(D)});
+            std::copy(y0.data(), y0.data() + D, y.data());
+            if (reference) fm::ffn_decode_ref(y.data(), x.data(), b.data(), dt, b.shape(1), D, n);
+            else pick_isa(isa)->ffn_decode[int(dt)](y.data(), x.data(), b.data(), b.shape(1), D, n);
+            return y;
+        },
+        "y"_a, "x"_a, "bundles"_a, "dtype"_a, "reference"_a = false, "isa"_a = "best",
+        "y + SwiGLU FFN of x over neuron bundles [gate | up | down | pad]");
     m.def("cuda_available", &fm::cuda::available, "True when built with CUDA and a GPU is visible");
     m.def("cuda_gemv_f16", [](CF32Array x, nb::ndarray<const uint16_t, nb::c_contig, nb::device::cpu> w) {
         FM_ARG(w.ndim() == 2 && x.ndim() == 1 && x.shape(0) == w.shape(1), "x must be (K,) with K = W.shape[1]");

@@ -80,3 +80,16 @@ def test_softmax_matches_reference(n, isa):
     got = _core.softmax(x, 0.125, isa=isa)
     np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-12)
     assert abs(got.sum() - 1) < 1e-5
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("D,n,pad", [(40, 7, 0), (17, 4, 3), (576, 37, 320), (64, 1, 0), (33, 9, 5)])
+def test_ffn_decode_matches_reference(D, n, pad, dtype, isa):
+    rng = np.random.default_rng(D + n + pad)
+    x = rng.standard_normal(D).astype(np.float32)
+    y0 = rng.standard_normal(D).astype(np.float32)
+    b = from_f32(rng.standard_normal((n, 3 * D + pad)).astype(np.float32) * 0.3, dtype)
+    ref = _core.ffn_decode(y0, x, b, dtype, reference=True)
+    got = _core.ffn_decode(y0, x, b, dtype, isa=isa)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.sqrt(n * D))

@@ -162,6 +162,22 @@ void Model::linear(float* Y, size_t ldy, const float* X, int T, const Buffer& W,
     });
 }
 
+// Y_i (T, N_i) = X W_i^T for three matrices in one parallel region (q, k, v: one dispatch, not three).
+void Model::linear3(const float* X, int T, std::array<float*, 3> Y, std::array<size_t, 3> N,
+                    std::array<const Buffer*, 3> W, int K) {
+    const Kernels& k = kernels();
+    const int di = int(cfg_.dtype);
+    const size_t esz = dtype_size(cfg_.dtype), cs = convert_.size() / sizeof(float) / pool_.size();
+    pool_.run([&](int tid, int nt) {
+        for (int m = 0; m < 3; ++m) {
+            auto [n0, n1] = ThreadPool::chunk(N[m], tid, nt, 16);
+            if (n0 < n1)
+                k.gemm[di](Y[m] + n0, N[m], X, K, T, W[m]->data<char>() + n0 * K * esz, K, K, int(n1 - n0),
+                           convert_.data<float>() + tid * cs);
+        }
+    });
+}
+
 void Model::embed(const int32_t* tokens, int T, float* out) {
     const Config& c = cfg_;
     for (int t = 0; t < T; ++t)
@@ -230,9 +246,7 @@ void Model::layer_forward(int l, int T, int start_pos) {
     for (int t = 0; t < T; ++t)
         rmsnorm(xn + size_t(t) * c.dim, x + size_t(t) * c.dim, L.attn_norm.data<float>(), c.dim, c.norm_eps);
     mark(Profile::kNorms);
-    linear(q_.data<float>(), q_dim, xn, T, L.wq, c.dim, q_dim);
-    linear(kc, kv_dim, xn, T, L.wk, c.dim, kv_dim);
-    linear(vc, kv_dim, xn, T, L.wv, c.dim, kv_dim);
+    linear3(xn, T, {q_.data<float>(), kc, vc}, {q_dim, kv_dim, kv_dim}, {&L.wq, &L.wk, &L.wv}, c.dim);
     mark(Profile::kQkv);
     const int half = c.head_dim / 2;
     for (int t = 0; t < T; ++t) {

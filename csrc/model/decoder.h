@@ -95,6 +95,8 @@ class Model {
     void layer_forward(int l, int T, int start_pos);
     void attention(int l, int T, int start_pos);
     void linear(float* Y, size_t ldy, const float* X, int T, const Buffer& W, int K, int N);
+    void linear3(const float* X, int T, std::array<float*, 3> Y, std::array<size_t, 3> N,
+                 std::array<const Buffer*, 3> W, int K);
     void compute_logits(const float* x, int T, float* logits);
 
     // Adds the time since the last mark to `part` of the profile.

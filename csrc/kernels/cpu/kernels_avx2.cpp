@@ -1,6 +1,7 @@
 // AVX2 + FMA + F16C instantiation of kernels_impl.inc: the minimum the engine needs.
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 

@@ -2,6 +2,7 @@
 // -mavx512vl -mfma -mf16c; only called after a run-time check of the CPU.
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "kernels/cpu/kernels.h"
