@@ -91,7 +91,7 @@ def run_hf(gguf, dtype, threads, prompt, n_new):
     return once
 
 
-def plot(rows, path):
+def plot(rows, path, subtitle=""):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,8 +106,14 @@ def plot(rows, path):
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
         ax.set_xticks(range(len(rows)), labels, fontsize=8)
         ax.set_title(f"SmolLM2-135M {title} (median, higher is better)")
+    fig.suptitle(subtitle, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def subtitle(out):
+    return (f"{out['threads']} threads, {out['prompt_tokens']}-token prompt, {out['new_tokens']} new tokens, "
+            f"median of {out['repeats']}, kernels {out['isa']}; same dequantized Q4_1 weights in every engine")
 
 
 def main():
@@ -173,7 +179,7 @@ def main():
            "prompt_tokens": len(prompt), "new_tokens": a.new_tokens, "threads": a.threads, "repeats": a.repeats,
            "isa": _core.isa(), "machine": machine(), "rows": rows, "ratios": ratios}
     save("decode", out)
-    plot(rows, RESULTS / "decode.png")
+    plot(rows, RESULTS / "decode.png", subtitle(out))
     print(f"wrote {RESULTS / 'decode.json'} and decode.png")
 
 

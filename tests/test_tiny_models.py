@@ -146,3 +146,50 @@ def test_gguf_path_matches_hf_folder(tmp_path, monkeypatch, qtype):
     model = flashmem.load(path, dtype="f32", threads=2, max_context=64)
     ids = np.random.default_rng(9).integers(0, 80, 21).tolist()
     assert_close(model.logits(ids), hf_logits(hf, ids), 1e-4, f"gguf {qtype}")
+
+
+def test_sharded_bf16_checkpoint(tmp_path, monkeypatch):
+    """A HF folder saved in bf16 and sharded (index.json): converted with its own dtype by default."""
+    import transformers
+
+    monkeypatch.setenv("FLASHMEM_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(4)
+    cfg = transformers.LlamaConfig(vocab_size=90, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                                   num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+                                   max_position_embeddings=64, initializer_range=0.15)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    folder = str(tmp_path / "sharded")
+    import copy
+
+    copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(folder, safe_serialization=True, max_shard_size="20KB")
+    # reference: f32 compute over the bf16-rounded matrices (a bf16 HF model would also round
+    # its rotary inv_freq buffer, which is not a weight)
+    from conftest import write_word_tokenizer
+
+    write_word_tokenizer(folder, 90)
+    import os
+
+    assert os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))
+    model = flashmem.load(folder, threads=2)
+    assert model.dtype == "bf16"
+    ids = list(range(3, 40))
+    assert_close(model.logits(ids), hf_logits(rounded_copy(hf, "bf16"), ids), 1e-4, "sharded bf16")
+
+
+def test_mistral(tmp_path, monkeypatch):
+    import transformers
+
+    monkeypatch.setenv("FLASHMEM_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(6)
+    cfg = transformers.MistralConfig(vocab_size=70, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                                     max_position_embeddings=64, sliding_window=None, initializer_range=0.15)
+    hf = transformers.MistralForCausalLM(cfg).eval()
+    folder = str(tmp_path / "mistral")
+    hf.save_pretrained(folder, safe_serialization=True)
+    from conftest import write_word_tokenizer
+
+    write_word_tokenizer(folder, 70)
+    model = flashmem.load(folder, threads=2)
+    ids = list(range(2, 30))
+    assert_close(model.logits(ids), hf_logits(hf, ids), 1e-4, "mistral")
