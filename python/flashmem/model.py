@@ -14,6 +14,7 @@ from . import _core
 from . import safetensors_io as st
 from .convert import BUNDLE_FILE, FORMAT_VERSION, RESIDENT_FILE, check_config
 from .sampling import Sampler
+from .sources import read_json
 from .tokenizer import Tokenizer
 
 _LAYER_KINDS = {"input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "wq",
@@ -69,11 +70,7 @@ class Model:
     def __init__(self, folder: str, threads: int | None = None, max_context: int | None = None):
         self.path = folder
         cfg_path = os.path.join(folder, "config.json")
-        with open(cfg_path) as f:
-            try:
-                self.config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+        self.config = read_json(cfg_path)
         fm = self.config.get("flashmem")
         if not isinstance(fm, dict) or fm.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{cfg_path}: not a flashmem folder of format version {FORMAT_VERSION}; "
@@ -127,8 +124,7 @@ class Model:
         ids = []
         gen = os.path.join(self.path, "generation_config.json")
         if os.path.isfile(gen):
-            with open(gen) as f:
-                e = json.load(f).get("eos_token_id")
+            e = read_json(gen).get("eos_token_id")
             ids += e if isinstance(e, list) else [e] if e is not None else []
         if self.tokenizer.eos_token_id is not None:
             ids.append(self.tokenizer.eos_token_id)

@@ -16,6 +16,15 @@ from . import safetensors_io as st
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
+def read_json(path: str):
+    """Loads a JSON file; malformed JSON raises ValueError naming the file."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
 def open_source(path: str):
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -53,19 +62,14 @@ class HFSource:
         cfg_path = os.path.join(folder, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{folder}: no config.json (not a HF model folder)")
-        with open(cfg_path) as f:
-            try:
-                self.config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+        self.config = read_json(cfg_path)
         mt = self.config.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{cfg_path}: model_type {mt!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
         files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
         index_path = os.path.join(folder, "model.safetensors.index.json")
         if os.path.isfile(index_path):
-            with open(index_path) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            files = sorted(set(read_json(index_path)["weight_map"].values()))
         if not files:
             raise FileNotFoundError(f"{folder}: no *.safetensors weights")
         self._where = {}
@@ -96,8 +100,7 @@ class HFSource:
         shutil.copy(src, out)
         tc = {}
         if os.path.isfile(os.path.join(self.path, "tokenizer_config.json")):
-            with open(os.path.join(self.path, "tokenizer_config.json")) as f:
-                tc = json.load(f)
+            tc = read_json(os.path.join(self.path, "tokenizer_config.json"))
         jinja = os.path.join(self.path, "chat_template.jinja")
         if "chat_template" not in tc and os.path.isfile(jinja):
             with open(jinja) as f:

@@ -97,8 +97,9 @@ class Tokenizer:
         cfg = {}
         cfg_path = os.path.join(folder, "tokenizer_config.json")
         if os.path.isfile(cfg_path):
-            with open(cfg_path) as f:
-                cfg = json.load(f)
+            from .sources import read_json
+
+            cfg = read_json(cfg_path)
         self.chat_template = cfg.get("chat_template")
         if isinstance(self.chat_template, list):  # named templates: take the default
             self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)
