@@ -1,7 +1,6 @@
 """Model: loads a converted folder into the native engine and runs generation."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
