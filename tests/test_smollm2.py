@@ -94,3 +94,13 @@ def test_logits_match_hf_at_every_position(smollm2_f32, smollm2_hf, shakespeare_
         ref = hf(torch.tensor([ids])).logits[0].numpy()
     got = smollm2_f32.logits(ids)
     assert np.abs(got - ref).max() < 2e-3 * np.abs(ref).max()
+
+
+def test_hidden_states_match_hf(smollm2_f32, smollm2_hf, shakespeare_ids):
+    hf, _ = smollm2_hf
+    ids = shakespeare_ids[:100]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0].numpy()
+    got = smollm2_f32.hidden_states(ids)
+    assert got.shape == (100, 576)
+    assert np.abs(got - ref).max() < 1e-3 * np.abs(ref).max()

@@ -193,7 +193,15 @@ void Model::forward_tokens(const int32_t* tokens, int T, int start_pos, float* l
     for (int t = 0; t < T; ++t)  // check all ids before touching the cache
         FM_ARG(tokens[t] >= 0 && tokens[t] < cfg_.vocab_size, "token id ", tokens[t], " at position ", t,
                " out of range [0, ", cfg_.vocab_size, ")");
-    forward(T, start_pos, logits, all_logits, [&](int t0, int n, float* x) { embed(tokens + t0, n, x); });
+    forward(T, start_pos, logits, all_logits ? Output::AllLogits : Output::LastLogits,
+            [&](int t0, int n, float* x) { embed(tokens + t0, n, x); });
+}
+
+void Model::hidden_states(const int32_t* tokens, int T, int start_pos, float* out) {
+    for (int t = 0; t < T; ++t)
+        FM_ARG(tokens[t] >= 0 && tokens[t] < cfg_.vocab_size, "token id ", tokens[t], " at position ", t,
+               " out of range [0, ", cfg_.vocab_size, ")");
+    forward(T, start_pos, out, Output::Hidden, [&](int t0, int n, float* x) { embed(tokens + t0, n, x); });
 }
 
 void Model::forward_embeds(const float* embeds, int T, int start_pos, float* logits, bool all_logits) {
@@ -201,13 +209,13 @@ void Model::forward_embeds(const float* embeds, int T, int start_pos, float* log
     for (size_t i = 0; i < size_t(T) * d; ++i)
         FM_ARG(std::isfinite(embeds[i]), "inputs_embeds has a non-finite value at position ", i / d, ", column ",
                i % d);
-    forward(T, start_pos, logits, all_logits, [&](int t0, int n, float* x) {
+    forward(T, start_pos, logits, all_logits ? Output::AllLogits : Output::LastLogits, [&](int t0, int n, float* x) {
         std::memcpy(x, embeds + size_t(t0) * d, sizeof(float) * n * d);
     });
 }
 
 template <typename Fill>
-void Model::forward(int T, int start_pos, float* logits, bool all_logits, Fill&& fill) {
+void Model::forward(int T, int start_pos, float* out, Output what, Fill&& fill) {
     check_positions(T, start_pos);
     const Config& c = cfg_;
     n_cached_ = start_pos;  // positions past this are overwritten now
@@ -219,8 +227,15 @@ void Model::forward(int T, int start_pos, float* logits, bool all_logits, Fill&&
         fill(t0, n, x);
         for (int l = 0; l < c.n_layers; ++l) layer_forward(l, n, start_pos + t0);
         n_cached_ = start_pos + t0 + n;
-        if (all_logits) compute_logits(x, n, logits + size_t(t0) * c.vocab_size);
-        else if (t0 + n == T) compute_logits(x + size_t(n - 1) * c.dim, 1, logits);
+        if (what == Output::AllLogits) {
+            compute_logits(x, n, out + size_t(t0) * c.vocab_size);
+        } else if (what == Output::LastLogits && t0 + n == T) {
+            compute_logits(x + size_t(n - 1) * c.dim, 1, out);
+        } else if (what == Output::Hidden) {
+            for (int t = 0; t < n; ++t)
+                rmsnorm(out + size_t(t0 + t) * c.dim, x + size_t(t) * c.dim, w_.final_norm.data<float>(), c.dim,
+                        c.norm_eps);
+        }
         mark(Profile::kLogits);
     }
 }

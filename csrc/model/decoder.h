@@ -82,6 +82,8 @@ class Model {
     // last token, or for every token when all_logits ((T, vocab)).
     void forward_tokens(const int32_t* tokens, int T, int start_pos, float* logits, bool all_logits);
     void forward_embeds(const float* embeds, int T, int start_pos, float* logits, bool all_logits);
+    // Final hidden states (after the final norm) of every token: out (T, dim).
+    void hidden_states(const int32_t* tokens, int T, int start_pos, float* out);
     const Profile& profile() const { return prof_; }
     void reset_profile() { prof_ = Profile{}; }
 
@@ -89,8 +91,9 @@ class Model {
     void embed(const int32_t* tokens, int T, float* out);
 
   private:
+    enum class Output { LastLogits, AllLogits, Hidden };
     template <typename Fill>
-    void forward(int T, int start_pos, float* logits, bool all_logits, Fill&& fill);
+    void forward(int T, int start_pos, float* out, Output what, Fill&& fill);
     void check_positions(int T, int start_pos) const;
     void layer_forward(int l, int T, int start_pos);
     void attention(int l, int T, int start_pos);

@@ -12,9 +12,10 @@ import os
 from . import _core
 from .convert import FORMAT_VERSION, convert
 from .default_model import cache_dir, default_gguf
+from .memory import Memory, MemoryBank
 from .model import GenerationResult, Model
 
-__all__ = ["load", "convert", "Model", "GenerationResult", "is_converted"]
+__all__ = ["load", "convert", "Model", "GenerationResult", "is_converted", "MemoryBank", "Memory"]
 __version__ = "0.1.0"
 
 

@@ -154,6 +154,12 @@ class Model:
         self._check_fits(len(ids))
         return self._engine.forward(ids, 0, True)
 
+    def hidden_states(self, ids) -> np.ndarray:
+        """Final hidden states (after the last norm, what the LM head sees), (T, d_model)."""
+        ids = np.ascontiguousarray(self.encode_prompt(list(np.asarray(ids).ravel())), dtype=np.int32)
+        self._check_fits(len(ids))
+        return self._engine.hidden_states(ids, 0)
+
     def perplexity(self, text: str, max_tokens: int | None = None) -> float:
         """exp(mean next-token NLL) over `text` (first max_tokens tokens, windows of max_context)."""
         ids = self.tokenizer.encode(text)[:max_tokens]

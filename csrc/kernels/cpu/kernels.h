@@ -29,6 +29,7 @@ struct Kernels {
     float (*dot)(const float* a, const float* b, int n);
     void (*axpy)(float* y, float a, const float* x, int n);  // y += a*x
     void (*softmax)(float* x, int n, float scale);           // x = softmax(scale * x), in place
+    float (*l2sq)(const float* a, const float* b, int n);    // sum (a-b)^2
     // Decode SwiGLU FFN over n neuron bundles: y (D) += sum_i silu(B_i[0:D] . x) * (B_i[D:2D] . x) * B_i[2D:3D]
     // where B_i = B + i*ldb elements.
     void (*ffn_decode[3])(float* y, const float* x, const void* B, size_t ldb, int D, int n);

@@ -16,6 +16,7 @@ struct V {
     static R set1(float a) { return _mm256_set1_ps(a); }
     static R add(R a, R b) { return _mm256_add_ps(a, b); }
     static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+    static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
     static R max(R a, R b) { return _mm256_max_ps(a, b); }
     static float hmax(R v) {
         __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

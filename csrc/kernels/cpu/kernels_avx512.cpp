@@ -17,6 +17,7 @@ struct V {
     static R set1(float a) { return _mm512_set1_ps(a); }
     static R add(R a, R b) { return _mm512_add_ps(a, b); }
     static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+    static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
     static R max(R a, R b) { return _mm512_max_ps(a, b); }
     static float hmax(R v) { return _mm512_reduce_max_ps(v); }
     static R round(R x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
