@@ -170,7 +170,7 @@ def main():
         report(run_flashmem(base, queries, truth, "flat", None, [None]))
         report(run_faiss(base, queries, truth, "flat", [None]))
     if "lsh" in kinds:
-        report(run_flashmem(base, queries, truth, "lsh", "probes", [2, 4, 8, 16, 24, 48, 96]))
+        report(run_flashmem(base, queries, truth, "lsh", "probes", [2, 4, 8, 16, 32, 64, 128, 256]))
         for nbits in (256, 1024, 2304):
             report(run_faiss(base, queries, truth, "lsh", [None], nbits=nbits))
     if "ivf" in kinds:
@@ -189,10 +189,11 @@ def main():
     if get("flashmem", "lsh"):
         faiss_lsh = [r for r in results if r["engine"] == "faiss" and r["index"].startswith("lsh")]
         best_faiss = max((p for r in faiss_lsh for p in r["points"]), key=lambda p: p["recall"])
-        fm = qps_at(get("flashmem", "lsh"), max(0.9, best_faiss["recall"]))
+        fm = qps_at(get("flashmem", "lsh"), best_faiss["recall"])
         summary["lsh"] = {"faiss_best_recall": best_faiss["recall"], "faiss_qps": best_faiss["qps"],
-                          "flashmem_qps_at_that_recall_or_0.9": fm,
-                          "ratio": fm / best_faiss["qps"] if fm else None}
+                          "flashmem_qps_at_equal_or_better_recall": fm,
+                          "ratio": fm / best_faiss["qps"] if fm else None,
+                          "flashmem_qps_at_recall_0.9": qps_at(get("flashmem", "lsh"), 0.9)}
     for target in (0.9, 0.95):
         summary[f"qps_at_recall_{target}"] = {f"{r['engine']} {r['index']}": qps_at(r, target) for r in results}
     print(summary)

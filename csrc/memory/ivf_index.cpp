@@ -47,6 +47,7 @@ int IvfIndex::effective_nprobe() const {
 size_t IvfIndex::memory_bytes() const {
     size_t n = centroids_.size() * sizeof(float) + (list_of_.size() + pos_of_.size()) * sizeof(uint32_t);
     for (const auto& l : lists_) n += l.capacity() * sizeof(uint32_t) + sizeof(l);
+    for (const auto& k : list_keys_) n += k.capacity() * sizeof(float) + sizeof(k);
     return n;
 }
 
@@ -66,6 +67,7 @@ void IvfIndex::assign(uint32_t slot) {
     list_of_[slot] = c;
     pos_of_[slot] = uint32_t(lists_[c].size());
     lists_[c].push_back(slot);
+    list_keys_[c].insert(list_keys_[c].end(), store_.row(slot), store_.row(slot) + store_.dim());
 }
 
 void IvfIndex::add(uint32_t slot) {
@@ -81,10 +83,14 @@ void IvfIndex::add(uint32_t slot) {
 void IvfIndex::remove(uint32_t slot) {
     if (nlist_ == 0 || slot >= list_of_.size() || list_of_[slot] == kNone) return;
     auto& l = lists_[list_of_[slot]];
+    auto& keys = list_keys_[list_of_[slot]];
+    const size_t d = store_.dim();
     const uint32_t p = pos_of_[slot], last = l.back();
     l[p] = last;
     pos_of_[last] = p;
     l.pop_back();
+    std::copy(keys.end() - d, keys.end(), keys.begin() + p * d);
+    keys.resize(keys.size() - d);
     list_of_[slot] = kNone;
 }
 
@@ -147,6 +153,7 @@ void IvfIndex::train() {
     centroids_ = std::move(c);
     nlist_ = k;
     lists_.assign(k, {});
+    list_keys_.assign(k, {});
     list_of_.assign(store_.high_water(), kNone);
     pos_of_.assign(store_.high_water(), 0);
     for (uint32_t s : live) IvfIndex::assign(s);
@@ -155,17 +162,27 @@ void IvfIndex::train() {
 
 void IvfIndex::search(const float* q, const AllowMask* allow, TopK& out) const {
     if (nlist_ == 0) return exact_search(store_, q, allow, out);
-    std::vector<std::pair<float, uint32_t>> cs(nlist_);
-    for (int c = 0; c < nlist_; ++c) cs[c] = {store_.score(q, centroids_.data() + size_t(c) * store_.dim()), c};
+    const int d = store_.dim();
+    const bool l2 = store_.metric() == Metric::L2;
+    thread_local std::vector<float> scores;
+    thread_local std::vector<std::pair<float, uint32_t>> cs;
+    cs.resize(nlist_);
+    scores.resize(nlist_);
+    if (!l2) kernels().gemm[0](scores.data(), nlist_, q, d, 1, centroids_.data(), d, d, nlist_, nullptr);
+    for (int c = 0; c < nlist_; ++c)
+        cs[c] = {l2 ? store_.score(q, centroids_.data() + size_t(c) * d) : scores[c], uint32_t(c)};
     const int np = effective_nprobe();
     std::partial_sort(cs.begin(), cs.begin() + np, cs.end(), std::greater<>());
     for (int i = 0; i < np; ++i) {
         const auto& l = lists_[cs[i].second];
-        if (!l.empty()) store_.prefetch(l[0]);
+        const float* keys = list_keys_[cs[i].second].data();
+        if (!l2) {  // a whole list at once through the GEMV kernel
+            scores.resize(l.size());
+            kernels().gemm[0](scores.data(), l.size(), q, d, 1, keys, d, d, int(l.size()), nullptr);
+        }
         for (size_t j = 0; j < l.size(); ++j) {
-            if (j + 1 < l.size()) store_.prefetch(l[j + 1]);
-            const uint32_t s = l[j];
-            if (!allow || (*allow)[s]) out.push(store_.score(q, s), s);
+            const float sc = l2 ? store_.score(q, keys + j * d) : scores[j];
+            if (sc > out.worst() && (!allow || (*allow)[l[j]])) out.push(sc, l[j]);
         }
     }
 }
@@ -198,6 +215,7 @@ void IvfIndex::load(Reader& r) {
     if (centroids_.size() != size_t(nlist_) * store_.dim()) r.fail("ivf centroids do not match nlist");
     const uint32_t hw = store_.high_water();
     lists_.assign(nlist_, {});
+    list_keys_.assign(nlist_, {});
     list_of_.assign(hw, kNone);
     pos_of_.assign(hw, 0);
     size_t listed = 0;
@@ -207,6 +225,7 @@ void IvfIndex::load(Reader& r) {
             const uint32_t s = lists_[c][j];
             if (s >= hw || !store_.live(s) || list_of_[s] != kNone) r.fail("ivf list holds a bad slot");
             list_of_[s] = uint32_t(c), pos_of_[s] = uint32_t(j);
+            list_keys_[c].insert(list_keys_[c].end(), store_.row(s), store_.row(s) + store_.dim());
         }
         listed += lists_[c].size();
     }
