@@ -6,19 +6,15 @@
 namespace fm::memory {
 
 namespace {
-int param(const Params& p, const char* k, int dflt) {
-    auto it = p.find(k);
-    return it == p.end() ? dflt : int(it->second);
-}
 thread_local VisitedSet tl_visited;
 }  // namespace
 
 HnswIndex::HnswIndex(const KeyStore& store, const Params& p)
     : store_(store),
-      M_(param(p, "M", 16)),
-      ef_construction_(param(p, "ef_construction", 200)),
-      ef_search_(param(p, "ef_search", 160)),
-      rng_(uint64_t(param(p, "seed", 1234))) {
+      M_(int(param_or(p, "M", 16))),
+      ef_construction_(int(param_or(p, "ef_construction", 200))),
+      ef_search_(int(param_or(p, "ef_search", 160))),
+      rng_(uint64_t(param_or(p, "seed", 1234))) {
     FM_ARG(M_ >= 2 && M_ <= 128, "hnsw: M must be in [2, 128], got ", M_);
     FM_ARG(ef_construction_ >= 1 && ef_search_ >= 1, "hnsw: ef_construction and ef_search must be >= 1");
     level_mult_ = 1.0 / std::log(double(M_));

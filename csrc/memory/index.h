@@ -68,6 +68,11 @@ class VisitedSet {
 // Index parameters by name (M, ef_search, nprobe, tables, ...).
 using Params = std::map<std::string, double>;
 
+inline double param_or(const Params& p, const char* key, double dflt) {
+    auto it = p.find(key);
+    return it == p.end() ? dflt : it->second;
+}
+
 // Slots a filtered search may return (nullptr: all).
 using AllowMask = std::vector<uint8_t>;
 

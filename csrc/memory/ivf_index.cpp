@@ -9,13 +9,12 @@
 namespace fm::memory {
 
 IvfIndex::IvfIndex(const KeyStore& store, const Params& p) : store_(store) {
-    auto get = [&](const char* k, double d) { auto it = p.find(k); return it == p.end() ? d : it->second; };
-    nlist_param_ = int(get("nlist", 0));
-    nprobe_ = int(get("nprobe", 0));
-    train_size_ = int(get("train_size", 4096));
-    iters_ = int(get("kmeans_iters", 12));
-    retrain_growth_ = get("retrain_growth", 8.0);
-    seed_ = uint64_t(get("seed", 1234));
+    nlist_param_ = int(param_or(p, "nlist", 0));
+    nprobe_ = int(param_or(p, "nprobe", 0));
+    train_size_ = int(param_or(p, "train_size", 4096));
+    iters_ = int(param_or(p, "kmeans_iters", 12));
+    retrain_growth_ = param_or(p, "retrain_growth", 8.0);
+    seed_ = uint64_t(param_or(p, "seed", 1234));
     FM_ARG(nlist_param_ >= 0 && nprobe_ >= 0 && train_size_ >= 1 && iters_ >= 1 && retrain_growth_ > 1,
            "ivf: nlist, nprobe >= 0; train_size, kmeans_iters >= 1; retrain_growth > 1");
 }

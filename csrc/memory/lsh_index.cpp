@@ -12,12 +12,11 @@ thread_local VisitedSet tl_seen;
 }  // namespace
 
 LshIndex::LshIndex(const KeyStore& store, const Params& p) : store_(store) {
-    auto get = [&](const char* k, double d) { auto it = p.find(k); return it == p.end() ? d : it->second; };
-    tables_ = int(get("tables", 8));
-    bits_param_ = int(get("bits", 0));
-    probes_ = int(get("probes", 128));
-    rerank_ = int(get("rerank", 0));
-    seed_ = uint64_t(get("seed", 1234));
+    tables_ = int(param_or(p, "tables", 8));
+    bits_param_ = int(param_or(p, "bits", 0));
+    probes_ = int(param_or(p, "probes", 128));
+    rerank_ = int(param_or(p, "rerank", 0));
+    seed_ = uint64_t(param_or(p, "seed", 1234));
     FM_ARG(tables_ >= 1 && tables_ <= 64, "lsh: tables must be in [1, 64], got ", tables_);
     FM_ARG(bits_param_ >= 0 && bits_param_ <= kMaxBits, "lsh: bits must be in [0, ", kMaxBits, "] (0 = auto)");
     FM_ARG(probes_ >= 1 && probes_ <= 4096, "lsh: probes must be in [1, 4096], got ", probes_);
