@@ -104,3 +104,10 @@ def test_hidden_states_match_hf(smollm2_f32, smollm2_hf, shakespeare_ids):
     got = smollm2_f32.hidden_states(ids)
     assert got.shape == (100, 576)
     assert np.abs(got - ref).max() < 1e-3 * np.abs(ref).max()
+
+
+def test_input_embeddings_match_hf(smollm2_f32, smollm2_hf):
+    hf, tok = smollm2_hf
+    ids = tok("Carol lives in Lyon.")["input_ids"]
+    want = hf.get_input_embeddings()(torch.tensor(ids)).detach().numpy()
+    np.testing.assert_array_equal(smollm2_f32.input_embeddings(ids), want)

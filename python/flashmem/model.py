@@ -154,6 +154,11 @@ class Model:
         self._check_fits(len(ids))
         return self._engine.forward(ids, 0, True)
 
+    def input_embeddings(self, ids) -> np.ndarray:
+        """The token-embedding rows of ids (what the first layer sees), (T, d_model) float32."""
+        ids = np.ascontiguousarray(self.encode_prompt(list(np.asarray(ids).ravel())), dtype=np.int32)
+        return self._engine.embed(ids)
+
     def hidden_states(self, ids) -> np.ndarray:
         """Final hidden states (after the last norm, what the LM head sees), (T, d_model)."""
         ids = np.ascontiguousarray(self.encode_prompt(list(np.asarray(ids).ravel())), dtype=np.int32)
