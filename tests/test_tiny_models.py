@@ -127,7 +127,7 @@ def _write_tiny_gguf(path, hf, qtype_name):
     w.close()
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0"])
 def test_gguf_path_matches_hf_folder(tmp_path, monkeypatch, qtype):
     """Same weights through GGUF (permuted Q/K, quantized) and through the HF folder."""
     import gguf
