@@ -152,56 +152,50 @@ void Model::check_positions(int T, int start_pos) const {
            " new positions > max_context ", cfg_.max_context);
 }
 
-void Model::linear(float* Y, size_t ldy, const float* X, int T, const Buffer& W, int K, int N) {
-    const Kernels& k = kernels();
-    const int di = int(cfg_.dtype);
-    const size_t esz = dtype_size(cfg_.dtype), cs = convert_.size() / sizeof(float) / pool_.size();
-    pool_.parallel_for(N, 16, [&](size_t n0, size_t n1, int tid) {
-        k.gemm[di](Y + n0, ldy, X, K, T, W.data<char>() + n0 * K * esz, K, K, int(n1 - n0),
-                   convert_.data<float>() + tid * cs);
-    });
-}
-
-// Y_i (T, N_i) = X W_i^T for three matrices in one parallel region (q, k, v: one dispatch, not three).
-void Model::linear3(const float* X, int T, std::array<float*, 3> Y, std::array<size_t, 3> N,
-                    std::array<const Buffer*, 3> W, int K) {
+// Y (T, N) = X (T, K) W^T for each projection, all in one parallel region (q, k and v: one
+// dispatch, not three); each thread takes its share of every matrix's rows.
+void Model::linear(const float* X, int T, int K, std::initializer_list<Projection> projections) {
     const Kernels& k = kernels();
     const int di = int(cfg_.dtype);
     const size_t esz = dtype_size(cfg_.dtype), cs = convert_.size() / sizeof(float) / pool_.size();
     pool_.run([&](int tid, int nt) {
-        for (int m = 0; m < 3; ++m) {
-            auto [n0, n1] = ThreadPool::chunk(N[m], tid, nt, 16);
+        for (const Projection& p : projections) {
+            auto [n0, n1] = ThreadPool::chunk(p.N, tid, nt, 16);
             if (n0 < n1)
-                k.gemm[di](Y[m] + n0, N[m], X, K, T, W[m]->data<char>() + n0 * K * esz, K, K, int(n1 - n0),
+                k.gemm[di](p.Y + n0, p.ldy, X, K, T, p.W->data<char>() + n0 * K * esz, K, K, int(n1 - n0),
                            convert_.data<float>() + tid * cs);
         }
     });
 }
 
-void Model::embed(const int32_t* tokens, int T, float* out) {
-    const Config& c = cfg_;
+void Model::check_tokens(const int32_t* tokens, int T) const {
     for (int t = 0; t < T; ++t)
-        FM_ARG(tokens[t] >= 0 && tokens[t] < c.vocab_size, "token id ", tokens[t], " at position ", t,
-               " out of range [0, ", c.vocab_size, ")");
+        FM_ARG(tokens[t] >= 0 && tokens[t] < cfg_.vocab_size, "token id ", tokens[t], " at position ", t,
+               " out of range [0, ", cfg_.vocab_size, ")");
+}
+
+void Model::gather_embeddings(const int32_t* tokens, int T, float* out) const {
+    const Config& c = cfg_;
     const size_t esz = dtype_size(c.dtype);
     for (int t = 0; t < T; ++t)
         kernels().to_f32[int(c.dtype)](out + size_t(t) * c.dim, w_.embed.data<char>() + size_t(tokens[t]) * c.dim * esz,
                                        c.dim);
 }
 
+void Model::embed(const int32_t* tokens, int T, float* out) {
+    check_tokens(tokens, T);
+    gather_embeddings(tokens, T, out);
+}
+
 void Model::forward_tokens(const int32_t* tokens, int T, int start_pos, float* logits, bool all_logits) {
-    for (int t = 0; t < T; ++t)  // check all ids before touching the cache
-        FM_ARG(tokens[t] >= 0 && tokens[t] < cfg_.vocab_size, "token id ", tokens[t], " at position ", t,
-               " out of range [0, ", cfg_.vocab_size, ")");
+    check_tokens(tokens, T);  // all ids before touching the cache
     forward(T, start_pos, logits, all_logits ? Output::AllLogits : Output::LastLogits,
-            [&](int t0, int n, float* x) { embed(tokens + t0, n, x); });
+            [&](int t0, int n, float* x) { gather_embeddings(tokens + t0, n, x); });
 }
 
 void Model::hidden_states(const int32_t* tokens, int T, int start_pos, float* out) {
-    for (int t = 0; t < T; ++t)
-        FM_ARG(tokens[t] >= 0 && tokens[t] < cfg_.vocab_size, "token id ", tokens[t], " at position ", t,
-               " out of range [0, ", cfg_.vocab_size, ")");
-    forward(T, start_pos, out, Output::Hidden, [&](int t0, int n, float* x) { embed(tokens + t0, n, x); });
+    check_tokens(tokens, T);
+    forward(T, start_pos, out, Output::Hidden, [&](int t0, int n, float* x) { gather_embeddings(tokens + t0, n, x); });
 }
 
 void Model::forward_embeds(const float* embeds, int T, int start_pos, float* logits, bool all_logits) {
@@ -245,7 +239,7 @@ void Model::compute_logits(const float* x, int T, float* logits) {
     float* xn = xn_.data<float>();
     for (int t = 0; t < T; ++t)
         rmsnorm(xn + size_t(t) * c.dim, x + size_t(t) * c.dim, w_.final_norm.data<float>(), c.dim, c.norm_eps);
-    linear(logits, c.vocab_size, xn, T, c.tied_embeddings ? w_.embed : w_.lm_head, c.dim, c.vocab_size);
+    linear(xn, T, c.dim, {{logits, size_t(c.vocab_size), c.tied_embeddings ? &w_.embed : &w_.lm_head, size_t(c.vocab_size)}});
 }
 
 void Model::layer_forward(int l, int T, int start_pos) {
@@ -261,7 +255,7 @@ void Model::layer_forward(int l, int T, int start_pos) {
     for (int t = 0; t < T; ++t)
         rmsnorm(xn + size_t(t) * c.dim, x + size_t(t) * c.dim, L.attn_norm.data<float>(), c.dim, c.norm_eps);
     mark(Profile::kNorms);
-    linear3(xn, T, {q_.data<float>(), kc, vc}, {q_dim, kv_dim, kv_dim}, {&L.wq, &L.wk, &L.wv}, c.dim);
+    linear(xn, T, c.dim, {{q_.data<float>(), q_dim, &L.wq, q_dim}, {kc, kv_dim, &L.wk, kv_dim}, {vc, kv_dim, &L.wv, kv_dim}});
     mark(Profile::kQkv);
     const int half = c.head_dim / 2;
     for (int t = 0; t < T; ++t) {
@@ -279,7 +273,7 @@ void Model::layer_forward(int l, int T, int start_pos) {
     mark(Profile::kNorms);
     attention(l, T, start_pos);
     mark(Profile::kAttention);
-    linear(proj_.data<float>(), c.dim, att_out_.data<float>(), T, L.wo, q_dim, c.dim);
+    linear(att_out_.data<float>(), T, int(q_dim), {{proj_.data<float>(), size_t(c.dim), &L.wo, size_t(c.dim)}});
     for (size_t i = 0; i < size_t(T) * c.dim; ++i) x[i] += proj_.data<float>()[i];
 
     // FFN block

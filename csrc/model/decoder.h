@@ -4,6 +4,7 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -97,9 +98,15 @@ class Model {
     void check_positions(int T, int start_pos) const;
     void layer_forward(int l, int T, int start_pos);
     void attention(int l, int T, int start_pos);
-    void linear(float* Y, size_t ldy, const float* X, int T, const Buffer& W, int K, int N);
-    void linear3(const float* X, int T, std::array<float*, 3> Y, std::array<size_t, 3> N,
-                 std::array<const Buffer*, 3> W, int K);
+    struct Projection {
+        float* Y;          // (T, ldy) output, N columns written
+        size_t ldy;
+        const Buffer* W;   // (N, K) weights
+        size_t N;
+    };
+    void linear(const float* X, int T, int K, std::initializer_list<Projection> projections);
+    void check_tokens(const int32_t* tokens, int T) const;                    // ids in [0, vocab)
+    void gather_embeddings(const int32_t* tokens, int T, float* out) const;  // unchecked
     void compute_logits(const float* x, int T, float* logits);
 
     // Adds the time since the last mark to `part` of the profile.

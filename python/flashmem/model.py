@@ -147,21 +147,24 @@ class Model:
             raise ValueError(f"token id {bad[0]} out of range [0, {self.vocab_size})")
         return ids
 
+    def _ids(self, ids) -> np.ndarray:
+        """Token ids (checked by encode_prompt) as the engine's int32 array."""
+        return np.ascontiguousarray(self.encode_prompt(list(np.asarray(ids).ravel())), dtype=np.int32)
+
     # --- forward ------------------------------------------------------------------------------
     def logits(self, ids) -> np.ndarray:
         """Logits (T, vocab) of every position of `ids`, from an empty cache."""
-        ids = np.ascontiguousarray(self.encode_prompt(list(np.asarray(ids).ravel())), dtype=np.int32)
+        ids = self._ids(ids)
         self._check_fits(len(ids))
         return self._engine.forward(ids, 0, True)
 
     def input_embeddings(self, ids) -> np.ndarray:
         """The token-embedding rows of ids (what the first layer sees), (T, d_model) float32."""
-        ids = np.ascontiguousarray(self.encode_prompt(list(np.asarray(ids).ravel())), dtype=np.int32)
-        return self._engine.embed(ids)
+        return self._engine.embed(self._ids(ids))
 
     def hidden_states(self, ids) -> np.ndarray:
         """Final hidden states (after the last norm, what the LM head sees), (T, d_model)."""
-        ids = np.ascontiguousarray(self.encode_prompt(list(np.asarray(ids).ravel())), dtype=np.int32)
+        ids = self._ids(ids)
         self._check_fits(len(ids))
         return self._engine.hidden_states(ids, 0)
 

@@ -27,7 +27,6 @@ struct Kernels {
     // dst[i] = (float)src[i]
     void (*to_f32[3])(float* dst, const void* src, int n);
     float (*dot)(const float* a, const float* b, int n);
-    void (*axpy)(float* y, float a, const float* x, int n);  // y += a*x
     void (*softmax)(float* x, int n, float scale);           // x = softmax(scale * x), in place
     float (*l2sq)(const float* a, const float* b, int n);    // sum (a-b)^2
     // Decode SwiGLU FFN over n neuron bundles: y (D) += sum_i silu(B_i[0:D] . x) * (B_i[D:2D] . x) * B_i[2D:3D]
