@@ -422,7 +422,11 @@ std::unique_ptr<MemoryBank> MemoryBank::load(const std::string& path, bool use_m
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     FM_IO(fd >= 0, "cannot open '", path, "': ", std::strerror(errno));
     struct stat st;
-    ::fstat(fd, &st);
+    if (::fstat(fd, &st) != 0) {
+        int e = errno;
+        ::close(fd);
+        FM_IO(false, "cannot stat '", path, "': ", std::strerror(e));
+    }
     const size_t size = size_t(st.st_size);
     uint8_t* base = nullptr;
     std::vector<uint8_t> data;
