@@ -231,19 +231,33 @@ NB_MODULE(_core, m) {
     m.def(
         "ffn_decode",
         [](CF32Array y0, CF32Array x, nb::ndarray<nb::c_contig, nb::device::cpu> b, const std::string& dtype,
-           bool reference, const std::string& isa) {
+           std::optional<nb::ndarray<const int64_t, nb::c_contig, nb::device::cpu>> rows, bool reference,
+           const std::string& isa) {
             fm::DType dt = weight_dtype(b, dtype);
             const int D = int(x.size()), n = int(b.shape(0));
+            FM_ARG(b.ndim() == 2, "bundles must be 2-D");
             FM_ARG(b.shape(1) >= size_t(3 * D), "bundles must be (n, >= 3*D) with D = len(x)");
             FM_ARG(y0.size() == size_t(D), "y must have length D");
             auto y = numpy_owned<float>({size_t(D)});
             std::copy(y0.data(), y0.data() + D, y.data());
-            if (reference) fm::ffn_decode_ref(y.data(), x.data(), b.data(), dt, b.shape(1), D, n);
-            else pick_isa(isa)->ffn_decode[int(dt)](y.data(), x.data(), b.data(), b.shape(1), D, n);
+            FM_ARG(!rows || rows->size() == 0 || rows->ndim() == 1, "rows must be 1-D");
+            std::vector<const void*> ptrs;  // gathered rows (any order, repeats allowed), or all rows
+            const size_t row = b.shape(1) * fm::dtype_size(dt);
+            if (rows) {
+                for (size_t j = 0; j < rows->size(); ++j) {
+                    const int64_t i = rows->data()[j];
+                    FM_ARG(i >= 0 && i < n, "row ", i, " out of range [0, ", n, ")");
+                    ptrs.push_back(static_cast<const char*>(b.data()) + i * row);
+                }
+            } else {
+                for (int i = 0; i < n; ++i) ptrs.push_back(static_cast<const char*>(b.data()) + i * row);
+            }
+            if (reference) fm::ffn_decode_ref(y.data(), x.data(), ptrs.data(), dt, D, int(ptrs.size()));
+            else pick_isa(isa)->ffn_decode[int(dt)](y.data(), x.data(), ptrs.data(), D, int(ptrs.size()));
             return y;
         },
-        "y"_a, "x"_a, "bundles"_a, "dtype"_a, "reference"_a = false, "isa"_a = "best",
-        "y + SwiGLU FFN of x over neuron bundles [gate | up | down | pad]");
+        "y"_a, "x"_a, "bundles"_a, "dtype"_a, "rows"_a = nb::none(), "reference"_a = false, "isa"_a = "best",
+        "y + SwiGLU FFN of x over neuron bundles [gate | up | down | pad] (all, or the gathered `rows`)");
     m.def("cuda_available", &fm::cuda::available, "True when built with CUDA and a GPU is visible");
     m.def("cuda_gemv_f16", [](CF32Array x, nb::ndarray<const uint16_t, nb::c_contig, nb::device::cpu> w) {
         FM_ARG(w.ndim() == 2 && x.ndim() == 1 && x.shape(0) == w.shape(1), "x must be (K,) with K = W.shape[1]");
@@ -280,6 +294,83 @@ NB_MODULE(_core, m) {
         .def("load_tensor", &fm::Model::load_tensor, "kind"_a, "layer"_a, "path"_a, "offset"_a, "dtype"_a, "shape"_a,
              nb::call_guard<nb::gil_scoped_release>())
         .def("check_loaded", &fm::Model::check_loaded)
+        .def_prop_ro("owned_bytes", &fm::Model::owned_bytes, "every byte this engine owns")
+        .def_prop_ro("expected_weight_bytes", [](const fm::Model& m) { return m.expected_weight_bytes(true); })
+        .def(
+            "configure_sparse",
+            [](fm::Model& self, const std::string& source, double sparsity, int window, bool use_window,
+               size_t budget, int predictor_rank, std::optional<std::string> path,
+               std::vector<std::vector<uint64_t>> piece_base, std::vector<uint64_t> piece_stride,
+               std::vector<uint64_t> piece_bytes, int queue_depth, int coalesce_gap, bool direct, int cache_rows,
+               int staging_rows) {
+                FM_ARG(source == "dram" || source == "flash", "source must be 'dram' or 'flash', got '", source, "'");
+                fm::SparseOptions o;
+                o.sparsity = sparsity, o.window = window, o.use_window = use_window, o.queue_depth = queue_depth;
+                o.coalesce_gap = coalesce_gap, o.direct = direct, o.cache_rows = cache_rows;
+                o.staging_rows = staging_rows;
+                fm::FileLayout layout;
+                if (source == "flash") {
+                    FM_ARG(path && !piece_base.empty() && piece_stride.size() == piece_bytes.size() &&
+                               !piece_stride.empty() && piece_stride.size() <= 3,
+                           "flash source needs the bundle file and its layout");
+                    layout.path = *path, layout.n_pieces = int(piece_stride.size());
+                    layout.piece_base = piece_base, layout.piece_stride = piece_stride, layout.piece_bytes = piece_bytes;
+                }
+                self.configure_sparse(source == "flash" ? fm::SparseFfn::Source::Flash : fm::SparseFfn::Source::Resident,
+                                      o, source == "flash" ? &layout : nullptr, budget, predictor_rank);
+            },
+            "source"_a, "sparsity"_a, "window"_a, "use_window"_a, "budget"_a, "predictor_rank"_a, "path"_a = nb::none(),
+            "piece_base"_a = std::vector<std::vector<uint64_t>>{}, "piece_stride"_a = std::vector<uint64_t>{},
+            "piece_bytes"_a = std::vector<uint64_t>{}, "queue_depth"_a = 32, "coalesce_gap"_a = 2, "direct"_a = true,
+            "cache_rows"_a = -1, "staging_rows"_a = 0)
+        .def(
+            "sparse_stats",
+            [](fm::Model& self) {
+                nb::dict d;
+                fm::SparseFfn* sp = self.sparse();
+                if (!sp) return d;
+                const fm::SparseStats& s = sp->stats();
+                d["steps"] = s.steps, d["tokens"] = s.tokens, d["selected"] = s.selected, d["computed"] = s.computed;
+                d["hits"] = s.hits, d["misses"] = s.misses;
+                d["select_s"] = s.select_s, d["io_s"] = s.io_s, d["compute_s"] = s.compute_s;
+                const fm::IoStats* io = sp->io_stats();
+                d["bytes_read"] = io ? io->bytes : 0;
+                d["requests"] = io ? io->requests : 0;
+                d["read_batches"] = io ? io->batches : 0;
+                d["read_s"] = io ? io->seconds : 0.0;
+                d["direct_io"] = sp->direct();
+                d["cache_rows"] = sp->options().cache_rows;
+                d["staging_rows"] = sp->options().staging_rows;
+                d["predictor_rank"] = sp->predictor().rank();
+                d["predictor_bytes"] = sp->predictor().bytes();
+                d["sparse_bytes"] = sp->bytes();
+                size_t cached = 0;
+                for (int l = 0; l < self.config().n_layers; ++l) cached += sp->cached(l);
+                d["cached_neurons"] = cached;
+                return d;
+            },
+            "Counters of the sparse FFN since the last reset_sparse_stats().")
+        .def("reset_sparse_stats", [](fm::Model& self) { if (self.sparse()) self.sparse()->reset_stats(); })
+        .def("clear_neuron_cache", [](fm::Model& self) { if (self.sparse()) self.sparse()->clear_cache(); })
+        .def(
+            "set_trace",
+            [](fm::Model& self, nb::ndarray<const int32_t, nb::ndim<3>, nb::c_contig, nb::device::cpu> ids) {
+                FM_ARG(self.sparse(), "set_trace needs the sparse FFN");
+                self.sparse()->set_trace(std::vector<int32_t>(ids.data(), ids.data() + ids.size()), int(ids.shape(0)),
+                                         int(ids.shape(2)));
+            },
+            "ids"_a, "Replays fixed neuron selections (n_steps, n_layers, k) instead of the predictor.")
+        .def(
+            "ffn_inputs",
+            [](fm::Model& self, nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> tokens) {
+                const int T = int(tokens.shape(0));
+                const fm::Config& c = self.config();
+                auto out = numpy_owned<float>({size_t(c.n_layers), size_t(T), size_t(c.dim)});
+                nb::gil_scoped_release nogil;
+                self.ffn_inputs(tokens.data(), T, out.data());
+                return out;
+            },
+            "tokens"_a, "FFN inputs (after the FFN norm) of every layer, (n_layers, T, d_model), from position 0.")
         .def(
             "profile",
             [](const fm::Model& self) {

@@ -7,40 +7,60 @@
 
 namespace fm {
 
-void bundled_ffn(ThreadPool& pool, float* out, const float* xn, int T, int D, const void* bundles, DType dt,
-                 int n_neurons, const FfnScratch& s) {
+void ffn_begin(ThreadPool& pool, int T, int D, const FfnScratch& s) {
+    pool.run([&](int tid, int) { std::memset(s.acc + size_t(tid) * s.t_max * D, 0, sizeof(float) * size_t(T) * D); });
+}
+
+void ffn_accumulate(ThreadPool& pool, const float* xn, int T, int D, DType dt, const FfnRows& r, int lo, int hi,
+                    const FfnScratch& s) {
     const Kernels& K = kernels();
     const int di = int(dt);
-    const size_t ld = size_t(3) * D, esz = dtype_size(dt);
-    const char* base = static_cast<const char*>(bundles);
+    const size_t esz = dtype_size(dt), row_bytes = size_t(3) * D * esz;
     pool.run([&](int tid, int nt) {
+        auto [c0, c1] = ThreadPool::chunk(size_t(r.n), tid, nt, kNeuronBlock);
+        const int p0 = int(c0) > lo ? int(c0) : lo, p1 = int(c1) < hi ? int(c1) : hi;
+        if (p0 >= p1) return;
         float* acc = s.acc + size_t(tid) * s.t_max * D;  // (T, D)
-        std::memset(acc, 0, sizeof(float) * size_t(T) * D);
-        auto [n0, n1] = ThreadPool::chunk(n_neurons, tid, nt, kNeuronBlock);
-        if (T == 1) {  // decode: one fused pass over this thread's bundles
-            if (n0 < n1) K.ffn_decode[di](acc, xn, base + n0 * ld * esz, ld, D, int(n1 - n0));
+        if (T == 1 && !r.mask) {  // decode: one fused pass over this thread's bundles
+            K.ffn_decode[di](acc, xn, r.rows + p0, D, p1 - p0);
             return;
         }
         float* h = s.hu + size_t(tid) * 2 * s.t_max * kNeuronBlock;  // (T, nb)
         float* u = h + size_t(s.t_max) * kNeuronBlock;                // (T, nb)
         float* conv = s.convert + tid * s.convert_stride;
-        for (size_t n = n0; n < n1; n += kNeuronBlock) {
-            const int nb = int(n1 - n < kNeuronBlock ? n1 - n : kNeuronBlock);
-            const char* b = base + n * ld * esz;
+        char* gathered = s.block + size_t(tid) * kNeuronBlock * row_bytes;
+        for (int p = p0; p < p1; p += kNeuronBlock) {
+            const int nb = p1 - p < kNeuronBlock ? p1 - p : kNeuronBlock;
+            // the block's bundles as one matrix: in place when consecutive (dense), else gathered
+            const char* b = static_cast<const char*>(r.rows[p]);
+            bool consecutive = true;
+            for (int j = 1; j < nb && consecutive; ++j) consecutive = r.rows[p + j] == b + j * row_bytes;
+            if (!consecutive) {
+                for (int j = 0; j < nb; ++j) std::memcpy(gathered + j * row_bytes, r.rows[p + j], row_bytes);
+                b = gathered;
+            }
+            const size_t ld = size_t(3) * D;
             K.gemm[di](h, kNeuronBlock, xn, D, T, b, ld, D, nb, conv);            // gate
             K.gemm[di](u, kNeuronBlock, xn, D, T, b + D * esz, ld, D, nb, conv);  // up
-            for (int t = 0; t < T; ++t) swiglu(h + t * kNeuronBlock, u + t * kNeuronBlock, nb);
+            for (int t = 0; t < T; ++t) {
+                swiglu(h + t * kNeuronBlock, u + t * kNeuronBlock, nb);
+                if (r.mask)
+                    for (int j = 0; j < nb; ++j)
+                        if (!r.mask[size_t(t) * r.n + p + j]) h[t * kNeuronBlock + j] = 0.0f;
+            }
             K.accumulate[di](acc, D, h, kNeuronBlock, T, b + 2 * D * esz, ld, D, nb, conv);  // down
         }
     });
-    // out += sum over threads of acc; split across threads unless it is as small as decode's
+}
+
+void ffn_end(ThreadPool& pool, float* out, int T, int D, const FfnScratch& s) {
     auto reduce = [&](size_t b, size_t e, int) {
         for (int t = 0; t < pool.size(); ++t) {
             const float* a = s.acc + size_t(t) * s.t_max * D;
             for (size_t i = b; i < e; ++i) out[i] += a[i];
         }
     };
-    if (T == 1) reduce(0, D, 0);
+    if (T == 1) reduce(0, D, 0);  // as small as decode's: not worth a dispatch
     else pool.parallel_for(size_t(T) * D, 16, reduce);
 }
 

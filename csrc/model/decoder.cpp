@@ -43,6 +43,8 @@ Model::Model(Config cfg, int n_threads) : cfg_(std::move(cfg)), pool_(n_threads)
     ffn_acc_.allocate(f * nt * chunk_ * c.dim);
     ffn_hu_.allocate(f * nt * 2 * chunk_ * kNeuronBlock);
     convert_.allocate(f * nt * scratch_floats(c.dim > c.q_dim() ? c.dim : c.q_dim()));
+    ffn_block_.allocate(size_t(nt) * kNeuronBlock * 3 * c.dim * dtype_size(c.dtype));
+    ffn_rows_.allocate(sizeof(void*) * c.hidden_dim);
     const int half = c.head_dim / 2;
     rope_cos_.allocate(f * size_t(c.max_context) * half);
     rope_sin_.allocate(f * size_t(c.max_context) * half);
@@ -66,8 +68,66 @@ size_t Model::weight_bytes() const {
 
 size_t Model::state_bytes() const {
     return x_.size() + xn_.size() + q_.size() + att_out_.size() + proj_.size() + scores_.size() + ffn_acc_.size() +
-           ffn_hu_.size() + convert_.size() + rope_cos_.size() + rope_sin_.size() + key_cache_.size() +
-           value_cache_.size();
+           ffn_hu_.size() + convert_.size() + ffn_block_.size() + ffn_rows_.size() + rope_cos_.size() +
+           rope_sin_.size() + key_cache_.size() + value_cache_.size();
+}
+
+size_t Model::expected_weight_bytes(bool ffn_resident) const {
+    const Config& c = cfg_;
+    auto buf = [](size_t n) { return (n + 63) / 64 * 64; };  // as Buffer rounds
+    const size_t esz = dtype_size(c.dtype), d = c.dim, q = c.q_dim(), kv = c.kv_dim();
+    size_t n = buf(esz * c.vocab_size * d) * (c.tied_embeddings ? 1 : 2) + buf(4 * d);
+    size_t layer = 2 * buf(4 * d) + buf(esz * q * d) + 2 * buf(esz * kv * d) + buf(esz * d * q);
+    if (c.qkv_bias) layer += buf(4 * q) + 2 * buf(4 * kv);
+    if (ffn_resident) layer += buf(esz * c.hidden_dim * 3 * d);
+    return n + layer * c.n_layers;
+}
+
+size_t Model::owned_bytes() const {
+    size_t n = weight_bytes() + state_bytes();
+    if (sparse_) n += sparse_->bytes() + sparse_->predictor().bytes();
+    return n;
+}
+
+void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const FileLayout* layout, size_t budget,
+                             int predictor_rank) {
+    const Config& c = cfg_;
+    FM_ARG(weight_bytes() == 0, "configure the sparse FFN before loading weights");
+    FM_ARG(predictor_rank >= 0, "predictor_rank must be >= 0");
+    const bool flash = source == SparseFfn::Source::Flash;
+    if (flash && opt.staging_rows <= 0) {  // default: a whole layer's bundles, at most 16 MiB of reads
+        size_t per = 0;
+        for (int p = 0; p < layout->n_pieces; ++p) per += layout->piece_stride[p];
+        opt.staging_rows = int(std::min<size_t>(c.hidden_dim, std::max<size_t>(64, (size_t(16) << 20) / per)));
+    }
+    const size_t esz = dtype_size(c.dtype);
+    const size_t predictor = predictor_rank
+        ? size_t(c.n_layers) * ((size_t(predictor_rank) * c.dim * esz + 63) / 64 * 64 + (4 * predictor_rank + 63) / 64 * 64 +
+                                (size_t(c.hidden_dim) * predictor_rank * esz + 63) / 64 * 64 + (4 * size_t(c.hidden_dim) + 63) / 64 * 64) +
+          sizeof(float) * (size_t(chunk_) * predictor_rank + pool_.size() * scratch_floats(std::max(c.dim, predictor_rank)))
+        : 0;
+    const size_t row = SparseFfn::row_bytes(c.dim, c.dtype);
+    SparseOptions sized = opt;
+    sized.cache_rows = flash ? c.hidden_dim : 0;  // for the index part of fixed_bytes
+    const size_t fixed = expected_weight_bytes(!flash) + state_bytes() + predictor +
+                         SparseFfn::fixed_bytes(c.n_layers, c.hidden_dim, c.dim, c.dtype, chunk_, pool_.size(), sized,
+                                                flash ? layout : nullptr) + (size_t(1) << 16);
+    if (flash) {
+        if (budget) {
+            FM_ARG(budget >= fixed, "dram_budget ", budget, " bytes is below the minimum ", fixed,
+                   " bytes (resident weights ", expected_weight_bytes(false), ", run state and KV cache for max_context ",
+                   c.max_context, " ", state_bytes(), ", predictor ", predictor, ", read buffers and index ",
+                   fixed - expected_weight_bytes(false) - state_bytes() - predictor,
+                   "); raise the budget or lower max_context");
+            opt.cache_rows = int(std::min<size_t>(c.hidden_dim, (budget - fixed) / (size_t(c.n_layers) * row)));
+        } else if (opt.cache_rows < 0) {
+            opt.cache_rows = c.hidden_dim;
+        }
+    }
+    std::vector<const void*> resident;
+    if (!flash) resident.resize(c.n_layers, nullptr);  // filled once the bundles are loaded
+    sparse_ = std::make_unique<SparseFfn>(source, c.n_layers, c.hidden_dim, c.dim, c.dtype, chunk_, pool_.size(), opt,
+                                          layout, resident);
 }
 
 void Model::load_tensor(const std::string& kind, int layer, const std::string& path, uint64_t offset,
@@ -96,7 +156,20 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
     else if (kind == "bk") dst = &L->bk, expect = {c.kv_dim()}, is_matrix = false;
     else if (kind == "bv") dst = &L->bv, expect = {c.kv_dim()}, is_matrix = false;
     else if (kind == "ffn_bundles") dst = &L->ffn_bundles, expect = {c.hidden_dim, 3 * c.dim};
-    else FM_ARG(false, "unknown tensor kind '", kind, "'");
+    else if (kind.rfind("pred_", 0) == 0) {  // predictor tensors pred_A (rank, dim), pred_a (rank), pred_B, pred_b
+        FM_ARG(sparse_, what, ": configure the sparse FFN before loading a predictor");
+        const std::string part = kind.substr(5);
+        FM_ARG(!shape.empty(), what, ": empty shape");
+        const int rank = int(part == "A" || part == "a" ? shape[0]
+                             : part == "B" && shape.size() == 2 ? shape[1] : sparse_->predictor().rank());
+        FM_ARG(rank > 0, what, " in '", path, "': cannot tell the predictor rank from its shape");
+        dst = &sparse_->predictor().tensor(layer, part, rank);
+        is_matrix = part == "A" || part == "B";
+        if (part == "A") expect = {rank, c.dim};
+        else if (part == "a") expect = {rank};
+        else if (part == "B") expect = {c.hidden_dim, rank};
+        else expect = {c.hidden_dim};
+    } else FM_ARG(false, "unknown tensor kind '", kind, "'");
 
     const DType want = is_matrix ? c.dtype : DType::F32;
     FM_ARG(dt == want, what, " in '", path, "': expected dtype ", dtype_name(want), ", got ", dtype_name(dt));
@@ -136,9 +209,11 @@ void Model::check_loaded() const {
     FM_IO(c.tied_embeddings || w_.lm_head.size(), "model is missing lm_head (and its embeddings are not tied)");
     for (int l = 0; l < c.n_layers; ++l) {
         const LayerWeights& L = w_.layers[l];
+        const bool flash = sparse_ && sparse_->source() == SparseFfn::Source::Flash;
         FM_IO(L.attn_norm.size() && L.wq.size() && L.wk.size() && L.wv.size() && L.wo.size() &&
-                  L.ffn_norm.size() && L.ffn_bundles.size(),
+                  L.ffn_norm.size() && (flash || L.ffn_bundles.size()),
               "model is missing tensors of layer ", l);
+        if (sparse_ && !flash) sparse_->set_resident(l, L.ffn_bundles.data());
         FM_IO(!c.qkv_bias || (L.bq.size() && L.bk.size() && L.bv.size()), "model is missing q/k/v biases of layer ",
               l);
     }
@@ -198,6 +273,18 @@ void Model::hidden_states(const int32_t* tokens, int T, int start_pos, float* ou
     forward(T, start_pos, out, Output::Hidden, [&](int t0, int n, float* x) { gather_embeddings(tokens + t0, n, x); });
 }
 
+void Model::ffn_inputs(const int32_t* tokens, int T, float* out) {
+    check_tokens(tokens, T);
+    capture_ = out, capture_T_ = T;
+    try {
+        forward(T, 0, nullptr, Output::None, [&](int t0, int n, float* x) { gather_embeddings(tokens + t0, n, x); });
+    } catch (...) {
+        capture_ = nullptr;
+        throw;
+    }
+    capture_ = nullptr;
+}
+
 void Model::forward_embeds(const float* embeds, int T, int start_pos, float* logits, bool all_logits) {
     const size_t d = cfg_.dim;
     for (size_t i = 0; i < size_t(T) * d; ++i)
@@ -213,18 +300,21 @@ void Model::forward(int T, int start_pos, float* out, Output what, Fill&& fill) 
     check_positions(T, start_pos);
     const Config& c = cfg_;
     n_cached_ = start_pos;  // positions past this are overwritten now
+    if (sparse_ && start_pos == 0) sparse_->begin_sequence();
     last_mark_ = std::chrono::steady_clock::now();
     prof_.tokens += T;
     for (int t0 = 0; t0 < T; t0 += chunk_) {
         const int n = T - t0 < chunk_ ? T - t0 : chunk_;
         float* x = x_.data<float>();
         fill(t0, n, x);
+        capture_t0_ = t0;
         for (int l = 0; l < c.n_layers; ++l) layer_forward(l, n, start_pos + t0);
         n_cached_ = start_pos + t0 + n;
         if (what == Output::AllLogits) {
             compute_logits(x, n, out + size_t(t0) * c.vocab_size);
         } else if (what == Output::LastLogits && t0 + n == T) {
             compute_logits(x + size_t(n - 1) * c.dim, 1, out);
+        } else if (what == Output::None) {
         } else if (what == Output::Hidden) {
             for (int t = 0; t < n; ++t)
                 rmsnorm(out + size_t(t0 + t) * c.dim, x + size_t(t) * c.dim, w_.final_norm.data<float>(), c.dim,
@@ -281,10 +371,21 @@ void Model::layer_forward(int l, int T, int start_pos) {
     for (int t = 0; t < T; ++t)
         rmsnorm(xn + size_t(t) * c.dim, x + size_t(t) * c.dim, L.ffn_norm.data<float>(), c.dim, c.norm_eps);
     mark(Profile::kNorms);
+    if (capture_)
+        std::memcpy(capture_ + (size_t(l) * capture_T_ + capture_t0_) * c.dim, xn, sizeof(float) * size_t(T) * c.dim);
     const int nt = pool_.size();
     FfnScratch s{ffn_acc_.data<float>(), ffn_hu_.data<float>(), convert_.data<float>(),
-                 convert_.size() / sizeof(float) / nt, chunk_};
-    bundled_ffn(pool_, x, xn, T, c.dim, L.ffn_bundles.data(), c.dtype, c.hidden_dim, s);
+                 convert_.size() / sizeof(float) / nt, ffn_block_.data<char>(), chunk_};
+    if (sparse_) {
+        sparse_->forward(pool_, l, x, xn, T, s);
+    } else {  // dense: every bundle, in place
+        const void** rows = ffn_rows_.data<const void*>();
+        const size_t row = size_t(3) * c.dim * dtype_size(c.dtype);
+        for (int i = 0; i < c.hidden_dim; ++i) rows[i] = L.ffn_bundles.data<char>() + i * row;
+        ffn_begin(pool_, T, c.dim, s);
+        ffn_accumulate(pool_, xn, T, c.dim, c.dtype, {rows, c.hidden_dim, nullptr}, 0, c.hidden_dim, s);
+        ffn_end(pool_, x, T, c.dim, s);
+    }
     mark(Profile::kFfn);
 }
 

@@ -12,6 +12,7 @@
 #include "core/buffer.h"
 #include "core/dtype.h"
 #include "core/thread_pool.h"
+#include "ffn/sparse_ffn.h"
 
 namespace fm {
 
@@ -70,6 +71,22 @@ class Model {
     int n_cached() const { return n_cached_; }
     size_t weight_bytes() const;
     size_t state_bytes() const;
+    // Bytes the resident weights will take once loaded (with or without the FFN bundles).
+    size_t expected_weight_bytes(bool ffn_resident) const;
+    // Every byte this engine owns: weights, run state and KV cache, the sparse FFN (predictor,
+    // neuron cache, read buffers).
+    size_t owned_bytes() const;
+
+    // Sparse FFN: the neurons a predictor picks per token, from the resident bundles (source
+    // Resident) or streamed from the bundle file (source Flash, layout given). Call before loading
+    // weights. With a budget (bytes, 0: none), the neuron cache takes what the rest leaves, and a
+    // budget below the minimum raises std::invalid_argument stating the minimum.
+    // predictor_rank: rank of the predictor that will be loaded (0: none).
+    void configure_sparse(SparseFfn::Source source, SparseOptions opt, const FileLayout* layout, size_t budget,
+                          int predictor_rank);
+    SparseFfn* sparse() { return sparse_.get(); }
+    // FFN inputs (after the FFN norm) of every layer for T tokens from position 0: out (n_layers, T, dim).
+    void ffn_inputs(const int32_t* tokens, int T, float* out);
 
     // Loads one tensor from `path` at byte `offset`. kind: embed, final_norm, lm_head, attn_norm,
     // wq, wk, wv, wo, bq, bk, bv, ffn_norm, ffn_bundles; layer: -1 for the global ones.
@@ -92,7 +109,7 @@ class Model {
     void embed(const int32_t* tokens, int T, float* out);
 
   private:
-    enum class Output { LastLogits, AllLogits, Hidden };
+    enum class Output { LastLogits, AllLogits, Hidden, None };
     template <typename Fill>
     void forward(int T, int start_pos, float* out, Output what, Fill&& fill);
     void check_positions(int T, int start_pos) const;
@@ -134,6 +151,11 @@ class Model {
     Buffer ffn_acc_;   // (n_threads, chunk, dim)
     Buffer ffn_hu_;    // (n_threads, 2, chunk, kNeuronBlock)
     Buffer convert_;   // (n_threads, scratch_floats(max(dim, q_dim)))
+    Buffer ffn_block_; // (n_threads, kNeuronBlock, 3*dim) gathered bundles, weights' dtype
+    Buffer ffn_rows_;  // (hidden_dim) bundle pointers of the dense FFN
+    std::unique_ptr<SparseFfn> sparse_;
+    float* capture_ = nullptr;  // ffn_inputs(): (n_layers, capture_T_, dim)
+    int capture_T_ = 0, capture_t0_ = 0;
     Buffer rope_cos_, rope_sin_;  // (max_context, head_dim/2)
     Buffer key_cache_, value_cache_;  // (n_layers, max_context, kv_dim) f32
 };

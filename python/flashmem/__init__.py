@@ -47,12 +47,23 @@ def _cached_conversion(src: str, dtype: str | None) -> str:
 
 
 def load(path: str | None = None, dtype: str | None = None, threads: int | None = None,
-         max_context: int | None = None) -> Model:
+         max_context: int | None = None, offload: str | None = None, dram_budget=None, sparsity: float = 0.0,
+         window: int = 4, **flash_options) -> Model:
     """Loads a model: a flashmem folder, a HF folder, or a GGUF file (the latter two are converted
     once into the cache folder, ~/.cache/flashmem or $FLASHMEM_CACHE). With no path, the default
     model SmolLM2-135M-Instruct. dtype: f32, f16 or bf16 weight storage (computation is f32);
     default f16 for GGUF, the checkpoint's dtype for HF. threads: default all cores available.
-    max_context: KV-cache length, default the model's max_position_embeddings."""
+    max_context: KV-cache length, default the model's max_position_embeddings.
+
+    Flash offloading: offload="flash" keeps the FFN weights in the converted folder's bundle file
+    and reads the neurons each token needs with direct I/O into a neuron cache. dram_budget
+    ("200MB", "1.5GiB" or bytes) bounds every byte the engine owns (resident weights, KV cache for
+    max_context, predictor, buffers); the cache takes what is left, and a budget below the
+    minimum raises ValueError stating it. sparsity: fraction of FFN neurons left out per token,
+    chosen by the predictor that `flashmem calibrate` fits (0: all, exact). window: tokens a
+    neuron stays in DRAM after its last use; the FFN also computes with those still in the
+    window. flash_options: ffn_layout ("bundled" or "unbundled"), queue_depth, coalesce_gap,
+    direct_io."""
     if dtype is not None and dtype not in ("f32", "f16", "bf16"):
         raise ValueError(f"dtype must be 'f32', 'f16' or 'bf16', got {dtype!r}")
     if path is None:
@@ -65,4 +76,5 @@ def load(path: str | None = None, dtype: str | None = None, threads: int | None 
             raise ValueError(f"{path} was converted with dtype {stored}; convert the source again with --dtype {dtype}")
     else:
         path = _cached_conversion(path, dtype)
-    return Model(path, threads=threads, max_context=max_context)
+    return Model(path, threads=threads, max_context=max_context, offload=offload, dram_budget=dram_budget,
+                 sparsity=sparsity, window=window, **flash_options)

@@ -1,4 +1,4 @@
-"""The `flashmem` command: generate, chat, convert, info."""
+"""The `flashmem` command: generate, chat, convert, info, calibrate, eval-ppl."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("f32", "f16", "bf16"), default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-context", type=int, default=None)
+    p.add_argument("--offload", choices=("flash",), default=None,
+                   help="stream the FFN weights from the model folder instead of holding them in DRAM")
+    p.add_argument("--dram-budget", default=None, help="with --offload flash: DRAM the engine may own, e.g. 200MB")
+    p.add_argument("--sparsity", type=float, default=0.0,
+                   help="fraction of FFN neurons left out per token (needs `flashmem calibrate`)")
+    p.add_argument("--window", type=int, default=4, help="tokens a neuron stays in DRAM after its last use")
 
 
 def _sampling(a) -> dict:
@@ -33,7 +39,8 @@ def _sampling(a) -> dict:
 def _load(a):
     import flashmem
 
-    return flashmem.load(a.model, dtype=a.dtype, threads=a.threads, max_context=a.max_context)
+    return flashmem.load(a.model, dtype=a.dtype, threads=a.threads, max_context=a.max_context, offload=a.offload,
+                         dram_budget=a.dram_budget, sparsity=a.sparsity, window=a.window)
 
 
 def cmd_generate(a) -> None:
@@ -48,6 +55,11 @@ def cmd_generate(a) -> None:
     print(f"[{r.prompt_tokens} prompt tokens, {len(r.token_ids)} new, {r.finish_reason}; "
           f"ttft {r.time_to_first_token_s * 1e3:.0f} ms, prefill {r.prefill_tokens_per_s:.0f} tok/s, "
           f"decode {r.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    if r.flash:
+        f = r.flash
+        print(f"[flash: {f['bytes_read_per_token'] / 1e6:.2f} MB and {f['requests_per_token']:.0f} reads per token, "
+              f"cache hit rate {f['neuron_cache_hit_rate']:.1%}, I/O {f['io_ms_per_token']:.2f} ms/token, "
+              f"{f['read_bandwidth_gbps']:.2f} GB/s; engine owns {model.owned_bytes / 1e6:.0f} MB]", file=sys.stderr)
 
 
 def cmd_chat(a) -> None:
@@ -93,6 +105,38 @@ def cmd_info(a) -> None:
     print(json.dumps(info, indent=1))
 
 
+def cmd_calibrate(a) -> None:
+    import flashmem
+    from .calibrate import calibrate
+
+    model = flashmem.load(a.model, dtype=a.dtype, threads=a.threads)
+    with open(a.data, encoding="utf-8") as f:
+        text = f.read()
+    r = calibrate(model, text, tokens=a.tokens, rank=a.rank, epochs=a.epochs)
+    print(f"predictors (rank {r['rank']}, {r['predictor_share_of_ffn']:.1%} of the FFN's bytes) written to {r['path']}")
+    print(f"held-out recall of the true top neurons: {r['mean_recall_at_50']:.3f} at 50% sparsity, "
+          f"{r['mean_recall_at_80']:.3f} at 80% (min over layers {min(r['recall_at_50']):.3f} / "
+          f"{min(r['recall_at_80']):.3f}); {r['tokens']} tokens, {r['held_out_tokens']} held out")
+
+
+def cmd_eval_ppl(a) -> None:
+    with open(a.data, encoding="utf-8") as f:
+        text = f.read()
+    model = _load(a)
+    ids = model.tokenizer.encode(text)
+    ids = ids[-a.tokens:]  # the end of the file: calibrate fits on its beginning
+    ppl = model.perplexity(ids)
+    out = {"perplexity": round(ppl, 4), "tokens": len(ids), "sparsity": a.sparsity, "window": a.window,
+           "offload": a.offload}
+    if a.compare_dense and (a.sparsity or a.offload):
+        import flashmem
+
+        dense = flashmem.load(model.path, threads=a.threads, max_context=a.max_context).perplexity(ids)
+        out["dense_perplexity"] = round(dense, 4)
+        out["increase"] = f"{ppl / dense - 1:+.2%}"
+    print(json.dumps(out))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="flashmem", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -116,6 +160,21 @@ def main(argv=None) -> int:
     i = sub.add_parser("info", help="show a model's configuration and memory")
     _model_args(i)
     i.set_defaults(fn=cmd_info)
+    k = sub.add_parser("calibrate", help="fit the sparsity predictors from calibration text")
+    k.add_argument("model", nargs="?", default=None)
+    k.add_argument("--data", required=True, help="UTF-8 text file (its first --tokens tokens are used)")
+    k.add_argument("--dtype", choices=("f32", "f16", "bf16"), default=None)
+    k.add_argument("--threads", type=int, default=None)
+    k.add_argument("--tokens", type=int, default=8192)
+    k.add_argument("--rank", type=int, default=None, help="default: the largest within 5%% of the FFN's bytes")
+    k.add_argument("--epochs", type=int, default=8)
+    k.set_defaults(fn=cmd_calibrate)
+    e = sub.add_parser("eval-ppl", help="perplexity on the last --tokens tokens of a text file")
+    _model_args(e)
+    e.add_argument("--data", required=True)
+    e.add_argument("--tokens", type=int, default=4096)
+    e.add_argument("--compare-dense", action="store_true", help="also report the dense engine's perplexity")
+    e.set_defaults(fn=cmd_eval_ppl)
     a = p.parse_args(argv)
     try:
         a.fn(a)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from . import _core
 from . import safetensors_io as st
+from . import flash as fl
 from .convert import BUNDLE_FILE, FORMAT_VERSION, RESIDENT_FILE, check_config
 from .sampling import Sampler
 from .sources import read_json
@@ -61,12 +63,15 @@ class GenerationResult:
     decode_tokens_per_s: float
     prefill_tokens_per_s: float
     timings: dict = field(default_factory=dict)
+    flash: dict = field(default_factory=dict)  # sparse FFN figures per decoded token (flashmem.flash.summarize)
 
 
 class Model:
     """A Llama-family model in the native engine. Use `flashmem.load()` to make one."""
 
-    def __init__(self, folder: str, threads: int | None = None, max_context: int | None = None):
+    def __init__(self, folder: str, threads: int | None = None, max_context: int | None = None,
+                 offload: str | None = None, dram_budget=None, sparsity: float = 0.0, window: int = 4,
+                 ffn_layout: str = "bundled", queue_depth: int = 32, coalesce_gap: int = 2, direct_io: bool = True):
         self.path = folder
         cfg_path = os.path.join(folder, "config.json")
         self.config = read_json(cfg_path)
@@ -97,13 +102,53 @@ class Model:
         inv, scale = rope_inv_freq(self.config, c.head_dim)
         c.rope_inv_freq, c.rope_attention_scaling = inv.tolist(), scale
         self._engine = _core.Model(c, threads)
+        self._configure_ffn(folder, offload, dram_budget, sparsity, window, ffn_layout, queue_depth, coalesce_gap,
+                            direct_io)
         self._load_weights(folder)
         self.tokenizer = Tokenizer(folder)
         self.vocab_size, self.max_context = c.vocab_size, max_context
         self.eos_token_ids = self._eos_ids()
 
+    def _configure_ffn(self, folder, offload, dram_budget, sparsity, window, ffn_layout, queue_depth, coalesce_gap,
+                       direct_io) -> None:
+        if offload not in (None, "none", "flash"):
+            raise ValueError(f"offload must be None or 'flash', got {offload!r}")
+        self.offload = "flash" if offload == "flash" else None
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"window must be a non-negative integer, got {window!r}")
+        if dram_budget is not None and not self.offload:
+            raise ValueError("dram_budget needs offload='flash' (without offloading every weight is in DRAM)")
+        self.dram_budget = fl.parse_bytes(dram_budget) if dram_budget is not None else None
+        self.sparsity, self.window = float(sparsity), window
+        self._predictor = None
+        if not self.offload and not sparsity:
+            return
+        rank = 0
+        if sparsity:
+            self._predictor = os.path.join(folder, fl.PREDICTOR_FILE)
+            if not os.path.isfile(self._predictor):
+                raise FileNotFoundError(f"sparsity {sparsity} needs the sparsity predictor {self._predictor}, which is "
+                                        f"missing: run `flashmem calibrate {folder} --data FILE` first")
+            infos, _ = st.read_header(self._predictor)
+            a = infos.get("model.layers.0.mlp.predictor.A")
+            if a is None or len(a.shape) != 2:
+                raise ValueError(f"{self._predictor}: tensor 'model.layers.0.mlp.predictor.A' is missing or not 2-D")
+            rank = a.shape[0]
+        kw = {}
+        if self.offload:
+            kw = fl.layout(folder, self.config, ffn_layout)
+        self._engine.configure_sparse("flash" if self.offload else "dram", float(sparsity), window, True,
+                                      self.dram_budget or 0, rank, queue_depth=queue_depth,
+                                      coalesce_gap=coalesce_gap, direct=direct_io, **kw)
+        if self.offload and not self._engine.sparse_stats()["direct_io"]:
+            warnings.warn(f"{kw['path']}: the filesystem refused O_DIRECT; FFN reads go through the page cache, "
+                          "which the DRAM budget does not count", RuntimeWarning, stacklevel=3)
+
     def _load_weights(self, folder: str) -> None:
-        for fname in (RESIDENT_FILE, self.config["flashmem"]["ffn"].get("file", BUNDLE_FILE)):
+        files = [RESIDENT_FILE] + ([] if self.offload else [self.config["flashmem"]["ffn"].get("file", BUNDLE_FILE)])
+        for fname in files:
             path = os.path.join(folder, fname)
             infos, _ = st.read_header(path)
             for name, info in infos.items():
@@ -117,7 +162,27 @@ class Model:
                 if kind == "lm_head" and self.config.get("tie_word_embeddings"):
                     continue
                 self._engine.load_tensor(kind, layer, path, info.offset, info.tag, list(info.shape))
+        if self._predictor:
+            infos, _ = st.read_header(self._predictor)
+            for l in range(self.config["num_hidden_layers"]):
+                for part in ("A", "a", "B", "b"):
+                    name = f"model.layers.{l}.mlp.predictor.{part}"
+                    if name not in infos:
+                        raise ValueError(f"{self._predictor}: tensor '{name}' is missing; run `flashmem calibrate` again")
+                    info = infos[name]
+                    self._engine.load_tensor(f"pred_{part}", l, self._predictor, info.offset, info.tag, list(info.shape))
         self._engine.check_loaded()
+        if self.dram_budget and self._engine.owned_bytes > self.dram_budget:  # the estimate was exceeded: a bug
+            raise RuntimeError(f"engine owns {self._engine.owned_bytes} bytes, above dram_budget {self.dram_budget}")
+
+    @property
+    def owned_bytes(self) -> int:
+        """DRAM the engine owns: resident weights, run state, KV cache, predictor, neuron cache."""
+        return self._engine.owned_bytes
+
+    def flash_stats(self) -> dict:
+        """Raw sparse FFN counters since the last reset (empty for the dense engine)."""
+        return dict(self._engine.sparse_stats())
 
     def _eos_ids(self) -> list[int]:
         ids = []
@@ -168,9 +233,9 @@ class Model:
         self._check_fits(len(ids))
         return self._engine.hidden_states(ids, 0)
 
-    def perplexity(self, text: str, max_tokens: int | None = None) -> float:
-        """exp(mean next-token NLL) over `text` (first max_tokens tokens, windows of max_context)."""
-        ids = self.tokenizer.encode(text)[:max_tokens]
+    def perplexity(self, text, max_tokens: int | None = None) -> float:
+        """exp(mean next-token NLL) over `text` or token ids (first max_tokens tokens, windows of max_context)."""
+        ids = (self.tokenizer.encode(text) if isinstance(text, str) else [int(t) for t in text])[:max_tokens]
         if len(ids) < 2:
             raise ValueError("perplexity needs at least 2 tokens of text")
         nll, n = 0.0, 0
@@ -182,6 +247,15 @@ class Model:
             nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
             n += len(window) - 1
         return float(math.exp(nll / n))
+
+    def _flash_summary(self, tokens: int) -> dict:
+        stats = self._engine.sparse_stats()
+        if not stats:
+            return {}
+        c = self.config
+        esz = 4 if self.dtype == "f32" else 2
+        ffn_bytes = 3 * c["hidden_size"] * c["intermediate_size"] * c["num_hidden_layers"] * esz
+        return fl.summarize(dict(stats), tokens, c["num_hidden_layers"], ffn_bytes)
 
     def _check_fits(self, n: int) -> None:
         if n > self.max_context:
@@ -226,6 +300,7 @@ class _Generation:
         t0 = time.perf_counter()
         logits = engine.forward(np.asarray(prompt, np.int32), 0, False)
         t_first = time.perf_counter()
+        engine.reset_sparse_stats()  # the flash figures are per decoded token
         new, text, emitted, reason = [], "", 0, "length"
         hold = max((len(s) for s in self.stop), default=1) - 1  # text that may still become a stop string
         while True:
@@ -255,4 +330,5 @@ class _Generation:
             time_to_first_token_s=t_first - t0,
             decode_tokens_per_s=decode_steps / (t_end - t_first) if decode_steps else 0.0,
             prefill_tokens_per_s=len(prompt) / (t_first - t0),
-            timings={"prefill_s": t_first - t0, "decode_s": t_end - t_first, "total_s": t_end - t0})
+            timings={"prefill_s": t_first - t0, "decode_s": t_end - t_first, "total_s": t_end - t0},
+            flash=m._flash_summary(decode_steps))

@@ -29,9 +29,9 @@ struct Kernels {
     float (*dot)(const float* a, const float* b, int n);
     void (*softmax)(float* x, int n, float scale);           // x = softmax(scale * x), in place
     float (*l2sq)(const float* a, const float* b, int n);    // sum (a-b)^2
-    // Decode SwiGLU FFN over n neuron bundles: y (D) += sum_i silu(B_i[0:D] . x) * (B_i[D:2D] . x) * B_i[2D:3D]
-    // where B_i = B + i*ldb elements.
-    void (*ffn_decode[3])(float* y, const float* x, const void* B, size_t ldb, int D, int n);
+    // Decode SwiGLU FFN over n neuron bundles, rows[i] = [gate_i | up_i | down_i] (each D long):
+    // y (D) += sum_i silu(gate_i . x) * (up_i . x) * down_i.
+    void (*ffn_decode[3])(float* y, const float* x, const void* const* rows, int D, int n);
 };
 
 const Kernels& kernels();  // the best for this CPU
@@ -41,7 +41,7 @@ const Kernels* kernels_avx512();  // nullptr where the CPU lacks AVX-512
 // Scalar references (double accumulation), for tests.
 void gemm_ref(float* Y, size_t ldy, const float* X, size_t ldx, int T, const void* W, DType dt, size_t ldw,
               int K, int N);
-void ffn_decode_ref(float* y, const float* x, const void* B, DType dt, size_t ldb, int D, int n);
+void ffn_decode_ref(float* y, const float* x, const void* const* rows, DType dt, int D, int n);
 void softmax_ref(float* x, int n, float scale);
 void accumulate_ref(float* Y, size_t ldy, const float* A, size_t lda, int T, const void* B, DType dt,
                     size_t ldb, int D, int NB);

@@ -16,16 +16,16 @@ void gemm_ref(float* Y, size_t ldy, const float* X, size_t ldx, int T, const voi
         }
 }
 
-void ffn_decode_ref(float* y, const float* x, const void* B, DType dt, size_t ldb, int D, int n) {
+void ffn_decode_ref(float* y, const float* x, const void* const* rows, DType dt, int D, int n) {
     std::vector<double> acc(y, y + D);
     for (int i = 0; i < n; ++i) {
         double g = 0, u = 0;
         for (int k = 0; k < D; ++k) {
-            g += double(x[k]) * load_as_f32(B, dt, i * ldb + k);
-            u += double(x[k]) * load_as_f32(B, dt, i * ldb + D + k);
+            g += double(x[k]) * load_as_f32(rows[i], dt, k);
+            u += double(x[k]) * load_as_f32(rows[i], dt, D + k);
         }
         const double a = g / (1.0 + std::exp(-g)) * u;
-        for (int d = 0; d < D; ++d) acc[d] += a * load_as_f32(B, dt, i * ldb + 2 * D + d);
+        for (int d = 0; d < D; ++d) acc[d] += a * load_as_f32(rows[i], dt, 2 * D + d);
     }
     for (int d = 0; d < D; ++d) y[d] = float(acc[d]);
 }

@@ -1,0 +1,70 @@
+#include "ffn/neuron_cache.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace fm {
+
+void NeuronCache::init(int n_neurons, int capacity, size_t row_bytes) {
+    capacity_ = capacity;
+    row_bytes_ = row_bytes;
+    size_ = 0;
+    rows_.allocate(size_t(capacity) * row_bytes);
+    index_.allocate(sizeof(int32_t) * (size_t(n_neurons) + capacity) + sizeof(int64_t) * capacity + 8);
+    slot_of_ = index_.data<int32_t>();
+    neuron_of_ = slot_of_ + n_neurons;
+    last_used_ = reinterpret_cast<int64_t*>(index_.data<char>() +
+                                            (sizeof(int32_t) * (size_t(n_neurons) + capacity) + 7) / 8 * 8);
+    std::fill(slot_of_, slot_of_ + n_neurons, -1);
+    victims_.clear();
+    victims_.reserve(capacity);
+}
+
+size_t NeuronCache::bytes() const { return rows_.size() + index_.size() + victims_.capacity() * sizeof(int32_t); }
+
+void NeuronCache::remove_slot(int slot) {
+    slot_of_[neuron_of_[slot]] = -1;
+    const int last = --size_;
+    if (slot != last) {  // the last row moves into the hole
+        std::memcpy(row(slot), row(last), row_bytes_);
+        neuron_of_[slot] = neuron_of_[last];
+        last_used_[slot] = last_used_[last];
+        slot_of_[neuron_of_[slot]] = slot;
+    }
+}
+
+void NeuronCache::expire(int64_t oldest_kept) {
+    for (int s = size_ - 1; s >= 0; --s)  // backwards: a moved-in row has been checked already
+        if (last_used_[s] < oldest_kept) remove_slot(s);
+}
+
+int NeuronCache::make_room(int n, int64_t step, const uint8_t* protect) {
+    const int need = n - (capacity_ - size_);
+    if (need > 0) {
+        victims_.clear();
+        for (int s = 0; s < size_; ++s)
+            if (last_used_[s] < step && !protect[neuron_of_[s]]) victims_.push_back(neuron_of_[s]);
+        const int k = std::min<int>(need, int(victims_.size()));
+        // the k least recently used (by neuron id, since slots move while removing)
+        std::nth_element(victims_.begin(), victims_.begin() + (k ? k - 1 : 0), victims_.end(),
+                         [&](int32_t a, int32_t b) { return last_used_[slot_of_[a]] < last_used_[slot_of_[b]]; });
+        for (int i = 0; i < k; ++i) remove_slot(slot_of_[victims_[i]]);
+    }
+    return capacity_ - size_;
+}
+
+int NeuronCache::insert(int neuron, const void* src, int64_t step) {
+    if (size_ == capacity_) return -1;
+    const int s = size_++;
+    std::memcpy(row(s), src, row_bytes_);
+    neuron_of_[s] = neuron;
+    slot_of_[neuron] = s;
+    last_used_[s] = step;
+    return s;
+}
+
+void NeuronCache::clear() {
+    while (size_ > 0) remove_slot(size_ - 1);
+}
+
+}  // namespace fm

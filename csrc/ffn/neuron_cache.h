@@ -1,0 +1,55 @@
+// Per-layer neuron cache: a preallocated matrix of bundle rows that holds the neurons used
+// recently ("LLM in a flash" windowing). Lookup is O(1) through slot_of; removal is O(1): the
+// last row moves into the hole. Nothing is allocated per token.
+//
+// Each cached neuron remembers the step (token) it was last used. The window policy drops the
+// neurons not used in the last `window` steps; when the cache is full, the least recently used
+// neurons that the current step does not use are evicted.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "core/buffer.h"
+
+namespace fm {
+
+class NeuronCache {
+  public:
+    NeuronCache() = default;
+    void init(int n_neurons, int capacity, size_t row_bytes);  // allocates everything once
+
+    int capacity() const { return capacity_; }
+    int size() const { return size_; }
+    size_t bytes() const;  // owned, rows and index
+    int slot_of(int neuron) const { return slot_of_[neuron]; }
+    int neuron_at(int slot) const { return neuron_of_[slot]; }
+    int64_t last_used(int slot) const { return last_used_[slot]; }
+    char* row(int slot) const { return rows_.data<char>() + size_t(slot) * row_bytes_; }
+    void touch(int slot, int64_t step) { last_used_[slot] = step; }
+
+    // Drops the neurons last used before step `oldest_kept`.
+    void expire(int64_t oldest_kept);
+    // Frees up to `n` slots by evicting the least recently used neurons that are neither used
+    // at `step` nor protected (protect[neuron] != 0); returns how many slots are free afterwards.
+    // Rows move when others are removed: look slots up again afterwards.
+    int make_room(int n, int64_t step, const uint8_t* protect);
+    // Inserts `neuron` (not cached yet) into a free slot, copying its row; returns the slot,
+    // or -1 when there is no free slot.
+    int insert(int neuron, const void* row, int64_t step);
+    void clear();
+
+  private:
+    void remove_slot(int slot);
+
+    int capacity_ = 0, size_ = 0;
+    size_t row_bytes_ = 0;
+    Buffer rows_;       // (capacity, row_bytes) bundle rows
+    Buffer index_;      // slot_of (n_neurons) | neuron_of (capacity) int32 | last_used (capacity) int64
+    int32_t* slot_of_ = nullptr;
+    int32_t* neuron_of_ = nullptr;
+    int64_t* last_used_ = nullptr;
+    std::vector<int32_t> victims_;  // scratch, reserved to capacity at init
+};
+
+}  // namespace fm

@@ -1,0 +1,129 @@
+// Sparse FFN with flash streaming ("LLM in a flash"): per token and layer, a predictor picks the
+// neurons expected to matter; those not in the layer's neuron cache are read from the bundle
+// file with direct I/O (neighbouring bundles coalesced into one request), computed from where
+// they lie (cache rows and read buffers), then kept in the cache for the next tokens.
+//
+// With source Resident the bundles stay in the model's DRAM matrix (no I/O, no cache): the same
+// selection and compute, used to evaluate quality quickly and as the all-in-DRAM sparse mode.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/buffer.h"
+#include "core/dtype.h"
+#include "core/thread_pool.h"
+#include "ffn/bundled_ffn.h"
+#include "ffn/neuron_cache.h"
+#include "ffn/predictor.h"
+#include "io/direct_reader.h"
+
+namespace fm {
+
+// Where neuron i of a layer lies in the file: `n_pieces` byte ranges (bundled: one, the whole
+// bundle; unbundled: its gate row, up row and down column, from three matrices). Piece p of
+// neuron i is at piece_base[layer][p] + i * piece_stride[p], piece_bytes[p] long, and the pieces
+// concatenated in order give the bundle [gate | up | down].
+struct FileLayout {
+    std::string path;
+    int n_pieces = 1;
+    std::vector<std::vector<uint64_t>> piece_base;  // (n_layers, n_pieces)
+    std::vector<uint64_t> piece_stride, piece_bytes;
+};
+
+struct SparseOptions {
+    double sparsity = 0.0;     // fraction of the neurons left out per token (0: all are used)
+    int window = 0;            // tokens a neuron stays cached after its last use; 0: until evicted
+    bool use_window = true;    // also compute with the neurons still in the window (free, in DRAM)
+    int cache_rows = 0;        // per layer (flash)
+    int staging_rows = 0;      // bundles one read round can hold (flash)
+    int queue_depth = 32;
+    int coalesce_gap = 2;      // unneeded bundles a request may span to join two needed ones
+    size_t max_request = size_t(256) << 10;
+    bool direct = true;
+};
+
+struct SparseStats {
+    uint64_t steps = 0;        // tokens (decode) or chunks (prefill) per layer, summed over layers
+    uint64_t tokens = 0;       // tokens that went through the FFN, summed over layers
+    uint64_t selected = 0;     // neurons the predictor picked
+    uint64_t computed = 0;     // neurons the FFN computed with (picked + still in the window)
+    uint64_t hits = 0;         // picked neurons found in the cache
+    uint64_t misses = 0;       // picked neurons read from flash
+    double select_s = 0, io_s = 0, compute_s = 0;
+};
+
+class SparseFfn {
+  public:
+    enum class Source { Resident, Flash };
+    // resident: the layers' bundle matrices (n_neurons, 3*D) when source is Resident.
+    SparseFfn(Source source, int n_layers, int n_neurons, int D, DType dt, int t_max, int n_threads,
+              const SparseOptions& opt, const FileLayout* layout, std::vector<const void*> resident);
+
+    // DRAM this class owns (cache, buffers, index), excluding the predictor.
+    size_t bytes() const;
+    static size_t fixed_bytes(int n_layers, int n_neurons, int D, DType dt, int t_max, int n_threads,
+                              const SparseOptions& opt, const FileLayout* layout);
+    static size_t row_bytes(int D, DType dt);  // one cached bundle
+
+    Predictor& predictor() { return predictor_; }
+    const Predictor& predictor() const { return predictor_; }
+    Source source() const { return source_; }
+    void set_resident(int l, const void* bundles) { resident_[l] = bundles; }
+    const SparseOptions& options() const { return opt_; }
+    const SparseStats& stats() const { return stats_; }
+    const IoStats* io_stats() const { return reader_ ? &reader_->stats() : nullptr; }
+    bool direct() const { return reader_ ? reader_->direct() : false; }
+    void reset_stats();
+    void clear_cache();
+    int cached(int layer) const { return caches_.empty() ? 0 : caches_[layer].size(); }
+    // Replaces the predictor by fixed selections (for replaying traces): (n_steps, n_layers, k)
+    // neuron ids, step s of a decode uses row s % n_steps.
+    void set_trace(std::vector<int32_t> ids, int n_steps, int k);
+    // A new sequence starts (position 0): the window forgets the previous one's picks; the
+    // cache keeps its rows, which stay valid weights.
+    void begin_sequence();
+
+    // out (T, D) += FFN(xn (T, D)) of layer l.
+    void forward(ThreadPool& pool, int l, float* out, const float* xn, int T, const FfnScratch& s);
+
+  private:
+    void select(ThreadPool& pool, int l, const float* xn, int T);
+    void read_and_compute(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s);
+
+    Source source_;
+    int n_layers_, n_neurons_, D_, t_max_;
+    DType dt_;
+    SparseOptions opt_;
+    Predictor predictor_;
+    std::vector<const void*> resident_;
+    FileLayout layout_;
+    std::unique_ptr<DirectReader> reader_;
+    std::vector<NeuronCache> caches_;   // (n_layers) flash only
+    std::vector<int64_t> step_;         // (n_layers) steps run per layer
+    SparseStats stats_;
+
+    std::vector<int32_t> trace_;
+    int trace_steps_ = 0, trace_k_ = 0, trace_pos_ = 0;
+    int n_list_ = 0;
+    bool has_mask_ = false;
+    std::vector<size_t> piece_blocks_;  // staging blocks per piece
+
+    // Per call scratch, sized once.
+    Buffer scores_;    // (t_max, n_neurons) f32 predictor scores
+    Buffer order_;     // (n_neurons) int32 candidate ids for top-k
+    Buffer picked_;    // (t_max, n_neurons) uint8: token t computes neuron i
+    Buffer last_pick_; // (n_layers, n_neurons) int64: token count when the neuron was last picked
+    Buffer flags_;     // (2, n_neurons) uint8: in this call's list | picked in this call
+    Buffer list_;      // (n_neurons) int32 neurons computed this call, ascending
+    Buffer mask_;      // (t_max, n_neurons) uint8 per-token use of list entries
+    Buffer rows_;      // (n_neurons) const void* row of each list entry
+    Buffer staging_;   // (staging_rows * blocks of a bundle) read buffer, 4096-aligned
+    Buffer assembled_; // (staging_rows, row_bytes) bundles assembled from pieces (unbundled)
+    std::vector<ReadRequest> requests_;
+    std::vector<int32_t> pending_;  // list positions whose rows are being read
+    std::vector<std::pair<int, char*>> pending_off_;  // (piece, where it lands) per pending piece
+};
+
+}  // namespace fm

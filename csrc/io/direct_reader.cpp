@@ -1,0 +1,117 @@
+#include "io/direct_reader.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+
+#include "core/error.h"
+
+namespace fm {
+
+DirectReader::DirectReader(const std::string& path, int queue_depth, bool direct) : path_(path) {
+    FM_ARG(queue_depth >= 1 && queue_depth <= 256, "queue_depth must lie in [1, 256], got ", queue_depth);
+    fd_ = direct ? ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT) : -1;
+    direct_ = fd_ >= 0;
+    if (fd_ < 0) fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);  // filesystem refused O_DIRECT
+    FM_IO(fd_ >= 0, "cannot open '", path, "': ", std::strerror(errno));
+    struct stat st;
+    if (::fstat(fd_, &st) != 0) {
+        int e = errno;
+        ::close(fd_);
+        FM_IO(false, "cannot stat '", path, "': ", std::strerror(e));
+    }
+    size_ = uint64_t(st.st_size);
+    for (int i = 1; i < queue_depth; ++i) threads_.emplace_back([this] { worker(); });
+}
+
+DirectReader::~DirectReader() {
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : threads_) t.join();
+    ::close(fd_);
+}
+
+void DirectReader::worker() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(mu_);
+    while (true) {
+        wake_.wait(lk, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+        ++active_;
+        lk.unlock();
+        serve();
+        lk.lock();
+        if (--active_ == 0) finished_.notify_all();
+    }
+}
+
+void DirectReader::serve() {
+    const std::vector<ReadRequest>& reqs = *batch_;
+    for (size_t i; (i = next_.fetch_add(1)) < reqs.size();) {
+        const ReadRequest& r = reqs[i];
+        char* p = static_cast<char*>(r.dst);
+        uint64_t off = r.offset;
+        size_t n = r.bytes;
+        std::string err;
+        while (n > 0) {
+            ssize_t got = ::pread(fd_, p, n, off_t(off));
+            if (got < 0 && errno == EINTR) continue;
+            if (got <= 0) {
+                err = "read error in '" + path_ + "' at byte " + std::to_string(off) + ": " +
+                      (got == 0 ? "unexpected end of file (was it truncated?)" : std::strerror(errno));
+                break;
+            }
+            p += got, n -= size_t(got), off += uint64_t(got);
+        }
+        if (!err.empty()) {
+            std::lock_guard<std::mutex> lk(mu_);
+            if (error_.empty()) error_ = err;
+        }
+        done_.fetch_add(1);
+    }
+}
+
+void DirectReader::read(const std::vector<ReadRequest>& reqs) {
+    if (reqs.empty()) return;
+    for (const ReadRequest& r : reqs) {
+        FM_ARG(r.offset % kIoAlign == 0 && r.bytes % kIoAlign == 0 && uintptr_t(r.dst) % kIoAlign == 0 && r.bytes,
+               "direct read of '", path_, "' is not aligned to ", kIoAlign, " bytes (offset ", r.offset,
+               ", bytes ", r.bytes, ")");
+        FM_IO(r.offset + r.bytes <= size_, "'", path_, "' is truncated: a read needs bytes [", r.offset, ", ",
+              r.offset + r.bytes, ") but the file has ", size_, " bytes");
+    }
+    auto t0 = std::chrono::steady_clock::now();
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        batch_ = &reqs;
+        next_ = 0;
+        done_ = 0;
+        error_.clear();
+        ++generation_;
+    }
+    if (reqs.size() > 1) wake_.notify_all();
+    serve();
+    std::string err;
+    {
+        std::unique_lock<std::mutex> lk(mu_);
+        // every request is done and no worker still holds the batch
+        finished_.wait(lk, [&] { return done_.load() == reqs.size() && active_ == 0; });
+        batch_ = nullptr;
+        err.swap(error_);
+    }
+    stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    stats_.requests += reqs.size();
+    stats_.batches += 1;
+    for (const ReadRequest& r : reqs) stats_.bytes += r.bytes;
+    FM_IO(err.empty(), err);
+}
+
+}  // namespace fm

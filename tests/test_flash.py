@@ -1,0 +1,205 @@
+"""Flash-offloaded FFN streaming on the real SmolLM2 (f32): exactness against the all-in-DRAM
+engine, the DRAM budget (accounted bytes and the process's peak RSS), the neuron cache, the
+sparsity predictor (calibrate, recall, sparse decode = sparse prefill), and bad inputs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import flashmem
+from flashmem.calibrate import calibrate
+
+from conftest import shared_data
+
+PROMPT = "The history of the printing press begins"
+
+
+def linked_copy(src: str, dst, copy=()) -> str:
+    """A model folder whose files are symlinks to src's, except those in `copy` (real copies)."""
+    import shutil
+
+    os.makedirs(dst, exist_ok=True)
+    for f in os.listdir(src):
+        if f.endswith(".safetensors") and f not in copy and "predictor" not in f:
+            os.symlink(os.path.join(src, f), os.path.join(dst, f))
+        elif "predictor" not in f:
+            shutil.copy(os.path.join(src, f), os.path.join(dst, f))
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def folder(smollm2_f32):
+    return smollm2_f32.path
+
+
+@pytest.fixture(scope="module")
+def calibrated(folder, tmp_path_factory):
+    """A linked copy of the model with predictors fitted on the start of tinyshakespeare."""
+    dst = linked_copy(folder, tmp_path_factory.mktemp("calibrated") / "m")
+    model = flashmem.load(dst, threads=2, max_context=512)
+    report = calibrate(model, shared_data("tinyshakespeare.txt").read_text()[:20000], tokens=2048, epochs=3,
+                       progress=False)
+    return dst, report
+
+
+def run_steps(model, ids, n_decode):
+    """Logits of a prefill of ids, then of n_decode single-token steps (greedy)."""
+    e = model._engine
+    out = [e.forward(np.asarray(ids, np.int32), 0)]
+    pos, nxt = len(ids), int(out[-1].argmax())
+    for _ in range(n_decode):
+        out.append(e.forward(np.asarray([nxt], np.int32), pos))
+        pos, nxt = pos + 1, int(out[-1].argmax())
+    return np.stack(out)
+
+
+def test_flash_without_sparsity_equals_dram_engine(smollm2_f32, folder):
+    ids = smollm2_f32.tokenizer.encode(PROMPT)
+    dense = run_steps(smollm2_f32, ids, 12)
+    # a cache too small for one token's neurons: every token streams most of the FFN again
+    small = flashmem.load(folder, threads=2, max_context=512, offload="flash", dram_budget="290MB")
+    got = run_steps(small, ids, 12)
+    np.testing.assert_array_equal(got, dense)
+    s = small.flash_stats()
+    assert s["direct_io"] and s["misses"] > 0 and s["bytes_read"] > 0
+    assert 0 < s["cache_rows"] < 1536
+    assert small.owned_bytes <= 290e6
+    np.testing.assert_array_equal(small.logits(ids), smollm2_f32.logits(ids))
+
+
+def test_impossible_budget_states_the_minimum(folder):
+    with pytest.raises(ValueError, match=r"dram_budget .* below the minimum (\d+) bytes"):
+        flashmem.load(folder, threads=2, max_context=512, offload="flash", dram_budget="100MB")
+    with pytest.raises(ValueError, match="dram_budget needs offload='flash'"):
+        flashmem.load(folder, threads=2, dram_budget="1GB")
+    for bad in ("lots", "-5MB", 0, True):
+        with pytest.raises(ValueError, match="dram_budget"):
+            flashmem.load(folder, threads=2, offload="flash", dram_budget=bad)
+    with pytest.raises(ValueError, match="offload"):
+        flashmem.load(folder, threads=2, offload="disk")
+
+
+def test_budget_sets_the_neuron_cache(folder):
+    lo = flashmem.load(folder, threads=2, max_context=256, offload="flash", dram_budget="300MB")
+    hi = flashmem.load(folder, threads=2, max_context=256, offload="flash", dram_budget="350MB")
+    lo_rows, hi_rows = lo.flash_stats()["cache_rows"], hi.flash_stats()["cache_rows"]
+    assert 0 < lo_rows < hi_rows <= 1536
+    row = 3 * 576 * 4  # one f32 bundle
+    assert abs((hi_rows - lo_rows) * 30 * row - 50e6) < 30 * row + 1
+    assert lo.owned_bytes <= 300e6 and hi.owned_bytes <= 350e6
+    r = lo.generate(PROMPT, max_new_tokens=8)
+    assert r.flash["bytes_read_per_token"] > 0 and 0 <= r.flash["neuron_cache_hit_rate"] <= 1
+    assert lo.flash_stats()["cached_neurons"] <= 30 * lo_rows
+
+
+def test_peak_rss_stays_within_budget(folder, tmp_path):
+    """The process's peak RSS during a generation, minus what Python, numpy and the tokenizer hold
+    before the engine exists, stays within the budget plus a fixed 40 MB (allocator slack,
+    Python objects of the generation loop)."""
+    budget = 300_000_000
+    script = textwrap.dedent(f"""
+        import json, flashmem
+        from flashmem.tokenizer import Tokenizer
+        def kb(key):
+            for line in open("/proc/self/status"):
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        Tokenizer({folder!r})  # the tokenizer's own memory counts as Python's overhead
+        base = kb("VmRSS:")
+        m = flashmem.load({folder!r}, threads=2, max_context=512, offload="flash", dram_budget={budget})
+        r = m.generate("Once upon a time", max_new_tokens=24)
+        print(json.dumps(dict(base=base, peak=kb("VmHWM:"), owned=m.owned_bytes, read=r.flash["bytes_read_per_token"])))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["owned"] <= budget and r["read"] > 0
+    assert r["peak"] - r["base"] <= budget + 40e6, r
+
+
+def test_window_cache_hits_and_bounds(folder):
+    """Replayed selections: a neuron picked again within the window is a cache hit; the cache
+    never holds more rows than the budget gives it."""
+    m = flashmem.load(folder, threads=2, max_context=256, offload="flash", dram_budget="330MB", window=2)
+    rows = m.flash_stats()["cache_rows"]
+    rng = np.random.default_rng(0)
+    base = rng.choice(1536, 200, replace=False)
+    steps = np.stack([np.stack([np.sort(np.concatenate([base[:180], rng.choice(1536, 20)]))] * 30)
+                      for _ in range(6)]).astype(np.int32)
+    m._engine.set_trace(steps)
+    e = m._engine
+    e.forward(np.asarray([1, 2, 3], np.int32), 0)
+    m._engine.reset_sparse_stats()
+    for t in range(5):
+        e.forward(np.asarray([4], np.int32), 3 + t)
+    s = m.flash_stats()
+    assert s["hits"] / (s["hits"] + s["misses"]) > 0.8
+    assert s["cached_neurons"] <= 30 * rows
+
+
+def test_calibrated_predictor(calibrated, folder):
+    dst, report = calibrated
+    assert os.path.isfile(os.path.join(dst, "predictor.safetensors"))
+    assert report["predictor_share_of_ffn"] <= 0.05
+    assert report["mean_recall_at_50"] > 0.6  # random picks give 0.5
+    ids = flashmem.load(folder, threads=2).tokenizer.encode(PROMPT)
+    dram = flashmem.load(dst, threads=2, max_context=256, sparsity=0.5, window=3)
+    flash = flashmem.load(dst, threads=2, max_context=256, sparsity=0.5, window=3, offload="flash")
+    a, b = run_steps(dram, ids, 10), run_steps(flash, ids, 10)
+    np.testing.assert_array_equal(a, b)  # streamed neurons compute exactly what resident ones do
+    s = flash.flash_stats()
+    assert s["selected"] == 768 * 30 * (len(ids) + 10)
+    # prefill of the whole sequence picks per token exactly as decoding does
+    seq = ids + [int(r.argmax()) for r in a[:-1]]
+    whole = dram._engine.forward(np.asarray(seq, np.int32), 0, True)
+    np.testing.assert_allclose(whole[len(ids) - 1:], a, rtol=0, atol=2e-3)
+
+
+def test_missing_predictor(folder):
+    with pytest.raises(FileNotFoundError, match="flashmem calibrate"):
+        flashmem.load(folder, threads=2, sparsity=0.5)
+    for bad in (1.0, -0.1, "half"):
+        with pytest.raises(ValueError, match="sparsity"):
+            flashmem.load(folder, threads=2, sparsity=bad)
+
+
+def test_truncated_bundle_file(folder, tmp_path):
+    dst = linked_copy(folder, tmp_path / "m", copy=("ffn_bundles.safetensors",))
+    path = os.path.join(dst, "ffn_bundles.safetensors")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 3 * 8192)
+    with pytest.raises(ValueError, match="ffn_bundles.safetensors: truncated"):
+        flashmem.load(dst, threads=2, max_context=128, offload="flash")
+
+
+def test_read_error_mid_generation(folder, tmp_path):
+    dst = linked_copy(folder, tmp_path / "m", copy=("ffn_bundles.safetensors",))
+    path = os.path.join(dst, "ffn_bundles.safetensors")
+    m = flashmem.load(dst, threads=2, max_context=128, offload="flash", dram_budget="290MB")
+    m.generate("Hello", max_new_tokens=2)
+    with open(path, "r+b") as f:  # the disk loses the file's end while the model runs
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(RuntimeError, match=r"ffn_bundles.safetensors' at byte \d+: unexpected end of file"):
+        m.generate("Hello again, this is a longer prompt", max_new_tokens=4)
+    with pytest.raises(RuntimeError, match="ffn_bundles.safetensors"):  # again: no hang, no crash
+        m.generate("Hello", max_new_tokens=2)
+
+
+def test_misaligned_bundle_file(tmp_path, smollm2_gguf):
+    from conftest import make_tiny_hf
+
+    src = str(tmp_path / "hf")
+    make_tiny_hf(src)
+    out = flashmem.convert(src, str(tmp_path / "fm64"), align=64, progress=False)
+    with pytest.raises(RuntimeError, match="not aligned to 4096 bytes"):
+        flashmem.load(out, offload="flash")
+    ok = flashmem.convert(src, str(tmp_path / "fm"), progress=False)
+    ids = [2, 5, 7, 11, 3]
+    np.testing.assert_array_equal(flashmem.load(ok, offload="flash").logits(ids), flashmem.load(ok).logits(ids))
