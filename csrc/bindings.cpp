@@ -11,9 +11,11 @@
 #include <nanobind/stl/vector.h>
 
 #include "core/buffer.h"
+#include "io/direct_reader.h"
 #include "kernels/cpu/kernels.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "memory/memory_bank.h"
+#include "ffn/predictor.h"
 #include "model/decoder.h"
 
 namespace nb = nanobind;
@@ -258,6 +260,54 @@ NB_MODULE(_core, m) {
         },
         "y"_a, "x"_a, "bundles"_a, "dtype"_a, "rows"_a = nb::none(), "reference"_a = false, "isa"_a = "best",
         "y + SwiGLU FFN of x over neuron bundles [gate | up | down | pad] (all, or the gathered `rows`)");
+    m.def(
+        "disk_random_read",
+        [](const std::string& path, size_t request_bytes, int n_requests, int queue_depth, uint64_t seed) {
+            // raw random-read bandwidth of the device under `path`, through the engine's own reader
+            FM_ARG(request_bytes % fm::kIoAlign == 0 && request_bytes > 0 && n_requests > 0,
+                   "request_bytes must be a positive multiple of ", fm::kIoAlign);
+            fm::DirectReader r(path, queue_depth);
+            const uint64_t blocks = r.size() / fm::kIoAlign, per = request_bytes / fm::kIoAlign;
+            FM_ARG(blocks > per, "'", path, "' is smaller than one request");
+            fm::Buffer buf(request_bytes * size_t(n_requests), fm::kIoAlign);
+            std::vector<fm::ReadRequest> reqs;
+            uint64_t x = seed * 6364136223846793005ull + 1442695040888963407ull;
+            for (int i = 0; i < n_requests; ++i) {
+                x = x * 6364136223846793005ull + 1442695040888963407ull;
+                reqs.push_back({(x >> 11) % (blocks - per) * fm::kIoAlign, request_bytes,
+                                buf.data<char>() + size_t(i) * request_bytes});
+            }
+            nb::gil_scoped_release nogil;
+            r.read(reqs);
+            return std::make_pair(r.stats().seconds, r.direct());
+        },
+        "path"_a, "request_bytes"_a, "n_requests"_a, "queue_depth"_a = 32, "seed"_a = 1,
+        "Seconds to read n_requests random aligned requests of request_bytes with direct I/O; (seconds, direct).");
+    m.def(
+        "bit_sum",
+        [](nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> bits, CF32Array z, bool reference,
+           const std::string& isa) {
+            const int n = int(z.size());
+            FM_ARG(bits.shape(0) >= size_t((n + 7) / 8), "bits must hold at least ceil(len(z)/8) bytes");
+            return reference ? fm::bit_sum_ref(bits.data(), z.data(), n) : pick_isa(isa)->bit_sum(bits.data(), z.data(), n);
+        },
+        "bits"_a, "z"_a, "reference"_a = false, "isa"_a = "best", "sum of z[k] where bit k of the packed bits is set");
+    m.def(
+        "predictor_scores_ref",
+        [](nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> gs,
+           nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> us, CF32Array gr, CF32Array ur,
+           CF32Array gc, CF32Array uc, CF32Array x) {
+            const int D = int(x.size()), n = int(gs.shape(0));
+            FM_ARG(gs.shape(1) == size_t((D + 7) / 8) && us.shape(0) == gs.shape(0) && us.shape(1) == gs.shape(1) &&
+                       gr.size() == size_t(n) && ur.size() == size_t(n) && gc.size() == size_t(D) && uc.size() == size_t(D),
+                   "predictor tensors do not match");
+            auto out = numpy_owned<float>({size_t(n)});
+            fm::predictor_scores_ref(gs.data(), us.data(), gr.data(), ur.data(), gc.data(), uc.data(), x.data(), D, n,
+                                     out.data());
+            return out;
+        },
+        "gate_sign"_a, "up_sign"_a, "gate_row"_a, "up_row"_a, "gate_col"_a, "up_col"_a, "x"_a,
+        "Scalar reference of the sparsity predictor's scores for one token.");
     m.def("cuda_available", &fm::cuda::available, "True when built with CUDA and a GPU is visible");
     m.def("cuda_gemv_f16", [](CF32Array x, nb::ndarray<const uint16_t, nb::c_contig, nb::device::cpu> w) {
         FM_ARG(w.ndim() == 2 && x.ndim() == 1 && x.shape(0) == w.shape(1), "x must be (K,) with K = W.shape[1]");
@@ -299,7 +349,7 @@ NB_MODULE(_core, m) {
         .def(
             "configure_sparse",
             [](fm::Model& self, const std::string& source, double sparsity, int window, bool use_window,
-               size_t budget, int predictor_rank, std::optional<std::string> path,
+               size_t budget, bool with_predictor, std::optional<std::string> path,
                std::vector<std::vector<uint64_t>> piece_base, std::vector<uint64_t> piece_stride,
                std::vector<uint64_t> piece_bytes, int queue_depth, int coalesce_gap, bool direct, int cache_rows,
                int staging_rows) {
@@ -317,9 +367,9 @@ NB_MODULE(_core, m) {
                     layout.piece_base = piece_base, layout.piece_stride = piece_stride, layout.piece_bytes = piece_bytes;
                 }
                 self.configure_sparse(source == "flash" ? fm::SparseFfn::Source::Flash : fm::SparseFfn::Source::Resident,
-                                      o, source == "flash" ? &layout : nullptr, budget, predictor_rank);
+                                      o, source == "flash" ? &layout : nullptr, budget, with_predictor);
             },
-            "source"_a, "sparsity"_a, "window"_a, "use_window"_a, "budget"_a, "predictor_rank"_a, "path"_a = nb::none(),
+            "source"_a, "sparsity"_a, "window"_a, "use_window"_a, "budget"_a, "with_predictor"_a, "path"_a = nb::none(),
             "piece_base"_a = std::vector<std::vector<uint64_t>>{}, "piece_stride"_a = std::vector<uint64_t>{},
             "piece_bytes"_a = std::vector<uint64_t>{}, "queue_depth"_a = 32, "coalesce_gap"_a = 2, "direct"_a = true,
             "cache_rows"_a = -1, "staging_rows"_a = 0)
@@ -340,8 +390,8 @@ NB_MODULE(_core, m) {
                 d["read_s"] = io ? io->seconds : 0.0;
                 d["direct_io"] = sp->direct();
                 d["cache_rows"] = sp->options().cache_rows;
+                d["minimum_budget"] = self.minimum_budget();
                 d["staging_rows"] = sp->options().staging_rows;
-                d["predictor_rank"] = sp->predictor().rank();
                 d["predictor_bytes"] = sp->predictor().bytes();
                 d["sparse_bytes"] = sp->bytes();
                 size_t cached = 0;
@@ -350,6 +400,15 @@ NB_MODULE(_core, m) {
                 return d;
             },
             "Counters of the sparse FFN since the last reset_sparse_stats().")
+        .def(
+            "predictor_scores",
+            [](fm::Model& self, int layer, nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x) {
+                FM_ARG(int(x.shape(1)) == self.config().dim, "x must be (T, d_model)");
+                auto out = numpy_owned<float>({x.shape(0), size_t(self.config().hidden_dim)});
+                self.predictor_scores(layer, x.data(), int(x.shape(0)), out.data());
+                return out;
+            },
+            "layer"_a, "x"_a)
         .def("reset_sparse_stats", [](fm::Model& self) { if (self.sparse()) self.sparse()->reset_stats(); })
         .def("clear_neuron_cache", [](fm::Model& self) { if (self.sparse()) self.sparse()->clear_cache(); })
         .def(

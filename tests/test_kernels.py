@@ -111,3 +111,14 @@ def test_ffn_decode_gathered_rows_match_reference(D, n, picked, dtype, isa):
     # the same neurons as a contiguous matrix give the same answer, bit for bit
     same = _core.ffn_decode(y0, x, np.ascontiguousarray(b[rows]), dtype, isa=isa)
     np.testing.assert_array_equal(got, same)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [1, 7, 8, 17, 576, 771])
+def test_bit_sum_matches_reference(n, isa):
+    rng = np.random.default_rng(n)
+    z = rng.standard_normal(n).astype(np.float32)
+    bits = rng.integers(0, 256, (n + 7) // 8, dtype=np.uint8)
+    want = z[np.unpackbits(bits, bitorder="little", count=n).astype(bool)].sum(dtype=np.float64)
+    assert abs(_core.bit_sum(bits, z, reference=True) - want) < 1e-5
+    assert abs(_core.bit_sum(bits, z, isa=isa) - want) < 1e-4 * np.sqrt(n)

@@ -1,73 +1,114 @@
 #include "ffn/predictor.h"
 
+#include <cmath>
+
 #include "core/error.h"
 #include "kernels/cpu/kernels.h"
 
 namespace fm {
 
-void Predictor::init(int n_layers, int n_neurons, int D, DType dt, int t_max, int n_threads) {
+void Predictor::init(int n_layers, int n_neurons, int D, int t_max, int) {
     layers_.clear();
     layers_.resize(n_layers);
-    n_neurons_ = n_neurons, D_ = D, dt_ = dt, t_max_ = t_max, n_threads_ = n_threads, rank_ = 0;
+    n_neurons_ = n_neurons, D_ = D, t_max_ = t_max;
 }
 
 bool Predictor::loaded() const {
-    if (layers_.empty() || rank_ == 0) return false;
+    if (layers_.empty()) return false;
     for (const auto& L : layers_)
-        if (!L.A.size() || !L.a.size() || !L.B.size() || !L.b.size()) return false;
+        if (!L.gate_sign.size() || !L.up_sign.size() || !L.gate_row.size() || !L.up_row.size() ||
+            !L.gate_col.size() || !L.up_col.size())
+            return false;
     return true;
 }
 
 size_t Predictor::bytes() const {
-    size_t n = hidden_.size() + convert_.size();
-    for (const auto& L : layers_) n += L.A.size() + L.a.size() + L.B.size() + L.b.size();
+    size_t n = z_.size();
+    for (const auto& L : layers_)
+        n += L.gate_sign.size() + L.up_sign.size() + L.gate_row.size() + L.up_row.size() + L.gate_col.size() +
+             L.up_col.size();
     return n;
 }
 
-Buffer& Predictor::tensor(int layer, const std::string& kind, int rank) {
-    FM_ARG(layer >= 0 && layer < int(layers_.size()), "predictor layer ", layer, " out of range");
-    FM_ARG(rank > 0 && (rank_ == 0 || rank == rank_), "predictor rank ", rank, " differs from ", rank_);
-    if (rank_ == 0) {
-        rank_ = rank;
-        hidden_.allocate(sizeof(float) * size_t(t_max_) * rank);
-        convert_.allocate(sizeof(float) * n_threads_ * scratch_floats(D_ > rank ? D_ : rank));
-    }
-    PredictorLayer& L = layers_[layer];
-    if (kind == "A") return L.A;
-    if (kind == "a") return L.a;
-    if (kind == "B") return L.B;
-    FM_ARG(kind == "b", "unknown predictor tensor '", kind, "'");
-    return L.b;
+size_t Predictor::bytes_for(int n_layers, int n_neurons, int D, int t_max) {
+    auto buf = [](size_t n) { return (n + 63) / 64 * 64; };
+    return size_t(n_layers) * (2 * buf(size_t(n_neurons) * ((D + 7) / 8)) + 2 * buf(4 * size_t(n_neurons)) +
+                               2 * buf(4 * size_t(D))) +
+           buf(sizeof(float) * size_t(t_max) * 2 * D);
 }
+
+Buffer& Predictor::tensor(int layer, const std::string& kind, std::vector<int64_t>& shape, const char*& dtype) {
+    FM_ARG(layer >= 0 && layer < int(layers_.size()), "predictor layer ", layer, " out of range");
+    if (!z_.size()) z_.allocate(sizeof(float) * size_t(t_max_) * 2 * D_);
+    PredictorLayer& L = layers_[layer];
+    dtype = "f32";
+    if (kind == "gate_sign" || kind == "up_sign") {
+        dtype = "u8";
+        shape = {n_neurons_, sign_row_bytes()};
+        return kind == "gate_sign" ? L.gate_sign : L.up_sign;
+    }
+    if (kind == "gate_row" || kind == "up_row") {
+        shape = {n_neurons_};
+        return kind == "gate_row" ? L.gate_row : L.up_row;
+    }
+    FM_ARG(kind == "gate_col" || kind == "up_col", "unknown predictor tensor '", kind, "'");
+    shape = {D_};
+    return kind == "gate_col" ? L.gate_col : L.up_col;
+}
+
+namespace {
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+}  // namespace
 
 void Predictor::scores(ThreadPool& pool, int l, const float* xn, int T, float* out) {
     const Kernels& K = kernels();
     const PredictorLayer& L = layers_[l];
-    const int di = int(dt_);
-    const size_t esz = dtype_size(dt_), cs = convert_.size() / sizeof(float) / n_threads_;
-    float* hid = hidden_.data<float>();
-    // hidden (T, rank) = relu(xn A^T + a), then out (T, n) = hidden B^T + b
-    pool.run([&](int tid, int nt) {
-        auto [r0, r1] = ThreadPool::chunk(rank_, tid, nt, 8);
-        if (r0 < r1)
-            K.gemm[di](hid + r0, rank_, xn, D_, T, L.A.data<char>() + r0 * D_ * esz, D_, D_, int(r1 - r0),
-                       convert_.data<float>() + tid * cs);
-    });
-    const float* a = L.a.data<float>();
-    for (int t = 0; t < T; ++t)
-        for (int r = 0; r < rank_; ++r) {
-            float v = hid[t * rank_ + r] + a[r];
-            hid[t * rank_ + r] = v > 0 ? v : 0;
+    const int D = D_, rb = sign_row_bytes();
+    float* z = z_.data<float>();  // (T, 2, D)
+    float sums[2 * 256];          // sum of z per token and matrix (T <= t_max <= 256)
+    FM_ARG(T <= 256, "predictor: at most 256 tokens per call");
+    for (int t = 0; t < T; ++t) {
+        float* zg = z + size_t(t) * 2 * D;
+        float* zu = zg + D;
+        double sg = 0, su = 0;
+        for (int k = 0; k < D; ++k) {
+            zg[k] = L.gate_col.data<float>()[k] * xn[size_t(t) * D + k];
+            zu[k] = L.up_col.data<float>()[k] * xn[size_t(t) * D + k];
+            sg += zg[k], su += zu[k];
         }
+        sums[2 * t] = float(sg), sums[2 * t + 1] = float(su);
+    }
     pool.run([&](int tid, int nt) {
         auto [n0, n1] = ThreadPool::chunk(n_neurons_, tid, nt, 16);
-        if (n0 >= n1) return;
-        K.gemm[di](out + n0, n_neurons_, hid, rank_, T, L.B.data<char>() + n0 * rank_ * esz, rank_, rank_,
-                   int(n1 - n0), convert_.data<float>() + tid * cs);
-        const float* b = L.b.data<float>();
-        for (int t = 0; t < T; ++t)
-            for (size_t i = n0; i < n1; ++i) out[size_t(t) * n_neurons_ + i] += b[i];
+        for (size_t i = n0; i < n1; ++i) {
+            const uint8_t* gs = L.gate_sign.data<uint8_t>() + i * rb;
+            const uint8_t* us = L.up_sign.data<uint8_t>() + i * rb;
+            const float gr = L.gate_row.data<float>()[i], ur = L.up_row.data<float>()[i];
+            for (int t = 0; t < T; ++t) {
+                const float* zg = z + size_t(t) * 2 * D;
+                const float g = gr * (2.0f * K.bit_sum(gs, zg, D) - sums[2 * t]);
+                const float u = ur * (2.0f * K.bit_sum(us, zg + D, D) - sums[2 * t + 1]);
+                out[size_t(t) * n_neurons_ + i] = std::fabs(silu(g) * u);
+            }
+        }
     });
+}
+
+void predictor_scores_ref(const uint8_t* gate_sign, const uint8_t* up_sign, const float* gate_row,
+                          const float* up_row, const float* gate_col, const float* up_col, const float* x, int D,
+                          int n_neurons, float* out) {
+    const int rb = (D + 7) / 8;
+    for (int i = 0; i < n_neurons; ++i) {
+        double g = 0, u = 0;
+        for (int k = 0; k < D; ++k) {
+            const bool gp = (gate_sign[size_t(i) * rb + k / 8] >> (k % 8)) & 1;
+            const bool up = (up_sign[size_t(i) * rb + k / 8] >> (k % 8)) & 1;
+            g += (gp ? 1.0 : -1.0) * gate_col[k] * x[k];
+            u += (up ? 1.0 : -1.0) * up_col[k] * x[k];
+        }
+        g *= gate_row[i], u *= up_row[i];
+        out[i] = float(std::fabs(g / (1.0 + std::exp(-g)) * u));
+    }
 }
 
 }  // namespace fm

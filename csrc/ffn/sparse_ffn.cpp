@@ -50,7 +50,7 @@ SparseFfn::SparseFfn(Source source, int n_layers, int n_neurons, int D, DType dt
     FM_ARG(opt.sparsity >= 0.0 && opt.sparsity < 1.0, "sparsity must lie in [0, 1), got ", opt.sparsity);
     FM_ARG(opt.window >= 0, "window must be >= 0, got ", opt.window);
     FM_ARG(opt.coalesce_gap >= 0, "coalesce_gap must be >= 0, got ", opt.coalesce_gap);
-    predictor_.init(n_layers, n_neurons, D, dt, t_max, n_threads);
+    predictor_.init(n_layers, n_neurons, D, t_max, n_threads);
     scores_.allocate(sizeof(float) * size_t(t_max) * n_neurons);
     order_.allocate(4 * size_t(n_neurons));
     picked_.allocate(size_t(t_max) * n_neurons);
@@ -189,7 +189,7 @@ void SparseFfn::forward(ThreadPool& pool, int l, float* out, const float* xn, in
     FM_ARG(opt_.sparsity == 0.0 || trace_steps_ || predictor_.loaded(),
            "sparsity > 0 needs the sparsity predictor: run `flashmem calibrate` on the model");
     auto t0 = Clock::now();
-    if (source_ == Source::Flash && opt_.window > 0) caches_[l].expire(step_[l] - opt_.window + 1);
+    if (source_ == Source::Flash && opt_.window > 0 && opt_.expire) caches_[l].expire(step_[l] - opt_.window + 1);
     select(pool, l, xn, T);
     stats_.select_s += since(t0);
     stats_.steps += 1;

@@ -36,6 +36,7 @@ struct SparseOptions {
     double sparsity = 0.0;     // fraction of the neurons left out per token (0: all are used)
     int window = 0;            // tokens a neuron stays cached after its last use; 0: until evicted
     bool use_window = true;    // also compute with the neurons still in the window (free, in DRAM)
+    bool expire = false;       // drop neurons that left the window (else they stay until evicted, LRU)
     int cache_rows = 0;        // per layer (flash)
     int staging_rows = 0;      // bundles one read round can hold (flash)
     int queue_depth = 32;
@@ -66,6 +67,8 @@ class SparseFfn {
     static size_t fixed_bytes(int n_layers, int n_neurons, int D, DType dt, int t_max, int n_threads,
                               const SparseOptions& opt, const FileLayout* layout);
     static size_t row_bytes(int D, DType dt);  // one cached bundle
+    // Predictor scores (T, n_neurons) of layer l (for tests against the reference).
+    void predictor_scores(ThreadPool& pool, int l, const float* xn, int T, float* out) { predictor_.scores(pool, l, xn, T, out); }
 
     Predictor& predictor() { return predictor_; }
     const Predictor& predictor() const { return predictor_; }

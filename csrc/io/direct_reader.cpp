@@ -45,16 +45,17 @@ void DirectReader::worker() {
         wake_.wait(lk, [&] { return stop_ || generation_ != seen; });
         if (stop_) return;
         seen = generation_;
+        const std::vector<ReadRequest>* batch = batch_;
+        if (!batch) continue;  // woke after the caller finished this batch alone
         ++active_;
         lk.unlock();
-        serve();
+        serve(*batch);
         lk.lock();
         if (--active_ == 0) finished_.notify_all();
     }
 }
 
-void DirectReader::serve() {
-    const std::vector<ReadRequest>& reqs = *batch_;
+void DirectReader::serve(const std::vector<ReadRequest>& reqs) {
     for (size_t i; (i = next_.fetch_add(1)) < reqs.size();) {
         const ReadRequest& r = reqs[i];
         char* p = static_cast<char*>(r.dst);
@@ -98,7 +99,7 @@ void DirectReader::read(const std::vector<ReadRequest>& reqs) {
         ++generation_;
     }
     if (reqs.size() > 1) wake_.notify_all();
-    serve();
+    serve(reqs);
     std::string err;
     {
         std::unique_lock<std::mutex> lk(mu_);

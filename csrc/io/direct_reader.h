@@ -51,7 +51,7 @@ class DirectReader {
 
   private:
     void worker();
-    void serve();  // takes requests of the current batch until none are left
+    void serve(const std::vector<ReadRequest>& reqs);  // takes requests of the batch until none are left
 
     std::string path_;
     int fd_ = -1;

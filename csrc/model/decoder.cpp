@@ -90,28 +90,23 @@ size_t Model::owned_bytes() const {
 }
 
 void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const FileLayout* layout, size_t budget,
-                             int predictor_rank) {
+                             bool with_predictor) {
     const Config& c = cfg_;
     FM_ARG(weight_bytes() == 0, "configure the sparse FFN before loading weights");
-    FM_ARG(predictor_rank >= 0, "predictor_rank must be >= 0");
     const bool flash = source == SparseFfn::Source::Flash;
     if (flash && opt.staging_rows <= 0) {  // default: a whole layer's bundles, at most 16 MiB of reads
         size_t per = 0;
         for (int p = 0; p < layout->n_pieces; ++p) per += layout->piece_stride[p];
         opt.staging_rows = int(std::min<size_t>(c.hidden_dim, std::max<size_t>(64, (size_t(16) << 20) / per)));
     }
-    const size_t esz = dtype_size(c.dtype);
-    const size_t predictor = predictor_rank
-        ? size_t(c.n_layers) * ((size_t(predictor_rank) * c.dim * esz + 63) / 64 * 64 + (4 * predictor_rank + 63) / 64 * 64 +
-                                (size_t(c.hidden_dim) * predictor_rank * esz + 63) / 64 * 64 + (4 * size_t(c.hidden_dim) + 63) / 64 * 64) +
-          sizeof(float) * (size_t(chunk_) * predictor_rank + pool_.size() * scratch_floats(std::max(c.dim, predictor_rank)))
-        : 0;
+    const size_t predictor = with_predictor ? Predictor::bytes_for(c.n_layers, c.hidden_dim, c.dim, chunk_) : 0;
     const size_t row = SparseFfn::row_bytes(c.dim, c.dtype);
     SparseOptions sized = opt;
     sized.cache_rows = flash ? c.hidden_dim : 0;  // for the index part of fixed_bytes
     const size_t fixed = expected_weight_bytes(!flash) + state_bytes() + predictor +
                          SparseFfn::fixed_bytes(c.n_layers, c.hidden_dim, c.dim, c.dtype, chunk_, pool_.size(), sized,
                                                 flash ? layout : nullptr) + (size_t(1) << 16);
+    minimum_budget_ = flash ? fixed : 0;
     if (flash) {
         if (budget) {
             FM_ARG(budget >= fixed, "dram_budget ", budget, " bytes is below the minimum ", fixed,
@@ -134,7 +129,8 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
                         const std::string& dtype, const std::vector<int64_t>& shape) {
     const Config& c = cfg_;
     const std::string what = "tensor '" + kind + (layer >= 0 ? "' of layer " + std::to_string(layer) : "'");
-    DType dt = dtype_from_name(dtype);
+    const bool predictor_part = kind.rfind("pred_", 0) == 0;
+    DType dt = predictor_part ? DType::F32 : dtype_from_name(dtype);
     const bool per_layer = kind != "embed" && kind != "final_norm" && kind != "lm_head";
     FM_ARG(per_layer ? (layer >= 0 && layer < c.n_layers) : layer == -1, what, ": layer index ", layer,
            " out of range [0, ", c.n_layers, ")");
@@ -156,19 +152,18 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
     else if (kind == "bk") dst = &L->bk, expect = {c.kv_dim()}, is_matrix = false;
     else if (kind == "bv") dst = &L->bv, expect = {c.kv_dim()}, is_matrix = false;
     else if (kind == "ffn_bundles") dst = &L->ffn_bundles, expect = {c.hidden_dim, 3 * c.dim};
-    else if (kind.rfind("pred_", 0) == 0) {  // predictor tensors pred_A (rank, dim), pred_a (rank), pred_B, pred_b
+    else if (kind.rfind("pred_", 0) == 0) {  // predictor tensors (see ffn/predictor.h)
         FM_ARG(sparse_, what, ": configure the sparse FFN before loading a predictor");
-        const std::string part = kind.substr(5);
-        FM_ARG(!shape.empty(), what, ": empty shape");
-        const int rank = int(part == "A" || part == "a" ? shape[0]
-                             : part == "B" && shape.size() == 2 ? shape[1] : sparse_->predictor().rank());
-        FM_ARG(rank > 0, what, " in '", path, "': cannot tell the predictor rank from its shape");
-        dst = &sparse_->predictor().tensor(layer, part, rank);
-        is_matrix = part == "A" || part == "B";
-        if (part == "A") expect = {rank, c.dim};
-        else if (part == "a") expect = {rank};
-        else if (part == "B") expect = {c.hidden_dim, rank};
-        else expect = {c.hidden_dim};
+        const char* want_dtype;
+        std::vector<int64_t> want;
+        Buffer& buf = sparse_->predictor().tensor(layer, kind.substr(5), want, want_dtype);
+        FM_ARG(dtype == want_dtype, what, " in '", path, "': expected dtype ", want_dtype, ", got ", dtype);
+        FM_ARG(shape == want, what, " in '", path, "': expected shape (", want[0], want.size() == 2 ? ", " : "",
+               want.size() == 2 ? std::to_string(want[1]) : std::string(), "), got another");
+        const size_t n = size_t(want[0]) * (want.size() == 2 ? size_t(want[1]) : 1) * (dtype == "u8" ? 1 : 4);
+        buf.allocate(n);
+        File(path).read_exact(buf.data(), n, offset, what);
+        return;
     } else FM_ARG(false, "unknown tensor kind '", kind, "'");
 
     const DType want = is_matrix ? c.dtype : DType::F32;

@@ -81,10 +81,17 @@ class Model {
     // Resident) or streamed from the bundle file (source Flash, layout given). Call before loading
     // weights. With a budget (bytes, 0: none), the neuron cache takes what the rest leaves, and a
     // budget below the minimum raises std::invalid_argument stating the minimum.
-    // predictor_rank: rank of the predictor that will be loaded (0: none).
+    // with_predictor: a sparsity predictor will be loaded (its bytes count in the budget).
     void configure_sparse(SparseFfn::Source source, SparseOptions opt, const FileLayout* layout, size_t budget,
-                          int predictor_rank);
+                          bool with_predictor);
     SparseFfn* sparse() { return sparse_.get(); }
+    // The sparsity predictor's scores (T, hidden_dim) for FFN inputs x (T, dim) of layer l.
+    void predictor_scores(int l, const float* x, int T, float* out) {
+        FM_ARG(sparse_ && sparse_->predictor().loaded(), "no sparsity predictor loaded");
+        FM_ARG(l >= 0 && l < cfg_.n_layers && T >= 1 && T <= chunk_, "layer or token count out of range");
+        sparse_->predictor_scores(pool_, l, x, T, out);
+    }
+    size_t minimum_budget() const { return minimum_budget_; }  // flash: the smallest dram_budget that works
     // FFN inputs (after the FFN norm) of every layer for T tokens from position 0: out (n_layers, T, dim).
     void ffn_inputs(const int32_t* tokens, int T, float* out);
 
@@ -154,6 +161,7 @@ class Model {
     Buffer ffn_block_; // (n_threads, kNeuronBlock, 3*dim) gathered bundles, weights' dtype
     Buffer ffn_rows_;  // (hidden_dim) bundle pointers of the dense FFN
     std::unique_ptr<SparseFfn> sparse_;
+    size_t minimum_budget_ = 0;
     float* capture_ = nullptr;  // ffn_inputs(): (n_layers, capture_T_, dim)
     int capture_T_ = 0, capture_t0_ = 0;
     Buffer rope_cos_, rope_sin_;  // (max_context, head_dim/2)

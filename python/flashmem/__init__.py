@@ -63,7 +63,7 @@ def load(path: str | None = None, dtype: str | None = None, threads: int | None 
     chosen by the predictor that `flashmem calibrate` fits (0: all, exact). window: tokens a
     neuron stays in DRAM after its last use; the FFN also computes with those still in the
     window. flash_options: ffn_layout ("bundled" or "unbundled"), queue_depth, coalesce_gap,
-    direct_io."""
+    direct_io, cache_rows (neuron cache rows per layer when no budget is given; default all)."""
     if dtype is not None and dtype not in ("f32", "f16", "bf16"):
         raise ValueError(f"dtype must be 'f32', 'f16' or 'bf16', got {dtype!r}")
     if path is None:

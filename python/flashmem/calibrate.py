@@ -1,12 +1,17 @@
-"""`flashmem calibrate`: fits the per-layer sparsity predictors from calibration text.
+"""`flashmem calibrate`: fits the per-layer sparsity predictors.
 
-For every layer, the engine records the FFN inputs x of the calibration tokens; the targets are
-the neurons whose contribution |silu(gate_i . x) * (up_i . x)| is in the top half for that token
-(computed exactly from the model's own bundles). A low-rank MLP, scores = B relu(A x + a) + b, is
-trained on them with Adam and a binary cross-entropy loss (numpy, CPU). Its rank keeps it at most
-5% of the FFN's bytes. The last 10% of the tokens are held out to report recall: the fraction of
-a token's true top neurons that the predictor's top picks contain, at 50% and at the sparsities
-listed. The result is `predictor.safetensors` in the model folder.
+The predictor (csrc/ffn/predictor.h) estimates each neuron's contribution
+|silu(gate_i . x) * (up_i . x)| from 1-bit copies of the gate and up matrices:
+    gate_i . x  ~  row_i * sum_k sign(W_ik) * col_k * x_k
+Signs come from the weights; |W| is approximated by its best rank-1 product row col^T (the top
+singular pair of |W|); then row_i is refitted by least squares so that the estimate matches
+gate_i . x on the calibration tokens' FFN inputs, which the engine records. Gate and up
+together take 2 bits per weight pair plus a few vectors: about 4.5% of an f16 FFN's bytes, and
+well under the 5% budget. No training loop: seconds per layer.
+
+The last 10% of the calibration tokens are held out to report recall: the fraction of a token's
+true top neurons (by exact contribution) that the predictor's top picks contain, at 50% and at
+80% sparsity. The result is `predictor.safetensors` in the model folder.
 """
 from __future__ import annotations
 
@@ -18,53 +23,39 @@ from tqdm.auto import tqdm
 from . import safetensors_io as st
 from .flash import PREDICTOR_FILE
 
-MAX_SHARE = 0.05  # predictor bytes / FFN bytes
-
-
-def max_rank(d: int, ff: int) -> int:
-    """The largest rank whose A (rank, d) and B (ff, rank) stay within 5% of the FFN's 3*d*ff weights."""
-    return max(1, int(MAX_SHARE * 3 * d * ff // (d + ff)))
+PARTS = ("gate_sign", "up_sign", "gate_row", "up_row", "gate_col", "up_col")
 
 
 def _silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def _train_layer(x, labels, rank, epochs, rng, lr=3e-3, batch=256):
-    """Adam on BCE(B relu(A xs + a) + b, labels), xs = standardised x; returns the float32
-    weights with the standardisation folded into A and a."""
-    n, d = x.shape
-    ff = labels.shape[1]
-    mu, sd = x.mean(0), x.std(0)
-    sd = np.maximum(sd, 1e-2 * sd.mean() + 1e-8)  # a floor keeps A / sd representable in f16
-    xs = np.clip((x - mu) / sd, -20, 20)
-    params = [rng.standard_normal((rank, d)).astype(np.float32) / np.sqrt(d), np.zeros(rank, np.float32),
-              rng.standard_normal((ff, rank)).astype(np.float32) / np.sqrt(rank), np.zeros(ff, np.float32)]
-    m = [np.zeros_like(p) for p in params]
-    v = [np.zeros_like(p) for p in params]
-    step = 0
-    for _ in range(epochs):
-        for i in range(0, n, batch):
-            j = slice(i, i + batch)
-            xb, yb = xs[j], labels[j]
-            A, a, B, b = params
-            pre = xb @ A.T + a
-            h = np.maximum(pre, 0)
-            z = h @ B.T + b
-            gz = (1.0 / (1.0 + np.exp(-np.clip(z, -30, 30))) - yb) / (len(xb) * ff)  # d BCE / d z
-            gB, gb = gz.T @ h, gz.sum(0)
-            gh = (gz @ B) * (pre > 0)
-            grads = [gh.T @ xb, gh.sum(0), gB, gb]
-            step += 1
-            for k, (p, g) in enumerate(zip(params, grads)):
-                m[k] = 0.9 * m[k] + 0.1 * g
-                v[k] = 0.999 * v[k] + 0.001 * g * g
-                p -= lr * (m[k] / (1 - 0.9 ** step)) / (np.sqrt(v[k] / (1 - 0.999 ** step)) + 1e-8)
-        perm = rng.permutation(n)
-        xs, labels = xs[perm], labels[perm]
-    A, a, B, b = params
-    A_folded = (A / sd).astype(np.float32)
-    return A_folded, (a - A_folded @ mu).astype(np.float32), B, b
+def fit_matrix(W: np.ndarray, x: np.ndarray):
+    """1-bit fit of W (n, d) on inputs x (N, d): packed signs (n, ceil(d/8)), row (n), col (d)."""
+    A = np.abs(W).astype(np.float64)
+    col = A.mean(0)  # power iteration for the top singular pair of |W| (all entries >= 0)
+    for _ in range(30):
+        row = A @ col
+        col = A.T @ row
+        col /= np.linalg.norm(col) + 1e-30
+    row = A @ col
+    S = np.where(W > 0, 1.0, -1.0)
+    est = (x.astype(np.float64) * col) @ S.T  # (N, n): sum_k sign * col_k * x_k
+    exact = x.astype(np.float64) @ W.T.astype(np.float64)
+    den = (est * est).sum(0)
+    fitted = np.where(den > 0, (est * exact).sum(0) / np.maximum(den, 1e-30), row)
+    bits = np.packbits(W > 0, axis=1, bitorder="little")
+    return bits, fitted.astype(np.float32), col.astype(np.float32)
+
+
+def predict(parts: dict, x: np.ndarray) -> np.ndarray:
+    """Scores (N, n) of inputs x (N, d), as the engine computes them."""
+    d = x.shape[1]
+    out = []
+    for m in ("gate", "up"):
+        s = np.unpackbits(parts[f"{m}_sign"], axis=1, bitorder="little", count=d).astype(np.float32) * 2 - 1
+        out.append(((x * parts[f"{m}_col"]) @ s.T) * parts[f"{m}_row"])
+    return np.abs(_silu(out[0]) * out[1])
 
 
 def recall(scores, target, keep):
@@ -76,51 +67,50 @@ def recall(scores, target, keep):
     return float(np.take_along_axis(hit, t, axis=1).mean())
 
 
-def calibrate(model, text: str, tokens: int = 8192, rank: int | None = None, epochs: int = 8, seed: int = 0,
-              progress: bool = True) -> dict:
+def predictor_bytes(d: int, ff: int) -> int:
+    return 2 * ff * ((d + 7) // 8) + 4 * (2 * ff + 2 * d)
+
+
+def calibrate(model, text: str, tokens: int = 8192, progress: bool = True) -> dict:
     """Fits predictors for a loaded dense `flashmem.Model` and writes them to its folder.
     Returns the report (per-layer held-out recall)."""
     cfg = model.config
     d, ff, n_layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     tag = cfg["flashmem"]["dtype"]
-    rank = rank or max_rank(d, ff)
-    if not 1 <= rank <= max_rank(d, ff):
-        raise ValueError(f"rank must lie in [1, {max_rank(d, ff)}] (5% of the FFN's bytes), got {rank}")
     ids = model.tokenizer.encode(text)[:tokens]
     if len(ids) < 256:
         raise ValueError(f"calibration text has {len(ids)} tokens; at least 256 are needed")
     window = min(model.max_context, 1024)
-    xs = [model._engine.ffn_inputs(np.asarray(ids[s:s + window], np.int32)) for s in range(0, len(ids), window)]
-    X = np.concatenate(xs, axis=1)  # (layers, N, d)
+    X = np.concatenate([model._engine.ffn_inputs(np.asarray(ids[s:s + window], np.int32))
+                        for s in range(0, len(ids), window)], axis=1)  # (layers, N, d)
     n = X.shape[1]
     n_train = n - max(n // 10, 64)
     bundles = os.path.join(model.path, cfg["flashmem"]["ffn"].get("file", "ffn_bundles.safetensors"))
     infos, _ = st.read_header(bundles)
-    rng = np.random.default_rng(seed)
-    keep = ff // 2
+    rb = (d + 7) // 8
     out = os.path.join(model.path, PREDICTOR_FILE)
     specs = []
     for l in range(n_layers):
-        specs += [(f"model.layers.{l}.mlp.predictor.A", tag, (rank, d)), (f"model.layers.{l}.mlp.predictor.a", "f32", (rank,)),
-                  (f"model.layers.{l}.mlp.predictor.B", tag, (ff, rank)), (f"model.layers.{l}.mlp.predictor.b", "f32", (ff,))]
-    report = {"tokens": n, "held_out_tokens": n - n_train, "rank": rank, "epochs": epochs,
-              "predictor_share_of_ffn": rank * (d + ff) / (3 * d * ff), "recall_at_50": [], "recall_at_80": []}
-    w = st.Writer(out + ".part", specs, {"rank": str(rank), "tokens": str(n)})
+        p = f"model.layers.{l}.mlp.predictor."
+        specs += [(p + "gate_sign", "u8", (ff, rb)), (p + "up_sign", "u8", (ff, rb)), (p + "gate_row", "f32", (ff,)),
+                  (p + "up_row", "f32", (ff,)), (p + "gate_col", "f32", (d,)), (p + "up_col", "f32", (d,))]
+    ffn_bytes = 3 * d * ff * (4 if tag == "f32" else 2)
+    report = {"tokens": n, "held_out_tokens": n - n_train, "predictor_share_of_ffn": predictor_bytes(d, ff) / ffn_bytes,
+              "recall_at_50": [], "recall_at_80": []}
+    w = st.Writer(out + ".part", specs, {"predictor": "1-bit gate/up, rank-1 magnitudes", "tokens": str(n)})
     for l in tqdm(range(n_layers), desc="calibrate predictors", unit="layer", disable=not progress):
         b = st.to_f32(st.load_tensor(bundles, infos[f"model.layers.{l}.mlp.bundles"]), tag)
-        x = X[l]
-        contrib = np.abs(_silu(x @ b[:, :d].T) * (x @ b[:, d:2 * d].T))  # (N, ff)
-        labels = np.zeros_like(contrib)
-        np.put_along_axis(labels, np.argpartition(-contrib, keep - 1, axis=1)[:, :keep], 1.0, axis=1)
-        A, a, B, bb = _train_layer(x[:n_train], labels[:n_train], rank, epochs, rng)
-        if not all(np.isfinite(t).all() for t in (A, a, B, bb)):
-            raise RuntimeError(f"predictor training diverged at layer {l}")
-        A, B = (st.to_f32(st.from_f32(t, tag), tag) for t in (A, B))  # recall as stored (f16/bf16)
-        scores = np.maximum(x[n_train:] @ A.T + a, 0) @ B.T + bb
-        report["recall_at_50"].append(recall(scores, contrib[n_train:], keep))
-        report["recall_at_80"].append(recall(scores, contrib[n_train:], ff // 5))
-        for part, arr in (("A", A), ("a", a), ("B", B), ("b", bb)):
-            w.write(f"model.layers.{l}.mlp.predictor.{part}", arr)
+        x, gate, up = X[l], b[:, :d], b[:, d:2 * d]
+        parts = {}
+        parts["gate_sign"], parts["gate_row"], parts["gate_col"] = fit_matrix(gate, x[:n_train])
+        parts["up_sign"], parts["up_row"], parts["up_col"] = fit_matrix(up, x[:n_train])
+        xh = x[n_train:]
+        contrib = np.abs(_silu(xh @ gate.T) * (xh @ up.T))
+        scores = predict(parts, xh)
+        report["recall_at_50"].append(recall(scores, contrib, ff // 2))
+        report["recall_at_80"].append(recall(scores, contrib, ff // 5))
+        for part in PARTS:
+            w.write(f"model.layers.{l}.mlp.predictor.{part}", parts[part])
     w.close()
     os.replace(out + ".part", out)
     report["mean_recall_at_50"] = float(np.mean(report["recall_at_50"]))

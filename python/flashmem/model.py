@@ -13,6 +13,7 @@ import numpy as np
 from . import _core
 from . import safetensors_io as st
 from . import flash as fl
+from .calibrate import PARTS as PREDICTOR_PARTS
 from .convert import BUNDLE_FILE, FORMAT_VERSION, RESIDENT_FILE, check_config
 from .sampling import Sampler
 from .sources import read_json
@@ -71,7 +72,8 @@ class Model:
 
     def __init__(self, folder: str, threads: int | None = None, max_context: int | None = None,
                  offload: str | None = None, dram_budget=None, sparsity: float = 0.0, window: int = 4,
-                 ffn_layout: str = "bundled", queue_depth: int = 32, coalesce_gap: int = 2, direct_io: bool = True):
+                 ffn_layout: str = "bundled", queue_depth: int = 32, coalesce_gap: int = 2, direct_io: bool = True,
+                 cache_rows: int | None = None):
         self.path = folder
         cfg_path = os.path.join(folder, "config.json")
         self.config = read_json(cfg_path)
@@ -103,14 +105,14 @@ class Model:
         c.rope_inv_freq, c.rope_attention_scaling = inv.tolist(), scale
         self._engine = _core.Model(c, threads)
         self._configure_ffn(folder, offload, dram_budget, sparsity, window, ffn_layout, queue_depth, coalesce_gap,
-                            direct_io)
+                            direct_io, cache_rows)
         self._load_weights(folder)
         self.tokenizer = Tokenizer(folder)
         self.vocab_size, self.max_context = c.vocab_size, max_context
         self.eos_token_ids = self._eos_ids()
 
     def _configure_ffn(self, folder, offload, dram_budget, sparsity, window, ffn_layout, queue_depth, coalesce_gap,
-                       direct_io) -> None:
+                       direct_io, cache_rows) -> None:
         if offload not in (None, "none", "flash"):
             raise ValueError(f"offload must be None or 'flash', got {offload!r}")
         self.offload = "flash" if offload == "flash" else None
@@ -125,23 +127,18 @@ class Model:
         self._predictor = None
         if not self.offload and not sparsity:
             return
-        rank = 0
         if sparsity:
             self._predictor = os.path.join(folder, fl.PREDICTOR_FILE)
             if not os.path.isfile(self._predictor):
                 raise FileNotFoundError(f"sparsity {sparsity} needs the sparsity predictor {self._predictor}, which is "
                                         f"missing: run `flashmem calibrate {folder} --data FILE` first")
-            infos, _ = st.read_header(self._predictor)
-            a = infos.get("model.layers.0.mlp.predictor.A")
-            if a is None or len(a.shape) != 2:
-                raise ValueError(f"{self._predictor}: tensor 'model.layers.0.mlp.predictor.A' is missing or not 2-D")
-            rank = a.shape[0]
         kw = {}
         if self.offload:
             kw = fl.layout(folder, self.config, ffn_layout)
         self._engine.configure_sparse("flash" if self.offload else "dram", float(sparsity), window, True,
-                                      self.dram_budget or 0, rank, queue_depth=queue_depth,
-                                      coalesce_gap=coalesce_gap, direct=direct_io, **kw)
+                                      self.dram_budget or 0, bool(sparsity), queue_depth=queue_depth,
+                                      coalesce_gap=coalesce_gap, direct=direct_io,
+                                      cache_rows=-1 if cache_rows is None else cache_rows, **kw)
         if self.offload and not self._engine.sparse_stats()["direct_io"]:
             warnings.warn(f"{kw['path']}: the filesystem refused O_DIRECT; FFN reads go through the page cache, "
                           "which the DRAM budget does not count", RuntimeWarning, stacklevel=3)
@@ -165,7 +162,7 @@ class Model:
         if self._predictor:
             infos, _ = st.read_header(self._predictor)
             for l in range(self.config["num_hidden_layers"]):
-                for part in ("A", "a", "B", "b"):
+                for part in PREDICTOR_PARTS:
                     name = f"model.layers.{l}.mlp.predictor.{part}"
                     if name not in infos:
                         raise ValueError(f"{self._predictor}: tensor '{name}' is missing; run `flashmem calibrate` again")

@@ -26,7 +26,7 @@ DTYPES = {
     "I32": (np.int32, "i32"),
     "U8": (np.uint8, "u8"),
 }
-TAG_TO_ST = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
+TAG_TO_ST = {"f32": "F32", "f16": "F16", "bf16": "BF16", "u8": "U8"}
 MAX_HEADER = 100 << 20
 
 
@@ -126,7 +126,7 @@ class Writer:
                  align: int = 8):
         self.path, self._order, header, off = path, [], {}, 0
         for name, tag, shape in specs:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * (4 if tag == "f32" else 2)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * {"f32": 4, "u8": 1}.get(tag, 2)
             header[name] = {"dtype": TAG_TO_ST[tag], "shape": list(shape), "data_offsets": [off, off + nbytes]}
             self._order.append((name, tag, tuple(shape)))
             off += nbytes

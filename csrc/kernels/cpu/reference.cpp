@@ -30,6 +30,13 @@ void ffn_decode_ref(float* y, const float* x, const void* const* rows, DType dt,
     for (int d = 0; d < D; ++d) y[d] = float(acc[d]);
 }
 
+float bit_sum_ref(const uint8_t* bits, const float* z, int n) {
+    double s = 0;
+    for (int k = 0; k < n; ++k)
+        if ((bits[k / 8] >> (k % 8)) & 1) s += z[k];
+    return float(s);
+}
+
 void softmax_ref(float* x, int n, float scale) {
     double mx = -INFINITY, sum = 0;
     for (int i = 0; i < n; ++i) mx = std::fmax(mx, double(x[i]) * scale);
