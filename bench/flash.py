@@ -39,7 +39,7 @@ from common import RESULTS, machine, median, save, shakespeare  # noqa: E402
 import flashmem  # noqa: E402
 from flashmem import _core  # noqa: E402
 from flashmem import safetensors_io as st  # noqa: E402
-from flashmem.calibrate import calibrate  # noqa: E402
+from flashmem.calibrate import PARTS as PREDICTOR_PARTS, calibrate, predict  # noqa: E402
 from flashmem.flash import PREDICTOR_FILE, write_unbundled  # noqa: E402
 
 
@@ -70,7 +70,6 @@ def paper_table(folder, prompt, args, ffn_bytes):
         return m.flash_stats()["minimum_budget"]
 
     mins = {k: minimum(k) for k in ("bundled", "unbundled")}
-    s = args.sparsity
     rows = []
     dense = flashmem.load(folder, threads=args.threads, max_context=512)
     ms, _ = decode_run(dense, prompt, args.new_tokens, args.repeats)
@@ -78,27 +77,24 @@ def paper_table(folder, prompt, args, ffn_bytes):
                      requests_per_token=0, dram_bytes=dense.owned_bytes))
     del dense
     common = dict(threads=args.threads, max_context=512, offload="flash")
-    for name, kw in (("naive (all FFN weights every token)", dict(sparsity=0.0, ffn_layout="unbundled", cache_rows=0)),
-                     ("predictor", dict(sparsity=s, ffn_layout="unbundled", cache_rows=0))):
+    def measure(name, share, **kw):
+        sparsity = kw["sparsity"]
         m = flashmem.load(folder, **common, **kw)
         ms, fl = decode_run(m, prompt, args.new_tokens, args.repeats)
-        rows.append(dict(config=name, share=None, total_ms=ms, io_ms=fl["io_ms_per_token"],
+        rows.append(dict(config=name, share=share, sparsity=sparsity, total_ms=ms, io_ms=fl["io_ms_per_token"],
                          bytes_per_token=fl["bytes_read_per_token"], requests_per_token=fl["requests_per_token"],
                          hit_rate=fl["neuron_cache_hit_rate"], read_gbps=fl["read_bandwidth_gbps"],
-                         dram_bytes=m.owned_bytes))
+                         budget=kw.get("dram_budget"), dram_bytes=m.owned_bytes, cache_rows=fl["cache_rows_per_layer"]))
         print(rows[-1], flush=True)
-        del m
-    for share in (0.25, 0.5):
-        for name, layout in (("predictor + windowing", "unbundled"), ("predictor + windowing + bundling", "bundled")):
-            budget = int(mins[layout] + share * ffn_bytes)
-            m = flashmem.load(folder, **common, sparsity=s, window=args.window, ffn_layout=layout, dram_budget=budget)
-            ms, fl = decode_run(m, prompt, args.new_tokens, args.repeats)
-            rows.append(dict(config=name, share=share, total_ms=ms, io_ms=fl["io_ms_per_token"],
-                             bytes_per_token=fl["bytes_read_per_token"], requests_per_token=fl["requests_per_token"],
-                             hit_rate=fl["neuron_cache_hit_rate"], read_gbps=fl["read_bandwidth_gbps"],
-                             budget=budget, dram_bytes=m.owned_bytes, cache_rows=fl["cache_rows_per_layer"]))
-            print(rows[-1], flush=True)
-            del m
+
+    measure("naive (all FFN weights every token)", None, sparsity=0.0, ffn_layout="unbundled", cache_rows=0)
+    for s in args.sparsity:
+        measure("predictor", None, sparsity=s, ffn_layout="unbundled", cache_rows=0)
+        for share in (0.25, 0.5):
+            for name, layout in (("predictor + windowing", "unbundled"),
+                                 ("predictor + windowing + bundling", "bundled")):
+                budget = int(mins[layout] + share * ffn_bytes)
+                measure(name, share, sparsity=s, window=args.window, ffn_layout=layout, dram_budget=budget)
     for r in rows:
         r["ffn_fraction_read"] = r["bytes_per_token"] / ffn_bytes
     return rows, mins
@@ -115,9 +111,8 @@ def selection_trace(folder, text, sparsity, n_tokens):
     k = max(1, int((1 - sparsity) * ff + 0.5))
     picks = []
     for l in range(X.shape[0]):
-        t = {p: st.to_f32(st.load_tensor(path, infos[f"model.layers.{l}.mlp.predictor.{p}"]),
-                          infos[f"model.layers.{l}.mlp.predictor.{p}"].tag) for p in "AaBb"}
-        sc = np.maximum(X[l] @ t["A"].T + t["a"], 0) @ t["B"].T + t["b"]
+        parts = {p: st.load_tensor(path, infos[f"model.layers.{l}.mlp.predictor.{p}"]) for p in PREDICTOR_PARTS}
+        sc = predict(parts, X[l])
         picks.append(np.sort(np.argpartition(-sc, k - 1, axis=1)[:, :k], axis=1))
     return np.stack(picks, axis=1), ff
 
@@ -176,7 +171,7 @@ def scale_test(small_folder, text, args):
     folder = write_synthetic_7b(args.scale_dir, small_folder)
     write_s = time.perf_counter() - t0
     ffn_bytes = layers * ff * 3 * d * 2
-    trace, small_ff = selection_trace(small_folder, text, args.sparsity, args.scale_tokens + 8)
+    trace, small_ff = selection_trace(small_folder, text, args.sparsity[-1], args.scale_tokens + 8)
     small_layers = trace.shape[1]
     src_layer = [l * small_layers // layers for l in range(layers)]
     base = np.floor(trace[:, src_layer, :].astype(np.float64) * ff / small_ff).astype(np.int64)
@@ -194,7 +189,7 @@ def scale_test(small_folder, text, args):
     fl = r.flash
     req_kib = max(4, int(round(fl["bytes_read_per_token"] / max(fl["requests_per_token"], 1) / 4096)) * 4)
     raw = raw_bandwidth(os.path.join(folder, "ffn_bundles.safetensors"), [req_kib], total_mb=96)[req_kib]
-    return dict(d_model=d, d_ff=ff, layers=layers, ffn_gb=ffn_bytes / 1e9, budget_gb=budget / 1e9,
+    return dict(sparsity=args.sparsity[-1], d_model=d, d_ff=ff, layers=layers, ffn_gb=ffn_bytes / 1e9, budget_gb=budget / 1e9,
                 minimum_gb=minimum / 1e9, engine_owns_gb=m.owned_bytes / 1e9, write_s=write_s, load_s=load_s,
                 tokens_per_s=r.decode_tokens_per_s, ms_per_token=1e3 / r.decode_tokens_per_s,
                 bytes_per_token=fl["bytes_read_per_token"], ffn_fraction_read=fl["bytes_read_per_token"] / ffn_bytes,
@@ -210,20 +205,21 @@ def plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig, axes = plt.subplots(1, 2, figsize=(18, 6), gridspec_kw={"width_ratios": [2.2, 1]})
     ax = axes[0]
     rows = result["table"]
-    labels = [r["config"].replace(" + ", "\n+ ") + (f"\n({int(r['share'] * 100)}% cache)" if r["share"] else "")
-              for r in rows]
+    labels = [r["config"].replace(" + ", "\n+ ").replace(" (", "\n(") +
+              (f"\ns={r['sparsity']}" if r.get("sparsity") else "") +
+              (f", {int(r['share'] * 100)}% cache" if r["share"] else "") for r in rows]
     io = [r["io_ms"] for r in rows]
     rest = [r["total_ms"] - r["io_ms"] for r in rows]
     x = np.arange(len(rows))
     ax.bar(x, io, color="tab:red", label="I/O")
     ax.bar(x, rest, bottom=io, color="tab:blue", label="compute and the rest")
-    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_xticks(x, labels, fontsize=6)
     ax.set_yscale("log")
     ax.set_ylabel("ms per decoded token (log)")
-    ax.set_title(f"SmolLM2-135M f16, sparsity {result['sparsity']}, window {result['window']}")
+    ax.set_title(f"SmolLM2-135M f16, window {result['window']}: per-token latency")
     ax.legend()
     ax = axes[1]
     raw = result["raw_read_gbps"]
@@ -252,16 +248,25 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--sparsity", type=lambda v: [float(x) for x in v.split(",")], default=[0.5, 0.8],
+                    help="comma-separated sparsities for the table; the scale test uses the last")
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--scale-dir", default=os.path.join(os.environ.get("FLASHMEM_CACHE", os.path.expanduser(
         "~/.cache/flashmem")), "synthetic-llama2-7b-shapes"))
     ap.add_argument("--scale-tokens", type=int, default=16)
     ap.add_argument("--skip-scale", action="store_true")
+    ap.add_argument("--only-scale", action="store_true", help="rerun the scale test into an existing flash.json")
     args = ap.parse_args()
 
     text = shakespeare()
     folder = flashmem.load(dtype="f16", threads=args.threads, max_context=512).path
+    if args.only_scale:
+        result = json.loads((RESULTS / "flash.json").read_text())
+        result["scale"] = scale_test(folder, text, args)
+        print("scale", result["scale"], flush=True)
+        save("flash", result)
+        plot(result, RESULTS / "flash.png")
+        return
     if not os.path.isfile(os.path.join(folder, PREDICTOR_FILE)):
         calibrate(flashmem.load(folder, threads=args.threads), text, tokens=8192)
     cfg = json.load(open(os.path.join(folder, "config.json")))
@@ -275,7 +280,7 @@ def main():
 
     held = flashmem.load(folder, threads=args.threads, max_context=1024).tokenizer.encode(text)[-2048:]
     ppl = {}
-    for s in sorted({0.0, 0.5, args.sparsity}):
+    for s in sorted({0.0, *args.sparsity}):
         m = flashmem.load(folder, threads=args.threads, max_context=1024, sparsity=s, window=args.window)
         ppl[str(s)] = m.perplexity(held)
     result["perplexity_window"] = {k: dict(ppl=v, increase=v / ppl["0.0"] - 1) for k, v in ppl.items()}
@@ -288,6 +293,7 @@ def main():
     for r in result["table"]:
         r["vs_dense"] = r["total_ms"] / dense_ms
         r["speedup_vs_naive"] = naive_ms / r["total_ms"]
+    save("flash", result)  # the table is kept if the scale test fails
     if not args.skip_scale:
         result["scale"] = scale_test(folder, text, args)
         print("scale", result["scale"], flush=True)

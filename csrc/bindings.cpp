@@ -455,19 +455,26 @@ NB_MODULE(_core, m) {
             "tokens"_a, "start_pos"_a, "all_logits"_a = false,
             "Runs tokens at positions [start_pos, start_pos+T); returns logits of the last (or every) token.")
         .def(
-            "forward_embeds",
-            [](fm::Model& self, nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> embeds,
+            "forward_inputs",
+            [](fm::Model& self, nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> src,
+               std::optional<nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>> embeds,
                int start_pos, bool all_logits) {
-                const int T = int(embeds.shape(0));
-                FM_ARG(int(embeds.shape(1)) == self.config().dim, "inputs_embeds must have width ",
-                       self.config().dim, " (d_model), got ", embeds.shape(1));
+                const int T = int(src.shape(0));
+                int n_embeds = 0;
+                const float* e = nullptr;
+                if (embeds && embeds->shape(0)) {
+                    FM_ARG(int(embeds->shape(1)) == self.config().dim, "inputs_embeds must have width ",
+                           self.config().dim, " (d_model), got ", embeds->shape(1));
+                    n_embeds = int(embeds->shape(0)), e = embeds->data();
+                }
                 const size_t V = self.config().vocab_size;
                 auto out = numpy_owned<float>(all_logits ? std::vector<size_t>{size_t(T), V} : std::vector<size_t>{V});
                 nb::gil_scoped_release nogil;
-                self.forward_embeds(embeds.data(), T, start_pos, out.data(), all_logits);
+                self.forward_inputs(src.data(), T, e, n_embeds, start_pos, out.data(), all_logits);
                 return out;
             },
-            "embeds"_a, "start_pos"_a, "all_logits"_a = false)
+            "src"_a, "embeds"_a.none(), "start_pos"_a, "all_logits"_a = false,
+            "Runs mixed inputs: src[t] >= 0 is a token id, src[t] < 0 is row -src[t]-1 of embeds (n, d_model).")
         .def(
             "hidden_states",
             [](fm::Model& self, nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> tokens,

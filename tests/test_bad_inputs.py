@@ -227,12 +227,15 @@ def test_engine_rejects_bad_ids_and_positions(model):
         eng.forward(np.asarray([3, 97], np.int32), 0)
     with pytest.raises(ValueError, match="start_pos 5"):
         eng.forward(np.asarray([3], np.int32), 5)  # nothing cached yet
+    src = np.asarray([-1, -2], np.int32)
     with pytest.raises(ValueError, match="width 40"):
-        eng.forward_embeds(np.zeros((2, 39), np.float32), 0)
+        eng.forward_inputs(src, np.zeros((2, 39), np.float32), 0)
     bad = np.zeros((2, 40), np.float32)
     bad[1, 7] = np.nan
-    with pytest.raises(ValueError, match="non-finite value at position 1, column 7"):
-        eng.forward_embeds(bad, 0)
+    with pytest.raises(ValueError, match="non-finite value at row 1, column 7"):
+        eng.forward_inputs(src, bad, 0)
+    with pytest.raises(ValueError, match="embedding row 2 of 2"):
+        eng.forward_inputs(np.asarray([-3], np.int32), np.zeros((2, 40), np.float32), 0)
 
 
 @pytest.mark.parametrize("kw, match", [

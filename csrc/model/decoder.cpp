@@ -280,13 +280,30 @@ void Model::ffn_inputs(const int32_t* tokens, int T, float* out) {
     capture_ = nullptr;
 }
 
-void Model::forward_embeds(const float* embeds, int T, int start_pos, float* logits, bool all_logits) {
-    const size_t d = cfg_.dim;
-    for (size_t i = 0; i < size_t(T) * d; ++i)
-        FM_ARG(std::isfinite(embeds[i]), "inputs_embeds has a non-finite value at position ", i / d, ", column ",
-               i % d);
+void Model::forward_inputs(const int32_t* src, int T, const float* embeds, int n_embeds, int start_pos,
+                           float* logits, bool all_logits) {
+    const Config& c = cfg_;
+    const size_t d = c.dim;
+    for (int t = 0; t < T; ++t) {  // every input checked before the cache is touched
+        if (src[t] >= 0) {
+            FM_ARG(src[t] < c.vocab_size, "token id ", src[t], " at position ", t, " out of range [0, ",
+                   c.vocab_size, ")");
+        } else {
+            const int64_t row = -int64_t(src[t]) - 1;
+            FM_ARG(row < n_embeds, "position ", t, " refers to embedding row ", row, " of ", n_embeds);
+            for (size_t k = 0; k < d; ++k)
+                FM_ARG(std::isfinite(embeds[row * d + k]), "inputs_embeds has a non-finite value at row ", row,
+                       ", column ", k);
+        }
+    }
+    // the input buffer is assembled here, chunk by chunk: token rows from the embedding table,
+    // embedding rows copied in
     forward(T, start_pos, logits, all_logits ? Output::AllLogits : Output::LastLogits, [&](int t0, int n, float* x) {
-        std::memcpy(x, embeds + size_t(t0) * d, sizeof(float) * n * d);
+        for (int t = 0; t < n; ++t) {
+            const int32_t s = src[t0 + t];
+            if (s >= 0) gather_embeddings(&s, 1, x + size_t(t) * d);
+            else std::memcpy(x + size_t(t) * d, embeds + (-int64_t(s) - 1) * d, sizeof(float) * d);
+        }
     });
 }
 

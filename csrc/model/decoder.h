@@ -106,7 +106,10 @@ class Model {
     // Positions before start_pos must already be in the KV cache. Writes logits (vocab) for the
     // last token, or for every token when all_logits ((T, vocab)).
     void forward_tokens(const int32_t* tokens, int T, int start_pos, float* logits, bool all_logits);
-    void forward_embeds(const float* embeds, int T, int start_pos, float* logits, bool all_logits);
+    // Mixed inputs: position t is token src[t] when src[t] >= 0, else row -src[t]-1 of embeds
+    // (n_embeds, dim), e.g. memory slots spliced into a prompt.
+    void forward_inputs(const int32_t* src, int T, const float* embeds, int n_embeds, int start_pos, float* logits,
+                        bool all_logits);
     // Final hidden states (after the final norm) of every token: out (T, dim).
     void hidden_states(const int32_t* tokens, int T, int start_pos, float* out);
     const Profile& profile() const { return prof_; }

@@ -81,6 +81,7 @@ def calibrate(model, text: str, tokens: int = 8192, progress: bool = True) -> di
     if len(ids) < 256:
         raise ValueError(f"calibration text has {len(ids)} tokens; at least 256 are needed")
     window = min(model.max_context, 1024)
+    model._kv_keys = []  # the KV cache is overwritten
     X = np.concatenate([model._engine.ffn_inputs(np.asarray(ids[s:s + window], np.int32))
                         for s in range(0, len(ids), window)], axis=1)  # (layers, N, d)
     n = X.shape[1]

@@ -145,6 +145,22 @@ class MemoryBank:
         id_arr = None if ids is None else np.ascontiguousarray(np.asarray(ids, dtype=np.int64).ravel())
         return self._bank.add(k, id_arr, vals, txts, mds)
 
+    def add_text(self, model, text: str, metadata: dict | None = None, slots: int | None = None,
+                 id: int | None = None, pooling: str = "embedding") -> int:
+        """Adds a memory from text with the model's own encoders: key model.embed_key(text), value
+        model.embed_memory(text, slots) (stored in the model's dtype, f16 or f32, exactly).
+        Returns its id."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("add_text: text must be a non-empty string")
+        key = model.embed_key(text, pooling=pooling)
+        if key.shape[0] != self.dim:
+            raise ValueError(f"add_text: the model's keys have dimension {key.shape[0]}, the bank {self.dim}")
+        value = model.embed_memory(text, slots)
+        if model.dtype == "f16":
+            value = value.astype(np.float16)
+        ids = None if id is None else [id]
+        return int(self.add(key[None], ids=ids, values=[value], texts=[text], metadata=[metadata or {}])[0])
+
     def get(self, id: int) -> Memory:
         key, raw, dtype, n_slots, d_value, text, md, created, updated = self._bank.get(int(id))
         value = None

@@ -15,6 +15,7 @@ from . import safetensors_io as st
 from . import flash as fl
 from .calibrate import PARTS as PREDICTOR_PARTS
 from .convert import BUNDLE_FILE, FORMAT_VERSION, RESIDENT_FILE, check_config
+from .inject import InputBuilder, Inputs, common_prefix, pool_rows
 from .sampling import Sampler
 from .sources import read_json
 from .tokenizer import Tokenizer
@@ -65,6 +66,8 @@ class GenerationResult:
     prefill_tokens_per_s: float
     timings: dict = field(default_factory=dict)
     flash: dict = field(default_factory=dict)  # sparse FFN figures per decoded token (flashmem.flash.summarize)
+    cached_tokens: int = 0  # input positions whose KV entries were reused from the previous generation
+    memories: list = field(default_factory=list)  # injected memories: id, score, text, slots, position
 
 
 class Model:
@@ -110,6 +113,8 @@ class Model:
         self.tokenizer = Tokenizer(folder)
         self.vocab_size, self.max_context = c.vocab_size, max_context
         self.eos_token_ids = self._eos_ids()
+        self._kv_keys: list = []  # what the KV cache holds, per position (see inject.py)
+        self._embed_mean = None  # mean row of the embedding table, for embed_key
 
     def _configure_ffn(self, folder, offload, dram_budget, sparsity, window, ffn_layout, queue_depth, coalesce_gap,
                        direct_io, cache_rows) -> None:
@@ -218,6 +223,7 @@ class Model:
         """Logits (T, vocab) of every position of `ids`, from an empty cache."""
         ids = self._ids(ids)
         self._check_fits(len(ids))
+        self._kv_keys = []
         return self._engine.forward(ids, 0, True)
 
     def input_embeddings(self, ids) -> np.ndarray:
@@ -228,6 +234,7 @@ class Model:
         """Final hidden states (after the last norm, what the LM head sees), (T, d_model)."""
         ids = self._ids(ids)
         self._check_fits(len(ids))
+        self._kv_keys = []
         return self._engine.hidden_states(ids, 0)
 
     def perplexity(self, text, max_tokens: int | None = None) -> float:
@@ -236,6 +243,7 @@ class Model:
         if len(ids) < 2:
             raise ValueError("perplexity needs at least 2 tokens of text")
         nll, n = 0.0, 0
+        self._kv_keys = []
         for s in range(0, len(ids) - 1, self.max_context):
             window = np.asarray(ids[s:s + self.max_context + 1], np.int32)
             lg = self._engine.forward(np.ascontiguousarray(window[:-1]), 0, True).astype(np.float64)
@@ -258,12 +266,62 @@ class Model:
         if n > self.max_context:
             raise ValueError(f"prompt has {n} tokens, more than max_context {self.max_context}")
 
+    # --- memory encoders ------------------------------------------------------------------------
+    def embed_key(self, text: str, pooling: str = "embedding") -> np.ndarray:
+        """A unit-norm key (d_model,) for a MemoryBank, from the model itself. pooling="embedding"
+        (default): mean of the text's token embeddings minus the mean row of the embedding table
+        (the direction all tokens share); it runs no layer, so it leaves the KV cache (and its
+        prefix reuse) untouched. "hidden": mean of the final hidden states (runs the model)."""
+        if not isinstance(text, str):
+            raise TypeError(f"embed_key: text must be a string, got {type(text).__name__}")
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            raise ValueError("embed_key: text is empty")
+        if pooling == "embedding":
+            if self._embed_mean is None:
+                total = np.zeros(self.config["hidden_size"], np.float64)
+                for s in range(0, self.vocab_size, 4096):
+                    total += self._engine.embed(np.arange(s, min(s + 4096, self.vocab_size), dtype=np.int32)).sum(0)
+                self._embed_mean = (total / self.vocab_size).astype(np.float32)
+            v = self._engine.embed(np.asarray(ids, np.int32)).mean(0) - self._embed_mean
+        elif pooling == "hidden":
+            v = self.hidden_states(ids).mean(0)
+        else:
+            raise ValueError(f"pooling must be 'embedding' or 'hidden', got {pooling!r}")
+        return (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32)
+
+    def embed_memory(self, text: str, slots: int | None = None) -> np.ndarray:
+        """Value embeddings (n, d_model) of a memory: by default the text's own token embeddings
+        (lossless: injecting them equals having the text in the prompt); with slots=m, the means
+        of m contiguous chunks of them (compressed, lossy)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            raise ValueError("embed_memory: text is empty")
+        e = self._engine.embed(np.asarray(ids, np.int32))
+        if slots is None or slots >= len(e):
+            return e
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be a positive integer, got {slots!r}")
+        return pool_rows(e, slots)
+
     # --- generation -------------------------------------------------------------------------
-    def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+    def generate(self, prompt=None, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: list[str] | None = None, eos_token_id: int | list[int] | None = None, stream: bool = False):
-        """Generates from text, token ids or chat messages. Returns a GenerationResult, or with
-        stream=True an iterator of text pieces (its `.result` holds the GenerationResult at the end)."""
+                 stop: list[str] | None = None, eos_token_id: int | list[int] | None = None, stream: bool = False,
+                 inputs_embeds=None, memory=None, memory_k: int = 4, memory_position: str = "prefix",
+                 memory_placeholder: str = "<memory>", memory_query: str | None = None, reuse_cache: bool = True):
+        """Generates from text, token ids or chat messages, and/or input embeddings. Returns a
+        GenerationResult, or with stream=True an iterator of text pieces (its `.result` holds the
+        GenerationResult at the end).
+
+        inputs_embeds (T, d_model): input embeddings placed before the prompt's tokens (alone they
+        are the whole prompt, as HF's generate(inputs_embeds=...)). memory: a MemoryBank whose
+        values are input embeddings (bank.add_text); the prompt's key (embed_key) retrieves the
+        memory_k best entries, injected in id order as a prefix before everything else ("prefix", CoMEM's
+        layout) or where `memory_placeholder` occurs in the (chat-formatted) prompt
+        ("placeholder"). memory_query: the text to retrieve with (default: the text prompt, or the
+        last user message without the placeholder). An empty bank injects nothing. reuse_cache: positions equal to the start
+        of the previous generation's sequence keep their KV-cache entries."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed)
@@ -272,31 +330,121 @@ class Model:
             raise ValueError("stop must be a list of non-empty strings")
         eos = self.eos_token_ids if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        ids = self.encode_prompt(prompt)
-        self._check_fits(len(ids))
-        run = _Generation(self, ids, max_new_tokens, sampler, stop, set(eos))
+        t0 = time.perf_counter()
+        inputs = self._assemble(prompt, inputs_embeds, memory, memory_k, memory_position, memory_placeholder,
+                                memory_query)
+        inputs.assemble_s = time.perf_counter() - t0
+        self._check_fits(len(inputs.src))
+        start = 0
+        if reuse_cache:
+            start = min(common_prefix(self._kv_keys, inputs.keys), len(inputs.src) - 1)
+        run = _Generation(self, inputs, start, max_new_tokens, sampler, stop, set(eos))
         if stream:
             return run
         for _ in run:
             pass
         return run.result
 
+    def _assemble(self, prompt, inputs_embeds, memory, memory_k, position, placeholder, query) -> Inputs:
+        if prompt is None and inputs_embeds is None:
+            raise ValueError("generate needs a prompt, inputs_embeds, or both")
+        b = InputBuilder(self.config["hidden_size"])
+        memories, rows = [], []
+        t0 = time.perf_counter()
+        if memory is not None:
+            rows, memories = self._retrieve(memory, memory_k, prompt, position, placeholder, query)
+        retrieval_s = time.perf_counter() - t0
+        if position == "placeholder" and memory is not None:
+            if prompt is None:
+                raise ValueError("memory_position='placeholder' needs a prompt holding the placeholder")
+            text = (self.tokenizer.apply_chat_template(prompt) if isinstance(prompt, list) and prompt and
+                    all(isinstance(m, dict) for m in prompt) else prompt)
+            if not isinstance(text, str) or text.count(placeholder) != 1:
+                raise ValueError(f"memory_position='placeholder' needs the text prompt or chat messages to hold "
+                                 f"{placeholder!r} exactly once")
+            before, after = text.split(placeholder)
+            is_chat = not isinstance(prompt, str)
+            if inputs_embeds is not None:
+                b.embeddings(inputs_embeds, "inputs_embeds")
+            b.tokens(self.tokenizer.encode(before, add_special_tokens=not is_chat) if before else [])
+            for r, m in zip(rows, memories):
+                m["position"] = len(b)
+                b.embeddings(r, f"value of memory {m['id']}")
+            b.tokens(self.tokenizer.encode(after, add_special_tokens=False) if after else [])
+            return b.build(memories, retrieval_s)
+        ids = self.encode_prompt(prompt) if prompt is not None else []
+        bos = self.tokenizer.bos_token_id
+        if rows and ids and bos is not None and ids[0] == bos:  # memories go after a leading BOS
+            b.tokens(ids[:1])
+            ids = ids[1:]
+        for r, m in zip(rows, memories):
+            m["position"] = len(b)
+            b.embeddings(r, f"value of memory {m['id']}")
+        if inputs_embeds is not None:
+            b.embeddings(inputs_embeds, "inputs_embeds")
+            if not len(np.asarray(inputs_embeds)) and not ids:
+                raise ValueError("inputs_embeds is empty")
+        b.tokens(ids)
+        return b.build(memories, retrieval_s)
+
+    def _retrieve(self, bank, k, prompt, position, placeholder, query):
+        from .memory import MemoryBank
+
+        if not isinstance(bank, MemoryBank):
+            raise TypeError(f"memory must be a flashmem.MemoryBank, got {type(bank).__name__}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"memory_k must be a positive integer, got {k!r}")
+        if position not in ("prefix", "placeholder"):
+            raise ValueError(f"memory_position must be 'prefix' or 'placeholder', got {position!r}")
+        if bank.dim != self.config["hidden_size"]:
+            raise ValueError(f"memory bank keys have dimension {bank.dim}, the model's embed_key gives "
+                             f"{self.config['hidden_size']}")
+        if len(bank) == 0:
+            return [], []  # documented fallback: nothing to inject
+        if query is None:
+            if isinstance(prompt, str):
+                query = prompt
+            elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+                users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+                query = users[-1] if users else prompt[-1].get("content", "")
+            else:
+                raise ValueError("memory retrieval needs a text or chat prompt, or memory_query")
+            query = query.replace(placeholder, " ").strip() or query
+        ids, scores = bank.search(self.embed_key(query)[None], k=k)
+        rows, memories = [], []
+        for i, sc in zip(ids[0], scores[0]):
+            if i < 0:
+                continue
+            m = bank.get(int(i))
+            if m.value is None:
+                raise ValueError(f"memory {int(i)} has no value embeddings to inject (add it with bank.add_text)")
+            rows.append(np.asarray(m.value, np.float32))
+            memories.append({"id": int(i), "score": float(sc), "text": m.text, "slots": int(m.value.shape[0])})
+        # injected in id order: the same set of memories lands at the same positions whatever the
+        # query, so its KV-cache entries can be reused (prefix caching)
+        order = sorted(range(len(memories)), key=lambda j: memories[j]["id"])
+        return [rows[j] for j in order], [memories[j] for j in order]
+
 
 class _Generation:
     """One generation, iterable as text pieces. The loop: prefill the prompt, then one token at a time."""
 
-    def __init__(self, model: Model, ids, max_new_tokens, sampler, stop, eos):
-        self.m, self.prompt, self.max_new, self.sampler, self.stop, self.eos = (
-            model, ids, max_new_tokens, sampler, stop, eos)
+    def __init__(self, model: Model, inputs: Inputs, start: int, max_new_tokens, sampler, stop, eos):
+        self.m, self.inputs, self.start, self.max_new, self.sampler, self.stop, self.eos = (
+            model, inputs, start, max_new_tokens, sampler, stop, eos)
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
-        m, prompt = self.m, self.prompt
+        m, inp, start = self.m, self.inputs, self.start
         engine, tok = m._engine, m.tokenizer
-        budget = min(self.max_new, m.max_context - len(prompt))
+        n_in = len(inp.src)
+        prompt = inp.token_ids  # for the repetition penalty: the token positions
+        budget = min(self.max_new, m.max_context - n_in)
+        m._kv_keys = []  # the cache is being rewritten from `start`; set again once this succeeds
         t0 = time.perf_counter()
-        logits = engine.forward(np.asarray(prompt, np.int32), 0, False)
+        logits = engine.forward_inputs(inp.src[start:], inp.embeds, start, False)
         t_first = time.perf_counter()
+        kept = inp.keys[:]
         engine.reset_sparse_stats()  # the flash figures are per decoded token
         new, text, emitted, reason = [], "", 0, "length"
         hold = max((len(s) for s in self.stop), default=1) - 1  # text that may still become a stop string
@@ -317,15 +465,20 @@ class _Generation:
                 emitted = safe
             if len(new) >= budget:
                 break
-            logits = engine.forward(np.asarray([nxt], np.int32), len(prompt) + len(new) - 1, False)
+            logits = engine.forward(np.asarray([nxt], np.int32), n_in + len(new) - 1, False)
+            kept.append(nxt)
+            m._kv_keys = kept  # valid up to here, also when the caller stops iterating early
+        m._kv_keys = kept
         if len(text) > emitted:
             yield text[emitted:]
         t_end = time.perf_counter()
         decode_steps = max(len(new) - 1, 0)
         self.result = GenerationResult(
-            text=text, token_ids=new, finish_reason=reason, prompt_tokens=len(prompt),
-            time_to_first_token_s=t_first - t0,
+            text=text, token_ids=new, finish_reason=reason, prompt_tokens=n_in,
+            time_to_first_token_s=t_first - t0 + inp.assemble_s,
             decode_tokens_per_s=decode_steps / (t_end - t_first) if decode_steps else 0.0,
-            prefill_tokens_per_s=len(prompt) / (t_first - t0),
-            timings={"prefill_s": t_first - t0, "decode_s": t_end - t_first, "total_s": t_end - t0},
+            prefill_tokens_per_s=(n_in - start) / (t_first - t0),
+            cached_tokens=start, memories=inp.memories,
+            timings={"retrieval_s": inp.retrieval_s, "assemble_s": inp.assemble_s, "prefill_s": t_first - t0,
+                     "decode_s": t_end - t_first, "total_s": t_end - t0 + inp.assemble_s},
             flash=m._flash_summary(decode_steps))
