@@ -7,7 +7,10 @@ test with Llama-2-7B shapes. Direct I/O throughout (the page cache is bypassed).
 1. Raw random-read bandwidth of the disk through the engine's own reader (queue depth 32) at
    4 KiB to 256 KiB requests.
 2. Perplexity on the last 2048 tokens of tinyshakespeare (the predictors are fitted on its
-   start) at the sparsities used, window 4.
+   start) at the sparsities used, window 4, all in DRAM (the window's neurons all available).
+   Each flash row of the table also reports the perplexity of its own decode path (one token
+   at a time over the last --ppl-tokens tokens: the neuron cache limits which window neurons
+   are in DRAM).
 3. The paper's table, at neuron-cache shares of 25% and 50% of the FFN's bytes (budget = the
    resident minimum + that share): (a) naive, every FFN weight read every token; (b) predictor
    only (no cache); (c) predictor + windowing (neuron cache); (d) + row-column bundling; and the
@@ -63,7 +66,7 @@ def decode_run(model, prompt, n_new, repeats):
     return ms, fl
 
 
-def paper_table(folder, prompt, args, ffn_bytes):
+def paper_table(folder, prompt, args, ffn_bytes, held):
     def minimum(layout):
         m = flashmem.load(folder, threads=args.threads, max_context=512, offload="flash", cache_rows=0,
                           ffn_layout=layout)
@@ -73,15 +76,19 @@ def paper_table(folder, prompt, args, ffn_bytes):
     rows = []
     dense = flashmem.load(folder, threads=args.threads, max_context=512)
     ms, _ = decode_run(dense, prompt, args.new_tokens, args.repeats)
-    rows.append(dict(config="all in DRAM (dense)", share=None, total_ms=ms, io_ms=0.0, bytes_per_token=0,
-                     requests_per_token=0, dram_bytes=dense.owned_bytes))
+    dense_ppl = dense.perplexity(held, stepwise=True)
+    rows.append(dict(config="all in DRAM (dense)", share=None, sparsity=0.0, total_ms=ms, io_ms=0.0,
+                     bytes_per_token=0, requests_per_token=0, dram_bytes=dense.owned_bytes, stepwise_ppl=dense_ppl,
+                     ppl_increase=0.0))
     del dense
     common = dict(threads=args.threads, max_context=512, offload="flash")
     def measure(name, share, **kw):
         sparsity = kw["sparsity"]
         m = flashmem.load(folder, **common, **kw)
         ms, fl = decode_run(m, prompt, args.new_tokens, args.repeats)
-        rows.append(dict(config=name, share=share, sparsity=sparsity, total_ms=ms, io_ms=fl["io_ms_per_token"],
+        ppl = m.perplexity(held, stepwise=True) if sparsity else dense_ppl  # the decode path, cache included
+        rows.append(dict(config=name, share=share, sparsity=sparsity, stepwise_ppl=ppl, ppl_increase=ppl / dense_ppl - 1,
+                         total_ms=ms, io_ms=fl["io_ms_per_token"],
                          bytes_per_token=fl["bytes_read_per_token"], requests_per_token=fl["requests_per_token"],
                          hit_rate=fl["neuron_cache_hit_rate"], read_gbps=fl["read_bandwidth_gbps"],
                          budget=kw.get("dram_budget"), dram_bytes=m.owned_bytes, cache_rows=fl["cache_rows_per_layer"]))
@@ -254,6 +261,7 @@ def main():
     ap.add_argument("--scale-dir", default=os.path.join(os.environ.get("FLASHMEM_CACHE", os.path.expanduser(
         "~/.cache/flashmem")), "synthetic-llama2-7b-shapes"))
     ap.add_argument("--scale-tokens", type=int, default=16)
+    ap.add_argument("--ppl-tokens", type=int, default=256, help="held-out tokens for each row's stepwise perplexity")
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--only-scale", action="store_true", help="rerun the scale test into an existing flash.json")
     args = ap.parse_args()
@@ -287,7 +295,7 @@ def main():
     print("perplexity", result["perplexity_window"], flush=True)
 
     prompt = text[-1500:-1000]
-    result["table"], result["minimum_budget"] = paper_table(folder, prompt, args, ffn_bytes)
+    result["table"], result["minimum_budget"] = paper_table(folder, prompt, args, ffn_bytes, held[-args.ppl_tokens:])
     dense_ms = result["table"][0]["total_ms"]
     naive_ms = result["table"][1]["total_ms"]
     for r in result["table"]:

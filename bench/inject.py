@@ -7,7 +7,8 @@ inside generate() for banks of 10k and 100k entries.
 
 Every configuration runs `repeats` times; medians are reported. The memories are the 200
 facts of tests/facts.py (their token embeddings, lossless); the 10k/100k banks hold them plus
-random unit keys with one-slot values, flat and HNSW. Writes bench/results/inject.json and .png.
+random keys with one-slot values, flat and HNSW. Retrieval uses the question as the query
+(memory_query). Writes bench/results/inject.json and .png.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--bank-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[10_000, 100_000])
     args = ap.parse_args()
     model = flashmem.load(dtype="f16", threads=args.threads, max_context=2048)
     fs = facts()
@@ -55,38 +57,47 @@ def main():
     for k in (1, 4, 16):
         rows[f"k={k} as embeddings"] = timed(model, n, rep, prompt=chat("Facts: <memory>\n" + QUESTION.format(q=q)),
                                              memory=bank, memory_k=k, memory_position="placeholder",
-                                             reuse_cache=False)
+                                             memory_query=q, reuse_cache=False)
         retrieved = [m["text"] for m in model.generate(chat("Facts: <memory>\n" + QUESTION.format(q=q)), memory=bank,
-                                                       memory_k=k, memory_position="placeholder",
+                                                       memory_k=k, memory_position="placeholder", memory_query=q,
                                                        max_new_tokens=1).memories]
         rows[f"k={k} as text"] = timed(model, n, rep, prompt=chat("Facts: " + " ".join(retrieved) + "\n" +
                                                                    QUESTION.format(q=q)), reuse_cache=False)
-    for k in (4, 16):  # repeated injection of the same memories: prefix layout, KV reuse
+    others = [fs[i][1] for i in (3, 91, 150, 7, 64, 120, 33)]
+    for k in (4, 16):  # the same memories injected again before a different question: KV reuse of the prefix
         prompt = QUESTION.format(q=q)
-        model.generate(prompt, memory=bank, memory_k=k, max_new_tokens=1)  # fills the cache
-        rows[f"k={k} repeated, KV reuse"] = timed(model, n, rep, prompt=prompt, memory=bank, memory_k=k)
+        rs = []
+        for i in range(rep):
+            model.generate(QUESTION.format(q=others[i % len(others)]), memory=bank, memory_k=k, memory_query=q,
+                           max_new_tokens=n, eos_token_id=[])
+            rs.append(model.generate(prompt, memory=bank, memory_k=k, memory_query=q, max_new_tokens=n,
+                                     eos_token_id=[]))
+        rows[f"k={k} again, new question, KV reuse"] = dict(
+            ttft_ms=median([1e3 * r.time_to_first_token_s for r in rs]),
+            decode_tok_s=median([r.decode_tokens_per_s for r in rs]), positions=rs[0].prompt_tokens,
+            cached=rs[-1].cached_tokens, retrieval_ms=median([1e3 * r.timings["retrieval_s"] for r in rs]))
         rows[f"k={k} prefix, no reuse"] = timed(model, n, rep, prompt=prompt, memory=bank, memory_k=k,
-                                                reuse_cache=False)
+                                                memory_query=q, reuse_cache=False)
     rows["prompt alone (prefix layout)"] = timed(model, n, rep, prompt=QUESTION.format(q=q), reuse_cache=False)
 
     retrieval = {}
     rng = np.random.default_rng(0)
     d = model.config["hidden_size"]
-    for size in (10_000, 100_000):
+    for size in args.bank_sizes:
         for index in ("flat", "hnsw"):
+            t0 = time.perf_counter()
             big = flashmem.MemoryBank(d, index=index)
             for f, _, _ in fs:
                 big.add_text(model, f)
             keys = rng.standard_normal((size - len(fs), d)).astype(np.float32)
             big.add(keys, values=[np.zeros((1, d), np.float16)] * len(keys))
-            t0 = time.perf_counter()
-            model.generate(QUESTION.format(q=q), memory=big, memory_k=4, max_new_tokens=1)
+            build_s = time.perf_counter() - t0
             ts = []
             for _ in range(rep):
-                r = model.generate(QUESTION.format(q=q), memory=big, memory_k=4, max_new_tokens=1)
+                r = model.generate(QUESTION.format(q=q), memory=big, memory_k=4, memory_query=q, max_new_tokens=1)
                 ts.append(1e3 * r.timings["retrieval_s"])
             retrieval[f"{index} {size}"] = dict(retrieval_ms=median(ts), hit=fs[37][0] in [m["text"] for m in r.memories],
-                                                build_s=time.perf_counter() - t0)
+                                                build_s=build_s)
             print(index, size, retrieval[f"{index} {size}"], flush=True)
     base = rows["prompt alone (prefix layout)"]["ttft_ms"]
     for r in rows.values():
@@ -110,11 +121,11 @@ def plot(result, path):
     names = list(rows)
     x = np.arange(len(names))
     ax.bar(x, [rows[k]["ttft_ms"] for k in names],
-           color=["tab:gray" if "text" in k else "tab:green" if "reuse" in k and "no reuse" not in k else "tab:blue"
+           color=["tab:gray" if "text" in k else "tab:green" if "KV reuse" in k else "tab:blue"
                   for k in names])
     for i, k in enumerate(names):
         ax.text(i, rows[k]["ttft_ms"], f"{rows[k]['positions']} pos", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(x, [k.replace(" as ", "\nas ").replace(", ", "\n") for k in names], fontsize=7)
+    ax.set_xticks(x, [k.replace(" as ", "\nas ").replace(", ", "\n") for k in names], fontsize=6)
     ax.set_ylabel("time to first token (ms, median)")
     ax.set_title("TTFT: blue memories as embeddings, grey the same as text, green KV reuse")
     ax = axes[1]

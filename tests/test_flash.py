@@ -234,3 +234,18 @@ def test_eval_ppl_and_calibrate_cli(calibrated, capsys):
     assert out["tokens"] == 300 and out["perplexity"] > out["dense_perplexity"] > 1
     assert out["perplexity"] < 2 * out["dense_perplexity"]
     assert main(["calibrate", dst, "--data", "/nonexistent.txt"]) == 2
+
+
+def test_window_expiry(folder):
+    """expire_window=True drops neurons once they leave the window (the paper's policy); by
+    default they stay cached until the cache needs their rows."""
+    steps = np.stack([np.stack([np.arange(100 * s, 100 * s + 100)] * 30) for s in range(6)]).astype(np.int32)
+    cached = {}
+    for expire in (True, False):
+        m = flashmem.load(folder, threads=2, max_context=64, offload="flash", window=2, expire_window=expire)
+        m._engine.set_trace(steps)
+        for t in range(6):  # one token per step of the trace
+            m._engine.forward(np.asarray([2], np.int32), t)
+        cached[expire] = m.flash_stats()["cached_neurons"]
+        assert m.flash_stats()["misses"] == 6 * 30 * 100  # every step picks new neurons
+    assert cached[True] == 30 * 200 and cached[False] == 30 * 600

@@ -173,3 +173,15 @@ def test_long_conversation_200_facts(model):
     assert score["memory"] > score["all_in_prompt"]
     n_facts = len(model.tokenizer.encode(all_facts, add_special_tokens=False))
     assert reused >= 19 * n_facts  # prefix caching: the facts prompt is computed once
+
+
+def test_injection_with_flash_offloading(model):
+    """Memory injection on the flash-offloaded engine gives the all-in-DRAM engine's tokens."""
+    bank = flashmem.MemoryBank(576)
+    for f in ["The capital of Norway is Oslo.", "Bananas are yellow when ripe."]:
+        bank.add_text(model, f)
+    flash = flashmem.load(model.path, threads=2, max_context=256, offload="flash", dram_budget="290MB")
+    kw = dict(memory=bank, memory_k=2, memory_position="placeholder", max_new_tokens=10)
+    a = flash.generate(QUESTION, **kw)
+    b = model.generate(QUESTION, reuse_cache=False, **kw)
+    assert a.token_ids == b.token_ids and a.memories == b.memories and a.flash["bytes_read_per_token"] > 0

@@ -7,7 +7,7 @@
 
 namespace fm {
 
-void Predictor::init(int n_layers, int n_neurons, int D, int t_max, int) {
+void Predictor::init(int n_layers, int n_neurons, int D, int t_max) {
     layers_.clear();
     layers_.resize(n_layers);
     n_neurons_ = n_neurons, D_ = D, t_max_ = t_max;

@@ -23,7 +23,7 @@ struct PredictorLayer {
 
 class Predictor {
   public:
-    void init(int n_layers, int n_neurons, int D, int t_max, int n_threads);
+    void init(int n_layers, int n_neurons, int D, int t_max);
     bool loaded() const;  // every layer has its six tensors
     size_t bytes() const;
     int sign_row_bytes() const { return (D_ + 7) / 8; }

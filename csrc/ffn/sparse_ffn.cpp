@@ -23,8 +23,8 @@ size_t blocks_per_neuron(const FileLayout& L) {  // 4096-byte blocks one neuron'
 
 size_t SparseFfn::row_bytes(int D, DType dt) { return (size_t(3) * D * dtype_size(dt) + 63) / 64 * 64; }
 
-size_t SparseFfn::fixed_bytes(int n_layers, int n_neurons, int D, DType dt, int t_max, int n_threads,
-                              const SparseOptions& opt, const FileLayout* layout) {
+size_t SparseFfn::fixed_bytes(int n_layers, int n_neurons, int D, DType dt, int t_max, const SparseOptions& opt,
+                              const FileLayout* layout) {
     size_t n = sizeof(float) * size_t(t_max) * n_neurons  // scores
                + 4 * size_t(n_neurons)                     // order
                + size_t(t_max) * n_neurons                 // picked marks
@@ -39,18 +39,18 @@ size_t SparseFfn::fixed_bytes(int n_layers, int n_neurons, int D, DType dt, int 
         // cache index (the rows themselves are the cache share of the budget)
         n += size_t(n_layers) * (4 * size_t(n_neurons) + 16 * size_t(opt.cache_rows) + 64);
     }
-    (void)n_threads;
     return n;
 }
 
-SparseFfn::SparseFfn(Source source, int n_layers, int n_neurons, int D, DType dt, int t_max, int n_threads,
-                     const SparseOptions& opt, const FileLayout* layout, std::vector<const void*> resident)
+SparseFfn::SparseFfn(Source source, int n_layers, int n_neurons, int D, DType dt, int t_max, const SparseOptions& opt,
+                     const FileLayout* layout, std::vector<const void*> resident)
     : source_(source), n_layers_(n_layers), n_neurons_(n_neurons), D_(D), t_max_(t_max), dt_(dt), opt_(opt),
       resident_(std::move(resident)) {
     FM_ARG(opt.sparsity >= 0.0 && opt.sparsity < 1.0, "sparsity must lie in [0, 1), got ", opt.sparsity);
     FM_ARG(opt.window >= 0, "window must be >= 0, got ", opt.window);
     FM_ARG(opt.coalesce_gap >= 0, "coalesce_gap must be >= 0, got ", opt.coalesce_gap);
-    predictor_.init(n_layers, n_neurons, D, t_max, n_threads);
+    FM_ARG(opt.cache_bias >= 0.0, "cache_bias must be >= 0, got ", opt.cache_bias);
+    predictor_.init(n_layers, n_neurons, D, t_max);
     scores_.allocate(sizeof(float) * size_t(t_max) * n_neurons);
     order_.allocate(4 * size_t(n_neurons));
     picked_.allocate(size_t(t_max) * n_neurons);
@@ -117,7 +117,7 @@ void SparseFfn::set_trace(std::vector<int32_t> ids, int n_steps, int k) {
            n_layers_, ", k) neuron ids");
     for (int32_t i : ids) FM_ARG(i >= 0 && i < n_neurons_, "trace neuron id ", i, " out of range [0, ", n_neurons_, ")");
     trace_ = std::move(ids);
-    trace_steps_ = n_steps, trace_k_ = k, trace_pos_ = 0;
+    trace_steps_ = n_steps, trace_k_ = k;
 }
 
 // Picks each token's neurons and builds the list of neurons this call computes (ascending) with
@@ -142,10 +142,15 @@ void SparseFfn::select(ThreadPool& pool, int l, const float* xn, int T) {
         if (all) {
             for (int i = 0; i < n; ++i) last[i] = tk;
         } else if (trace_steps_) {
-            const int32_t* ids = trace_.data() + (size_t(trace_pos_ % trace_steps_) * n_layers_ + l) * k;
+            const int32_t* ids = trace_.data() + (size_t(tk % trace_steps_) * n_layers_ + l) * k;
             for (int j = 0; j < k; ++j) last[ids[j]] = tk;
         } else {
-            const float* sc = scores_.data<float>() + size_t(t) * n;
+            float* sc = scores_.data<float>() + size_t(t) * n;
+            if (source_ == Source::Flash && opt_.cache_bias != 0.0 && caches_[l].capacity() > 0) {
+                const float boost = float(1.0 + opt_.cache_bias);
+                for (int i = 0; i < n; ++i)
+                    if (caches_[l].slot_of(i) >= 0) sc[i] *= boost;
+            }
             std::iota(order, order + n, 0);
             std::nth_element(order, order + (k - 1), order + n, [&](int32_t a, int32_t b) { return sc[a] > sc[b]; });
             for (int j = 0; j < k; ++j) last[order[j]] = tk;
@@ -155,7 +160,6 @@ void SparseFfn::select(ThreadPool& pool, int l, const float* xn, int T) {
             picked_now[i] |= last[i] == tk;
         }
     }
-    if (trace_steps_ && T == 1) ++trace_pos_;
     stats_.selected += uint64_t(all ? n : k) * T;
     // the list: neurons some token computes (in flash mode, window neurons only when cached)
     int32_t* list = list_.data<int32_t>();

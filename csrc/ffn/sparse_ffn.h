@@ -37,6 +37,8 @@ struct SparseOptions {
     int window = 0;            // tokens a neuron stays cached after its last use; 0: until evicted
     bool use_window = true;    // also compute with the neurons still in the window (free, in DRAM)
     bool expire = false;       // drop neurons that left the window (else they stay until evicted, LRU)
+    double cache_bias = 0.0;   // flash: cached neurons' scores count (1 + cache_bias) times when picking,
+                               // so near-ties go to neurons already in DRAM (fewer reads, steadier picks)
     int cache_rows = 0;        // per layer (flash)
     int staging_rows = 0;      // bundles one read round can hold (flash)
     int queue_depth = 32;
@@ -59,13 +61,13 @@ class SparseFfn {
   public:
     enum class Source { Resident, Flash };
     // resident: the layers' bundle matrices (n_neurons, 3*D) when source is Resident.
-    SparseFfn(Source source, int n_layers, int n_neurons, int D, DType dt, int t_max, int n_threads,
-              const SparseOptions& opt, const FileLayout* layout, std::vector<const void*> resident);
+    SparseFfn(Source source, int n_layers, int n_neurons, int D, DType dt, int t_max, const SparseOptions& opt,
+              const FileLayout* layout, std::vector<const void*> resident);
 
     // DRAM this class owns (cache, buffers, index), excluding the predictor.
     size_t bytes() const;
-    static size_t fixed_bytes(int n_layers, int n_neurons, int D, DType dt, int t_max, int n_threads,
-                              const SparseOptions& opt, const FileLayout* layout);
+    static size_t fixed_bytes(int n_layers, int n_neurons, int D, DType dt, int t_max, const SparseOptions& opt,
+                              const FileLayout* layout);
     static size_t row_bytes(int D, DType dt);  // one cached bundle
     // Predictor scores (T, n_neurons) of layer l (for tests against the reference).
     void predictor_scores(ThreadPool& pool, int l, const float* xn, int T, float* out) { predictor_.scores(pool, l, xn, T, out); }
@@ -82,7 +84,7 @@ class SparseFfn {
     void clear_cache();
     int cached(int layer) const { return caches_.empty() ? 0 : caches_[layer].size(); }
     // Replaces the predictor by fixed selections (for replaying traces): (n_steps, n_layers, k)
-    // neuron ids, step s of a decode uses row s % n_steps.
+    // neuron ids; the t-th token a layer runs (counted since the model was made) uses row t % n_steps.
     void set_trace(std::vector<int32_t> ids, int n_steps, int k);
     // A new sequence starts (position 0): the window forgets the previous one's picks; the
     // cache keeps its rows, which stay valid weights.
@@ -108,7 +110,7 @@ class SparseFfn {
     SparseStats stats_;
 
     std::vector<int32_t> trace_;
-    int trace_steps_ = 0, trace_k_ = 0, trace_pos_ = 0;
+    int trace_steps_ = 0, trace_k_ = 0;
     int n_list_ = 0;
     bool has_mask_ = false;
     std::vector<size_t> piece_blocks_;  // staging blocks per piece

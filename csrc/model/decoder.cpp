@@ -104,7 +104,7 @@ void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const 
     SparseOptions sized = opt;
     sized.cache_rows = flash ? c.hidden_dim : 0;  // for the index part of fixed_bytes
     const size_t fixed = expected_weight_bytes(!flash) + state_bytes() + predictor +
-                         SparseFfn::fixed_bytes(c.n_layers, c.hidden_dim, c.dim, c.dtype, chunk_, pool_.size(), sized,
+                         SparseFfn::fixed_bytes(c.n_layers, c.hidden_dim, c.dim, c.dtype, chunk_, sized,
                                                 flash ? layout : nullptr) + (size_t(1) << 16);
     minimum_budget_ = flash ? fixed : 0;
     if (flash) {
@@ -121,8 +121,8 @@ void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const 
     }
     std::vector<const void*> resident;
     if (!flash) resident.resize(c.n_layers, nullptr);  // filled once the bundles are loaded
-    sparse_ = std::make_unique<SparseFfn>(source, c.n_layers, c.hidden_dim, c.dim, c.dtype, chunk_, pool_.size(), opt,
-                                          layout, resident);
+    sparse_ = std::make_unique<SparseFfn>(source, c.n_layers, c.hidden_dim, c.dim, c.dtype, chunk_, opt, layout,
+                                          resident);
 }
 
 void Model::load_tensor(const std::string& kind, int layer, const std::string& path, uint64_t offset,

@@ -63,7 +63,10 @@ def load(path: str | None = None, dtype: str | None = None, threads: int | None 
     chosen by the predictor that `flashmem calibrate` fits (0: all, exact). window: tokens a
     neuron stays in DRAM after its last use; the FFN also computes with those still in the
     window. flash_options: ffn_layout ("bundled" or "unbundled"), queue_depth, coalesce_gap,
-    direct_io, cache_rows (neuron cache rows per layer when no budget is given; default all)."""
+    direct_io, cache_rows (neuron cache rows per layer when no budget is given; default all),
+    cache_bias (cached neurons' predictor scores count 1 + cache_bias times: fewer reads),
+    expire_window (drop neurons from DRAM once they leave the window, as the paper does; by
+    default they stay until the cache needs their rows)."""
     if dtype is not None and dtype not in ("f32", "f16", "bf16"):
         raise ValueError(f"dtype must be 'f32', 'f16' or 'bf16', got {dtype!r}")
     if path is None:

@@ -125,9 +125,9 @@ def cmd_eval_ppl(a) -> None:
     model = _load(a)
     ids = model.tokenizer.encode(text)
     ids = ids[-a.tokens:]  # the end of the file: calibrate fits on its beginning
-    ppl = model.perplexity(ids)
+    ppl = model.perplexity(ids, stepwise=a.stepwise)
     out = {"perplexity": round(ppl, 4), "tokens": len(ids), "sparsity": a.sparsity, "window": a.window,
-           "offload": a.offload}
+           "offload": a.offload, "stepwise": a.stepwise}
     if a.compare_dense and (a.sparsity or a.offload):
         import flashmem
 
@@ -172,6 +172,9 @@ def main(argv=None) -> int:
     e.add_argument("--data", required=True)
     e.add_argument("--tokens", type=int, default=4096)
     e.add_argument("--compare-dense", action="store_true", help="also report the dense engine's perplexity")
+    e.add_argument("--stepwise", action="store_true",
+                   help="one token at a time, exactly as generation runs (slower; with --offload flash the "
+                        "neuron cache evolves as when decoding)")
     e.set_defaults(fn=cmd_eval_ppl)
     a = p.parse_args(argv)
     try:

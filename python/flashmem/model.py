@@ -76,7 +76,7 @@ class Model:
     def __init__(self, folder: str, threads: int | None = None, max_context: int | None = None,
                  offload: str | None = None, dram_budget=None, sparsity: float = 0.0, window: int = 4,
                  ffn_layout: str = "bundled", queue_depth: int = 32, coalesce_gap: int = 2, direct_io: bool = True,
-                 cache_rows: int | None = None):
+                 cache_rows: int | None = None, cache_bias: float = 0.0, expire_window: bool = False):
         self.path = folder
         cfg_path = os.path.join(folder, "config.json")
         self.config = read_json(cfg_path)
@@ -108,7 +108,7 @@ class Model:
         c.rope_inv_freq, c.rope_attention_scaling = inv.tolist(), scale
         self._engine = _core.Model(c, threads)
         self._configure_ffn(folder, offload, dram_budget, sparsity, window, ffn_layout, queue_depth, coalesce_gap,
-                            direct_io, cache_rows)
+                            direct_io, cache_rows, cache_bias, expire_window)
         self._load_weights(folder)
         self.tokenizer = Tokenizer(folder)
         self.vocab_size, self.max_context = c.vocab_size, max_context
@@ -117,7 +117,7 @@ class Model:
         self._embed_mean = None  # mean row of the embedding table, for embed_key
 
     def _configure_ffn(self, folder, offload, dram_budget, sparsity, window, ffn_layout, queue_depth, coalesce_gap,
-                       direct_io, cache_rows) -> None:
+                       direct_io, cache_rows, cache_bias, expire_window) -> None:
         if offload not in (None, "none", "flash"):
             raise ValueError(f"offload must be None or 'flash', got {offload!r}")
         self.offload = "flash" if offload == "flash" else None
@@ -143,7 +143,8 @@ class Model:
         self._engine.configure_sparse("flash" if self.offload else "dram", float(sparsity), window, True,
                                       self.dram_budget or 0, bool(sparsity), queue_depth=queue_depth,
                                       coalesce_gap=coalesce_gap, direct=direct_io,
-                                      cache_rows=-1 if cache_rows is None else cache_rows, **kw)
+                                      cache_rows=-1 if cache_rows is None else cache_rows,
+                                      cache_bias=float(cache_bias), expire_window=bool(expire_window), **kw)
         if self.offload and not self._engine.sparse_stats()["direct_io"]:
             warnings.warn(f"{kw['path']}: the filesystem refused O_DIRECT; FFN reads go through the page cache, "
                           "which the DRAM budget does not count", RuntimeWarning, stacklevel=3)
@@ -237,8 +238,10 @@ class Model:
         self._kv_keys = []
         return self._engine.hidden_states(ids, 0)
 
-    def perplexity(self, text, max_tokens: int | None = None) -> float:
-        """exp(mean next-token NLL) over `text` or token ids (first max_tokens tokens, windows of max_context)."""
+    def perplexity(self, text, max_tokens: int | None = None, stepwise: bool = False) -> float:
+        """exp(mean next-token NLL) over `text` or token ids (first max_tokens tokens, windows of
+        max_context). stepwise=True feeds one token at a time, as generation does (with flash
+        offloading: the neuron cache, its bias and the window evolve exactly as when decoding)."""
         ids = (self.tokenizer.encode(text) if isinstance(text, str) else [int(t) for t in text])[:max_tokens]
         if len(ids) < 2:
             raise ValueError("perplexity needs at least 2 tokens of text")
@@ -246,7 +249,11 @@ class Model:
         self._kv_keys = []
         for s in range(0, len(ids) - 1, self.max_context):
             window = np.asarray(ids[s:s + self.max_context + 1], np.int32)
-            lg = self._engine.forward(np.ascontiguousarray(window[:-1]), 0, True).astype(np.float64)
+            if stepwise:
+                lg = np.stack([self._engine.forward(window[t:t + 1], t, False)
+                               for t in range(len(window) - 1)]).astype(np.float64)
+            else:
+                lg = self._engine.forward(np.ascontiguousarray(window[:-1]), 0, True).astype(np.float64)
             lg -= lg.max(axis=1, keepdims=True)
             logp = lg - np.log(np.exp(lg).sum(axis=1, keepdims=True))
             nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
