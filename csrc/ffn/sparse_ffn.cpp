@@ -193,6 +193,7 @@ void SparseFfn::forward(ThreadPool& pool, int l, float* out, const float* xn, in
     FM_ARG(opt_.sparsity == 0.0 || trace_steps_ || predictor_.loaded(),
            "sparsity > 0 needs the sparsity predictor: run `flashmem calibrate` on the model");
     auto t0 = Clock::now();
+    std::memset(flags_.data(), 0, flags_.size());  // here, not at the end: a read error may end a call early
     if (source_ == Source::Flash && opt_.window > 0 && opt_.expire) caches_[l].expire(step_[l] - opt_.window + 1);
     select(pool, l, xn, T);
     stats_.select_s += since(t0);
@@ -201,7 +202,6 @@ void SparseFfn::forward(ThreadPool& pool, int l, float* out, const float* xn, in
     ffn_begin(pool, T, D_, s);
     read_and_compute(pool, l, xn, T, s);
     ffn_end(pool, out, T, D_, s);
-    std::memset(flags_.data(), 0, flags_.size());
 }
 
 // Resolves every list entry to a row (resident matrix, cache, or read from the file), reading the
@@ -274,11 +274,12 @@ void SparseFfn::read_and_compute(ThreadPool& pool, int l, const float* xn, int T
         pending_off_.clear();
     };
 
+    const uint8_t* picked_now = flags_.data<uint8_t>() + n_neurons_;
     int seg = 0;
     for (int pos = 0; pos < n_list_; ++pos) {
         const int i = list[pos];
         if (cache.slot_of(i) >= 0) {
-            stats_.hits += 1;
+            stats_.hits += picked_now[i];  // window neurons are in the cache by definition
             continue;
         }
         stats_.misses += 1;
