@@ -86,6 +86,8 @@ def write_unbundled(folder: str, config: dict) -> str:
         for j, k in enumerate(("gate", "up", "down_t")):
             w.write(f"model.layers.{l}.mlp.{k}", np.ascontiguousarray(b[:, j * d:(j + 1) * d]))
     w.close()
+    with open(out + ".part", "ab") as f:  # whole 4096-byte blocks, so an aligned read never passes the end
+        f.write(b"\0" * (-f.tell() % 4096))
     os.replace(out + ".part", out)
     return out
 
