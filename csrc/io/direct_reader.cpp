@@ -1,7 +1,5 @@
 #include "io/direct_reader.h"
 
-#include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -9,22 +7,13 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "io/file.h"
 
 namespace fm {
 
 DirectReader::DirectReader(const std::string& path, int queue_depth, bool direct) : path_(path) {
     FM_ARG(queue_depth >= 1 && queue_depth <= 256, "queue_depth must lie in [1, 256], got ", queue_depth);
-    fd_ = direct ? ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT) : -1;
-    direct_ = fd_ >= 0;
-    if (fd_ < 0) fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);  // filesystem refused O_DIRECT
-    FM_IO(fd_ >= 0, "cannot open '", path, "': ", std::strerror(errno));
-    struct stat st;
-    if (::fstat(fd_, &st) != 0) {
-        int e = errno;
-        ::close(fd_);
-        FM_IO(false, "cannot stat '", path, "': ", std::strerror(e));
-    }
-    size_ = uint64_t(st.st_size);
+    fd_ = open_read(path, &size_, direct, &direct_);
     for (int i = 1; i < queue_depth; ++i) threads_.emplace_back([this] { worker(); });
 }
 

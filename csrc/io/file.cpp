@@ -11,17 +11,22 @@
 
 namespace fm {
 
-File::File(const std::string& path) : path_(path) {
-    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    FM_IO(fd_ >= 0, "cannot open '", path, "': ", std::strerror(errno));
+int open_read(const std::string& path, uint64_t* size, bool try_direct, bool* is_direct) {
+    int fd = try_direct ? ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT) : -1;
+    if (is_direct) *is_direct = fd >= 0;
+    if (fd < 0) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);  // plain, or O_DIRECT refused
+    FM_IO(fd >= 0, "cannot open '", path, "': ", std::strerror(errno));
     struct stat st;
-    if (::fstat(fd_, &st) != 0) {
+    if (::fstat(fd, &st) != 0) {
         int e = errno;
-        ::close(fd_);
+        ::close(fd);
         FM_IO(false, "cannot stat '", path, "': ", std::strerror(e));
     }
-    size_ = uint64_t(st.st_size);
+    *size = uint64_t(st.st_size);
+    return fd;
 }
+
+File::File(const std::string& path) : path_(path) { fd_ = open_read(path, &size_); }
 
 File::~File() {
     if (fd_ >= 0) ::close(fd_);

@@ -6,6 +6,11 @@
 
 namespace fm {
 
+// Opens `path` read-only and returns the descriptor, with its size in *size; throws
+// std::runtime_error naming the file. With try_direct, O_DIRECT is tried first and *is_direct
+// says whether the filesystem accepted it (else the file is open buffered).
+int open_read(const std::string& path, uint64_t* size, bool try_direct = false, bool* is_direct = nullptr);
+
 class File {
   public:
     explicit File(const std::string& path);

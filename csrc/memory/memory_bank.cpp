@@ -1,5 +1,7 @@
 #include "memory/memory_bank.h"
 
+#include "io/file.h"
+
 #include "memory/hnsw_index.h"
 #include "memory/ivf_index.h"
 #include "memory/lsh_index.h"
@@ -419,15 +421,9 @@ void MemoryBank::save(const std::string& path) const {
 }
 
 std::unique_ptr<MemoryBank> MemoryBank::load(const std::string& path, bool use_mmap) {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    FM_IO(fd >= 0, "cannot open '", path, "': ", std::strerror(errno));
-    struct stat st;
-    if (::fstat(fd, &st) != 0) {
-        int e = errno;
-        ::close(fd);
-        FM_IO(false, "cannot stat '", path, "': ", std::strerror(e));
-    }
-    const size_t size = size_t(st.st_size);
+    uint64_t file_size = 0;
+    int fd = open_read(path, &file_size);
+    const size_t size = size_t(file_size);
     uint8_t* base = nullptr;
     std::vector<uint8_t> data;
     if (size < kPreamble) {
