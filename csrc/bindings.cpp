@@ -296,17 +296,22 @@ NB_MODULE(_core, m) {
         "predictor_scores_ref",
         [](nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> gs,
            nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> us, CF32Array gr, CF32Array ur,
-           CF32Array gc, CF32Array uc, CF32Array x) {
-            const int D = int(x.size()), n = int(gs.shape(0));
+           CF32Array gc, CF32Array uc, nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> od,
+           nb::ndarray<const int8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> ow, CF32Array os, CF32Array x) {
+            const int D = int(x.size()), n = int(gs.shape(0)), M = int(od.shape(0));
             FM_ARG(gs.shape(1) == size_t((D + 7) / 8) && us.shape(0) == gs.shape(0) && us.shape(1) == gs.shape(1) &&
-                       gr.size() == size_t(n) && ur.size() == size_t(n) && gc.size() == size_t(D) && uc.size() == size_t(D),
+                       gr.size() == size_t(n) && ur.size() == size_t(n) && gc.size() == size_t(D) && uc.size() == size_t(D) &&
+                       ow.shape(0) == size_t(n) && ow.shape(1) == size_t(2 * M) && os.size() == size_t(2 * M),
                    "predictor tensors do not match");
+            for (int j = 0; j < M; ++j) FM_ARG(od.data()[j] >= 0 && od.data()[j] < D, "outlier dim out of range");
             auto out = numpy_owned<float>({size_t(n)});
-            fm::predictor_scores_ref(gs.data(), us.data(), gr.data(), ur.data(), gc.data(), uc.data(), x.data(), D, n,
-                                     out.data());
+            fm::predictor_scores_ref({gs.data(), us.data(), gr.data(), ur.data(), gc.data(), uc.data(), od.data(), ow.data(),
+                                      os.data(), M},
+                                     x.data(), D, n, out.data());
             return out;
         },
-        "gate_sign"_a, "up_sign"_a, "gate_row"_a, "up_row"_a, "gate_col"_a, "up_col"_a, "x"_a,
+        "gate_sign"_a, "up_sign"_a, "gate_row"_a, "up_row"_a, "gate_col"_a, "up_col"_a, "outlier_dims"_a,
+        "outlier_weight"_a, "outlier_scale"_a, "x"_a,
         "Scalar reference of the sparsity predictor's scores for one token.");
     m.def("cuda_available", &fm::cuda::available, "True when built with CUDA and a GPU is visible");
     m.def("cuda_gemv_f16", [](CF32Array x, nb::ndarray<const uint16_t, nb::c_contig, nb::device::cpu> w) {

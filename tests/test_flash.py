@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import flashmem
-from flashmem.calibrate import calibrate
+from flashmem.calibrate import PARTS as PREDICTOR_PARTS, calibrate, predict
 
 from conftest import shared_data
 
@@ -169,6 +169,29 @@ def test_missing_predictor(folder):
             flashmem.load(folder, threads=2, sparsity=bad)
 
 
+def test_corrupt_or_old_predictor(calibrated, tmp_path):
+    """A predictor with an out-of-range outlier dim, or one from before the outlier part: clear errors."""
+    from flashmem import safetensors_io as st
+
+    src, _ = calibrated
+    path = os.path.join(src, "predictor.safetensors")
+    infos, _ = st.read_header(path)
+    tensors = {name: st.load_tensor(path, info) for name, info in infos.items()}
+    for case in ("bad_dim", "old"):
+        dst = linked_copy(src, tmp_path / case)
+        keep = {k: v.copy() for k, v in tensors.items() if case != "old" or ".outlier_" not in k}
+        if case == "bad_dim":
+            keep["model.layers.3.mlp.predictor.outlier_dims"][5] = 576
+        w = st.Writer(os.path.join(dst, "predictor.safetensors"),
+                      [(k, infos[k].tag, tuple(v.shape)) for k, v in keep.items()])
+        for k, v in keep.items():
+            w.write(k, v)
+        w.close()
+        match = "predictor.safetensors': predictor of layer 3: outlier dim 576 out of range" if case == "bad_dim" else "outlier_dims' is missing; run `flashmem calibrate"
+        with pytest.raises(ValueError, match=match):
+            flashmem.load(dst, threads=2, max_context=64, sparsity=0.5)
+
+
 def test_truncated_bundle_file(folder, tmp_path):
     dst = linked_copy(folder, tmp_path / "m", copy=("ffn_bundles.safetensors",))
     path = os.path.join(dst, "ffn_bundles.safetensors")
@@ -223,9 +246,11 @@ def test_predictor_scores_match_reference(calibrated):
     path = os.path.join(dst, "predictor.safetensors")
     infos, _ = st.read_header(path)
     for l in (0, 17, 29):
-        p = {k: st.load_tensor(path, infos[f"model.layers.{l}.mlp.predictor.{k}"])
-             for k in ("gate_sign", "up_sign", "gate_row", "up_row", "gate_col", "up_col")}
+        p = {k: st.load_tensor(path, infos[f"model.layers.{l}.mlp.predictor.{k}"]) for k in PREDICTOR_PARTS}
+        assert p["outlier_weight"].dtype == np.int8 and p["outlier_dims"].shape == (8,)
+        assert (p["gate_col"][p["outlier_dims"]] == 0).all()  # the int8 part covers the outlier dims
         got = m._engine.predictor_scores(l, np.ascontiguousarray(x[l]))
+        np.testing.assert_allclose(got, predict(p, x[l]), rtol=1e-3, atol=1e-4 * np.abs(got).max())
         for t in range(x.shape[1]):
             ref = _core.predictor_scores_ref(x=x[l, t], **p)
             np.testing.assert_allclose(got[t], ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())

@@ -17,7 +17,8 @@ bool Predictor::loaded() const {
     if (layers_.empty()) return false;
     for (const auto& L : layers_)
         if (!L.gate_sign.size() || !L.up_sign.size() || !L.gate_row.size() || !L.up_row.size() ||
-            !L.gate_col.size() || !L.up_col.size())
+            !L.gate_col.size() || !L.up_col.size() || !L.outlier_dims.size() || !L.outlier_weight.size() ||
+            !L.outlier_scale.size())
             return false;
     return true;
 }
@@ -26,22 +27,38 @@ size_t Predictor::bytes() const {
     size_t n = z_.size();
     for (const auto& L : layers_)
         n += L.gate_sign.size() + L.up_sign.size() + L.gate_row.size() + L.up_row.size() + L.gate_col.size() +
-             L.up_col.size();
+             L.up_col.size() + L.outlier_dims.size() + L.outlier_weight.size() + L.outlier_scale.size();
     return n;
 }
 
 size_t Predictor::bytes_for(int n_layers, int n_neurons, int D, int t_max) {
     auto buf = [](size_t n) { return (n + 63) / 64 * 64; };
+    const size_t M = D < kOutlierDims ? D : kOutlierDims;
     return size_t(n_layers) * (2 * buf(size_t(n_neurons) * ((D + 7) / 8)) + 2 * buf(4 * size_t(n_neurons)) +
-                               2 * buf(4 * size_t(D))) +
-           buf(sizeof(float) * size_t(t_max) * 2 * D);
+                               2 * buf(4 * size_t(D)) + buf(4 * M) + buf(size_t(n_neurons) * 2 * M) + buf(8 * M)) +
+           buf(sizeof(float) * size_t(t_max) * 2 * (D + M));
 }
 
 Buffer& Predictor::tensor(int layer, const std::string& kind, std::vector<int64_t>& shape, const char*& dtype) {
     FM_ARG(layer >= 0 && layer < int(layers_.size()), "predictor layer ", layer, " out of range");
-    if (!z_.size()) z_.allocate(sizeof(float) * size_t(t_max_) * 2 * D_);
+    const int M = outlier_dims();
+    if (!z_.size()) z_.allocate(sizeof(float) * size_t(t_max_) * 2 * (D_ + M));
     PredictorLayer& L = layers_[layer];
     dtype = "f32";
+    if (kind == "outlier_dims") {
+        dtype = "i32";
+        shape = {M};
+        return L.outlier_dims;
+    }
+    if (kind == "outlier_weight") {
+        dtype = "i8";
+        shape = {n_neurons_, 2 * M};
+        return L.outlier_weight;
+    }
+    if (kind == "outlier_scale") {
+        shape = {2 * M};
+        return L.outlier_scale;
+    }
     if (kind == "gate_sign" || kind == "up_sign") {
         dtype = "u8";
         shape = {n_neurons_, sign_row_bytes()};
@@ -60,22 +77,34 @@ namespace {
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 }  // namespace
 
+void Predictor::check_outlier_dims(int l, const std::string& path) const {
+    const int32_t* dims = layers_[l].outlier_dims.data<int32_t>();
+    for (int j = 0; j < outlier_dims(); ++j)
+        FM_ARG(dims[j] >= 0 && dims[j] < D_, "'", path, "': predictor of layer ", l, ": outlier dim ", dims[j],
+               " out of range [0, ", D_, ")");
+}
+
 void Predictor::scores(ThreadPool& pool, int l, const float* xn, int T, float* out) {
     const Kernels& K = kernels();
     const PredictorLayer& L = layers_[l];
-    const int D = D_, rb = sign_row_bytes();
-    float* z = z_.data<float>();  // (T, 2, D)
+    const int D = D_, M = outlier_dims(), rb = sign_row_bytes(), stride = 2 * (D + M);
+    const int32_t* dims = L.outlier_dims.data<int32_t>();
+    const float* scale = L.outlier_scale.data<float>();
+    float* z = z_.data<float>();  // per token: gate col*x (D), up col*x (D), scale*x on the outlier dims (2M)
     float sums[2 * 256];          // sum of z per token and matrix (T <= t_max <= 256)
     FM_ARG(T <= 256, "predictor: at most 256 tokens per call");
     for (int t = 0; t < T; ++t) {
-        float* zg = z + size_t(t) * 2 * D;
+        const float* x = xn + size_t(t) * D;
+        float* zg = z + size_t(t) * stride;
         float* zu = zg + D;
+        float* zo = zu + D;
         double sg = 0, su = 0;
         for (int k = 0; k < D; ++k) {
-            zg[k] = L.gate_col.data<float>()[k] * xn[size_t(t) * D + k];
-            zu[k] = L.up_col.data<float>()[k] * xn[size_t(t) * D + k];
+            zg[k] = L.gate_col.data<float>()[k] * x[k];
+            zu[k] = L.up_col.data<float>()[k] * x[k];
             sg += zg[k], su += zu[k];
         }
+        for (int j = 0; j < 2 * M; ++j) zo[j] = scale[j] * x[dims[j % M]];
         sums[2 * t] = float(sg), sums[2 * t + 1] = float(su);
     }
     pool.run([&](int tid, int nt) {
@@ -83,30 +112,36 @@ void Predictor::scores(ThreadPool& pool, int l, const float* xn, int T, float* o
         for (size_t i = n0; i < n1; ++i) {
             const uint8_t* gs = L.gate_sign.data<uint8_t>() + i * rb;
             const uint8_t* us = L.up_sign.data<uint8_t>() + i * rb;
+            const int8_t* q = L.outlier_weight.data<int8_t>() + i * 2 * M;
             const float gr = L.gate_row.data<float>()[i], ur = L.up_row.data<float>()[i];
             for (int t = 0; t < T; ++t) {
-                const float* zg = z + size_t(t) * 2 * D;
-                const float g = gr * (2.0f * K.bit_sum(gs, zg, D) - sums[2 * t]);
-                const float u = ur * (2.0f * K.bit_sum(us, zg + D, D) - sums[2 * t + 1]);
+                const float* zg = z + size_t(t) * stride;
+                const float* zo = zg + 2 * D;
+                float g = gr * (2.0f * K.bit_sum(gs, zg, D) - sums[2 * t]);
+                float u = ur * (2.0f * K.bit_sum(us, zg + D, D) - sums[2 * t + 1]);
+                for (int j = 0; j < M; ++j) g += float(q[j]) * zo[j], u += float(q[M + j]) * zo[M + j];
                 out[size_t(t) * n_neurons_ + i] = std::fabs(silu(g) * u);
             }
         }
     });
 }
 
-void predictor_scores_ref(const uint8_t* gate_sign, const uint8_t* up_sign, const float* gate_row,
-                          const float* up_row, const float* gate_col, const float* up_col, const float* x, int D,
-                          int n_neurons, float* out) {
-    const int rb = (D + 7) / 8;
+void predictor_scores_ref(const PredictorRef& p, const float* x, int D, int n_neurons, float* out) {
+    const int rb = (D + 7) / 8, M = p.M;
     for (int i = 0; i < n_neurons; ++i) {
         double g = 0, u = 0;
         for (int k = 0; k < D; ++k) {
-            const bool gp = (gate_sign[size_t(i) * rb + k / 8] >> (k % 8)) & 1;
-            const bool up = (up_sign[size_t(i) * rb + k / 8] >> (k % 8)) & 1;
-            g += (gp ? 1.0 : -1.0) * gate_col[k] * x[k];
-            u += (up ? 1.0 : -1.0) * up_col[k] * x[k];
+            const bool gp = (p.gate_sign[size_t(i) * rb + k / 8] >> (k % 8)) & 1;
+            const bool up = (p.up_sign[size_t(i) * rb + k / 8] >> (k % 8)) & 1;
+            g += (gp ? 1.0 : -1.0) * p.gate_col[k] * x[k];
+            u += (up ? 1.0 : -1.0) * p.up_col[k] * x[k];
         }
-        g *= gate_row[i], u *= up_row[i];
+        g *= p.gate_row[i], u *= p.up_row[i];
+        for (int j = 0; j < M; ++j) {
+            const double xo = x[p.outlier_dims[j]];
+            g += double(p.outlier_weight[size_t(i) * 2 * M + j]) * p.outlier_scale[j] * xo;
+            u += double(p.outlier_weight[size_t(i) * 2 * M + M + j]) * p.outlier_scale[M + j] * xo;
+        }
         out[i] = float(std::fabs(g / (1.0 + std::exp(-g)) * u));
     }
 }

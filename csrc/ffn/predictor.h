@@ -1,9 +1,10 @@
 // Sparsity predictor, one per layer, fitted by `flashmem calibrate`: it estimates each neuron's
-// contribution |silu(gate_i . x) * (up_i . x)| from 1-bit copies of the gate and up matrices,
-//   gate_i . x  ~  row_i * sum_k sign(W_ik) * col_k * x_k
+// contribution |silu(gate_i . x) * (up_i . x)| from 1-bit copies of the gate and up matrices plus
+// int8 copies of their columns for the few input dims that carry most of x's energy:
+//   gate_i . x  ~  row_i * sum_k sign(W_ik) * col_k * x_k  +  sum_j q_ij * scale_j * x_{dim_j}
 // (signs packed 8 per byte; |W| approximated by the rank-1 product row col^T, row refitted on
-// calibration data). Both matrices together take 2 bits per weight pair, about 4.5% of an f16
-// FFN's bytes; resident in DRAM.
+// calibration data; col is 0 on the outlier dims, which the int8 part covers). Together about 4.9%
+// of an f16 FFN's bytes; resident in DRAM.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -19,29 +20,45 @@ struct PredictorLayer {
     Buffer gate_sign, up_sign;  // (n_neurons, row_bytes) uint8: bit k set where W_ik > 0
     Buffer gate_row, up_row;    // (n_neurons) f32
     Buffer gate_col, up_col;    // (D) f32
+    Buffer outlier_dims;        // (M) int32: the input dims with int8 weights
+    Buffer outlier_weight;      // (n_neurons, 2M) int8: gate's M columns, then up's
+    Buffer outlier_scale;       // (2M) f32: weight = int8 * scale, per column
 };
+
+// M = min(kOutlierDims, D) outlier dims per layer.
+constexpr int kOutlierDims = 8;
 
 class Predictor {
   public:
     void init(int n_layers, int n_neurons, int D, int t_max);
-    bool loaded() const;  // every layer has its six tensors
+    bool loaded() const;  // every layer has its nine tensors
     size_t bytes() const;
     int sign_row_bytes() const { return (D_ + 7) / 8; }
     static size_t bytes_for(int n_layers, int n_neurons, int D, int t_max);
-    // kind: gate_sign, up_sign (uint8), gate_row, up_row (n_neurons f32), gate_col, up_col (D f32)
+    int outlier_dims() const { return D_ < kOutlierDims ? D_ : kOutlierDims; }
+    // kind: gate_sign, up_sign (uint8), gate_row, up_row (n_neurons f32), gate_col, up_col (D f32),
+    // outlier_dims (M int32), outlier_weight (n_neurons, 2M int8), outlier_scale (2M f32)
     Buffer& tensor(int layer, const std::string& kind, std::vector<int64_t>& expect_shape, const char*& dtype);
     // scores (T, n_neurons) of the FFN inputs xn (T, D) of layer l.
     void scores(ThreadPool& pool, int l, const float* xn, int T, float* out);
+    // Raises (naming `path`) unless every outlier dim of layer l is in [0, D); call once loaded.
+    void check_outlier_dims(int l, const std::string& path) const;
 
   private:
     int n_neurons_ = 0, D_ = 0, t_max_ = 0;
     std::vector<PredictorLayer> layers_;
-    Buffer z_;  // (t_max, 2, D) col * x for gate and up
+    Buffer z_;  // (t_max, 2, D + M) col * x for gate and up, then scale * x on the outlier dims
 };
 
-// Reference for tests: the same scores in double precision.
-void predictor_scores_ref(const uint8_t* gate_sign, const uint8_t* up_sign, const float* gate_row,
-                          const float* up_row, const float* gate_col, const float* up_col, const float* x, int D,
-                          int n_neurons, float* out);
+// Reference for tests: the same scores in double precision, for one token x (D).
+struct PredictorRef {
+    const uint8_t *gate_sign, *up_sign;
+    const float *gate_row, *up_row, *gate_col, *up_col;
+    const int32_t* outlier_dims;
+    const int8_t* outlier_weight;
+    const float* outlier_scale;
+    int M;
+};
+void predictor_scores_ref(const PredictorRef& p, const float* x, int D, int n_neurons, float* out);
 
 }  // namespace fm

@@ -160,9 +160,11 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
         FM_ARG(dtype == want_dtype, what, " in '", path, "': expected dtype ", want_dtype, ", got ", dtype);
         FM_ARG(shape == want, what, " in '", path, "': expected shape (", want[0], want.size() == 2 ? ", " : "",
                want.size() == 2 ? std::to_string(want[1]) : std::string(), "), got another");
-        const size_t n = size_t(want[0]) * (want.size() == 2 ? size_t(want[1]) : 1) * (dtype == "u8" ? 1 : 4);
+        const size_t esz = dtype == "u8" || dtype == "i8" ? 1 : 4;
+        const size_t n = size_t(want[0]) * (want.size() == 2 ? size_t(want[1]) : 1) * esz;
         buf.allocate(n);
         File(path).read_exact(buf.data(), n, offset, what);
+        if (kind == "pred_outlier_dims") sparse_->predictor().check_outlier_dims(layer, path);
         return;
     } else FM_ARG(false, "unknown tensor kind '", kind, "'");
 

@@ -1,13 +1,16 @@
 """`flashmem calibrate`: fits the per-layer sparsity predictors.
 
 The predictor (csrc/ffn/predictor.h) estimates each neuron's contribution
-|silu(gate_i . x) * (up_i . x)| from 1-bit copies of the gate and up matrices:
-    gate_i . x  ~  row_i * sum_k sign(W_ik) * col_k * x_k
-Signs come from the weights; |W| is approximated by its best rank-1 product row col^T (the top
-singular pair of |W|); then row_i is refitted by least squares so that the estimate matches
-gate_i . x on the calibration tokens' FFN inputs, which the engine records. Gate and up
-together take 2 bits per weight pair plus a few vectors: about 4.5% of an f16 FFN's bytes, and
-well under the 5% budget. No training loop: seconds per layer.
+|silu(gate_i . x) * (up_i . x)| from 1-bit copies of the gate and up matrices, plus int8 copies
+of their columns on the M = 8 input dims that carry most of the FFN input's energy:
+    gate_i . x  ~  row_i * sum_k sign(W_ik) * col_k * x_k  +  sum_j q_ij * scale_j * x_{dim_j}
+The FFN inputs of this model have a few outlier dims (the top 8 of 576 hold 16-72% of E[x^2],
+depending on the layer), and a sign is a poor copy of a weight that such a dim multiplies.
+Signs come from the weights; |W| off the outlier dims is approximated by its best rank-1 product
+row col^T (the top singular pair of |W|); then row_i is refitted by least squares so that the
+estimate matches gate_i . x on the calibration tokens' FFN inputs, which the engine records.
+Gate and up together take 2 bits per weight pair plus 2M bytes per neuron and a few vectors:
+about 4.9% of an f16 FFN's bytes, under the 5% budget. No training loop: seconds per layer.
 
 The last 10% of the calibration tokens are held out to report recall: the fraction of a token's
 true top neurons (by exact contribution) that the predictor's top picks contain, at 50% and at
@@ -23,16 +26,33 @@ from tqdm.auto import tqdm
 from . import safetensors_io as st
 from .flash import PREDICTOR_FILE
 
-PARTS = ("gate_sign", "up_sign", "gate_row", "up_row", "gate_col", "up_col")
+PARTS = ("gate_sign", "up_sign", "gate_row", "up_row", "gate_col", "up_col", "outlier_dims", "outlier_weight",
+         "outlier_scale")
+OUTLIER_DIMS = 8  # csrc/ffn/predictor.h: kOutlierDims
 
 
 def _silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def fit_matrix(W: np.ndarray, x: np.ndarray):
-    """1-bit fit of W (n, d) on inputs x (N, d): packed signs (n, ceil(d/8)), row (n), col (d)."""
+def outlier_dims(x: np.ndarray, m: int = OUTLIER_DIMS) -> np.ndarray:
+    """The m input dims of largest mean square over the calibration inputs x (N, d), as int32."""
+    return np.sort(np.argsort(-(x.astype(np.float64) ** 2).mean(0))[:min(m, x.shape[1])]).astype(np.int32)
+
+
+def quantize_columns(W: np.ndarray):
+    """Symmetric int8 per column: (q int8 like W, scale f32 per column); W ~ q * scale."""
+    scale = np.abs(W).max(0) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return np.clip(np.round(W / scale), -127, 127).astype(np.int8), scale
+
+
+def fit_matrix(W: np.ndarray, x: np.ndarray, dims: np.ndarray):
+    """Fit of W (n, d) on inputs x (N, d): packed signs (n, ceil(d/8)), row (n), col (d) (0 on the outlier
+    `dims`), and the outlier columns as int8 q (n, len(dims)) with their scales."""
+    q, scale = quantize_columns(W[:, dims])
     A = np.abs(W).astype(np.float64)
+    A[:, dims] = 0  # the int8 part covers these dims
     col = A.mean(0)  # power iteration for the top singular pair of |W| (all entries >= 0)
     for _ in range(30):
         row = A @ col
@@ -40,21 +60,36 @@ def fit_matrix(W: np.ndarray, x: np.ndarray):
         col /= np.linalg.norm(col) + 1e-30
     row = A @ col
     S = np.where(W > 0, 1.0, -1.0)
-    est = (x.astype(np.float64) * col) @ S.T  # (N, n): sum_k sign * col_k * x_k
-    exact = x.astype(np.float64) @ W.T.astype(np.float64)
+    x64 = x.astype(np.float64)
+    est = (x64 * col) @ S.T  # (N, n): sum_k sign * col_k * x_k
+    exact = x64 @ W.T.astype(np.float64) - x64[:, dims] @ (q * scale).T.astype(np.float64)
     den = (est * est).sum(0)
     fitted = np.where(den > 0, (est * exact).sum(0) / np.maximum(den, 1e-30), row)
     bits = np.packbits(W > 0, axis=1, bitorder="little")
-    return bits, fitted.astype(np.float32), col.astype(np.float32)
+    return bits, fitted.astype(np.float32), col.astype(np.float32), q, scale
+
+
+def fit_layer(gate: np.ndarray, up: np.ndarray, x: np.ndarray) -> dict:
+    """The predictor tensors of one layer (see PARTS) from its gate and up (n, d) and FFN inputs x (N, d)."""
+    dims = outlier_dims(x)
+    p = {"outlier_dims": dims}
+    p["gate_sign"], p["gate_row"], p["gate_col"], qg, sg = fit_matrix(gate, x, dims)
+    p["up_sign"], p["up_row"], p["up_col"], qu, su = fit_matrix(up, x, dims)
+    p["outlier_weight"] = np.ascontiguousarray(np.concatenate([qg, qu], axis=1))
+    p["outlier_scale"] = np.concatenate([sg, su]).astype(np.float32)
+    return p
 
 
 def predict(parts: dict, x: np.ndarray) -> np.ndarray:
     """Scores (N, n) of inputs x (N, d), as the engine computes them."""
     d = x.shape[1]
+    dims, q, scale = parts["outlier_dims"], parts["outlier_weight"].astype(np.float32), parts["outlier_scale"]
+    m = len(dims)
     out = []
-    for m in ("gate", "up"):
-        s = np.unpackbits(parts[f"{m}_sign"], axis=1, bitorder="little", count=d).astype(np.float32) * 2 - 1
-        out.append(((x * parts[f"{m}_col"]) @ s.T) * parts[f"{m}_row"])
+    for j, name in enumerate(("gate", "up")):
+        s = np.unpackbits(parts[f"{name}_sign"], axis=1, bitorder="little", count=d).astype(np.float32) * 2 - 1
+        exact = x[:, dims] @ (q[:, j * m:(j + 1) * m] * scale[j * m:(j + 1) * m]).T
+        out.append(((x * parts[f"{name}_col"]) @ s.T) * parts[f"{name}_row"] + exact)
     return np.abs(_silu(out[0]) * out[1])
 
 
@@ -68,7 +103,8 @@ def recall(scores, target, keep):
 
 
 def predictor_bytes(d: int, ff: int) -> int:
-    return 2 * ff * ((d + 7) // 8) + 4 * (2 * ff + 2 * d)
+    m = min(OUTLIER_DIMS, d)
+    return 2 * ff * ((d + 7) // 8) + 4 * (2 * ff + 2 * d) + 4 * m + 2 * m * ff + 8 * m
 
 
 def calibrate(model, text: str, tokens: int = 8192, progress: bool = True) -> dict:
@@ -88,23 +124,24 @@ def calibrate(model, text: str, tokens: int = 8192, progress: bool = True) -> di
     n_train = n - max(n // 10, 64)
     bundles = os.path.join(model.path, cfg["flashmem"]["ffn"].get("file", "ffn_bundles.safetensors"))
     infos, _ = st.read_header(bundles)
-    rb = (d + 7) // 8
+    rb, m = (d + 7) // 8, min(OUTLIER_DIMS, d)
     out = os.path.join(model.path, PREDICTOR_FILE)
     specs = []
     for l in range(n_layers):
         p = f"model.layers.{l}.mlp.predictor."
         specs += [(p + "gate_sign", "u8", (ff, rb)), (p + "up_sign", "u8", (ff, rb)), (p + "gate_row", "f32", (ff,)),
-                  (p + "up_row", "f32", (ff,)), (p + "gate_col", "f32", (d,)), (p + "up_col", "f32", (d,))]
+                  (p + "up_row", "f32", (ff,)), (p + "gate_col", "f32", (d,)), (p + "up_col", "f32", (d,)),
+                  (p + "outlier_dims", "i32", (m,)), (p + "outlier_weight", "i8", (ff, 2 * m)),
+                  (p + "outlier_scale", "f32", (2 * m,))]
     ffn_bytes = 3 * d * ff * (4 if tag == "f32" else 2)
     report = {"tokens": n, "held_out_tokens": n - n_train, "predictor_share_of_ffn": predictor_bytes(d, ff) / ffn_bytes,
               "recall_at_50": [], "recall_at_80": []}
-    w = st.Writer(out + ".part", specs, {"predictor": "1-bit gate/up, rank-1 magnitudes", "tokens": str(n)})
+    w = st.Writer(out + ".part", specs, {"predictor": "1-bit gate/up, rank-1 magnitudes, int8 outlier dims",
+                                         "tokens": str(n)})
     for l in tqdm(range(n_layers), desc="calibrate predictors", unit="layer", disable=not progress):
         b = st.to_f32(st.load_tensor(bundles, infos[f"model.layers.{l}.mlp.bundles"]), tag)
         x, gate, up = X[l], b[:, :d], b[:, d:2 * d]
-        parts = {}
-        parts["gate_sign"], parts["gate_row"], parts["gate_col"] = fit_matrix(gate, x[:n_train])
-        parts["up_sign"], parts["up_row"], parts["up_col"] = fit_matrix(up, x[:n_train])
+        parts = fit_layer(gate, up, x[:n_train])
         xh = x[n_train:]
         contrib = np.abs(_silu(xh @ gate.T) * (xh @ up.T))
         scores = predict(parts, xh)

@@ -25,8 +25,10 @@ DTYPES = {
     "I64": (np.int64, "i64"),
     "I32": (np.int32, "i32"),
     "U8": (np.uint8, "u8"),
+    "I8": (np.int8, "i8"),
 }
-TAG_TO_ST = {"f32": "F32", "f16": "F16", "bf16": "BF16", "u8": "U8"}
+TAG_TO_ST = {"f32": "F32", "f16": "F16", "bf16": "BF16", "u8": "U8", "i8": "I8", "i32": "I32"}
+TAG_SIZE = {"f32": 4, "f16": 2, "bf16": 2, "u8": 1, "i8": 1, "i32": 4}
 MAX_HEADER = 100 << 20
 
 
@@ -126,7 +128,7 @@ class Writer:
                  align: int = 8):
         self.path, self._order, header, off = path, [], {}, 0
         for name, tag, shape in specs:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * {"f32": 4, "u8": 1}.get(tag, 2)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * TAG_SIZE[tag]
             header[name] = {"dtype": TAG_TO_ST[tag], "shape": list(shape), "data_offsets": [off, off + nbytes]}
             self._order.append((name, tag, tuple(shape)))
             off += nbytes
