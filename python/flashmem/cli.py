@@ -28,7 +28,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dram-budget", default=None, help="with --offload flash: DRAM the engine may own, e.g. 200MB")
     p.add_argument("--sparsity", type=float, default=0.0,
                    help="fraction of FFN neurons left out per token (needs `flashmem calibrate`)")
-    p.add_argument("--window", type=int, default=4, help="tokens a neuron stays in DRAM after its last use")
+    p.add_argument("--window", type=int, default=5, help="tokens a neuron stays in DRAM after its last use")
 
 
 def _sampling(a) -> dict:

@@ -74,7 +74,7 @@ class Model:
     """A Llama-family model in the native engine. Use `flashmem.load()` to make one."""
 
     def __init__(self, folder: str, threads: int | None = None, max_context: int | None = None,
-                 offload: str | None = None, dram_budget=None, sparsity: float = 0.0, window: int = 4,
+                 offload: str | None = None, dram_budget=None, sparsity: float = 0.0, window: int = 5,
                  ffn_layout: str = "bundled", queue_depth: int = 32, coalesce_gap: int = 2, direct_io: bool = True,
                  cache_rows: int | None = None, cache_bias: float = 0.0, expire_window: bool = False):
         self.path = folder
