@@ -357,9 +357,11 @@ NB_MODULE(_core, m) {
                size_t budget, bool with_predictor, std::optional<std::string> path,
                std::vector<std::vector<uint64_t>> piece_base, std::vector<uint64_t> piece_stride,
                std::vector<uint64_t> piece_bytes, int queue_depth, int coalesce_gap, bool direct, int cache_rows,
-               int staging_rows, double cache_bias, bool expire_window) {
+               int staging_rows, double cache_bias, bool expire_window, const std::string& eviction) {
                 FM_ARG(source == "dram" || source == "flash", "source must be 'dram' or 'flash', got '", source, "'");
+                FM_ARG(eviction == "lru" || eviction == "hot", "eviction must be 'lru' or 'hot', got '", eviction, "'");
                 fm::SparseOptions o;
+                o.hot = eviction == "hot";
                 o.sparsity = sparsity, o.window = window, o.use_window = use_window, o.queue_depth = queue_depth;
                 o.coalesce_gap = coalesce_gap, o.direct = direct, o.cache_rows = cache_rows;
                 o.staging_rows = staging_rows, o.cache_bias = cache_bias, o.expire = expire_window;
@@ -377,7 +379,8 @@ NB_MODULE(_core, m) {
             "source"_a, "sparsity"_a, "window"_a, "use_window"_a, "budget"_a, "with_predictor"_a, "path"_a = nb::none(),
             "piece_base"_a = std::vector<std::vector<uint64_t>>{}, "piece_stride"_a = std::vector<uint64_t>{},
             "piece_bytes"_a = std::vector<uint64_t>{}, "queue_depth"_a = 32, "coalesce_gap"_a = 2, "direct"_a = true,
-            "cache_rows"_a = -1, "staging_rows"_a = 0, "cache_bias"_a = 0.0, "expire_window"_a = false)
+            "cache_rows"_a = -1, "staging_rows"_a = 0, "cache_bias"_a = 0.0, "expire_window"_a = false,
+            "eviction"_a = "lru")
         .def(
             "sparse_stats",
             [](fm::Model& self) {

@@ -282,3 +282,26 @@ def test_window_expiry(folder):
         cached[expire] = m.flash_stats()["cached_neurons"]
         assert m.flash_stats()["misses"] == 6 * 30 * 100  # every step picks new neurons
     assert cached[True] == 30 * 200 and cached[False] == 30 * 600
+
+
+def test_hot_eviction_keeps_neurons_picked_at_every_token(folder):
+    """A cache of 4 rows per layer; each token picks the same 4 hot neurons (100-103) and 4 new
+    ones with lower ids, which are read (and offered to the cache) first. LRU fills the cache with
+    the newest neurons and never hits; eviction="hot" lets the hot neurons replace the colder ones
+    at the second token and hits them from then on. Both compute the same picks, from the cache or
+    from the reads: the logits are identical."""
+    n_tok = 12
+    steps = np.stack([np.stack([np.r_[4 * t:4 * t + 4, 100:104]] * 30) for t in range(n_tok)]).astype(np.int32)
+    logits, stats = {}, {}
+    for eviction in ("lru", "hot"):
+        m = flashmem.load(folder, threads=2, max_context=64, offload="flash", window=1, cache_rows=4,
+                          eviction=eviction)
+        m._engine.set_trace(steps)
+        logits[eviction] = np.stack([m._engine.forward(np.asarray([5 + t], np.int32), t) for t in range(n_tok)])
+        stats[eviction] = m.flash_stats()
+    assert stats["lru"]["hits"] == 0
+    assert stats["hot"]["hits"] == 30 * 4 * (n_tok - 2)
+    assert stats["hot"]["misses"] == 30 * 8 * n_tok - stats["hot"]["hits"]
+    np.testing.assert_array_equal(logits["hot"], logits["lru"])
+    with pytest.raises(ValueError, match="eviction must be 'lru' or 'hot'"):
+        flashmem.load(folder, threads=2, max_context=64, offload="flash", eviction="lfu")

@@ -63,6 +63,35 @@ int NeuronCache::insert(int neuron, const void* src, int64_t step) {
     return s;
 }
 
+int NeuronCache::admit(const int32_t* neurons, const void* const* rows, int n, int64_t step, const int64_t* steps,
+                       const uint8_t* protect, const float* hot) {
+    if (!hot) {
+        make_room(n, step, protect);
+        int j = 0;
+        for (; j < n; ++j)
+            if (insert(neurons[j], rows[j], steps[neurons[j]]) < 0) break;
+        return j;
+    }
+    victims_.clear();  // unprotected cached neurons, coldest first
+    for (int s = 0; s < size_; ++s)
+        if (last_used_[s] < step && !protect[neuron_of_[s]]) victims_.push_back(neuron_of_[s]);
+    std::sort(victims_.begin(), victims_.end(), [&](int32_t a, int32_t b) {  // coldest, then least recent, then id
+        if (hot[a] != hot[b]) return hot[a] < hot[b];
+        const int64_t ua = last_used_[slot_of_[a]], ub = last_used_[slot_of_[b]];
+        return ua < ub || (ua == ub && a < b);
+    });
+    size_t v = 0;
+    int j = 0;
+    for (; j < n; ++j) {
+        if (size_ == capacity_) {
+            if (v == victims_.size() || !(hot[victims_[v]] < hot[neurons[j]])) break;
+            remove_slot(slot_of_[victims_[v++]]);
+        }
+        insert(neurons[j], rows[j], steps[neurons[j]]);
+    }
+    return j;
+}
+
 void NeuronCache::clear() {
     while (size_ > 0) remove_slot(size_ - 1);
 }

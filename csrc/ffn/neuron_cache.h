@@ -3,8 +3,11 @@
 // last row moves into the hole. Nothing is allocated per token.
 //
 // Each cached neuron remembers the step (token) it was last used. The window policy drops the
-// neurons not used in the last `window` steps; when the cache is full, the least recently used
-// neurons that the current step does not use are evicted.
+// neurons not used in the last `window` steps. When the cache is full, `admit` makes room for
+// the neurons just read: by default it evicts the least recently used neurons that the current
+// step does not use; with a hotness score (a decayed count of each neuron's picks) it keeps the
+// hottest of the cached and the new neurons instead, so a neuron picked once does not push
+// out one that is picked at most tokens.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -37,6 +40,13 @@ class NeuronCache {
     // Inserts `neuron` (not cached yet) into a free slot, copying its row; returns the slot,
     // or -1 when there is no free slot.
     int insert(int neuron, const void* row, int64_t step);
+    // Caches the n neurons just read (rows[j] holds neurons[j]'s bundle, steps[neuron] its last
+    // use). hot == nullptr: LRU, make_room(n, step, protect) then insert in order. Otherwise
+    // neurons must come in descending hot[] order: each takes a free slot, else replaces the
+    // coldest unprotected cached neuron if that one is colder, else it and the rest are left out.
+    // Returns how many were cached.
+    int admit(const int32_t* neurons, const void* const* rows, int n, int64_t step, const int64_t* steps,
+              const uint8_t* protect, const float* hot);
     void clear();
 
   private:

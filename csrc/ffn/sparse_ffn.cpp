@@ -36,8 +36,9 @@ size_t SparseFfn::fixed_bytes(int n_layers, int n_neurons, int D, DType dt, int 
     if (layout) {
         n += size_t(opt.staging_rows) * blocks_per_neuron(*layout) * kIoAlign;
         if (layout->n_pieces > 1) n += size_t(opt.staging_rows) * row_bytes(D, dt);
-        // cache index (the rows themselves are the cache share of the budget)
+        // cache index (the rows themselves are the cache share of the budget), hotness, admission order
         n += size_t(n_layers) * (4 * size_t(n_neurons) + 16 * size_t(opt.cache_rows) + 64);
+        n += 4 * size_t(n_layers) * n_neurons + size_t(opt.staging_rows) * (4 + sizeof(void*));
     }
     return n;
 }
@@ -90,11 +91,16 @@ SparseFfn::SparseFfn(Source source, int n_layers, int n_neurons, int D, DType dt
     if (layout_.n_pieces > 1) assembled_.allocate(size_t(opt.staging_rows) * row_bytes(D, dt));
     caches_.resize(n_layers);
     for (auto& c : caches_) c.init(n_neurons, opt.cache_rows, row_bytes(D, dt));
+    hotness_.allocate(4 * size_t(n_layers) * n_neurons);
+    std::memset(hotness_.data(), 0, hotness_.size());
+    admit_ids_.reserve(opt.staging_rows);
+    admit_rows_.reserve(opt.staging_rows);
 }
 
 size_t SparseFfn::bytes() const {
     size_t n = scores_.size() + order_.size() + picked_.size() + list_.size() + mask_.size() + rows_.size() +
-               last_pick_.size() + flags_.size() + staging_.size() + assembled_.size();
+               last_pick_.size() + flags_.size() + staging_.size() + assembled_.size() + hotness_.size() +
+               admit_ids_.capacity() * 4 + admit_rows_.capacity() * sizeof(void*);
     for (const auto& c : caches_) n += c.bytes();
     return n;
 }
@@ -158,6 +164,10 @@ void SparseFfn::select(ThreadPool& pool, int l, const float* xn, int T) {
         for (int i = 0; i < n; ++i) {
             m[i] = last[i] > tk - w;  // picked in the last w tokens
             picked_now[i] |= last[i] == tk;
+        }
+        if (hotness_.size()) {
+            float* h = hotness_.data<float>() + size_t(l) * n;
+            for (int i = 0; i < n; ++i) h[i] = h[i] * kHotDecay + float(last[i] == tk);
         }
     }
     stats_.selected += uint64_t(all ? n : k) * T;
@@ -262,11 +272,15 @@ void SparseFfn::read_and_compute(ThreadPool& pool, int l, const float* xn, int T
         ffn_accumulate(pool, xn, T, D_, dt_, fr, lo, hi, s);
         // keep what was read for the next tokens
         if (cache.capacity() > 0 && !pending_.empty()) {
-            cache.make_room(int(pending_.size()), now, flags_.data<uint8_t>());
-            for (int pos : pending_) {
-                const int i = list[pos];
-                if (cache.insert(i, rows[pos], last_pick_.data<int64_t>()[size_t(l) * n_neurons_ + i]) < 0) break;
-            }
+            const float* hot = opt_.hot ? hotness_.data<float>() + size_t(l) * n_neurons_ : nullptr;
+            if (hot)
+                std::sort(pending_.begin(), pending_.end(), [&](int a, int b) {  // hottest first, ties by id
+                    return hot[list[a]] > hot[list[b]] || (hot[list[a]] == hot[list[b]] && a < b);
+                });
+            admit_ids_.clear(), admit_rows_.clear();
+            for (int pos : pending_) admit_ids_.push_back(list[pos]), admit_rows_.push_back(rows[pos]);
+            cache.admit(admit_ids_.data(), admit_rows_.data(), int(pending_.size()), now,
+                        last_pick_.data<int64_t>() + size_t(l) * n_neurons_, flags_.data<uint8_t>(), hot);
         }
         stats_.compute_s += since(t0);
         for (int p = 0; p < np; ++p) runs[p].clear(), used[p] = 0;

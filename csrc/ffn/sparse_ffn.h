@@ -37,6 +37,8 @@ struct SparseOptions {
     int window = 0;            // tokens a neuron stays cached after its last use; 0: until evicted
     bool use_window = true;    // also compute with the neurons still in the window (free, in DRAM)
     bool expire = false;       // drop neurons that left the window (else they stay until evicted, LRU)
+    bool hot = false;          // flash: the cache keeps the hottest neurons (decayed pick counts),
+                               // not the most recently used ones (NeuronCache::admit)
     double cache_bias = 0.0;   // flash: cached neurons' scores count (1 + cache_bias) times when picking,
                                // so near-ties go to neurons already in DRAM (fewer reads, steadier picks)
     int cache_rows = 0;        // per layer (flash)
@@ -46,6 +48,10 @@ struct SparseOptions {
     size_t max_request = size_t(256) << 10;
     bool direct = true;
 };
+
+// Per token, a neuron's hotness is multiplied by this and gains 1 when the neuron is picked:
+// about the last 20 tokens count.
+constexpr float kHotDecay = 0.95f;
 
 struct SparseStats {
     uint64_t steps = 0;        // tokens (decode) or chunks (prefill) per layer, summed over layers
@@ -120,6 +126,7 @@ class SparseFfn {
     Buffer order_;     // (n_neurons) int32 candidate ids for top-k
     Buffer picked_;    // (t_max, n_neurons) uint8: token t computes neuron i
     Buffer last_pick_; // (n_layers, n_neurons) int64: token count when the neuron was last picked
+    Buffer hotness_;   // (n_layers, n_neurons) f32: picks decayed by kHotDecay per token (flash)
     Buffer flags_;     // (2, n_neurons) uint8: in this call's list | picked in this call
     Buffer list_;      // (n_neurons) int32 neurons computed this call, ascending
     Buffer mask_;      // (t_max, n_neurons) uint8 per-token use of list entries
@@ -128,6 +135,8 @@ class SparseFfn {
     Buffer assembled_; // (staging_rows, row_bytes) bundles assembled from pieces (unbundled)
     std::vector<ReadRequest> requests_;
     std::vector<int32_t> pending_;  // list positions whose rows are being read
+    std::vector<int32_t> admit_ids_;   // neurons read in a round, hottest first (cache admission)
+    std::vector<const void*> admit_rows_;
     std::vector<std::pair<int, char*>> pending_off_;  // (piece, where it lands) per pending piece
 };
 

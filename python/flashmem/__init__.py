@@ -67,7 +67,9 @@ def load(path: str | None = None, dtype: str | None = None, threads: int | None 
     direct_io, cache_rows (neuron cache rows per layer when no budget is given; default all),
     cache_bias (cached neurons' predictor scores count 1 + cache_bias times: fewer reads),
     expire_window (drop neurons from DRAM once they leave the window, as the paper does; by
-    default they stay until the cache needs their rows)."""
+    default they stay until the cache needs their rows), eviction ("lru": a full cache makes
+    room by dropping the least recently used neurons; "hot": it keeps the neurons picked most
+    often lately, by a count decayed 0.95 per token, and a new neuron only replaces a colder one)."""
     if dtype is not None and dtype not in ("f32", "f16", "bf16"):
         raise ValueError(f"dtype must be 'f32', 'f16' or 'bf16', got {dtype!r}")
     if path is None:

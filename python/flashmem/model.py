@@ -76,7 +76,8 @@ class Model:
     def __init__(self, folder: str, threads: int | None = None, max_context: int | None = None,
                  offload: str | None = None, dram_budget=None, sparsity: float = 0.0, window: int = 5,
                  ffn_layout: str = "bundled", queue_depth: int = 32, coalesce_gap: int = 2, direct_io: bool = True,
-                 cache_rows: int | None = None, cache_bias: float = 0.0, expire_window: bool = False):
+                 cache_rows: int | None = None, cache_bias: float = 0.0, expire_window: bool = False,
+                 eviction: str = "lru"):
         self.path = folder
         cfg_path = os.path.join(folder, "config.json")
         self.config = read_json(cfg_path)
@@ -108,7 +109,7 @@ class Model:
         c.rope_inv_freq, c.rope_attention_scaling = inv.tolist(), scale
         self._engine = _core.Model(c, threads)
         self._configure_ffn(folder, offload, dram_budget, sparsity, window, ffn_layout, queue_depth, coalesce_gap,
-                            direct_io, cache_rows, cache_bias, expire_window)
+                            direct_io, cache_rows, cache_bias, expire_window, eviction)
         self._load_weights(folder)
         self.tokenizer = Tokenizer(folder)
         self.vocab_size, self.max_context = c.vocab_size, max_context
@@ -117,7 +118,7 @@ class Model:
         self._embed_mean = None  # mean row of the embedding table, for embed_key
 
     def _configure_ffn(self, folder, offload, dram_budget, sparsity, window, ffn_layout, queue_depth, coalesce_gap,
-                       direct_io, cache_rows, cache_bias, expire_window) -> None:
+                       direct_io, cache_rows, cache_bias, expire_window, eviction) -> None:
         if offload not in (None, "none", "flash"):
             raise ValueError(f"offload must be None or 'flash', got {offload!r}")
         self.offload = "flash" if offload == "flash" else None
@@ -125,6 +126,8 @@ class Model:
             raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:
             raise ValueError(f"window must be a non-negative integer, got {window!r}")
+        if eviction not in ("lru", "hot"):
+            raise ValueError(f"eviction must be 'lru' or 'hot', got {eviction!r}")
         if dram_budget is not None and not self.offload:
             raise ValueError("dram_budget needs offload='flash' (without offloading every weight is in DRAM)")
         self.dram_budget = fl.parse_bytes(dram_budget) if dram_budget is not None else None
@@ -144,7 +147,8 @@ class Model:
                                       self.dram_budget or 0, bool(sparsity), queue_depth=queue_depth,
                                       coalesce_gap=coalesce_gap, direct=direct_io,
                                       cache_rows=-1 if cache_rows is None else cache_rows,
-                                      cache_bias=float(cache_bias), expire_window=bool(expire_window), **kw)
+                                      cache_bias=float(cache_bias), expire_window=bool(expire_window),
+                                      eviction=eviction, **kw)
         if self.offload and not self._engine.sparse_stats()["direct_io"]:
             warnings.warn(f"{kw['path']}: the filesystem refused O_DIRECT; FFN reads go through the page cache, "
                           "which the DRAM budget does not count", RuntimeWarning, stacklevel=3)
