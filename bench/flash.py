@@ -15,10 +15,12 @@ test with Llama-2-7B shapes. Direct I/O throughout (the page cache is bypassed).
    resident minimum + that share): (a) naive, every FFN weight read every token; (b) predictor
    only (no cache); (c) predictor + windowing (neuron cache); (d) + row-column bundling; and the
    all-in-DRAM dense engine. (a)-(c) read the unbundled layout (gate, up, down apart: three
-   reads per neuron), (d) the bundled one. Per decoded token: I/O ms, bytes and requests read,
+   reads per neuron), (d) the bundled one; (d) is also run with eviction="hot" (the cache keeps
+   the most often picked neurons instead of the most recent). Per decoded token: I/O ms, bytes and requests read,
    total ms; medians over repeats.
 4. Scale: a random-weight model with Llama-2-7B shapes (d_model 4096, d_ff 11008, 32 layers, f16,
    about 13 GB on disk; the vocabulary is SmolLM2's), at the resident minimum + 25% of the FFN,
+   eviction --scale-eviction (default hot),
    replaying SmolLM2's real predictor selections mapped onto the larger layers (layer l of 32
    takes SmolLM2 layer l*30//32, neuron i becomes neurons floor(i*11008/1536) + 0..6). Reports
    tok/s, bytes per token and effective read bandwidth beside the raw bandwidth at the same
@@ -82,11 +84,15 @@ def paper_table(folder, prompt, args, ffn_bytes, held):
                      ppl_increase=0.0))
     del dense
     common = dict(threads=args.threads, max_context=512, offload="flash")
+    ppls = {}
     def measure(name, share, **kw):
         sparsity = kw["sparsity"]
         m = flashmem.load(folder, **common, **kw)
         ms, fl = decode_run(m, prompt, args.new_tokens, args.repeats)
-        ppl = m.perplexity(held, stepwise=True) if sparsity else dense_ppl  # the decode path, cache included
+        key = (sparsity, share, kw.get("eviction"))  # the unbundled layout picks and caches exactly as the bundled one
+        if key not in ppls:
+            ppls[key] = m.perplexity(held, stepwise=True) if sparsity else dense_ppl  # the decode path, cache included
+        ppl = ppls[key]
         rows.append(dict(config=name, share=share, sparsity=sparsity, stepwise_ppl=ppl, ppl_increase=ppl / dense_ppl - 1,
                          total_ms=ms, io_ms=fl["io_ms_per_token"],
                          bytes_per_token=fl["bytes_read_per_token"], requests_per_token=fl["requests_per_token"],
@@ -98,10 +104,12 @@ def paper_table(folder, prompt, args, ffn_bytes, held):
     for s in args.sparsity:
         measure("predictor", None, sparsity=s, ffn_layout="unbundled", cache_rows=0)
         for share in (0.25, 0.5):
-            for name, layout in (("predictor + windowing", "unbundled"),
-                                 ("predictor + windowing + bundling", "bundled")):
+            for name, layout, eviction in (("predictor + windowing", "unbundled", "lru"),
+                                           ("predictor + windowing + bundling", "bundled", "lru"),
+                                           ("predictor + windowing + bundling, hot eviction", "bundled", "hot")):
                 budget = int(mins[layout] + share * ffn_bytes)
-                measure(name, share, sparsity=s, window=args.window, ffn_layout=layout, dram_budget=budget)
+                measure(name, share, sparsity=s, window=args.window, ffn_layout=layout, dram_budget=budget,
+                        eviction=eviction)
     for r in rows:
         r["ffn_fraction_read"] = r["bytes_per_token"] / ffn_bytes
     return rows, mins
@@ -189,14 +197,14 @@ def scale_test(small_folder, text, args):
     budget = int(minimum + 0.25 * ffn_bytes)
     t0 = time.perf_counter()
     m = flashmem.load(folder, threads=args.threads, max_context=256, offload="flash", dram_budget=budget,
-                      window=args.window, sparsity=0.0)
+                      window=args.window, sparsity=0.0, eviction=args.scale_eviction)
     load_s = time.perf_counter() - t0
     m._engine.set_trace(np.ascontiguousarray(big))
     r = m.generate([1, 2, 3, 4], max_new_tokens=args.scale_tokens, eos_token_id=[])
     fl = r.flash
     req_kib = max(4, int(round(fl["bytes_read_per_token"] / max(fl["requests_per_token"], 1) / 4096)) * 4)
     raw = raw_bandwidth(os.path.join(folder, "ffn_bundles.safetensors"), [req_kib], total_mb=96)[req_kib]
-    return dict(sparsity=args.sparsity[-1], d_model=d, d_ff=ff, layers=layers, ffn_gb=ffn_bytes / 1e9, budget_gb=budget / 1e9,
+    return dict(sparsity=args.sparsity[-1], eviction=args.scale_eviction, d_model=d, d_ff=ff, layers=layers, ffn_gb=ffn_bytes / 1e9, budget_gb=budget / 1e9,
                 minimum_gb=minimum / 1e9, engine_owns_gb=m.owned_bytes / 1e9, write_s=write_s, load_s=load_s,
                 tokens_per_s=r.decode_tokens_per_s, ms_per_token=1e3 / r.decode_tokens_per_s,
                 bytes_per_token=fl["bytes_read_per_token"], ffn_fraction_read=fl["bytes_read_per_token"] / ffn_bytes,
@@ -261,6 +269,7 @@ def main():
     ap.add_argument("--scale-dir", default=os.path.join(os.environ.get("FLASHMEM_CACHE", os.path.expanduser(
         "~/.cache/flashmem")), "synthetic-llama2-7b-shapes"))
     ap.add_argument("--scale-tokens", type=int, default=16)
+    ap.add_argument("--scale-eviction", default="hot", help="neuron cache policy of the scale test (lru or hot)")
     ap.add_argument("--ppl-tokens", type=int, default=256, help="held-out tokens for each row's stepwise perplexity")
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--only-scale", action="store_true", help="rerun the scale test into an existing flash.json")
