@@ -266,6 +266,12 @@ def test_eval_ppl_and_calibrate_cli(calibrated, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["tokens"] == 300 and out["perplexity"] > out["dense_perplexity"] > 1
     assert out["perplexity"] < 2 * out["dense_perplexity"]
+    # the decode path with flash offloading and the hot cache policy
+    assert main(["eval-ppl", dst, "--data", data, "--tokens", "40", "--sparsity", "0.5", "--offload", "flash",
+                 "--dram-budget", "300MB", "--eviction", "hot", "--stepwise", "--max-context", "256",
+                 "--threads", "2"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["stepwise"] and out["offload"] == "flash" and 1 < out["perplexity"] < 1000
     assert main(["calibrate", dst, "--data", "/nonexistent.txt"]) == 2
 
 

@@ -29,6 +29,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=float, default=0.0,
                    help="fraction of FFN neurons left out per token (needs `flashmem calibrate`)")
     p.add_argument("--window", type=int, default=5, help="tokens a neuron stays in DRAM after its last use")
+    p.add_argument("--eviction", choices=("lru", "hot"), default="lru",
+                   help="with --offload flash: which neurons a full cache drops (least recent, or least often picked)")
 
 
 def _sampling(a) -> dict:
@@ -40,7 +42,7 @@ def _load(a):
     import flashmem
 
     return flashmem.load(a.model, dtype=a.dtype, threads=a.threads, max_context=a.max_context, offload=a.offload,
-                         dram_budget=a.dram_budget, sparsity=a.sparsity, window=a.window)
+                         dram_budget=a.dram_budget, sparsity=a.sparsity, window=a.window, eviction=a.eviction)
 
 
 def cmd_generate(a) -> None:
