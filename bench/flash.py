@@ -223,7 +223,7 @@ def plot(result, path):
     fig, axes = plt.subplots(1, 2, figsize=(18, 6), gridspec_kw={"width_ratios": [2.2, 1]})
     ax = axes[0]
     rows = result["table"]
-    labels = [r["config"].replace(" + ", "\n+ ").replace(" (", "\n(") +
+    labels = [r["config"].replace(" + ", "\n+ ").replace(" (", "\n(").replace(", ", "\n") +
               (f"\ns={r['sparsity']}" if r.get("sparsity") else "") +
               (f", {int(r['share'] * 100)}% cache" if r["share"] else "") for r in rows]
     io = [r["io_ms"] for r in rows]
