@@ -38,7 +38,7 @@ size_t SparseFfn::fixed_bytes(int n_layers, int n_neurons, int D, DType dt, int 
         if (layout->n_pieces > 1) n += size_t(opt.staging_rows) * row_bytes(D, dt);
         // cache index (the rows themselves are the cache share of the budget), hotness, admission order
         n += size_t(n_layers) * (4 * size_t(n_neurons) + 16 * size_t(opt.cache_rows) + 64);
-        n += 4 * size_t(n_layers) * n_neurons + size_t(opt.staging_rows) * (4 + sizeof(void*));
+        n += (opt.hot ? 4 * size_t(n_layers) * n_neurons : 0) + size_t(opt.staging_rows) * (4 + sizeof(void*));
     }
     return n;
 }
@@ -91,8 +91,10 @@ SparseFfn::SparseFfn(Source source, int n_layers, int n_neurons, int D, DType dt
     if (layout_.n_pieces > 1) assembled_.allocate(size_t(opt.staging_rows) * row_bytes(D, dt));
     caches_.resize(n_layers);
     for (auto& c : caches_) c.init(n_neurons, opt.cache_rows, row_bytes(D, dt));
-    hotness_.allocate(4 * size_t(n_layers) * n_neurons);
-    std::memset(hotness_.data(), 0, hotness_.size());
+    if (opt.hot) {
+        hotness_.allocate(4 * size_t(n_layers) * n_neurons);
+        std::memset(hotness_.data(), 0, hotness_.size());
+    }
     admit_ids_.reserve(opt.staging_rows);
     admit_rows_.reserve(opt.staging_rows);
 }
@@ -165,7 +167,7 @@ void SparseFfn::select(ThreadPool& pool, int l, const float* xn, int T) {
             m[i] = last[i] > tk - w;  // picked in the last w tokens
             picked_now[i] |= last[i] == tk;
         }
-        if (hotness_.size()) {
+        if (opt_.hot) {
             float* h = hotness_.data<float>() + size_t(l) * n;
             for (int i = 0; i < n; ++i) h[i] = h[i] * kHotDecay + float(last[i] == tk);
         }

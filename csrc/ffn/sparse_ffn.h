@@ -126,7 +126,7 @@ class SparseFfn {
     Buffer order_;     // (n_neurons) int32 candidate ids for top-k
     Buffer picked_;    // (t_max, n_neurons) uint8: token t computes neuron i
     Buffer last_pick_; // (n_layers, n_neurons) int64: token count when the neuron was last picked
-    Buffer hotness_;   // (n_layers, n_neurons) f32: picks decayed by kHotDecay per token (flash)
+    Buffer hotness_;   // (n_layers, n_neurons) f32: picks decayed by kHotDecay per token (flash, hot only)
     Buffer flags_;     // (2, n_neurons) uint8: in this call's list | picked in this call
     Buffer list_;      // (n_neurons) int32 neurons computed this call, ascending
     Buffer mask_;      // (t_max, n_neurons) uint8 per-token use of list entries

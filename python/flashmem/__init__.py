@@ -63,13 +63,14 @@ def load(path: str | None = None, dtype: str | None = None, threads: int | None 
     chosen by the predictor that `flashmem calibrate` fits (0: all, exact). window: tokens a
     neuron stays in DRAM after its last use; the FFN also computes with those still in the
     window (default 5: the smallest window at which 50% sparsity stays within 3% of dense
-    perplexity on held-out text; it costs compute, not reads). flash_options: ffn_layout ("bundled" or "unbundled"), queue_depth, coalesce_gap,
-    direct_io, cache_rows (neuron cache rows per layer when no budget is given; default all),
-    cache_bias (cached neurons' predictor scores count 1 + cache_bias times: fewer reads),
-    expire_window (drop neurons from DRAM once they leave the window, as the paper does; by
-    default they stay until the cache needs their rows), eviction ("lru": a full cache makes
-    room by dropping the least recently used neurons; "hot": it keeps the neurons picked most
-    often lately, by a count decayed 0.95 per token, and a new neuron only replaces a colder one)."""
+    perplexity on held-out text; it costs compute, not reads). flash_options: ffn_layout
+    ("bundled" or "unbundled"), queue_depth, coalesce_gap, direct_io, cache_rows (neuron cache
+    rows per layer when no budget is given; default all), cache_bias (cached neurons' predictor
+    scores count 1 + cache_bias times: fewer reads), expire_window (drop neurons from DRAM once
+    they leave the window, as the paper does; by default they stay until the cache needs their
+    rows), eviction ("lru": a full cache makes room by dropping the least recently used
+    neurons; "hot": it keeps the neurons picked most often lately, by a count decayed 0.95 per
+    token, and a new neuron only replaces a colder one)."""
     if dtype is not None and dtype not in ("f32", "f16", "bf16"):
         raise ValueError(f"dtype must be 'f32', 'f16' or 'bf16', got {dtype!r}")
     if path is None:
