@@ -7,7 +7,8 @@ test with Llama-2-7B shapes. Direct I/O throughout (the page cache is bypassed).
 1. Raw random-read bandwidth of the disk through the engine's own reader (queue depth 32) at
    4 KiB to 256 KiB requests.
 2. Perplexity on the last 4096 tokens of tinyshakespeare (the predictors are fitted on its
-   start, by this script) at the sparsities used, windows 1, 4 and 5 (the default), all in DRAM (the window's neurons all available).
+   start, by this script) at the sparsities used, windows 1, 4 and 5 (the default), all in DRAM
+   (the window's neurons all available).
    Each flash row of the table also reports the perplexity of its own decode path (one token
    at a time over the last --ppl-tokens tokens: the neuron cache limits which window neurons
    are in DRAM).
@@ -16,13 +17,12 @@ test with Llama-2-7B shapes. Direct I/O throughout (the page cache is bypassed).
    only (no cache); (c) predictor + windowing (neuron cache); (d) + row-column bundling; and the
    all-in-DRAM dense engine. (a)-(c) read the unbundled layout (gate, up, down apart: three
    reads per neuron), (d) the bundled one; (d) is also run with eviction="hot" (the cache keeps
-   the most often picked neurons instead of the most recent). Per decoded token: I/O ms, bytes and requests read,
-   total ms; medians over repeats.
+   the most often picked neurons instead of the most recent). Per decoded token: I/O ms, bytes
+   and requests read, total ms; medians over repeats.
 4. Scale: a random-weight model with Llama-2-7B shapes (d_model 4096, d_ff 11008, 32 layers, f16,
    about 13 GB on disk; the vocabulary is SmolLM2's), at the resident minimum + 25% of the FFN,
-   eviction --scale-eviction (default hot),
-   replaying SmolLM2's real predictor selections mapped onto the larger layers (layer l of 32
-   takes SmolLM2 layer l*30//32, neuron i becomes neurons floor(i*11008/1536) + 0..6). Reports
+   eviction --scale-eviction (default hot), replaying SmolLM2's real predictor selections mapped
+   onto the larger layers (layer l of 32 takes SmolLM2 layer l*30//32, neuron i becomes neurons floor(i*11008/1536) + 0..6). Reports
    tok/s, bytes per token and effective read bandwidth beside the raw bandwidth at the same
    request size.
 Writes bench/results/flash.json and flash.png.
@@ -294,8 +294,10 @@ def main():
     result["raw_read_gbps"] = {str(k): v for k, v in raw.items()}
     print("raw GB/s", raw, flush=True)
 
-    held = flashmem.load(folder, threads=args.threads, max_context=1024).tokenizer.encode(text)[-4096:]
-    dense_ppl = flashmem.load(folder, threads=args.threads, max_context=1024).perplexity(held)
+    dense = flashmem.load(folder, threads=args.threads, max_context=1024)
+    held = dense.tokenizer.encode(text)[-4096:]
+    dense_ppl = dense.perplexity(held)
+    del dense
     ppl = {}
     for s in args.sparsity:
         for w in sorted({1, 4, args.window}):

@@ -187,7 +187,8 @@ def test_corrupt_or_old_predictor(calibrated, tmp_path):
         for k, v in keep.items():
             w.write(k, v)
         w.close()
-        match = "predictor.safetensors': predictor of layer 3: outlier dim 576 out of range" if case == "bad_dim" else "outlier_dims' is missing; run `flashmem calibrate"
+        match = ("predictor.safetensors': predictor of layer 3: outlier dim 576 out of range" if case == "bad_dim"
+                 else "outlier_dims' is missing; run `flashmem calibrate")
         with pytest.raises(ValueError, match=match):
             flashmem.load(dst, threads=2, max_context=64, sparsity=0.5)
 

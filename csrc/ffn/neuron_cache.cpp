@@ -33,6 +33,12 @@ void NeuronCache::remove_slot(int slot) {
     }
 }
 
+void NeuronCache::collect_victims(int64_t step, const uint8_t* protect) {
+    victims_.clear();
+    for (int s = 0; s < size_; ++s)
+        if (last_used_[s] < step && !protect[neuron_of_[s]]) victims_.push_back(neuron_of_[s]);
+}
+
 void NeuronCache::expire(int64_t oldest_kept) {
     for (int s = size_ - 1; s >= 0; --s)  // backwards: a moved-in row has been checked already
         if (last_used_[s] < oldest_kept) remove_slot(s);
@@ -41,9 +47,7 @@ void NeuronCache::expire(int64_t oldest_kept) {
 int NeuronCache::make_room(int n, int64_t step, const uint8_t* protect) {
     const int need = n - (capacity_ - size_);
     if (need > 0) {
-        victims_.clear();
-        for (int s = 0; s < size_; ++s)
-            if (last_used_[s] < step && !protect[neuron_of_[s]]) victims_.push_back(neuron_of_[s]);
+        collect_victims(step, protect);
         const int k = std::min<int>(need, int(victims_.size()));
         // the k least recently used (by neuron id, since slots move while removing)
         std::nth_element(victims_.begin(), victims_.begin() + (k ? k - 1 : 0), victims_.end(),
@@ -72,9 +76,7 @@ int NeuronCache::admit(const int32_t* neurons, const void* const* rows, int n, i
             if (insert(neurons[j], rows[j], steps[neurons[j]]) < 0) break;
         return j;
     }
-    victims_.clear();  // unprotected cached neurons, coldest first
-    for (int s = 0; s < size_; ++s)
-        if (last_used_[s] < step && !protect[neuron_of_[s]]) victims_.push_back(neuron_of_[s]);
+    collect_victims(step, protect);  // sorted coldest first
     std::sort(victims_.begin(), victims_.end(), [&](int32_t a, int32_t b) {  // coldest, then least recent, then id
         if (hot[a] != hot[b]) return hot[a] < hot[b];
         const int64_t ua = last_used_[slot_of_[a]], ub = last_used_[slot_of_[b]];

@@ -51,6 +51,8 @@ class NeuronCache {
 
   private:
     void remove_slot(int slot);
+    // victims_ = the cached neurons neither used at `step` nor protected (candidates to evict)
+    void collect_victims(int64_t step, const uint8_t* protect);
 
     int capacity_ = 0, size_ = 0;
     size_t row_bytes_ = 0;
