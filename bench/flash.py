@@ -22,9 +22,9 @@ test with Llama-2-7B shapes. Direct I/O throughout (the page cache is bypassed).
 4. Scale: a random-weight model with Llama-2-7B shapes (d_model 4096, d_ff 11008, 32 layers, f16,
    about 13 GB on disk; the vocabulary is SmolLM2's), at the resident minimum + 25% of the FFN,
    eviction --scale-eviction (default hot), replaying SmolLM2's real predictor selections mapped
-   onto the larger layers (layer l of 32 takes SmolLM2 layer l*30//32, neuron i becomes neurons floor(i*11008/1536) + 0..6). Reports
-   tok/s, bytes per token and effective read bandwidth beside the raw bandwidth at the same
-   request size.
+   onto the larger layers (layer l of 32 takes SmolLM2 layer l*30//32, neuron i becomes neurons
+   floor(i*11008/1536) + 0..6). Reports tok/s, bytes per token and effective read bandwidth
+   beside the raw bandwidth at the same request size.
 Writes bench/results/flash.json and flash.png.
 """
 from __future__ import annotations
