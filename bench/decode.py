@@ -126,10 +126,11 @@ def main():
     a = ap.parse_args()
 
     import flashmem
-    from flashmem.default_model import cache_dir, default_gguf
+    from flashmem.checkpoints.default_model import default_gguf
+    from flashmem.checkpoints.store import store_dir
 
     src = default_gguf()
-    ggufs = {dt: write_dequantized_gguf(src, os.path.join(cache_dir(), f"SmolLM2-135M-Instruct.{dt.upper()}.gguf"), dt)
+    ggufs = {dt: write_dequantized_gguf(src, os.path.join(store_dir(), f"SmolLM2-135M-Instruct.{dt.upper()}.gguf"), dt)
              for dt in ("f32", "f16")}
     tok = flashmem.load(src, dtype="f32", threads=1, max_context=256).tokenizer
     prompt = tok.encode(shakespeare())[: a.prompt_tokens]

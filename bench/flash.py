@@ -43,8 +43,9 @@ from common import RESULTS, machine, median, save, shakespeare  # noqa: E402
 
 import flashmem  # noqa: E402
 from flashmem import _core  # noqa: E402
-from flashmem import safetensors_io as st  # noqa: E402
-from flashmem.calibrate import PARTS as PREDICTOR_PARTS, calibrate, predict  # noqa: E402
+from flashmem.checkpoints import safetensors_io as st  # noqa: E402
+from flashmem.flash import PREDICTOR_PARTS  # noqa: E402
+from flashmem.flash.calibrate import calibrate, predict  # noqa: E402
 from flashmem.flash import PREDICTOR_FILE, write_unbundled  # noqa: E402
 
 

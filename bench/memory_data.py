@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 def token_embeddings() -> np.ndarray:
     import gguf
 
-    from flashmem.default_model import default_gguf
+    from flashmem.checkpoints.default_model import default_gguf
 
     r = gguf.GGUFReader(default_gguf())
     t = next(t for t in r.tensors if t.name == "token_embd.weight")
@@ -24,9 +24,9 @@ def token_embeddings() -> np.ndarray:
 def hidden_states(n: int, text: str, window: int = 512) -> np.ndarray:
     import flashmem
 
-    from flashmem.default_model import cache_dir
+    from flashmem.checkpoints.store import store_dir
 
-    path = os.path.join(cache_dir(), f"shakespeare_hidden_{n}.npy")
+    path = os.path.join(store_dir(), f"shakespeare_hidden_{n}.npy")
     if os.path.isfile(path):
         return np.load(path)
     model = flashmem.load(dtype="f16", max_context=window)

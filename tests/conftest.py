@@ -22,7 +22,7 @@ def shared_data(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> str:
-    from flashmem.default_model import default_gguf
+    from flashmem.checkpoints.default_model import default_gguf
 
     return default_gguf()
 

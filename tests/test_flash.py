@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import flashmem
-from flashmem.calibrate import PARTS as PREDICTOR_PARTS, calibrate, predict
+from flashmem.flash import PREDICTOR_PARTS
+from flashmem.flash.calibrate import calibrate, predict
 
 from conftest import shared_data
 
@@ -171,7 +172,7 @@ def test_missing_predictor(folder):
 
 def test_corrupt_or_old_predictor(calibrated, tmp_path):
     """A predictor with an out-of-range outlier dim, or one from before the outlier part: clear errors."""
-    from flashmem import safetensors_io as st
+    from flashmem.checkpoints import safetensors_io as st
 
     src, _ = calibrated
     path = os.path.join(src, "predictor.safetensors")
@@ -239,7 +240,8 @@ def test_misaligned_bundle_file(tmp_path, smollm2_gguf):
 
 def test_predictor_scores_match_reference(calibrated):
     """The engine's predictor (1-bit kernels, threads) against the scalar reference, on real inputs."""
-    from flashmem import _core, safetensors_io as st
+    from flashmem import _core
+    from flashmem.checkpoints import safetensors_io as st
 
     dst, _ = calibrated
     m = flashmem.load(dst, threads=2, max_context=64, sparsity=0.5)

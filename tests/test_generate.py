@@ -97,8 +97,8 @@ def test_cli_chat(smollm2_gguf, tmp_path):
 
 def test_bundle_file_layout(smollm2_gguf, smollm2_f32):
     """Every neuron bundle starts at a 4096-byte file offset and holds [gate | up | down column]."""
-    from flashmem.safetensors_io import read_header, load_tensor
-    from flashmem.sources import GGUFSource
+    from flashmem.checkpoints.safetensors_io import read_header, load_tensor
+    from flashmem.checkpoints.gguf_file import GGUFSource
 
     path = os.path.join(smollm2_f32.path, "ffn_bundles.safetensors")
     infos, meta = read_header(path)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from flashmem import _core
-from flashmem.safetensors_io import from_f32
+from flashmem.checkpoints.safetensors_io import from_f32
 
 SIZES = [(1, 40, 7), (1, 576, 64), (2, 17, 9), (3, 769, 33), (5, 72, 40), (128, 576, 100), (7, 1, 1)]
 ISAS = ["best", "avx2"]

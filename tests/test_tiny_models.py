@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import flashmem
-from flashmem.safetensors_io import from_f32, to_f32
+from flashmem.checkpoints.safetensors_io import from_f32, to_f32
 
 from conftest import assert_close, make_tiny_hf
 
@@ -87,7 +87,7 @@ def _write_tiny_gguf(path, hf, qtype_name):
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     w.add_tokenizer_model("gpt2")
-    from flashmem.tokenizer import bytes_to_unicode
+    from flashmem.checkpoints.gguf_file import bytes_to_unicode
 
     chars = list(bytes_to_unicode().values())
     tokens = chars[: c.vocab_size - 1] + [chars[0] + chars[1]]

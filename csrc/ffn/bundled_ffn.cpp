@@ -7,22 +7,24 @@
 
 namespace fm {
 
-void ffn_begin(ThreadPool& pool, int T, int D, const FfnScratch& s) {
-    pool.run([&](int tid, int) { std::memset(s.acc + size_t(tid) * s.t_max * D, 0, sizeof(float) * size_t(T) * D); });
+void ffn_begin(ThreadPool& pool, int T, int d_model, const FfnScratch& s) {
+    pool.run([&](int tid, int) {
+        std::memset(s.acc + size_t(tid) * s.t_max * d_model, 0, sizeof(float) * size_t(T) * d_model);
+    });
 }
 
-void ffn_accumulate(ThreadPool& pool, const float* xn, int T, int D, DType dt, const FfnRows& r, int lo, int hi,
+void ffn_accumulate(ThreadPool& pool, const float* xn, int T, int d_model, DType dt, const FfnRows& r, int lo, int hi,
                     const FfnScratch& s) {
     const Kernels& K = kernels();
     const int di = int(dt);
-    const size_t esz = dtype_size(dt), row_bytes = size_t(3) * D * esz;
+    const size_t esz = dtype_size(dt), row_bytes = size_t(3) * d_model * esz;
     pool.run([&](int tid, int nt) {
         auto [c0, c1] = ThreadPool::chunk(size_t(r.n), tid, nt, kNeuronBlock);
         const int p0 = int(c0) > lo ? int(c0) : lo, p1 = int(c1) < hi ? int(c1) : hi;
         if (p0 >= p1) return;
-        float* acc = s.acc + size_t(tid) * s.t_max * D;  // (T, D)
+        float* acc = s.acc + size_t(tid) * s.t_max * d_model;  // (T, d_model)
         if (T == 1 && !r.mask) {  // decode: one fused pass over this thread's bundles
-            K.ffn_decode[di](acc, xn, r.rows + p0, D, p1 - p0);
+            K.ffn_decode[di](acc, xn, r.rows + p0, d_model, p1 - p0);
             return;
         }
         float* h = s.hu + size_t(tid) * 2 * s.t_max * kNeuronBlock;  // (T, nb)
@@ -39,29 +41,29 @@ void ffn_accumulate(ThreadPool& pool, const float* xn, int T, int D, DType dt, c
                 for (int j = 0; j < nb; ++j) std::memcpy(gathered + j * row_bytes, r.rows[p + j], row_bytes);
                 b = gathered;
             }
-            const size_t ld = size_t(3) * D;
-            K.gemm[di](h, kNeuronBlock, xn, D, T, b, ld, D, nb, conv);            // gate
-            K.gemm[di](u, kNeuronBlock, xn, D, T, b + D * esz, ld, D, nb, conv);  // up
+            const size_t ld = size_t(3) * d_model;
+            K.gemm[di](h, kNeuronBlock, xn, d_model, T, b, ld, d_model, nb, conv);            // gate
+            K.gemm[di](u, kNeuronBlock, xn, d_model, T, b + d_model * esz, ld, d_model, nb, conv);  // up
             for (int t = 0; t < T; ++t) {
                 swiglu(h + t * kNeuronBlock, u + t * kNeuronBlock, nb);
                 if (r.mask)
                     for (int j = 0; j < nb; ++j)
                         if (!r.mask[size_t(t) * r.n + p + j]) h[t * kNeuronBlock + j] = 0.0f;
             }
-            K.accumulate[di](acc, D, h, kNeuronBlock, T, b + 2 * D * esz, ld, D, nb, conv);  // down
+            K.accumulate[di](acc, d_model, h, kNeuronBlock, T, b + 2 * d_model * esz, ld, d_model, nb, conv);  // down
         }
     });
 }
 
-void ffn_end(ThreadPool& pool, float* out, int T, int D, const FfnScratch& s) {
+void ffn_end(ThreadPool& pool, float* out, int T, int d_model, const FfnScratch& s) {
     auto reduce = [&](size_t b, size_t e, int) {
         for (int t = 0; t < pool.size(); ++t) {
-            const float* a = s.acc + size_t(t) * s.t_max * D;
+            const float* a = s.acc + size_t(t) * s.t_max * d_model;
             for (size_t i = b; i < e; ++i) out[i] += a[i];
         }
     };
-    if (T == 1) reduce(0, D, 0);  // as small as decode's: not worth a dispatch
-    else pool.parallel_for(size_t(T) * D, 16, reduce);
+    if (T == 1) reduce(0, d_model, 0);  // as small as decode's: not worth a dispatch
+    else pool.parallel_for(size_t(T) * d_model, 16, reduce);
 }
 
 }  // namespace fm

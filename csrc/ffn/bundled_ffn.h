@@ -29,14 +29,14 @@ struct FfnScratch {
 };
 
 struct FfnRows {
-    const void* const* rows;  // (n) bundle pointers, each 3*D elements of dt
+    const void* const* rows;  // (n) bundle pointers, each 3*d_model elements of dt
     int n;
     const uint8_t* mask;      // (T, n): token t uses neuron p when mask[t*n + p]; nullptr: all
 };
 
-void ffn_begin(ThreadPool& pool, int T, int D, const FfnScratch& s);
-void ffn_accumulate(ThreadPool& pool, const float* xn, int T, int D, DType dt, const FfnRows& r, int lo, int hi,
+void ffn_begin(ThreadPool& pool, int T, int d_model, const FfnScratch& s);
+void ffn_accumulate(ThreadPool& pool, const float* xn, int T, int d_model, DType dt, const FfnRows& r, int lo, int hi,
                     const FfnScratch& s);
-void ffn_end(ThreadPool& pool, float* out, int T, int D, const FfnScratch& s);  // out (T, D) += sum of acc
+void ffn_end(ThreadPool& pool, float* out, int T, int d_model, const FfnScratch& s);  // out (T, d_model) += sum of acc
 
 }  // namespace fm

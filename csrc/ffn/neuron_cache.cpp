@@ -5,17 +5,17 @@
 
 namespace fm {
 
-void NeuronCache::init(int n_neurons, int capacity, size_t row_bytes) {
+void NeuronCache::init(int d_ff, int capacity, size_t row_bytes) {
     capacity_ = capacity;
     row_bytes_ = row_bytes;
     size_ = 0;
     rows_.allocate(size_t(capacity) * row_bytes);
-    index_.allocate(sizeof(int32_t) * (size_t(n_neurons) + capacity) + sizeof(int64_t) * capacity + 8);
+    index_.allocate(sizeof(int32_t) * (size_t(d_ff) + capacity) + sizeof(int64_t) * capacity + 8);
     slot_of_ = index_.data<int32_t>();
-    neuron_of_ = slot_of_ + n_neurons;
+    neuron_of_ = slot_of_ + d_ff;
     last_used_ = reinterpret_cast<int64_t*>(index_.data<char>() +
-                                            (sizeof(int32_t) * (size_t(n_neurons) + capacity) + 7) / 8 * 8);
-    std::fill(slot_of_, slot_of_ + n_neurons, -1);
+                                            (sizeof(int32_t) * (size_t(d_ff) + capacity) + 7) / 8 * 8);
+    std::fill(slot_of_, slot_of_ + d_ff, -1);
     victims_.clear();
     victims_.reserve(capacity);
 }

@@ -20,7 +20,7 @@ namespace fm {
 class NeuronCache {
   public:
     NeuronCache() = default;
-    void init(int n_neurons, int capacity, size_t row_bytes);  // allocates everything once
+    void init(int d_ff, int capacity, size_t row_bytes);  // allocates everything once
 
     int capacity() const { return capacity_; }
     int size() const { return size_; }
@@ -57,7 +57,7 @@ class NeuronCache {
     int capacity_ = 0, size_ = 0;
     size_t row_bytes_ = 0;
     Buffer rows_;       // (capacity, row_bytes) bundle rows
-    Buffer index_;      // slot_of (n_neurons) | neuron_of (capacity) int32 | last_used (capacity) int64
+    Buffer index_;      // slot_of (d_ff) | neuron_of (capacity) int32 | last_used (capacity) int64
     int32_t* slot_of_ = nullptr;
     int32_t* neuron_of_ = nullptr;
     int64_t* last_used_ = nullptr;

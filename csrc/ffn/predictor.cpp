@@ -7,10 +7,10 @@
 
 namespace fm {
 
-void Predictor::init(int n_layers, int n_neurons, int D, int t_max) {
+void Predictor::init(int n_layers, int d_ff, int d_model, int t_max) {
     layers_.clear();
     layers_.resize(n_layers);
-    n_neurons_ = n_neurons, D_ = D, t_max_ = t_max;
+    d_ff_ = d_ff, d_model_ = d_model, t_max_ = t_max;
 }
 
 bool Predictor::loaded() const {
@@ -31,18 +31,18 @@ size_t Predictor::bytes() const {
     return n;
 }
 
-size_t Predictor::bytes_for(int n_layers, int n_neurons, int D, int t_max) {
+size_t Predictor::bytes_for(int n_layers, int d_ff, int d_model, int t_max) {
     auto buf = [](size_t n) { return (n + 63) / 64 * 64; };
-    const size_t M = D < kOutlierDims ? D : kOutlierDims;
-    return size_t(n_layers) * (2 * buf(size_t(n_neurons) * ((D + 7) / 8)) + 2 * buf(4 * size_t(n_neurons)) +
-                               2 * buf(4 * size_t(D)) + buf(4 * M) + buf(size_t(n_neurons) * 2 * M) + buf(8 * M)) +
-           buf(sizeof(float) * size_t(t_max) * 2 * (D + M));
+    const size_t M = d_model < kOutlierDims ? d_model : kOutlierDims;
+    return size_t(n_layers) * (2 * buf(size_t(d_ff) * ((d_model + 7) / 8)) + 2 * buf(4 * size_t(d_ff)) +
+                               2 * buf(4 * size_t(d_model)) + buf(4 * M) + buf(size_t(d_ff) * 2 * M) + buf(8 * M)) +
+           buf(sizeof(float) * size_t(t_max) * 2 * (d_model + M));
 }
 
 Buffer& Predictor::tensor(int layer, const std::string& kind, std::vector<int64_t>& shape, const char*& dtype) {
     FM_ARG(layer >= 0 && layer < int(layers_.size()), "predictor layer ", layer, " out of range");
     const int M = outlier_dims();
-    if (!z_.size()) z_.allocate(sizeof(float) * size_t(t_max_) * 2 * (D_ + M));
+    if (!z_.size()) z_.allocate(sizeof(float) * size_t(t_max_) * 2 * (d_model_ + M));
     PredictorLayer& L = layers_[layer];
     dtype = "f32";
     if (kind == "outlier_dims") {
@@ -52,7 +52,7 @@ Buffer& Predictor::tensor(int layer, const std::string& kind, std::vector<int64_
     }
     if (kind == "outlier_weight") {
         dtype = "i8";
-        shape = {n_neurons_, 2 * M};
+        shape = {d_ff_, 2 * M};
         return L.outlier_weight;
     }
     if (kind == "outlier_scale") {
@@ -61,15 +61,15 @@ Buffer& Predictor::tensor(int layer, const std::string& kind, std::vector<int64_
     }
     if (kind == "gate_sign" || kind == "up_sign") {
         dtype = "u8";
-        shape = {n_neurons_, sign_row_bytes()};
+        shape = {d_ff_, sign_row_bytes()};
         return kind == "gate_sign" ? L.gate_sign : L.up_sign;
     }
     if (kind == "gate_row" || kind == "up_row") {
-        shape = {n_neurons_};
+        shape = {d_ff_};
         return kind == "gate_row" ? L.gate_row : L.up_row;
     }
     FM_ARG(kind == "gate_col" || kind == "up_col", "unknown predictor tensor '", kind, "'");
-    shape = {D_};
+    shape = {d_model_};
     return kind == "gate_col" ? L.gate_col : L.up_col;
 }
 
@@ -80,26 +80,27 @@ inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 void Predictor::check_outlier_dims(int l, const std::string& path) const {
     const int32_t* dims = layers_[l].outlier_dims.data<int32_t>();
     for (int j = 0; j < outlier_dims(); ++j)
-        FM_ARG(dims[j] >= 0 && dims[j] < D_, "'", path, "': predictor of layer ", l, ": outlier dim ", dims[j],
-               " out of range [0, ", D_, ")");
+        FM_ARG(dims[j] >= 0 && dims[j] < d_model_, "'", path, "': predictor of layer ", l, ": outlier dim ", dims[j],
+               " out of range [0, ", d_model_, ")");
 }
 
 void Predictor::scores(ThreadPool& pool, int l, const float* xn, int T, float* out) {
     const Kernels& K = kernels();
     const PredictorLayer& L = layers_[l];
-    const int D = D_, M = outlier_dims(), rb = sign_row_bytes(), stride = 2 * (D + M);
+    const int d_model = d_model_, M = outlier_dims(), rb = sign_row_bytes(), stride = 2 * (d_model + M);
     const int32_t* dims = L.outlier_dims.data<int32_t>();
     const float* scale = L.outlier_scale.data<float>();
-    float* z = z_.data<float>();  // per token: gate col*x (D), up col*x (D), scale*x on the outlier dims (2M)
+    // per token: gate col*x (d_model), up col*x (d_model), scale*x on the outlier dims (2M)
+    float* z = z_.data<float>();
     float sums[2 * 256];          // sum of z per token and matrix (T <= t_max <= 256)
     FM_ARG(T <= 256, "predictor: at most 256 tokens per call");
     for (int t = 0; t < T; ++t) {
-        const float* x = xn + size_t(t) * D;
+        const float* x = xn + size_t(t) * d_model;
         float* zg = z + size_t(t) * stride;
-        float* zu = zg + D;
-        float* zo = zu + D;
+        float* zu = zg + d_model;
+        float* zo = zu + d_model;
         double sg = 0, su = 0;
-        for (int k = 0; k < D; ++k) {
+        for (int k = 0; k < d_model; ++k) {
             zg[k] = L.gate_col.data<float>()[k] * x[k];
             zu[k] = L.up_col.data<float>()[k] * x[k];
             sg += zg[k], su += zu[k];
@@ -108,7 +109,7 @@ void Predictor::scores(ThreadPool& pool, int l, const float* xn, int T, float* o
         sums[2 * t] = float(sg), sums[2 * t + 1] = float(su);
     }
     pool.run([&](int tid, int nt) {
-        auto [n0, n1] = ThreadPool::chunk(n_neurons_, tid, nt, 16);
+        auto [n0, n1] = ThreadPool::chunk(d_ff_, tid, nt, 16);
         for (size_t i = n0; i < n1; ++i) {
             const uint8_t* gs = L.gate_sign.data<uint8_t>() + i * rb;
             const uint8_t* us = L.up_sign.data<uint8_t>() + i * rb;
@@ -116,21 +117,21 @@ void Predictor::scores(ThreadPool& pool, int l, const float* xn, int T, float* o
             const float gr = L.gate_row.data<float>()[i], ur = L.up_row.data<float>()[i];
             for (int t = 0; t < T; ++t) {
                 const float* zg = z + size_t(t) * stride;
-                const float* zo = zg + 2 * D;
-                float g = gr * (2.0f * K.bit_sum(gs, zg, D) - sums[2 * t]);
-                float u = ur * (2.0f * K.bit_sum(us, zg + D, D) - sums[2 * t + 1]);
+                const float* zo = zg + 2 * d_model;
+                float g = gr * (2.0f * K.bit_sum(gs, zg, d_model) - sums[2 * t]);
+                float u = ur * (2.0f * K.bit_sum(us, zg + d_model, d_model) - sums[2 * t + 1]);
                 for (int j = 0; j < M; ++j) g += float(q[j]) * zo[j], u += float(q[M + j]) * zo[M + j];
-                out[size_t(t) * n_neurons_ + i] = std::fabs(silu(g) * u);
+                out[size_t(t) * d_ff_ + i] = std::fabs(silu(g) * u);
             }
         }
     });
 }
 
-void predictor_scores_ref(const PredictorRef& p, const float* x, int D, int n_neurons, float* out) {
-    const int rb = (D + 7) / 8, M = p.M;
-    for (int i = 0; i < n_neurons; ++i) {
+void predictor_scores_ref(const PredictorRef& p, const float* x, int d_model, int d_ff, float* out) {
+    const int rb = (d_model + 7) / 8, M = p.M;
+    for (int i = 0; i < d_ff; ++i) {
         double g = 0, u = 0;
-        for (int k = 0; k < D; ++k) {
+        for (int k = 0; k < d_model; ++k) {
             const bool gp = (p.gate_sign[size_t(i) * rb + k / 8] >> (k % 8)) & 1;
             const bool up = (p.up_sign[size_t(i) * rb + k / 8] >> (k % 8)) & 1;
             g += (gp ? 1.0 : -1.0) * p.gate_col[k] * x[k];

@@ -17,40 +17,40 @@
 namespace fm {
 
 struct PredictorLayer {
-    Buffer gate_sign, up_sign;  // (n_neurons, row_bytes) uint8: bit k set where W_ik > 0
-    Buffer gate_row, up_row;    // (n_neurons) f32
-    Buffer gate_col, up_col;    // (D) f32
+    Buffer gate_sign, up_sign;  // (d_ff, row_bytes) uint8: bit k set where W_ik > 0
+    Buffer gate_row, up_row;    // (d_ff) f32
+    Buffer gate_col, up_col;    // (d_model) f32
     Buffer outlier_dims;        // (M) int32: the input dims with int8 weights
-    Buffer outlier_weight;      // (n_neurons, 2M) int8: gate's M columns, then up's
+    Buffer outlier_weight;      // (d_ff, 2M) int8: gate's M columns, then up's
     Buffer outlier_scale;       // (2M) f32: weight = int8 * scale, per column
 };
 
-// M = min(kOutlierDims, D) outlier dims per layer.
+// M = min(kOutlierDims, d_model) outlier dims per layer.
 constexpr int kOutlierDims = 8;
 
 class Predictor {
   public:
-    void init(int n_layers, int n_neurons, int D, int t_max);
+    void init(int n_layers, int d_ff, int d_model, int t_max);
     bool loaded() const;  // every layer has its nine tensors
     size_t bytes() const;
-    int sign_row_bytes() const { return (D_ + 7) / 8; }
-    static size_t bytes_for(int n_layers, int n_neurons, int D, int t_max);
-    int outlier_dims() const { return D_ < kOutlierDims ? D_ : kOutlierDims; }
-    // kind: gate_sign, up_sign (uint8), gate_row, up_row (n_neurons f32), gate_col, up_col (D f32),
-    // outlier_dims (M int32), outlier_weight (n_neurons, 2M int8), outlier_scale (2M f32)
+    int sign_row_bytes() const { return (d_model_ + 7) / 8; }
+    static size_t bytes_for(int n_layers, int d_ff, int d_model, int t_max);
+    int outlier_dims() const { return d_model_ < kOutlierDims ? d_model_ : kOutlierDims; }
+    // kind: gate_sign, up_sign (uint8), gate_row, up_row (d_ff f32), gate_col, up_col (d_model f32),
+    // outlier_dims (M int32), outlier_weight (d_ff, 2M int8), outlier_scale (2M f32)
     Buffer& tensor(int layer, const std::string& kind, std::vector<int64_t>& expect_shape, const char*& dtype);
-    // scores (T, n_neurons) of the FFN inputs xn (T, D) of layer l.
+    // scores (T, d_ff) of the FFN inputs xn (T, d_model) of layer l.
     void scores(ThreadPool& pool, int l, const float* xn, int T, float* out);
-    // Raises (naming `path`) unless every outlier dim of layer l is in [0, D); call once loaded.
+    // Raises (naming `path`) unless every outlier dim of layer l is in [0, d_model); call once loaded.
     void check_outlier_dims(int l, const std::string& path) const;
 
   private:
-    int n_neurons_ = 0, D_ = 0, t_max_ = 0;
+    int d_ff_ = 0, d_model_ = 0, t_max_ = 0;
     std::vector<PredictorLayer> layers_;
-    Buffer z_;  // (t_max, 2, D + M) col * x for gate and up, then scale * x on the outlier dims
+    Buffer z_;  // (t_max, 2, d_model + M) col * x for gate and up, then scale * x on the outlier dims
 };
 
-// Reference for tests: the same scores in double precision, for one token x (D).
+// Reference for tests: the same scores in double precision, for one token x (d_model).
 struct PredictorRef {
     const uint8_t *gate_sign, *up_sign;
     const float *gate_row, *up_row, *gate_col, *up_col;
@@ -59,6 +59,6 @@ struct PredictorRef {
     const float* outlier_scale;
     int M;
 };
-void predictor_scores_ref(const PredictorRef& p, const float* x, int D, int n_neurons, float* out);
+void predictor_scores_ref(const PredictorRef& p, const float* x, int d_model, int d_ff, float* out);
 
 }  // namespace fm

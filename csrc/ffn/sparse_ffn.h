@@ -1,7 +1,12 @@
 // Sparse FFN with flash streaming ("LLM in a flash"): per token and layer, a predictor picks the
-// neurons expected to matter; those not in the layer's neuron cache are read from the bundle
-// file with direct I/O (neighbouring bundles coalesced into one request), computed from where
-// they lie (cache rows and read buffers), then kept in the cache for the next tokens.
+// neurons expected to matter (predictor.h); those not in the layer's neuron cache
+// (neuron_cache.h) are read from the bundle file with direct I/O in rounds that flash_reads.h
+// plans, computed from where they lie (cache rows and read buffers, bundled_ffn.h), then kept in
+// the neuron cache for the next tokens.
+//
+// Words used here: a token *picks* the neurons the predictor selects for it; it *computes* with
+// the neurons it picked in the last `window` tokens (itself included), in flash mode only those
+// in DRAM; the *list* is the neurons some token of the call computes with, ascending.
 //
 // With source Resident the bundles stay in the model's DRAM matrix (no I/O, no cache): the same
 // selection and compute, used to evaluate quality quickly and as the all-in-DRAM sparse mode.
@@ -15,22 +20,12 @@
 #include "core/dtype.h"
 #include "core/thread_pool.h"
 #include "ffn/bundled_ffn.h"
+#include "ffn/flash_reads.h"
 #include "ffn/neuron_cache.h"
 #include "ffn/predictor.h"
 #include "io/direct_reader.h"
 
 namespace fm {
-
-// Where neuron i of a layer lies in the file: `n_pieces` byte ranges (bundled: one, the whole
-// bundle; unbundled: its gate row, up row and down column, from three matrices). Piece p of
-// neuron i is at piece_base[layer][p] + i * piece_stride[p], piece_bytes[p] long, and the pieces
-// concatenated in order give the bundle [gate | up | down].
-struct FileLayout {
-    std::string path;
-    int n_pieces = 1;
-    std::vector<std::vector<uint64_t>> piece_base;  // (n_layers, n_pieces)
-    std::vector<uint64_t> piece_stride, piece_bytes;
-};
 
 struct SparseOptions {
     double sparsity = 0.0;     // fraction of the neurons left out per token (0: all are used)
@@ -66,17 +61,19 @@ struct SparseStats {
 class SparseFfn {
   public:
     enum class Source { Resident, Flash };
-    // resident: the layers' bundle matrices (n_neurons, 3*D) when source is Resident.
-    SparseFfn(Source source, int n_layers, int n_neurons, int D, DType dt, int t_max, const SparseOptions& opt,
+    // resident: the layers' bundle matrices (d_ff, 3*d_model) when source is Resident.
+    SparseFfn(Source source, int n_layers, int d_ff, int d_model, DType dt, int t_max, const SparseOptions& opt,
               const FileLayout* layout, std::vector<const void*> resident);
 
-    // DRAM this class owns (cache, buffers, index), excluding the predictor.
+    // DRAM this class owns (neuron caches, buffers, index), excluding the predictor.
     size_t bytes() const;
-    static size_t fixed_bytes(int n_layers, int n_neurons, int D, DType dt, int t_max, const SparseOptions& opt,
+    static size_t fixed_bytes(int n_layers, int d_ff, int d_model, DType dt, int t_max, const SparseOptions& opt,
                               const FileLayout* layout);
-    static size_t row_bytes(int D, DType dt);  // one cached bundle
-    // Predictor scores (T, n_neurons) of layer l (for tests against the reference).
-    void predictor_scores(ThreadPool& pool, int l, const float* xn, int T, float* out) { predictor_.scores(pool, l, xn, T, out); }
+    static size_t row_bytes(int d_model, DType dt);  // one cached bundle
+    // Predictor scores (T, d_ff) of layer l (for tests against the reference).
+    void predictor_scores(ThreadPool& pool, int l, const float* xn, int T, float* out) {
+        predictor_.scores(pool, l, xn, T, out);
+    }
 
     Predictor& predictor() { return predictor_; }
     const Predictor& predictor() const { return predictor_; }
@@ -87,31 +84,33 @@ class SparseFfn {
     const IoStats* io_stats() const { return reader_ ? &reader_->stats() : nullptr; }
     bool direct() const { return reader_ ? reader_->direct() : false; }
     void reset_stats();
-    void clear_cache();
-    int cached(int layer) const { return caches_.empty() ? 0 : caches_[layer].size(); }
+    void clear_neuron_cache();
+    int neurons_cached(int layer) const { return neuron_caches_.empty() ? 0 : neuron_caches_[layer].size(); }
     // Replaces the predictor by fixed selections (for replaying traces): (n_steps, n_layers, k)
     // neuron ids; the t-th token a layer runs (counted since the model was made) uses row t % n_steps.
     void set_trace(std::vector<int32_t> ids, int n_steps, int k);
     // A new sequence starts (position 0): the window forgets the previous one's picks; the
-    // cache keeps its rows, which stay valid weights.
+    // neuron cache keeps its rows, which stay valid weights.
     void begin_sequence();
 
-    // out (T, D) += FFN(xn (T, D)) of layer l.
+    // out (T, d_model) += FFN(xn (T, d_model)) of layer l.
     void forward(ThreadPool& pool, int l, float* out, const float* xn, int T, const FfnScratch& s);
 
   private:
     void select(ThreadPool& pool, int l, const float* xn, int T);
     void read_and_compute(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s);
+    void compute_round(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s, int lo, int hi);
 
     Source source_;
-    int n_layers_, n_neurons_, D_, t_max_;
+    int n_layers_, d_ff_, d_model_, t_max_;
     DType dt_;
     SparseOptions opt_;
     Predictor predictor_;
     std::vector<const void*> resident_;
     FileLayout layout_;
     std::unique_ptr<DirectReader> reader_;
-    std::vector<NeuronCache> caches_;   // (n_layers) flash only
+    FlashReads reads_;
+    std::vector<NeuronCache> neuron_caches_;  // (n_layers) flash only
     std::vector<int64_t> step_;         // (n_layers) steps run per layer
     SparseStats stats_;
 
@@ -119,25 +118,21 @@ class SparseFfn {
     int trace_steps_ = 0, trace_k_ = 0;
     int n_list_ = 0;
     bool has_mask_ = false;
-    std::vector<size_t> piece_blocks_;  // staging blocks per piece
 
     // Per call scratch, sized once.
-    Buffer scores_;    // (t_max, n_neurons) f32 predictor scores
-    Buffer order_;     // (n_neurons) int32 candidate ids for top-k
-    Buffer picked_;    // (t_max, n_neurons) uint8: token t computes neuron i
-    Buffer last_pick_; // (n_layers, n_neurons) int64: token count when the neuron was last picked
-    Buffer hotness_;   // (n_layers, n_neurons) f32: picks decayed by kHotDecay per token (flash, hot only)
-    Buffer flags_;     // (2, n_neurons) uint8: in this call's list | picked in this call
-    Buffer list_;      // (n_neurons) int32 neurons computed this call, ascending
-    Buffer mask_;      // (t_max, n_neurons) uint8 per-token use of list entries
-    Buffer rows_;      // (n_neurons) const void* row of each list entry
-    Buffer staging_;   // (staging_rows * blocks of a bundle) read buffer, 4096-aligned
-    Buffer assembled_; // (staging_rows, row_bytes) bundles assembled from pieces (unbundled)
-    std::vector<ReadRequest> requests_;
-    std::vector<int32_t> pending_;  // list positions whose rows are being read
-    std::vector<int32_t> admit_ids_;   // neurons read in a round, hottest first (cache admission)
+    Buffer scores_;     // (t_max, d_ff) f32 predictor scores
+    Buffer order_;      // (d_ff) int32 candidate ids for top-k
+    Buffer uses_;       // (t_max, d_ff) uint8: token t computes with neuron i
+    Buffer last_pick_;  // (n_layers, d_ff) int64: token count when the neuron was last picked
+    Buffer hotness_;    // (n_layers, d_ff) f32: picks decayed by kHotDecay per token (flash, hot only)
+    Buffer in_list_;    // (d_ff) uint8: neuron i is in this call's list
+    Buffer picked_now_; // (d_ff) uint8: some token of this call picked neuron i
+    Buffer list_;       // (d_ff) int32 neurons computed this call, ascending
+    Buffer list_mask_;  // (t_max, n_list) uint8: token t computes with list entry p
+    Buffer rows_;       // (d_ff) const void* bundle of each list entry
+    std::vector<int32_t> pending_;     // list positions of the round being read
+    std::vector<int32_t> admit_ids_;   // neurons read in a round, hottest first (neuron cache admission)
     std::vector<const void*> admit_rows_;
-    std::vector<std::pair<int, char*>> pending_off_;  // (piece, where it lands) per pending piece
 };
 
 }  // namespace fm

@@ -1,11 +1,13 @@
 #include "io/file.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
+#include <utility>
 
 #include "core/error.h"
 
@@ -43,6 +45,36 @@ void File::read_exact(void* dst, size_t n, uint64_t offset, const std::string& w
               "): ", r == 0 ? "unexpected end of file" : std::strerror(errno));
         p += r, n -= size_t(r), offset += uint64_t(r);
     }
+}
+
+FileMapping::FileMapping(const std::string& path) {
+    uint64_t size = 0;
+    const int fd = open_read(path, &size);
+    if (size == 0) {
+        ::close(fd);
+        return;
+    }
+    void* m = ::mmap(nullptr, size_t(size), PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    const int e = errno;
+    ::close(fd);
+    FM_IO(m != MAP_FAILED, "cannot map '", path, "': ", std::strerror(e));
+    data_ = static_cast<uint8_t*>(m), size_ = size_t(size);
+}
+
+FileMapping::FileMapping(FileMapping&& o) noexcept
+    : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+
+FileMapping& FileMapping::operator=(FileMapping&& o) noexcept {
+    if (this != &o) {
+        release();
+        data_ = std::exchange(o.data_, nullptr), size_ = std::exchange(o.size_, 0);
+    }
+    return *this;
+}
+
+void FileMapping::release() {
+    if (data_) ::munmap(data_, size_);
+    data_ = nullptr, size_ = 0;
 }
 
 }  // namespace fm

@@ -1,4 +1,5 @@
-// A read-only file with exact positional reads. Errors name the file.
+// Files as the engine reads them: a read-only file with exact positional reads, and a private
+// mapping of a whole file. Errors name the file.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -28,6 +29,28 @@ class File {
     std::string path_;
     int fd_ = -1;
     uint64_t size_ = 0;
+};
+
+// A private (copy-on-write) read-write mapping of a whole file: writes stay in this process.
+// Unmapped on destruction; movable, not copyable.
+class FileMapping {
+  public:
+    FileMapping() = default;
+    // Maps all of `path` (an empty file maps to nothing); throws naming the file.
+    explicit FileMapping(const std::string& path);
+    ~FileMapping() { release(); }
+    FileMapping(FileMapping&& o) noexcept;
+    FileMapping& operator=(FileMapping&& o) noexcept;
+    FileMapping(const FileMapping&) = delete;
+    FileMapping& operator=(const FileMapping&) = delete;
+
+    uint8_t* data() const { return data_; }
+    size_t size() const { return size_; }
+
+  private:
+    void release();
+    uint8_t* data_ = nullptr;
+    size_t size_ = 0;
 };
 
 }  // namespace fm

@@ -1,10 +1,12 @@
-// The interface every memory index implements, plus top-k and search-time helpers.
+// The interface every memory index implements, the factory that makes one by name, exact search
+// (the reference for the approximate indexes), and top-k and search-time helpers.
 // Indexes refer to KeyStore slots; the bank calls add/remove under its exclusive lock and
 // search under its shared lock (so search must not modify the index).
 #pragma once
 #include <algorithm>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -91,7 +93,15 @@ class Index {
     virtual double get_param(const std::string& key) const = 0;
 };
 
+// The index `name` (flat, lsh, ivf or hnsw) over `store`; unknown names and parameters raise.
+std::unique_ptr<Index> make_index(const std::string& name, const KeyStore& store, const Params& params);
+bool is_index_name(const std::string& name);
+
 // Exact search over every live slot: the reference for the approximate indexes.
 void exact_search(const KeyStore& store, const float* q, const AllowMask* allow, TopK& out);
+// The same for nq prepared queries Q (nq, dim) at once, through the matrix kernel (the flat
+// index's path, and filtered searches): adds each query's candidates to tops[i].
+void exact_search_batch(const KeyStore& store, const float* Q, size_t nq, const AllowMask* allow,
+                        std::vector<TopK>& tops);
 
 }  // namespace fm::memory

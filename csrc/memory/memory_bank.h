@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "io/file.h"
 #include "memory/index.h"
 #include "memory/key_store.h"
 
@@ -27,12 +28,15 @@ struct Entry {
     std::string text;
     std::string metadata;  // JSON, written and read by the Python layer
     double created = 0, updated = 0;  // seconds since the epoch
+
+    void check(const std::string& where) const;  // the value's bytes match its shape
 };
 
 class MemoryBank {
   public:
+    static constexpr int kMaxDim = 1 << 16;
+
     MemoryBank(int dim, const std::string& metric, const std::string& index, const Params& params);
-    ~MemoryBank();
 
     int dim() const { return store_.dim(); }
     std::string metric() const { return metric_name(store_.metric()); }
@@ -61,10 +65,9 @@ class MemoryBank {
     double get_param(const std::string& key) const;
     size_t memory_bytes() const;
 
-    // Atomic save: writes `path`.tmp-*, fsyncs it, renames it over `path`, fsyncs the folder.
-    // The file: a 64-byte preamble (magic, version, payload length, checksum) and the payload.
+    // Atomic save, and load (with mmap the keys are used from a private, copy-on-write mapping of
+    // the file); the format is in bank_file.h, the code in bank_file.cpp.
     void save(const std::string& path) const;
-    // Loads a saved bank; with mmap the keys are used from a private (copy-on-write) mapping.
     static std::unique_ptr<MemoryBank> load(const std::string& path, bool mmap);
 
   private:
@@ -75,16 +78,13 @@ class MemoryBank {
     void remove_locked(int64_t id);
     void parse(Reader& r, uint8_t* payload_base, bool borrow_keys);
 
+    FileMapping mapping_;  // the file the keys are borrowed from (load with mmap); outlives the store
     mutable std::shared_mutex mu_;
     KeyStore store_;
     std::unique_ptr<Index> index_;
     std::vector<Entry> entries_;  // by slot
     std::unordered_map<int64_t, uint32_t> slot_;
     int64_t next_id_ = 0;
-    void* mapping_ = nullptr;  // mmap of the file the keys are borrowed from
-    size_t mapping_size_ = 0;
 };
-
-std::unique_ptr<Index> make_index(const std::string& name, const KeyStore& store, const Params& params);
 
 }  // namespace fm::memory

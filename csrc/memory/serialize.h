@@ -11,8 +11,6 @@
 
 namespace fm::memory {
 
-uint64_t checksum64(const uint8_t* p, size_t n);
-
 class Writer {
   public:
     template <typename T>

@@ -16,7 +16,7 @@ constexpr int kMaxChunk = 256;  // prompt tokens per prefill pass
 }
 
 void Config::validate() const {
-    FM_ARG(vocab_size > 0 && dim > 0 && hidden_dim > 0 && n_layers > 0, "config: vocab_size, hidden_size, ",
+    FM_ARG(vocab_size > 0 && d_model > 0 && d_ff > 0 && n_layers > 0, "config: vocab_size, hidden_size, ",
            "intermediate_size and num_hidden_layers must be positive");
     FM_ARG(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0, "config: num_attention_heads (", n_heads,
            ") must be a positive multiple of num_key_value_heads (", n_kv_heads, ")");
@@ -34,17 +34,17 @@ Model::Model(Config cfg, int n_threads) : cfg_(std::move(cfg)), pool_(n_threads)
     const int nt = pool_.size();
     const size_t f = sizeof(float);
     w_.layers.resize(c.n_layers);
-    x_.allocate(f * chunk_ * c.dim);
-    xn_.allocate(f * chunk_ * c.dim);
+    x_.allocate(f * chunk_ * c.d_model);
+    xn_.allocate(f * chunk_ * c.d_model);
     q_.allocate(f * chunk_ * c.q_dim());
     att_out_.allocate(f * chunk_ * c.q_dim());
-    proj_.allocate(f * chunk_ * c.dim);
+    proj_.allocate(f * chunk_ * c.d_model);
     scores_.allocate(f * nt * c.max_context);
-    ffn_acc_.allocate(f * nt * chunk_ * c.dim);
+    ffn_acc_.allocate(f * nt * chunk_ * c.d_model);
     ffn_hu_.allocate(f * nt * 2 * chunk_ * kNeuronBlock);
-    convert_.allocate(f * nt * scratch_floats(c.dim > c.q_dim() ? c.dim : c.q_dim()));
-    ffn_block_.allocate(size_t(nt) * kNeuronBlock * 3 * c.dim * dtype_size(c.dtype));
-    ffn_rows_.allocate(sizeof(void*) * c.hidden_dim);
+    convert_.allocate(f * nt * scratch_floats(c.d_model > c.q_dim() ? c.d_model : c.q_dim()));
+    ffn_block_.allocate(size_t(nt) * kNeuronBlock * 3 * c.d_model * dtype_size(c.dtype));
+    ffn_rows_.allocate(sizeof(void*) * c.d_ff);
     const int half = c.head_dim / 2;
     rope_cos_.allocate(f * size_t(c.max_context) * half);
     rope_sin_.allocate(f * size_t(c.max_context) * half);
@@ -54,8 +54,8 @@ Model::Model(Config cfg, int n_threads) : cfg_(std::move(cfg)), pool_(n_threads)
             rope_cos_.data<float>()[size_t(p) * half + i] = float(std::cos(double(angle))) * c.rope_attention_scaling;
             rope_sin_.data<float>()[size_t(p) * half + i] = float(std::sin(double(angle))) * c.rope_attention_scaling;
         }
-    key_cache_.allocate(f * size_t(c.n_layers) * c.max_context * c.kv_dim());
-    value_cache_.allocate(f * size_t(c.n_layers) * c.max_context * c.kv_dim());
+    kv_keys_.allocate(f * size_t(c.n_layers) * c.max_context * c.kv_dim());
+    kv_values_.allocate(f * size_t(c.n_layers) * c.max_context * c.kv_dim());
 }
 
 size_t Model::weight_bytes() const {
@@ -69,17 +69,17 @@ size_t Model::weight_bytes() const {
 size_t Model::state_bytes() const {
     return x_.size() + xn_.size() + q_.size() + att_out_.size() + proj_.size() + scores_.size() + ffn_acc_.size() +
            ffn_hu_.size() + convert_.size() + ffn_block_.size() + ffn_rows_.size() + rope_cos_.size() +
-           rope_sin_.size() + key_cache_.size() + value_cache_.size();
+           rope_sin_.size() + kv_keys_.size() + kv_values_.size();
 }
 
 size_t Model::expected_weight_bytes(bool ffn_resident) const {
     const Config& c = cfg_;
     auto buf = [](size_t n) { return (n + 63) / 64 * 64; };  // as Buffer rounds
-    const size_t esz = dtype_size(c.dtype), d = c.dim, q = c.q_dim(), kv = c.kv_dim();
+    const size_t esz = dtype_size(c.dtype), d = c.d_model, q = c.q_dim(), kv = c.kv_dim();
     size_t n = buf(esz * c.vocab_size * d) * (c.tied_embeddings ? 1 : 2) + buf(4 * d);
     size_t layer = 2 * buf(4 * d) + buf(esz * q * d) + 2 * buf(esz * kv * d) + buf(esz * d * q);
     if (c.qkv_bias) layer += buf(4 * q) + 2 * buf(4 * kv);
-    if (ffn_resident) layer += buf(esz * c.hidden_dim * 3 * d);
+    if (ffn_resident) layer += buf(esz * c.d_ff * 3 * d);
     return n + layer * c.n_layers;
 }
 
@@ -97,14 +97,14 @@ void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const 
     if (flash && opt.staging_rows <= 0) {  // default: a whole layer's bundles, at most 16 MiB of reads
         size_t per = 0;
         for (int p = 0; p < layout->n_pieces; ++p) per += layout->piece_stride[p];
-        opt.staging_rows = int(std::min<size_t>(c.hidden_dim, std::max<size_t>(64, (size_t(16) << 20) / per)));
+        opt.staging_rows = int(std::min<size_t>(c.d_ff, std::max<size_t>(64, (size_t(16) << 20) / per)));
     }
-    const size_t predictor = with_predictor ? Predictor::bytes_for(c.n_layers, c.hidden_dim, c.dim, chunk_) : 0;
-    const size_t row = SparseFfn::row_bytes(c.dim, c.dtype);
+    const size_t predictor = with_predictor ? Predictor::bytes_for(c.n_layers, c.d_ff, c.d_model, chunk_) : 0;
+    const size_t row = SparseFfn::row_bytes(c.d_model, c.dtype);
     SparseOptions sized = opt;
-    sized.cache_rows = flash ? c.hidden_dim : 0;  // for the index part of fixed_bytes
+    sized.cache_rows = flash ? c.d_ff : 0;  // for the index part of fixed_bytes
     const size_t fixed = expected_weight_bytes(!flash) + state_bytes() + predictor +
-                         SparseFfn::fixed_bytes(c.n_layers, c.hidden_dim, c.dim, c.dtype, chunk_, sized,
+                         SparseFfn::fixed_bytes(c.n_layers, c.d_ff, c.d_model, c.dtype, chunk_, sized,
                                                 flash ? layout : nullptr) + (size_t(1) << 16);
     minimum_budget_ = flash ? fixed : 0;
     if (flash) {
@@ -114,14 +114,14 @@ void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const 
                    c.max_context, " ", state_bytes(), ", predictor ", predictor, ", read buffers and index ",
                    fixed - expected_weight_bytes(false) - state_bytes() - predictor,
                    "); raise the budget or lower max_context");
-            opt.cache_rows = int(std::min<size_t>(c.hidden_dim, (budget - fixed) / (size_t(c.n_layers) * row)));
+            opt.cache_rows = int(std::min<size_t>(c.d_ff, (budget - fixed) / (size_t(c.n_layers) * row)));
         } else if (opt.cache_rows < 0) {
-            opt.cache_rows = c.hidden_dim;
+            opt.cache_rows = c.d_ff;
         }
     }
     std::vector<const void*> resident;
     if (!flash) resident.resize(c.n_layers, nullptr);  // filled once the bundles are loaded
-    sparse_ = std::make_unique<SparseFfn>(source, c.n_layers, c.hidden_dim, c.dim, c.dtype, chunk_, opt, layout,
+    sparse_ = std::make_unique<SparseFfn>(source, c.n_layers, c.d_ff, c.d_model, c.dtype, chunk_, opt, layout,
                                           resident);
 }
 
@@ -139,19 +139,19 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
     Buffer* dst = nullptr;
     std::vector<int64_t> expect;
     bool is_matrix = true;
-    if (kind == "embed") dst = &w_.embed, expect = {c.vocab_size, c.dim};
-    else if (kind == "lm_head") dst = &w_.lm_head, expect = {c.vocab_size, c.dim};
-    else if (kind == "final_norm") dst = &w_.final_norm, expect = {c.dim}, is_matrix = false;
-    else if (kind == "attn_norm") dst = &L->attn_norm, expect = {c.dim}, is_matrix = false;
-    else if (kind == "ffn_norm") dst = &L->ffn_norm, expect = {c.dim}, is_matrix = false;
-    else if (kind == "wq") dst = &L->wq, expect = {c.q_dim(), c.dim};
-    else if (kind == "wk") dst = &L->wk, expect = {c.kv_dim(), c.dim};
-    else if (kind == "wv") dst = &L->wv, expect = {c.kv_dim(), c.dim};
-    else if (kind == "wo") dst = &L->wo, expect = {c.dim, c.q_dim()};
+    if (kind == "embed") dst = &w_.embed, expect = {c.vocab_size, c.d_model};
+    else if (kind == "lm_head") dst = &w_.lm_head, expect = {c.vocab_size, c.d_model};
+    else if (kind == "final_norm") dst = &w_.final_norm, expect = {c.d_model}, is_matrix = false;
+    else if (kind == "attn_norm") dst = &L->attn_norm, expect = {c.d_model}, is_matrix = false;
+    else if (kind == "ffn_norm") dst = &L->ffn_norm, expect = {c.d_model}, is_matrix = false;
+    else if (kind == "wq") dst = &L->wq, expect = {c.q_dim(), c.d_model};
+    else if (kind == "wk") dst = &L->wk, expect = {c.kv_dim(), c.d_model};
+    else if (kind == "wv") dst = &L->wv, expect = {c.kv_dim(), c.d_model};
+    else if (kind == "wo") dst = &L->wo, expect = {c.d_model, c.q_dim()};
     else if (kind == "bq") dst = &L->bq, expect = {c.q_dim()}, is_matrix = false;
     else if (kind == "bk") dst = &L->bk, expect = {c.kv_dim()}, is_matrix = false;
     else if (kind == "bv") dst = &L->bv, expect = {c.kv_dim()}, is_matrix = false;
-    else if (kind == "ffn_bundles") dst = &L->ffn_bundles, expect = {c.hidden_dim, 3 * c.dim};
+    else if (kind == "ffn_bundles") dst = &L->ffn_bundles, expect = {c.d_ff, 3 * c.d_model};
     else if (kind.rfind("pred_", 0) == 0) {  // predictor tensors (see ffn/predictor.h)
         FM_ARG(sparse_, what, ": configure the sparse FFN before loading a predictor");
         const char* want_dtype;
@@ -218,7 +218,7 @@ void Model::check_loaded() const {
 
 void Model::check_positions(int T, int start_pos) const {
     FM_ARG(T > 0, "no input positions (T = ", T, ")");
-    FM_ARG(start_pos >= 0 && start_pos <= n_cached_, "start_pos ", start_pos, " must lie in [0, ", n_cached_,
+    FM_ARG(start_pos >= 0 && start_pos <= kv_length_, "start_pos ", start_pos, " must lie in [0, ", kv_length_,
            "] (positions before it must already be in the KV cache)");
     FM_ARG(int64_t(start_pos) + T <= cfg_.max_context, "context overflow: ", start_pos, " cached + ", T,
            " new positions > max_context ", cfg_.max_context);
@@ -250,8 +250,9 @@ void Model::gather_embeddings(const int32_t* tokens, int T, float* out) const {
     const Config& c = cfg_;
     const size_t esz = dtype_size(c.dtype);
     for (int t = 0; t < T; ++t)
-        kernels().to_f32[int(c.dtype)](out + size_t(t) * c.dim, w_.embed.data<char>() + size_t(tokens[t]) * c.dim * esz,
-                                       c.dim);
+        kernels().to_f32[int(c.dtype)](out + size_t(t) * c.d_model,
+                                       w_.embed.data<char>() + size_t(tokens[t]) * c.d_model * esz,
+                                       c.d_model);
 }
 
 void Model::embed(const int32_t* tokens, int T, float* out) {
@@ -285,7 +286,7 @@ void Model::ffn_inputs(const int32_t* tokens, int T, float* out) {
 void Model::forward_inputs(const int32_t* src, int T, const float* embeds, int n_embeds, int start_pos,
                            float* logits, bool all_logits) {
     const Config& c = cfg_;
-    const size_t d = c.dim;
+    const size_t d = c.d_model;
     for (int t = 0; t < T; ++t) {  // every input checked before the cache is touched
         if (src[t] >= 0) {
             FM_ARG(src[t] < c.vocab_size, "token id ", src[t], " at position ", t, " out of range [0, ",
@@ -313,7 +314,7 @@ template <typename Fill>
 void Model::forward(int T, int start_pos, float* out, Output what, Fill&& fill) {
     check_positions(T, start_pos);
     const Config& c = cfg_;
-    n_cached_ = start_pos;  // positions past this are overwritten now
+    kv_length_ = start_pos;  // positions past this are overwritten now
     if (sparse_ && start_pos == 0) sparse_->begin_sequence();
     last_mark_ = std::chrono::steady_clock::now();
     prof_.tokens += T;
@@ -323,15 +324,15 @@ void Model::forward(int T, int start_pos, float* out, Output what, Fill&& fill) 
         fill(t0, n, x);
         capture_t0_ = t0;
         for (int l = 0; l < c.n_layers; ++l) layer_forward(l, n, start_pos + t0);
-        n_cached_ = start_pos + t0 + n;
+        kv_length_ = start_pos + t0 + n;
         if (what == Output::AllLogits) {
             compute_logits(x, n, out + size_t(t0) * c.vocab_size);
         } else if (what == Output::LastLogits && t0 + n == T) {
-            compute_logits(x + size_t(n - 1) * c.dim, 1, out);
+            compute_logits(x + size_t(n - 1) * c.d_model, 1, out);
         } else if (what == Output::None) {
         } else if (what == Output::Hidden) {
             for (int t = 0; t < n; ++t)
-                rmsnorm(out + size_t(t0 + t) * c.dim, x + size_t(t) * c.dim, w_.final_norm.data<float>(), c.dim,
+                rmsnorm(out + size_t(t0 + t) * c.d_model, x + size_t(t) * c.d_model, w_.final_norm.data<float>(), c.d_model,
                         c.norm_eps);
         }
         mark(Profile::kLogits);
@@ -342,8 +343,10 @@ void Model::compute_logits(const float* x, int T, float* logits) {
     const Config& c = cfg_;
     float* xn = xn_.data<float>();
     for (int t = 0; t < T; ++t)
-        rmsnorm(xn + size_t(t) * c.dim, x + size_t(t) * c.dim, w_.final_norm.data<float>(), c.dim, c.norm_eps);
-    linear(xn, T, c.dim, {{logits, size_t(c.vocab_size), c.tied_embeddings ? &w_.embed : &w_.lm_head, size_t(c.vocab_size)}});
+        rmsnorm(xn + size_t(t) * c.d_model, x + size_t(t) * c.d_model, w_.final_norm.data<float>(), c.d_model,
+                c.norm_eps);
+    const Buffer* head = c.tied_embeddings ? &w_.embed : &w_.lm_head;
+    linear(xn, T, c.d_model, {{logits, size_t(c.vocab_size), head, size_t(c.vocab_size)}});
 }
 
 void Model::layer_forward(int l, int T, int start_pos) {
@@ -352,14 +355,16 @@ void Model::layer_forward(int l, int T, int start_pos) {
     float* x = x_.data<float>();
     float* xn = xn_.data<float>();
     const size_t kv_dim = c.kv_dim(), q_dim = c.q_dim();
-    float* kc = key_cache_.data<float>() + (size_t(l) * c.max_context + start_pos) * kv_dim;    // (T, kv_dim)
-    float* vc = value_cache_.data<float>() + (size_t(l) * c.max_context + start_pos) * kv_dim;  // (T, kv_dim)
+    float* kc = kv_keys_.data<float>() + (size_t(l) * c.max_context + start_pos) * kv_dim;    // (T, kv_dim)
+    float* vc = kv_values_.data<float>() + (size_t(l) * c.max_context + start_pos) * kv_dim;  // (T, kv_dim)
 
     // attention block: q, k, v (k and v straight into the cache), rope, attention, output projection
     for (int t = 0; t < T; ++t)
-        rmsnorm(xn + size_t(t) * c.dim, x + size_t(t) * c.dim, L.attn_norm.data<float>(), c.dim, c.norm_eps);
+        rmsnorm(xn + size_t(t) * c.d_model, x + size_t(t) * c.d_model, L.attn_norm.data<float>(), c.d_model,
+                c.norm_eps);
     mark(Profile::kNorms);
-    linear(xn, T, c.dim, {{q_.data<float>(), q_dim, &L.wq, q_dim}, {kc, kv_dim, &L.wk, kv_dim}, {vc, kv_dim, &L.wv, kv_dim}});
+    linear(xn, T, c.d_model,
+           {{q_.data<float>(), q_dim, &L.wq, q_dim}, {kc, kv_dim, &L.wk, kv_dim}, {vc, kv_dim, &L.wv, kv_dim}});
     mark(Profile::kQkv);
     const int half = c.head_dim / 2;
     for (int t = 0; t < T; ++t) {
@@ -377,16 +382,17 @@ void Model::layer_forward(int l, int T, int start_pos) {
     mark(Profile::kNorms);
     attention(l, T, start_pos);
     mark(Profile::kAttention);
-    linear(att_out_.data<float>(), T, int(q_dim), {{proj_.data<float>(), size_t(c.dim), &L.wo, size_t(c.dim)}});
-    for (size_t i = 0; i < size_t(T) * c.dim; ++i) x[i] += proj_.data<float>()[i];
+    linear(att_out_.data<float>(), T, int(q_dim), {{proj_.data<float>(), size_t(c.d_model), &L.wo, size_t(c.d_model)}});
+    for (size_t i = 0; i < size_t(T) * c.d_model; ++i) x[i] += proj_.data<float>()[i];
 
     // FFN block
     mark(Profile::kOutProj);
     for (int t = 0; t < T; ++t)
-        rmsnorm(xn + size_t(t) * c.dim, x + size_t(t) * c.dim, L.ffn_norm.data<float>(), c.dim, c.norm_eps);
+        rmsnorm(xn + size_t(t) * c.d_model, x + size_t(t) * c.d_model, L.ffn_norm.data<float>(), c.d_model, c.norm_eps);
     mark(Profile::kNorms);
     if (capture_)
-        std::memcpy(capture_ + (size_t(l) * capture_T_ + capture_t0_) * c.dim, xn, sizeof(float) * size_t(T) * c.dim);
+        std::memcpy(capture_ + (size_t(l) * capture_T_ + capture_t0_) * c.d_model, xn,
+                    sizeof(float) * size_t(T) * c.d_model);
     const int nt = pool_.size();
     FfnScratch s{ffn_acc_.data<float>(), ffn_hu_.data<float>(), convert_.data<float>(),
                  convert_.size() / sizeof(float) / nt, ffn_block_.data<char>(), chunk_};
@@ -394,11 +400,11 @@ void Model::layer_forward(int l, int T, int start_pos) {
         sparse_->forward(pool_, l, x, xn, T, s);
     } else {  // dense: every bundle, in place
         const void** rows = ffn_rows_.data<const void*>();
-        const size_t row = size_t(3) * c.dim * dtype_size(c.dtype);
-        for (int i = 0; i < c.hidden_dim; ++i) rows[i] = L.ffn_bundles.data<char>() + i * row;
-        ffn_begin(pool_, T, c.dim, s);
-        ffn_accumulate(pool_, xn, T, c.dim, c.dtype, {rows, c.hidden_dim, nullptr}, 0, c.hidden_dim, s);
-        ffn_end(pool_, x, T, c.dim, s);
+        const size_t row = size_t(3) * c.d_model * dtype_size(c.dtype);
+        for (int i = 0; i < c.d_ff; ++i) rows[i] = L.ffn_bundles.data<char>() + i * row;
+        ffn_begin(pool_, T, c.d_model, s);
+        ffn_accumulate(pool_, xn, T, c.d_model, c.dtype, {rows, c.d_ff, nullptr}, 0, c.d_ff, s);
+        ffn_end(pool_, x, T, c.d_model, s);
     }
     mark(Profile::kFfn);
 }
@@ -411,8 +417,8 @@ void Model::attention(int l, int T, int start_pos) {
     const Kernels& k = kernels();
     const int F32 = int(DType::F32);
     const size_t kv_dim = c.kv_dim(), q_dim = c.q_dim();
-    const float* kc = key_cache_.data<float>() + size_t(l) * c.max_context * kv_dim;  // (max_context, kv_dim)
-    const float* vc = value_cache_.data<float>() + size_t(l) * c.max_context * kv_dim;
+    const float* kc = kv_keys_.data<float>() + size_t(l) * c.max_context * kv_dim;  // (max_context, kv_dim)
+    const float* vc = kv_values_.data<float>() + size_t(l) * c.max_context * kv_dim;
     const int group = c.n_heads / c.n_kv_heads, hd = c.head_dim;
     const float scale = 1.0f / std::sqrt(float(hd));
     pool_.run([&](int tid, int nt) {

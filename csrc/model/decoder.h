@@ -18,8 +18,8 @@ namespace fm {
 
 struct Config {
     int vocab_size = 0;
-    int dim = 0;         // d_model
-    int hidden_dim = 0;  // d_ff
+    int d_model = 0;
+    int d_ff = 0;     // FFN neurons per layer
     int n_layers = 0;
     int n_heads = 0;
     int n_kv_heads = 0;
@@ -38,19 +38,19 @@ struct Config {
 };
 
 struct LayerWeights {
-    Buffer attn_norm;    // (dim) f32
-    Buffer wq;           // (q_dim, dim)
-    Buffer wk, wv;       // (kv_dim, dim)
-    Buffer wo;           // (dim, q_dim)
+    Buffer attn_norm;    // (d_model) f32
+    Buffer wq;           // (q_dim, d_model)
+    Buffer wk, wv;       // (kv_dim, d_model)
+    Buffer wo;           // (d_model, q_dim)
     Buffer bq, bk, bv;   // (q_dim), (kv_dim), (kv_dim) f32, only with qkv_bias
-    Buffer ffn_norm;     // (dim) f32
-    Buffer ffn_bundles;  // (hidden_dim, 3*dim): bundle i = [gate row i | up row i | down column i]
+    Buffer ffn_norm;     // (d_model) f32
+    Buffer ffn_bundles;  // (d_ff, 3*d_model): bundle i = [gate row i | up row i | down column i]
 };
 
 struct Weights {
-    Buffer embed;       // (vocab, dim)
-    Buffer final_norm;  // (dim) f32
-    Buffer lm_head;     // (vocab, dim); empty when tied to embed
+    Buffer embed;       // (vocab, d_model)
+    Buffer final_norm;  // (d_model) f32
+    Buffer lm_head;     // (vocab, d_model); empty when tied to embed
     std::vector<LayerWeights> layers;
 };
 
@@ -68,7 +68,7 @@ class Model {
 
     const Config& config() const { return cfg_; }
     int n_threads() const { return pool_.size(); }
-    int n_cached() const { return n_cached_; }
+    int kv_length() const { return kv_length_; }
     size_t weight_bytes() const;
     size_t state_bytes() const;
     // Bytes the resident weights will take once loaded (with or without the FFN bundles).
@@ -85,37 +85,37 @@ class Model {
     void configure_sparse(SparseFfn::Source source, SparseOptions opt, const FileLayout* layout, size_t budget,
                           bool with_predictor);
     SparseFfn* sparse() { return sparse_.get(); }
-    // The sparsity predictor's scores (T, hidden_dim) for FFN inputs x (T, dim) of layer l.
+    // The sparsity predictor's scores (T, d_ff) for FFN inputs x (T, d_model) of layer l.
     void predictor_scores(int l, const float* x, int T, float* out) {
         FM_ARG(sparse_ && sparse_->predictor().loaded(), "no sparsity predictor loaded");
         FM_ARG(l >= 0 && l < cfg_.n_layers && T >= 1 && T <= chunk_, "layer or token count out of range");
         sparse_->predictor_scores(pool_, l, x, T, out);
     }
     size_t minimum_budget() const { return minimum_budget_; }  // flash: the smallest dram_budget that works
-    // FFN inputs (after the FFN norm) of every layer for T tokens from position 0: out (n_layers, T, dim).
+    // FFN inputs (after the FFN norm) of every layer for T tokens from position 0: out (n_layers, T, d_model).
     void ffn_inputs(const int32_t* tokens, int T, float* out);
 
     // Loads one tensor from `path` at byte `offset`. kind: embed, final_norm, lm_head, attn_norm,
     // wq, wk, wv, wo, bq, bk, bv, ffn_norm, ffn_bundles; layer: -1 for the global ones.
-    // shape/dtype are as stored in the file; ffn_bundles may have padded rows (shape[1] >= 3*dim).
+    // shape/dtype are as stored in the file; ffn_bundles may have padded rows (shape[1] >= 3*d_model).
     void load_tensor(const std::string& kind, int layer, const std::string& path, uint64_t offset,
                      const std::string& dtype, const std::vector<int64_t>& shape);
     void check_loaded() const;  // throws naming the first missing tensor
 
-    // Runs T tokens (or T input embeddings of width dim) at positions [start_pos, start_pos+T).
+    // Runs T tokens (or T input embeddings of width d_model) at positions [start_pos, start_pos+T).
     // Positions before start_pos must already be in the KV cache. Writes logits (vocab) for the
     // last token, or for every token when all_logits ((T, vocab)).
     void forward_tokens(const int32_t* tokens, int T, int start_pos, float* logits, bool all_logits);
     // Mixed inputs: position t is token src[t] when src[t] >= 0, else row -src[t]-1 of embeds
-    // (n_embeds, dim), e.g. memory slots spliced into a prompt.
+    // (n_embeds, d_model), e.g. memory slots spliced into a prompt.
     void forward_inputs(const int32_t* src, int T, const float* embeds, int n_embeds, int start_pos, float* logits,
                         bool all_logits);
-    // Final hidden states (after the final norm) of every token: out (T, dim).
+    // Final hidden states (after the final norm) of every token: out (T, d_model).
     void hidden_states(const int32_t* tokens, int T, int start_pos, float* out);
     const Profile& profile() const { return prof_; }
     void reset_profile() { prof_ = Profile{}; }
 
-    // Input embeddings of tokens: out (T, dim).
+    // Input embeddings of tokens: out (T, d_model).
     void embed(const int32_t* tokens, int T, float* out);
 
   private:
@@ -148,27 +148,27 @@ class Model {
     Profile prof_;
     std::chrono::steady_clock::time_point last_mark_;
     Weights w_;
-    int n_cached_ = 0;
+    int kv_length_ = 0;
     int chunk_;  // tokens per prefill chunk
 
     // Run state, (chunk) rows each.
-    Buffer x_;         // (chunk, dim) residual stream
-    Buffer xn_;        // (chunk, dim) normed residual
+    Buffer x_;         // (chunk, d_model) residual stream
+    Buffer xn_;        // (chunk, d_model) normed residual
     Buffer q_;         // (chunk, q_dim)
     Buffer att_out_;   // (chunk, q_dim)
-    Buffer proj_;      // (chunk, dim) attention output projection
+    Buffer proj_;      // (chunk, d_model) attention output projection
     Buffer scores_;    // (n_threads, max_context)
-    Buffer ffn_acc_;   // (n_threads, chunk, dim)
+    Buffer ffn_acc_;   // (n_threads, chunk, d_model)
     Buffer ffn_hu_;    // (n_threads, 2, chunk, kNeuronBlock)
-    Buffer convert_;   // (n_threads, scratch_floats(max(dim, q_dim)))
-    Buffer ffn_block_; // (n_threads, kNeuronBlock, 3*dim) gathered bundles, weights' dtype
-    Buffer ffn_rows_;  // (hidden_dim) bundle pointers of the dense FFN
+    Buffer convert_;   // (n_threads, scratch_floats(max(d_model, q_dim)))
+    Buffer ffn_block_; // (n_threads, kNeuronBlock, 3*d_model) gathered bundles, weights' dtype
+    Buffer ffn_rows_;  // (d_ff) bundle pointers of the dense FFN
     std::unique_ptr<SparseFfn> sparse_;
     size_t minimum_budget_ = 0;
-    float* capture_ = nullptr;  // ffn_inputs(): (n_layers, capture_T_, dim)
+    float* capture_ = nullptr;  // ffn_inputs(): (n_layers, capture_T_, d_model)
     int capture_T_ = 0, capture_t0_ = 0;
     Buffer rope_cos_, rope_sin_;  // (max_context, head_dim/2)
-    Buffer key_cache_, value_cache_;  // (n_layers, max_context, kv_dim) f32
+    Buffer kv_keys_, kv_values_;  // (n_layers, max_context, kv_dim) f32
 };
 
 }  // namespace fm

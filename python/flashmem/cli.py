@@ -85,7 +85,7 @@ def cmd_chat(a) -> None:
 
 
 def cmd_convert(a) -> None:
-    from .convert import convert
+    from .checkpoints.convert import convert
 
     out = convert(a.src, a.out, dtype=a.dtype, align=a.align)
     print(out)
@@ -109,7 +109,7 @@ def cmd_info(a) -> None:
 
 def cmd_calibrate(a) -> None:
     import flashmem
-    from .calibrate import calibrate
+    from .flash.calibrate import calibrate
 
     model = flashmem.load(a.model, dtype=a.dtype, threads=a.threads)
     with open(a.data, encoding="utf-8") as f:

@@ -5,78 +5,9 @@ import json
 import os
 from functools import lru_cache
 
-from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
 
-# GGUF token types (llama.cpp): 3 = control, 4 = user-defined
-_CONTROL, _USER_DEFINED = 3, 4
-
-
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def tokenizer_from_gguf(fields: dict, path: str) -> tuple[HFTokenizer, dict]:
-    """Builds the tokenizer a GGUF file describes, giving the same ids as HF transformers'
-    GGUF loader. Byte-level BPE ("gpt2": SmolLM2, Llama 3, Qwen2) is built here; SentencePiece
-    vocabularies ("llama": Llama 2, Mistral) go through transformers' converter when installed."""
-    model = fields.get("tokenizer.ggml.model")
-    tokens = fields.get("tokenizer.ggml.tokens")
-    if not tokens:
-        raise ValueError(f"{path}: GGUF has no tokenizer.ggml.tokens")
-    types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    if model == "gpt2":
-        merges = fields.get("tokenizer.ggml.merges")
-        if not merges:
-            raise ValueError(f"{path}: GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
-        spelling = bytes_to_unicode()
-        alphabet = set(spelling.values())
-        vocab = {}
-        for i, t in enumerate(tokens):
-            vocab[t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))] = i
-        tok = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], fuse_unk=False))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        special = [AddedToken(t, special=True, normalized=False)
-                   for t, ty in zip(tokens, types) if ty == _CONTROL and set(t) <= alphabet]
-        tok.add_special_tokens(special)
-        tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                        for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab])
-    elif model == "llama":
-        try:
-            from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
-        except ImportError:
-            raise ValueError(f"{path}: SentencePiece GGUF vocabularies need `transformers` installed to convert; "
-                             "or convert the HF folder instead") from None
-        td = {"tokenizer_type": "llama", "tokens": tokens, "token_type": types,
-              "scores": fields.get("tokenizer.ggml.scores"), "merges": fields.get("tokenizer.ggml.merges")}
-        td = {k: v for k, v in td.items() if v is not None}
-        tok, _ = convert_gguf_tokenizer("llama", td)
-    else:
-        raise ValueError(f"{path}: GGUF tokenizer model {model!r} is not supported (supported: 'gpt2', 'llama')")
-
-    def tok_str(key):
-        i = fields.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
-
-    add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", model == "llama"))
-    bos = tok_str("bos")
-    if add_bos and bos is not None:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))])
-    config = {"bos_token": bos, "eos_token": tok_str("eos"), "unk_token": tok_str("unknown"),
-              "pad_token": tok_str("padding"), "add_bos_token": add_bos,
-              "chat_template": fields.get("tokenizer.chat_template")}
-    return tok, {k: v for k, v in config.items() if v is not None}
+from .checkpoints.config import read_json
 
 
 def _token_text(v):
@@ -97,8 +28,6 @@ class Tokenizer:
         cfg = {}
         cfg_path = os.path.join(folder, "tokenizer_config.json")
         if os.path.isfile(cfg_path):
-            from .sources import read_json
-
             cfg = read_json(cfg_path)
         self.chat_template = cfg.get("chat_template")
         if isinstance(self.chat_template, list):  # named templates: take the default

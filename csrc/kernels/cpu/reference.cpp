@@ -16,18 +16,18 @@ void gemm_ref(float* Y, size_t ldy, const float* X, size_t ldx, int T, const voi
         }
 }
 
-void ffn_decode_ref(float* y, const float* x, const void* const* rows, DType dt, int D, int n) {
-    std::vector<double> acc(y, y + D);
+void ffn_decode_ref(float* y, const float* x, const void* const* rows, DType dt, int d_model, int n) {
+    std::vector<double> acc(y, y + d_model);
     for (int i = 0; i < n; ++i) {
         double g = 0, u = 0;
-        for (int k = 0; k < D; ++k) {
+        for (int k = 0; k < d_model; ++k) {
             g += double(x[k]) * load_as_f32(rows[i], dt, k);
-            u += double(x[k]) * load_as_f32(rows[i], dt, D + k);
+            u += double(x[k]) * load_as_f32(rows[i], dt, d_model + k);
         }
         const double a = g / (1.0 + std::exp(-g)) * u;
-        for (int d = 0; d < D; ++d) acc[d] += a * load_as_f32(rows[i], dt, 2 * D + d);
+        for (int d = 0; d < d_model; ++d) acc[d] += a * load_as_f32(rows[i], dt, 2 * d_model + d);
     }
-    for (int d = 0; d < D; ++d) y[d] = float(acc[d]);
+    for (int d = 0; d < d_model; ++d) y[d] = float(acc[d]);
 }
 
 float bit_sum_ref(const uint8_t* bits, const float* z, int n) {

@@ -1,5 +1,7 @@
-"""Flash offloading options: DRAM budget parsing, the FFN file layouts the engine streams from,
-and per-generation statistics.
+"""Flash offloading, the Python side: the engine's sparse FFN configured from load()'s options
+(where the FFN lives, the DRAM budget, the predictor), the FFN file layouts it streams from, and
+per-token statistics. The streaming itself (selection, reads, neuron cache, compute) is C++:
+csrc/ffn/sparse_ffn.h, flash_reads.h, neuron_cache.h, predictor.h.
 
 Layouts of the FFN on disk (both 4096-byte aligned, for direct I/O):
   bundled    ffn_bundles.safetensors (written by `flashmem convert`): neuron i of layer l is one
@@ -11,13 +13,18 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import numpy as np
 
-from . import safetensors_io as st
+from ..checkpoints import safetensors_io as st
+from ..checkpoints.convert import BUNDLE_FILE
 
 UNBUNDLED_FILE = "ffn_unbundled.safetensors"
 PREDICTOR_FILE = "predictor.safetensors"
+# the predictor's tensors per layer, "model.layers.{l}.mlp.predictor.{part}" (csrc/ffn/predictor.h)
+PREDICTOR_PARTS = ("gate_sign", "up_sign", "gate_row", "up_row", "gate_col", "up_col", "outlier_dims",
+                   "outlier_weight", "outlier_scale")
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30}
@@ -39,13 +46,67 @@ def parse_bytes(v, name: str = "dram_budget") -> int:
     return int(n)
 
 
+def bundle_path(folder: str, config: dict) -> str:
+    """The neuron-bundle file of a converted folder."""
+    return os.path.join(folder, config["flashmem"]["ffn"].get("file", BUNDLE_FILE))
+
+
+def configure(engine, folder: str, config: dict, offload, dram_budget, sparsity, window, ffn_layout="bundled",
+              queue_depth=32, coalesce_gap=2, direct_io=True, cache_rows=None, cache_bias=0.0,
+              expire_window=False, eviction="lru"):
+    """Checks load()'s FFN options and configures the engine's sparse FFN (before any weight is
+    loaded). Returns (offload, dram_budget in bytes, the predictor file or None); offload None
+    with sparsity 0 leaves the dense FFN in place."""
+    if offload not in (None, "none", "flash"):
+        raise ValueError(f"offload must be None or 'flash', got {offload!r}")
+    offload = "flash" if offload == "flash" else None
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be a non-negative integer, got {window!r}")
+    if eviction not in ("lru", "hot"):
+        raise ValueError(f"eviction must be 'lru' or 'hot', got {eviction!r}")
+    if dram_budget is not None and not offload:
+        raise ValueError("dram_budget needs offload='flash' (without offloading every weight is in DRAM)")
+    budget = parse_bytes(dram_budget) if dram_budget is not None else None
+    if not offload and not sparsity:
+        return offload, budget, None
+    predictor = None
+    if sparsity:
+        predictor = os.path.join(folder, PREDICTOR_FILE)
+        if not os.path.isfile(predictor):
+            raise FileNotFoundError(f"sparsity {sparsity} needs the sparsity predictor {predictor}, which is "
+                                    f"missing: run `flashmem calibrate {folder} --data FILE` first")
+    kw = layout(folder, config, ffn_layout) if offload else {}
+    engine.configure_sparse("flash" if offload else "dram", float(sparsity), window, True, budget or 0,
+                            bool(sparsity), queue_depth=queue_depth, coalesce_gap=coalesce_gap, direct=direct_io,
+                            cache_rows=-1 if cache_rows is None else cache_rows, cache_bias=float(cache_bias),
+                            expire_window=bool(expire_window), eviction=eviction, **kw)
+    if offload and not engine.sparse_stats()["direct_io"]:
+        warnings.warn(f"{kw['path']}: the filesystem refused O_DIRECT; FFN reads go through the page cache, "
+                      "which the DRAM budget does not count", RuntimeWarning, stacklevel=4)
+    return offload, budget, predictor
+
+
+def load_predictor(engine, path: str, n_layers: int) -> None:
+    """Loads every layer's predictor tensors from `path` into the configured engine."""
+    infos, _ = st.read_header(path)
+    for l in range(n_layers):
+        for part in PREDICTOR_PARTS:
+            name = f"model.layers.{l}.mlp.predictor.{part}"
+            if name not in infos:
+                raise ValueError(f"{path}: tensor '{name}' is missing; run `flashmem calibrate` again")
+            info = infos[name]
+            engine.load_tensor(f"pred_{part}", l, path, info.offset, info.tag, list(info.shape))
+
+
 def layout(folder: str, config: dict, kind: str = "bundled") -> dict:
     """The byte layout of the FFN file the engine streams: path and, per layer, where each piece
     of neuron i starts (base + i * stride, `bytes` long)."""
     d, ff, n_layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     esz = 4 if config["flashmem"]["dtype"] == "f32" else 2
     if kind == "bundled":
-        path = os.path.join(folder, config["flashmem"]["ffn"].get("file", "ffn_bundles.safetensors"))
+        path = bundle_path(folder, config)
         infos, _ = st.read_header(path)
         bases = []
         for l in range(n_layers):
@@ -77,7 +138,7 @@ def write_unbundled(folder: str, config: dict) -> str:
         return out
     d, ff, n_layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     tag = config["flashmem"]["dtype"]
-    src = os.path.join(folder, config["flashmem"]["ffn"].get("file", "ffn_bundles.safetensors"))
+    src = bundle_path(folder, config)
     infos, _ = st.read_header(src)
     specs = [(f"model.layers.{l}.mlp.{k}", tag, (ff, d)) for l in range(n_layers) for k in ("gate", "up", "down_t")]
     w = st.Writer(out + ".part", specs, {"layout": "unbundled"}, align=4096)
@@ -92,8 +153,15 @@ def write_unbundled(folder: str, config: dict) -> str:
     return out
 
 
-def summarize(stats: dict, tokens: int, n_layers: int, ffn_bytes: int) -> dict:
-    """Per-token figures from the engine's sparse FFN counters over `tokens` tokens."""
+def summarize(engine, config: dict, tokens: int) -> dict:
+    """Per-token figures from the engine's sparse FFN counters over `tokens` decoded tokens
+    (GenerationResult.flash); empty for the dense engine."""
+    stats = engine.sparse_stats()
+    if not stats:
+        return {}
+    n_layers = config["num_hidden_layers"]
+    esz = 4 if config["flashmem"]["dtype"] == "f32" else 2
+    ffn_bytes = 3 * config["hidden_size"] * config["intermediate_size"] * n_layers * esz
     tokens = max(tokens, 1)
     picked = stats["hits"] + stats["misses"]
     out = dict(

@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from . import _core
+from .. import _core
 
 INDEXES = ("flat", "lsh", "ivf", "hnsw")
 METRICS = ("cosine", "ip", "l2")

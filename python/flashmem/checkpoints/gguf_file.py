@@ -1,118 +1,14 @@
-"""Model sources that `flashmem convert` reads: HF-format folders and GGUF files.
-
-Both present the same interface: an HF-style `config` dict, `tensor(name)` returning float32
-numpy arrays under HF Llama names (model.layers.{i}.self_attn.q_proj.weight, ...), and
-`write_tokenizer(out_dir)` writing tokenizer.json + tokenizer_config.json.
-"""
+"""GGUF files (llama.cpp's format) as a conversion source: general.architecture = llama, tensors
+dequantized to float32 with the `gguf` package one at a time, under HF Llama names (Q/K rows
+un-permuted), and the tokenizer rebuilt from the file's metadata."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
+from functools import lru_cache
+
 import numpy as np
-
-from . import safetensors_io as st
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-
-def read_json(path: str):
-    """Loads a JSON file; malformed JSON raises ValueError naming the file."""
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from None
-
-
-def open_source(path: str):
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return HFSource(path)
-    if os.path.isfile(path) and path.endswith(".gguf"):
-        return GGUFSource(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model not found: {path}")
-    raise ValueError(f"{path}: not a model folder (config.json + *.safetensors) or a .gguf file")
-
-
-def layer_tensor_names(cfg: dict, i: int) -> dict[str, str]:
-    p = f"model.layers.{i}."
-    names = {
-        "attn_norm": p + "input_layernorm.weight",
-        "wq": p + "self_attn.q_proj.weight",
-        "wk": p + "self_attn.k_proj.weight",
-        "wv": p + "self_attn.v_proj.weight",
-        "wo": p + "self_attn.o_proj.weight",
-        "ffn_norm": p + "post_attention_layernorm.weight",
-        "gate": p + "mlp.gate_proj.weight",
-        "up": p + "mlp.up_proj.weight",
-        "down": p + "mlp.down_proj.weight",
-    }
-    if cfg.get("attention_bias", False) or cfg.get("model_type") == "qwen2":
-        names.update(bq=p + "self_attn.q_proj.bias", bk=p + "self_attn.k_proj.bias", bv=p + "self_attn.v_proj.bias")
-    return names
-
-
-class HFSource:
-    """A HF transformers folder: config.json, model.safetensors or sharded *.safetensors + index."""
-
-    def __init__(self, folder: str):
-        self.path = folder
-        cfg_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{folder}: no config.json (not a HF model folder)")
-        self.config = read_json(cfg_path)
-        mt = self.config.get("model_type")
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"{cfg_path}: model_type {mt!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
-        files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-        index_path = os.path.join(folder, "model.safetensors.index.json")
-        if os.path.isfile(index_path):
-            files = sorted(set(read_json(index_path)["weight_map"].values()))
-        if not files:
-            raise FileNotFoundError(f"{folder}: no *.safetensors weights")
-        self._where = {}
-        for fn in files:
-            p = os.path.join(folder, fn)
-            infos, _ = st.read_header(p)
-            for name, info in infos.items():
-                self._where[name] = (p, info)
-        self.config.setdefault("tie_word_embeddings", "lm_head.weight" not in self._where)
-        torch_dtype = str(self.config.get("torch_dtype") or self.config.get("dtype") or "float32")
-        self.default_dtype = {"bfloat16": "bf16", "float16": "f16"}.get(torch_dtype, "f32")
-
-    def has(self, name: str) -> bool:
-        return name in self._where
-
-    def tensor(self, name: str) -> np.ndarray:
-        if name not in self._where:
-            raise ValueError(f"{self.path}: tensor '{name}' is missing")
-        p, info = self._where[name]
-        if info.tag not in ("f32", "f16", "bf16"):
-            raise ValueError(f"{p}: tensor '{name}' has dtype {info.dtype}; expected F32, F16 or BF16")
-        return st.to_f32(st.load_tensor(p, info), info.tag)
-
-    def write_tokenizer(self, out: str) -> None:
-        src = os.path.join(self.path, "tokenizer.json")
-        if not os.path.isfile(src):
-            raise FileNotFoundError(f"{self.path}: no tokenizer.json")
-        shutil.copy(src, out)
-        tc = {}
-        if os.path.isfile(os.path.join(self.path, "tokenizer_config.json")):
-            tc = read_json(os.path.join(self.path, "tokenizer_config.json"))
-        jinja = os.path.join(self.path, "chat_template.jinja")
-        if "chat_template" not in tc and os.path.isfile(jinja):
-            with open(jinja) as f:
-                tc["chat_template"] = f.read()
-        gen = os.path.join(self.path, "generation_config.json")
-        if os.path.isfile(gen):
-            shutil.copy(gen, out)
-        with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-            json.dump(tc, f, indent=1)
-
-
-# --- GGUF -----------------------------------------------------------------------------------
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
 
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 _GGUF_LAYER = {
@@ -233,10 +129,82 @@ class GGUFSource:
         return w
 
     def write_tokenizer(self, out: str) -> None:
-        from .tokenizer import tokenizer_from_gguf
-
         fields = {k: self._field(k) for k in self._reader.fields if k.startswith("tokenizer.")}
         tok, tok_config = tokenizer_from_gguf(fields, self.path)
         tok.save(os.path.join(out, "tokenizer.json"))
         with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
             json.dump(tok_config, f, indent=1)
+
+
+# --- tokenizer ------------------------------------------------------------------------------
+
+# GGUF token types (llama.cpp): 3 = control, 4 = user-defined
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable unicode characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def tokenizer_from_gguf(fields: dict, path: str) -> tuple[HFTokenizer, dict]:
+    """Builds the tokenizer a GGUF file describes, giving the same ids as HF transformers'
+    GGUF loader. Byte-level BPE ("gpt2": SmolLM2, Llama 3, Qwen2) is built here; SentencePiece
+    vocabularies ("llama": Llama 2, Mistral) go through transformers' converter when installed."""
+    model = fields.get("tokenizer.ggml.model")
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ValueError(f"{path}: GGUF has no tokenizer.ggml.tokens")
+    types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if model == "gpt2":
+        merges = fields.get("tokenizer.ggml.merges")
+        if not merges:
+            raise ValueError(f"{path}: GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
+        spelling = bytes_to_unicode()
+        alphabet = set(spelling.values())
+        vocab = {}
+        for i, t in enumerate(tokens):
+            vocab[t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))] = i
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], fuse_unk=False))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        special = [AddedToken(t, special=True, normalized=False)
+                   for t, ty in zip(tokens, types) if ty == _CONTROL and set(t) <= alphabet]
+        tok.add_special_tokens(special)
+        tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab])
+    elif model == "llama":
+        try:
+            from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+        except ImportError:
+            raise ValueError(f"{path}: SentencePiece GGUF vocabularies need `transformers` installed to convert; "
+                             "or convert the HF folder instead") from None
+        td = {"tokenizer_type": "llama", "tokens": tokens, "token_type": types,
+              "scores": fields.get("tokenizer.ggml.scores"), "merges": fields.get("tokenizer.ggml.merges")}
+        td = {k: v for k, v in td.items() if v is not None}
+        tok, _ = convert_gguf_tokenizer("llama", td)
+    else:
+        raise ValueError(f"{path}: GGUF tokenizer model {model!r} is not supported (supported: 'gpt2', 'llama')")
+
+    def tok_str(key):
+        i = fields.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", model == "llama"))
+    bos = tok_str("bos")
+    if add_bos and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))])
+    config = {"bos_token": bos, "eos_token": tok_str("eos"), "unk_token": tok_str("unknown"),
+              "pad_token": tok_str("padding"), "add_bos_token": add_bos,
+              "chat_template": fields.get("tokenizer.chat_template")}
+    return tok, {k: v for k, v in config.items() if v is not None}

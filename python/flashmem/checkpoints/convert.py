@@ -20,7 +20,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import safetensors_io as st
-from .sources import layer_tensor_names, open_source
+from .config import model_dims
+from .gguf_file import GGUFSource
+from .hf_folder import HFSource, layer_tensor_names
 
 FORMAT_VERSION = 1
 DTYPES = ("f32", "f16", "bf16")
@@ -35,21 +37,18 @@ def bundle_stride(d_model: int, dtype: str, align: int) -> int:
     return nbytes // esz
 
 
-def check_config(cfg: dict, where: str) -> dict:
-    """Normalised engine dimensions from an HF-style config; errors name the field."""
-    def need(key):
-        v = cfg.get(key)
-        if not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{where}: config field '{key}' must be a positive integer, got {v!r}")
-        return v
-
-    d, nh = need("hidden_size"), need("num_attention_heads")
-    nkv = cfg.get("num_key_value_heads") or nh
-    hd = cfg.get("head_dim") or d // nh
-    if nh % nkv:
-        raise ValueError(f"{where}: num_attention_heads {nh} is not a multiple of num_key_value_heads {nkv}")
-    return dict(vocab=need("vocab_size"), d=d, ff=need("intermediate_size"), layers=need("num_hidden_layers"),
-                heads=nh, kv_heads=nkv, head_dim=hd)
+def open_source(path: str):
+    """The conversion source at `path`: a HF folder or a .gguf file. Both give an HF-style
+    `config`, `tensor(name)` as float32 under HF Llama names, `has(name)`, `default_dtype` and
+    `write_tokenizer(out_dir)`."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return HFSource(path)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return GGUFSource(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model not found: {path}")
+    raise ValueError(f"{path}: not a model folder (config.json + *.safetensors) or a .gguf file")
 
 
 def convert(src: str, out: str, dtype: str | None = None, align: int = 4096, progress: bool = True) -> str:
@@ -61,9 +60,9 @@ def convert(src: str, out: str, dtype: str | None = None, align: int = 4096, pro
     if align <= 0 or align & (align - 1):
         raise ValueError(f"align must be a power of two, got {align}")
     cfg = dict(source.config)
-    dims = check_config(cfg, src)
-    d, ff, L = dims["d"], dims["ff"], dims["layers"]
-    q_dim, kv_dim = dims["heads"] * dims["head_dim"], dims["kv_heads"] * dims["head_dim"]
+    dims = model_dims(cfg, src)
+    d, ff, L = dims["d_model"], dims["d_ff"], dims["n_layers"]
+    q_dim, kv_dim = dims["n_heads"] * dims["head_dim"], dims["n_kv_heads"] * dims["head_dim"]
     tied = bool(cfg.get("tie_word_embeddings", False))
 
     out = os.path.abspath(out)
@@ -76,14 +75,14 @@ def convert(src: str, out: str, dtype: str | None = None, align: int = 4096, pro
         # Resident tensors in the order they are written.
         shapes = {"attn_norm": (d,), "ffn_norm": (d,), "wq": (q_dim, d), "wk": (kv_dim, d), "wv": (kv_dim, d),
                   "wo": (d, q_dim), "bq": (q_dim,), "bk": (kv_dim,), "bv": (kv_dim,)}
-        resident = [("model.embed_tokens.weight", dtype, (dims["vocab"], d))]
+        resident = [("model.embed_tokens.weight", dtype, (dims["vocab_size"], d))]
         for i in range(L):
             for kind, name in layer_tensor_names(cfg, i).items():
                 if kind in shapes:
                     resident.append((name, dtype if len(shapes[kind]) == 2 else "f32", shapes[kind]))
         resident.append(("model.norm.weight", "f32", (d,)))
         if not tied:
-            resident.append(("lm_head.weight", dtype, (dims["vocab"], d)))
+            resident.append(("lm_head.weight", dtype, (dims["vocab_size"], d)))
         stride = bundle_stride(d, dtype, align)
         bundles = [(f"model.layers.{i}.mlp.bundles", dtype, (ff, stride)) for i in range(L)]
 

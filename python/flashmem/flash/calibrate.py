@@ -23,11 +23,9 @@ import os
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import safetensors_io as st
-from .flash import PREDICTOR_FILE
+from ..checkpoints import safetensors_io as st
+from .streaming import PREDICTOR_FILE, PREDICTOR_PARTS, bundle_path
 
-PARTS = ("gate_sign", "up_sign", "gate_row", "up_row", "gate_col", "up_col", "outlier_dims", "outlier_weight",
-         "outlier_scale")
 OUTLIER_DIMS = 8  # csrc/ffn/predictor.h: kOutlierDims
 
 
@@ -70,7 +68,7 @@ def fit_matrix(W: np.ndarray, x: np.ndarray, dims: np.ndarray):
 
 
 def fit_layer(gate: np.ndarray, up: np.ndarray, x: np.ndarray) -> dict:
-    """The predictor tensors of one layer (see PARTS) from its gate and up (n, d) and FFN inputs x (N, d)."""
+    """The predictor tensors of one layer (see PREDICTOR_PARTS) from its gate and up (n, d) and FFN inputs x (N, d)."""
     dims = outlier_dims(x)
     p = {"outlier_dims": dims}
     p["gate_sign"], p["gate_row"], p["gate_col"], qg, sg = fit_matrix(gate, x, dims)
@@ -117,12 +115,11 @@ def calibrate(model, text: str, tokens: int = 8192, progress: bool = True) -> di
     if len(ids) < 256:
         raise ValueError(f"calibration text has {len(ids)} tokens; at least 256 are needed")
     window = min(model.max_context, 1024)
-    model._kv_keys = []  # the KV cache is overwritten
-    X = np.concatenate([model._engine.ffn_inputs(np.asarray(ids[s:s + window], np.int32))
-                        for s in range(0, len(ids), window)], axis=1)  # (layers, N, d)
+    X = np.concatenate([model.ffn_inputs(ids[s:s + window]) for s in range(0, len(ids), window)],
+                       axis=1)  # (layers, N, d)
     n = X.shape[1]
     n_train = n - max(n // 10, 64)
-    bundles = os.path.join(model.path, cfg["flashmem"]["ffn"].get("file", "ffn_bundles.safetensors"))
+    bundles = bundle_path(model.path, cfg)
     infos, _ = st.read_header(bundles)
     rb, m = (d + 7) // 8, min(OUTLIER_DIMS, d)
     out = os.path.join(model.path, PREDICTOR_FILE)
@@ -147,7 +144,7 @@ def calibrate(model, text: str, tokens: int = 8192, progress: bool = True) -> di
         scores = predict(parts, xh)
         report["recall_at_50"].append(recall(scores, contrib, ff // 2))
         report["recall_at_80"].append(recall(scores, contrib, ff // 5))
-        for part in PARTS:
+        for part in PREDICTOR_PARTS:
             w.write(f"model.layers.{l}.mlp.predictor.{part}", parts[part])
     w.close()
     os.replace(out + ".part", out)

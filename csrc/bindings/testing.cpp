@@ -1,0 +1,178 @@
+// Entry points for tests and benchmarks: each SIMD kernel (the best ISA or a named one) beside its
+// scalar reference, the predictor's reference scores, the CUDA GEMV, and the disk's raw
+// random-read bandwidth through the engine's own reader.
+#include "bindings/common.h"
+#include "core/buffer.h"
+#include "ffn/predictor.h"
+#include "io/direct_reader.h"
+#include "kernels/cpu/kernels.h"
+#include "kernels/cuda/cuda_kernels.h"
+
+namespace fm::bindings {
+
+using namespace nb::literals;
+
+namespace {
+
+fm::DType weight_dtype(const nb::ndarray<nb::c_contig, nb::device::cpu>& w, const std::string& dtype) {
+    fm::DType dt = fm::dtype_from_name(dtype);
+    FM_ARG(w.ndim() == 2, "W must be 2-D, got ", w.ndim(), " dimensions");
+    FM_ARG(w.itemsize() == fm::dtype_size(dt), "W has ", w.itemsize(), "-byte items but dtype ", dtype,
+           " needs ", fm::dtype_size(dt));
+    return dt;
+}
+
+const fm::Kernels* pick_isa(const std::string& isa) {
+    const fm::Kernels* k = isa == "avx2" ? fm::kernels_avx2() : &fm::kernels();
+    FM_ARG(k != nullptr, "ISA ", isa, " not available on this CPU");
+    return k;
+}
+
+// Kernel entry points for tests: the dispatched SIMD kernel or its scalar reference.
+nb::ndarray<nb::numpy, float> py_gemm(CF32Array x, nb::ndarray<nb::c_contig, nb::device::cpu> w, const std::string& dtype,
+                                      bool reference, const std::string& isa) {
+    fm::DType dt = weight_dtype(w, dtype);
+    FM_ARG(x.ndim() == 2 && x.shape(1) == w.shape(1), "x must be (T, K) with K = W.shape[1] = ", w.shape(1));
+    const int T = int(x.shape(0)), K = int(w.shape(1)), N = int(w.shape(0));
+    auto y = numpy_owned<float>({size_t(T), size_t(N)});
+    if (reference) {
+        fm::gemm_ref(y.data(), N, x.data(), K, T, w.data(), dt, K, K, N);
+    } else {
+        const fm::Kernels* k = pick_isa(isa);
+        std::vector<float> scratch(fm::scratch_floats(K));
+        nb::gil_scoped_release nogil;
+        k->gemm[int(dt)](y.data(), N, x.data(), K, T, w.data(), K, K, N, scratch.data());
+    }
+    return y;
+}
+
+nb::ndarray<nb::numpy, float> py_accumulate(CF32Array y0, CF32Array a, nb::ndarray<nb::c_contig, nb::device::cpu> b,
+                                            const std::string& dtype, bool reference, const std::string& isa) {
+    fm::DType dt = weight_dtype(b, dtype);
+    FM_ARG(a.ndim() == 2 && a.shape(1) == b.shape(0), "A must be (T, NB) with NB = B.shape[0]");
+    FM_ARG(y0.ndim() == 2 && y0.shape(0) == a.shape(0) && y0.shape(1) == b.shape(1), "Y must be (T, D)");
+    const int T = int(a.shape(0)), NB = int(b.shape(0)), D = int(b.shape(1));
+    auto y = numpy_owned<float>({size_t(T), size_t(D)});
+    std::copy(y0.data(), y0.data() + size_t(T) * D, y.data());
+    if (reference) {
+        fm::accumulate_ref(y.data(), D, a.data(), NB, T, b.data(), dt, D, D, NB);
+    } else {
+        const fm::Kernels* k = pick_isa(isa);
+        std::vector<float> scratch(fm::scratch_floats(D));
+        nb::gil_scoped_release nogil;
+        k->accumulate[int(dt)](y.data(), D, a.data(), NB, T, b.data(), D, D, NB, scratch.data());
+    }
+    return y;
+}
+
+}  // namespace
+
+void bind_testing(nb::module_& m) {
+    m.def("gemm", &py_gemm, "x"_a, "w"_a, "dtype"_a, "reference"_a = false, "isa"_a = "best");
+    m.def("accumulate", &py_accumulate, "y"_a, "a"_a, "b"_a, "dtype"_a, "reference"_a = false, "isa"_a = "best");
+    m.def(
+        "softmax",
+        [](CF32Array x, float scale, bool reference, const std::string& isa) {
+            auto y = numpy_owned<float>({x.size()});
+            std::copy(x.data(), x.data() + x.size(), y.data());
+            if (reference) {
+                fm::softmax_ref(y.data(), int(x.size()), scale);
+            } else {
+                const fm::Kernels* k = pick_isa(isa);
+                k->softmax(y.data(), int(x.size()), scale);
+            }
+            return y;
+        },
+        "x"_a, "scale"_a = 1.0f, "reference"_a = false, "isa"_a = "best", "softmax(scale * x) of a 1-D array");
+    m.def(
+        "ffn_decode",
+        [](CF32Array y0, CF32Array x, nb::ndarray<nb::c_contig, nb::device::cpu> b, const std::string& dtype,
+           std::optional<nb::ndarray<const int64_t, nb::c_contig, nb::device::cpu>> rows, bool reference,
+           const std::string& isa) {
+            fm::DType dt = weight_dtype(b, dtype);
+            const int D = int(x.size()), n = int(b.shape(0));
+            FM_ARG(b.ndim() == 2, "bundles must be 2-D");
+            FM_ARG(b.shape(1) >= size_t(3 * D), "bundles must be (n, >= 3*D) with D = len(x)");
+            FM_ARG(y0.size() == size_t(D), "y must have length D");
+            auto y = numpy_owned<float>({size_t(D)});
+            std::copy(y0.data(), y0.data() + D, y.data());
+            FM_ARG(!rows || rows->size() == 0 || rows->ndim() == 1, "rows must be 1-D");
+            std::vector<const void*> ptrs;  // gathered rows (any order, repeats allowed), or all rows
+            const size_t row = b.shape(1) * fm::dtype_size(dt);
+            if (rows) {
+                for (size_t j = 0; j < rows->size(); ++j) {
+                    const int64_t i = rows->data()[j];
+                    FM_ARG(i >= 0 && i < n, "row ", i, " out of range [0, ", n, ")");
+                    ptrs.push_back(static_cast<const char*>(b.data()) + i * row);
+                }
+            } else {
+                for (int i = 0; i < n; ++i) ptrs.push_back(static_cast<const char*>(b.data()) + i * row);
+            }
+            if (reference) fm::ffn_decode_ref(y.data(), x.data(), ptrs.data(), dt, D, int(ptrs.size()));
+            else pick_isa(isa)->ffn_decode[int(dt)](y.data(), x.data(), ptrs.data(), D, int(ptrs.size()));
+            return y;
+        },
+        "y"_a, "x"_a, "bundles"_a, "dtype"_a, "rows"_a = nb::none(), "reference"_a = false, "isa"_a = "best",
+        "y + SwiGLU FFN of x over neuron bundles [gate | up | down | pad] (all, or the gathered `rows`)");
+    m.def(
+        "disk_random_read",
+        [](const std::string& path, size_t request_bytes, int n_requests, int queue_depth, uint64_t seed) {
+            // raw random-read bandwidth of the device under `path`, through the engine's own reader
+            FM_ARG(request_bytes % fm::kIoAlign == 0 && request_bytes > 0 && n_requests > 0,
+                   "request_bytes must be a positive multiple of ", fm::kIoAlign);
+            fm::DirectReader r(path, queue_depth);
+            const uint64_t blocks = r.size() / fm::kIoAlign, per = request_bytes / fm::kIoAlign;
+            FM_ARG(blocks > per, "'", path, "' is smaller than one request");
+            fm::Buffer buf(request_bytes * size_t(n_requests), fm::kIoAlign);
+            std::vector<fm::ReadRequest> reqs;
+            uint64_t x = seed * 6364136223846793005ull + 1442695040888963407ull;
+            for (int i = 0; i < n_requests; ++i) {
+                x = x * 6364136223846793005ull + 1442695040888963407ull;
+                reqs.push_back({(x >> 11) % (blocks - per) * fm::kIoAlign, request_bytes,
+                                buf.data<char>() + size_t(i) * request_bytes});
+            }
+            nb::gil_scoped_release nogil;
+            r.read(reqs);
+            return std::make_pair(r.stats().seconds, r.direct());
+        },
+        "path"_a, "request_bytes"_a, "n_requests"_a, "queue_depth"_a = 32, "seed"_a = 1,
+        "Seconds to read n_requests random aligned requests of request_bytes with direct I/O; (seconds, direct).");
+    m.def(
+        "bit_sum",
+        [](nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> bits, CF32Array z, bool reference,
+           const std::string& isa) {
+            const int n = int(z.size());
+            FM_ARG(bits.shape(0) >= size_t((n + 7) / 8), "bits must hold at least ceil(len(z)/8) bytes");
+            return reference ? fm::bit_sum_ref(bits.data(), z.data(), n) : pick_isa(isa)->bit_sum(bits.data(), z.data(), n);
+        },
+        "bits"_a, "z"_a, "reference"_a = false, "isa"_a = "best", "sum of z[k] where bit k of the packed bits is set");
+    m.def(
+        "predictor_scores_ref",
+        [](nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> gs,
+           nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> us, CF32Array gr, CF32Array ur,
+           CF32Array gc, CF32Array uc, nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> od,
+           nb::ndarray<const int8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> ow, CF32Array os, CF32Array x) {
+            const int D = int(x.size()), n = int(gs.shape(0)), M = int(od.shape(0));
+            FM_ARG(gs.shape(1) == size_t((D + 7) / 8) && us.shape(0) == gs.shape(0) && us.shape(1) == gs.shape(1) &&
+                       gr.size() == size_t(n) && ur.size() == size_t(n) && gc.size() == size_t(D) && uc.size() == size_t(D) &&
+                       ow.shape(0) == size_t(n) && ow.shape(1) == size_t(2 * M) && os.size() == size_t(2 * M),
+                   "predictor tensors do not match");
+            for (int j = 0; j < M; ++j) FM_ARG(od.data()[j] >= 0 && od.data()[j] < D, "outlier dim out of range");
+            auto out = numpy_owned<float>({size_t(n)});
+            fm::predictor_scores_ref({gs.data(), us.data(), gr.data(), ur.data(), gc.data(), uc.data(), od.data(), ow.data(),
+                                      os.data(), M},
+                                     x.data(), D, n, out.data());
+            return out;
+        },
+        "gate_sign"_a, "up_sign"_a, "gate_row"_a, "up_row"_a, "gate_col"_a, "up_col"_a, "outlier_dims"_a,
+        "outlier_weight"_a, "outlier_scale"_a, "x"_a,
+        "Scalar reference of the sparsity predictor's scores for one token.");
+    m.def("cuda_gemv_f16", [](CF32Array x, nb::ndarray<const uint16_t, nb::c_contig, nb::device::cpu> w) {
+        FM_ARG(w.ndim() == 2 && x.ndim() == 1 && x.shape(0) == w.shape(1), "x must be (K,) with K = W.shape[1]");
+        auto y = numpy_owned<float>({size_t(w.shape(0))});
+        fm::cuda::gemv_f16(y.data(), x.data(), w.data(), int(w.shape(0)), int(w.shape(1)));
+        return y;
+    }, "x"_a, "w"_a, "y = W x on the GPU (W f16 bits as uint16); for tests");
+}
+
+}  // namespace fm::bindings

@@ -1,0 +1,97 @@
+#include "ffn/flash_reads.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/error.h"
+
+namespace fm {
+
+namespace {
+size_t blocks_of(uint64_t bytes) { return (bytes + kIoAlign - 1) / kIoAlign; }
+
+// Staging blocks one piece of `bytes` may touch: it may start anywhere inside a block.
+size_t region_blocks(uint64_t bytes, int staging_rows) { return size_t(staging_rows) * (blocks_of(bytes) + 1); }
+}  // namespace
+
+size_t FlashReads::bytes_for(const FileLayout& layout, size_t bundle_bytes, int staging_rows) {
+    size_t n = 0;
+    for (int p = 0; p < layout.n_pieces; ++p) n += region_blocks(layout.piece_bytes[p], staging_rows) * kIoAlign;
+    if (layout.n_pieces > 1) n += size_t(staging_rows) * bundle_bytes;
+    return n;
+}
+
+void FlashReads::init(const FileLayout& layout, size_t bundle_bytes, int staging_rows, int coalesce_gap,
+                      size_t max_request) {
+    FM_ARG(layout.n_pieces >= 1 && layout.n_pieces <= FileLayout::kMaxPieces, "a neuron has 1 to ",
+           FileLayout::kMaxPieces, " pieces in the file, got ", layout.n_pieces);
+    layout_ = layout;
+    bundle_bytes_ = bundle_bytes;
+    staging_rows_ = staging_rows, coalesce_gap_ = coalesce_gap, max_request_ = max_request;
+    size_t blocks = 0;
+    for (int p = 0; p < layout_.n_pieces; ++p)
+        blocks += region_blocks_[p] = region_blocks(layout_.piece_bytes[p], staging_rows);
+    staging_.allocate(blocks * kIoAlign, kIoAlign);
+    for (int p = 0, first = 0; p < layout_.n_pieces; first += int(region_blocks_[p]), ++p)
+        region_[p] = staging_.data<char>() + size_t(first) * kIoAlign;
+    if (layout_.n_pieces > 1) assembled_.allocate(size_t(staging_rows) * bundle_bytes);
+    landed_.reserve(size_t(staging_rows) * layout_.n_pieces);
+    clear();
+}
+
+bool FlashReads::plan(int layer, int neuron) {
+    const int np = layout_.n_pieces;
+    if (planned_ == staging_rows_) return false;
+    uint64_t b0[FileLayout::kMaxPieces], b1[FileLayout::kMaxPieces];
+    bool extend[FileLayout::kMaxPieces];
+    size_t need[FileLayout::kMaxPieces];
+    for (int p = 0; p < np; ++p) {  // extend the piece's last run when close enough, else a new run
+        const uint64_t a = layout_.piece_base[layer][p] + uint64_t(neuron) * layout_.piece_stride[p];
+        b0[p] = a / kIoAlign, b1[p] = blocks_of(a + layout_.piece_bytes[p]);
+        const uint64_t gap = coalesce_gap_ * layout_.piece_stride[p] / kIoAlign;
+        extend[p] = false;
+        if (!runs_[p].empty()) {
+            const Run& r = runs_[p].back();
+            extend[p] = b0[p] <= r.b1 + gap && (std::max(b1[p], r.b1) - r.b0) * kIoAlign <= max_request_;
+        }
+        need[p] = extend[p] ? size_t(std::max(b1[p], runs_[p].back().b1) - runs_[p].back().b1) : size_t(b1[p] - b0[p]);
+        if (used_[p] + need[p] > region_blocks_[p]) return false;
+    }
+    for (int p = 0; p < np; ++p) {
+        if (!extend[p]) runs_[p].push_back({b0[p], b0[p], region_[p] + used_[p] * kIoAlign});
+        Run& r = runs_[p].back();
+        used_[p] += need[p];
+        r.b1 = std::max(r.b1, b1[p]);
+        const uint64_t a = layout_.piece_base[layer][p] + uint64_t(neuron) * layout_.piece_stride[p];
+        landed_.push_back(r.dst + (a - r.b0 * kIoAlign));
+    }
+    ++planned_;
+    return true;
+}
+
+const std::vector<ReadRequest>& FlashReads::requests() {
+    requests_.clear();
+    for (int p = 0; p < layout_.n_pieces; ++p)
+        for (const Run& r : runs_[p]) requests_.push_back({r.b0 * kIoAlign, size_t(r.b1 - r.b0) * kIoAlign, r.dst});
+    return requests_;
+}
+
+const void* FlashReads::bundle(int j) {
+    const int np = layout_.n_pieces;
+    if (np == 1) return landed_[j];
+    char* row = assembled_.data<char>() + size_t(j) * bundle_bytes_;
+    size_t at = 0;
+    for (int p = 0; p < np; ++p) {
+        std::memcpy(row + at, landed_[size_t(j) * np + p], layout_.piece_bytes[p]);
+        at += layout_.piece_bytes[p];
+    }
+    return row;
+}
+
+void FlashReads::clear() {
+    for (int p = 0; p < layout_.n_pieces; ++p) runs_[p].clear(), used_[p] = 0;
+    landed_.clear();
+    planned_ = 0;
+}
+
+}  // namespace fm

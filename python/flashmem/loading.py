@@ -1,0 +1,128 @@
+"""Loading: from a path to a running model. load() resolves the path (a flashmem folder, or a HF
+folder or GGUF file converted once into the store), then builds the native engine from the
+converted folder: its Config, where the FFN lives (DRAM, or streamed from flash: flash/), the
+weights, the tokenizer."""
+from __future__ import annotations
+
+import json
+import os
+
+from . import _core
+from .checkpoints import safetensors_io as st
+from .checkpoints.config import model_dims, read_json, rope_inv_freq
+from .checkpoints.convert import BUNDLE_FILE, FORMAT_VERSION, RESIDENT_FILE
+from .checkpoints.default_model import default_gguf
+from .checkpoints.store import converted_folder, is_converted
+from .flash import streaming
+from .model import Model
+from .tokenizer import Tokenizer
+
+# engine tensor kinds (csrc/model/decoder.h, Model::load_tensor) of the converted folder's tensors
+_LAYER_KINDS = {"input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "wq",
+                "self_attn.k_proj.weight": "wk", "self_attn.v_proj.weight": "wv", "self_attn.o_proj.weight": "wo",
+                "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
+                "post_attention_layernorm.weight": "ffn_norm", "mlp.bundles": "ffn_bundles"}
+_GLOBAL_KINDS = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm", "lm_head.weight": "lm_head"}
+
+
+def load(path: str | None = None, dtype: str | None = None, threads: int | None = None,
+         max_context: int | None = None, offload: str | None = None, dram_budget=None, sparsity: float = 0.0,
+         window: int = 5, **flash_options) -> Model:
+    """Loads a model: a flashmem folder, a HF folder or a GGUF file (the latter two converted once
+    into the store); with no path, the default model. The README's "Python API" and "Flash
+    offloading" sections describe every argument; flash_options: ffn_layout, queue_depth,
+    coalesce_gap, direct_io, cache_rows, cache_bias, expire_window, eviction."""
+    if dtype is not None and dtype not in ("f32", "f16", "bf16"):
+        raise ValueError(f"dtype must be 'f32', 'f16' or 'bf16', got {dtype!r}")
+    if path is None:
+        path = default_gguf()
+    path = os.fspath(path)
+    if is_converted(path):
+        with open(os.path.join(path, "config.json")) as f:
+            stored = json.load(f)["flashmem"].get("dtype")
+        if dtype is not None and dtype != stored:
+            raise ValueError(f"{path} was converted with dtype {stored}; convert the source again with --dtype {dtype}")
+    else:
+        path = converted_folder(path, dtype)
+    return open_model(path, threads=threads, max_context=max_context, offload=offload, dram_budget=dram_budget,
+                      sparsity=sparsity, window=window, **flash_options)
+
+
+def open_model(folder: str, threads: int | None = None, max_context: int | None = None, offload=None,
+               dram_budget=None, sparsity: float = 0.0, window: int = 5, **flash_options) -> Model:
+    """The model of a converted folder: engine configured, FFN placed, weights loaded, checked."""
+    cfg_path = os.path.join(folder, "config.json")
+    config = read_json(cfg_path)
+    fm = config.get("flashmem")
+    if not isinstance(fm, dict) or fm.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{cfg_path}: not a flashmem folder of format version {FORMAT_VERSION}; "
+                         "run `flashmem convert` on the source model")
+    c = engine_config(config, cfg_path, max_context)
+    if threads is None:
+        threads = len(os.sched_getaffinity(0))
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads <= 0:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    engine = _core.Model(c, threads)
+    offload, budget, predictor = streaming.configure(engine, folder, config, offload, dram_budget, sparsity, window,
+                                                     **flash_options)
+    load_weights(engine, folder, config, ffn_in_dram=not offload)
+    if predictor:
+        streaming.load_predictor(engine, predictor, config["num_hidden_layers"])
+    engine.check_loaded()
+    if budget and engine.owned_bytes > budget:  # the estimate was exceeded: a bug
+        raise RuntimeError(f"engine owns {engine.owned_bytes} bytes, above dram_budget {budget}")
+    tokenizer = Tokenizer(folder)
+    return Model(engine, tokenizer, folder, config, c.max_context, eos_token_ids(folder, tokenizer),
+                 offload=offload, dram_budget=budget, sparsity=float(sparsity), window=window)
+
+
+def engine_config(config: dict, where: str, max_context: int | None) -> _core.Config:
+    """The engine's Config from a converted folder's config.json (max_context: default the model's
+    max_position_embeddings)."""
+    dims = model_dims(config, where)
+    if max_context is None:
+        max_context = int(config.get("max_position_embeddings") or 2048)
+    if not isinstance(max_context, int) or isinstance(max_context, bool) or max_context <= 0:
+        raise ValueError(f"max_context must be a positive integer, got {max_context!r}")
+    c = _core.Config()
+    c.vocab_size, c.d_model, c.d_ff, c.n_layers = dims["vocab_size"], dims["d_model"], dims["d_ff"], dims["n_layers"]
+    c.n_heads, c.n_kv_heads, c.head_dim = dims["n_heads"], dims["n_kv_heads"], dims["head_dim"]
+    c.max_context = max_context
+    c.norm_eps = float(config.get("rms_norm_eps", 1e-6))
+    c.tied_embeddings = bool(config.get("tie_word_embeddings", False))
+    c.qkv_bias = bool(config.get("attention_bias", False) or config.get("model_type") == "qwen2")
+    c.dtype = config["flashmem"]["dtype"]
+    inv, scale = rope_inv_freq(config, c.head_dim)
+    c.rope_inv_freq, c.rope_attention_scaling = inv.tolist(), scale
+    return c
+
+
+def load_weights(engine, folder: str, config: dict, ffn_in_dram: bool) -> None:
+    """Loads the resident weights, and the FFN bundles when the FFN lives in DRAM."""
+    files = [RESIDENT_FILE] + ([config["flashmem"]["ffn"].get("file", BUNDLE_FILE)] if ffn_in_dram else [])
+    for fname in files:
+        path = os.path.join(folder, fname)
+        infos, _ = st.read_header(path)
+        for name, info in infos.items():
+            if name in _GLOBAL_KINDS:
+                kind, layer = _GLOBAL_KINDS[name], -1
+            else:
+                parts = name.split(".", 3)
+                if len(parts) != 4 or parts[:2] != ["model", "layers"] or parts[3] not in _LAYER_KINDS:
+                    raise ValueError(f"{path}: unexpected tensor '{name}'")
+                kind, layer = _LAYER_KINDS[parts[3]], int(parts[2])
+            if kind == "lm_head" and config.get("tie_word_embeddings"):
+                continue
+            engine.load_tensor(kind, layer, path, info.offset, info.tag, list(info.shape))
+
+
+def eos_token_ids(folder: str, tokenizer: Tokenizer) -> list[int]:
+    """The ids that end generation: generation_config.json's eos_token_id and the tokenizer's EOS."""
+    ids = []
+    gen = os.path.join(folder, "generation_config.json")
+    if os.path.isfile(gen):
+        e = read_json(gen).get("eos_token_id")
+        ids += e if isinstance(e, list) else [e] if e is not None else []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))

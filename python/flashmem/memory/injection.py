@@ -1,0 +1,172 @@
+"""Memory injection inside generate(): retrieving memories from a MemoryBank, the layout of the
+input sequence (the prompt's tokens, caller-given input embeddings and the memories' value
+embeddings), and the input assembly the engine runs.
+
+Layouts: "prefix" (CoMEM's) puts the memories at positions 0..M-1, after a leading BOS, then any
+inputs_embeds, then the prompt; "placeholder" splices them where the placeholder text stands in
+the text prompt or the chat-formatted messages. Memories go in id order, so the same set lands at
+the same positions whatever the query and its KV-cache entries can be reused.
+
+The engine receives `src` (int32, one per position: a token id, or -(row+1) for row `row` of
+`embeds`) and `embeds` (rows, d_model) float32, and builds the forward pass's input buffer from
+them in C++ (token rows gathered from the embedding table, embedding rows copied in).
+
+Each position also gets a key (the token id, or the hash of its embedding segment and the row
+in it), so a later generate() can reuse the KV-cache entries of the longest common prefix
+instead of recomputing them (prefix caching).
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .bank import MemoryBank
+
+
+@dataclass
+class Inputs:
+    src: np.ndarray                # (T,) int32
+    embeds: np.ndarray | None      # (rows, d) float32
+    keys: list                     # (T,) position identities for prefix reuse
+    token_ids: list[int]           # the token positions' ids (for the repetition penalty)
+    memories: list[dict] = field(default_factory=list)
+    retrieval_s: float = 0.0       # bank search inside generate()
+    assemble_s: float = 0.0        # everything before the forward pass (retrieval, tokenization)
+
+
+class InputBuilder:
+    def __init__(self, d_model: int):
+        self.d = d_model
+        self.src: list[int] = []
+        self.rows: list[np.ndarray] = []
+        self.keys: list = []
+        self.n_rows = 0
+        self.token_ids: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def tokens(self, ids) -> None:
+        ids = [int(t) for t in ids]
+        self.src += ids
+        self.keys += ids
+        self.token_ids += ids
+
+    def embeddings(self, arr, what: str) -> None:
+        """Appends the rows of arr (n, d_model) as positions; checked for shape and finite values."""
+        a = np.asarray(arr)
+        if a.ndim != 2 or a.shape[1] != self.d:
+            raise ValueError(f"{what} must have shape (n, {self.d}) (d_model {self.d}), got {a.shape}")
+        if not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"{what} must be a float array, got dtype {a.dtype}")
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if not np.isfinite(a).all():
+            r, c = np.argwhere(~np.isfinite(a))[0]
+            raise ValueError(f"{what} has a non-finite value at row {r}, column {c}")
+        if not len(a):
+            return
+        ident = hashlib.blake2b(a.tobytes(), digest_size=16).digest()
+        self.src += range(-self.n_rows - 1, -self.n_rows - 1 - len(a), -1)
+        self.keys += [(ident, i) for i in range(len(a))]
+        self.rows.append(a)
+        self.n_rows += len(a)
+
+    def build(self, memories=None, retrieval_s: float = 0.0) -> Inputs:
+        embeds = np.concatenate(self.rows) if self.rows else None
+        return Inputs(np.asarray(self.src, np.int32), embeds, self.keys, self.token_ids, memories or [], retrieval_s)
+
+
+def chat_text(prompt) -> bool:
+    """Whether `prompt` is chat messages (a non-empty list of dicts)."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+
+
+def default_query(prompt, placeholder: str) -> str:
+    """The text to retrieve with: the text prompt, or the last user message, without the placeholder."""
+    if isinstance(prompt, str):
+        query = prompt
+    elif chat_text(prompt):
+        users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+        query = users[-1] if users else prompt[-1].get("content", "")
+    else:
+        raise ValueError("memory retrieval needs a text or chat prompt, or memory_query")
+    return query.replace(placeholder, " ").strip() or query
+
+
+def retrieve(bank, k, query: Callable[[], str], embed_key: Callable, d_model: int):
+    """The k memories of `bank` closest to embed_key(query()): their value rows and descriptions
+    (id, score, text, slots), in id order. An empty bank gives none (and asks for no query)."""
+    if not isinstance(bank, MemoryBank):
+        raise TypeError(f"memory must be a flashmem.MemoryBank, got {type(bank).__name__}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"memory_k must be a positive integer, got {k!r}")
+    if bank.dim != d_model:
+        raise ValueError(f"memory bank keys have dimension {bank.dim}, the model's embed_key gives {d_model}")
+    if len(bank) == 0:
+        return [], []  # documented fallback: nothing to inject
+    ids, scores = bank.search(embed_key(query())[None], k=k)
+    rows, memories = [], []
+    for i, sc in zip(ids[0], scores[0]):
+        if i < 0:
+            continue
+        m = bank.get(int(i))
+        if m.value is None:
+            raise ValueError(f"memory {int(i)} has no value embeddings to inject (add it with bank.add_text)")
+        rows.append(np.asarray(m.value, np.float32))
+        memories.append({"id": int(i), "score": float(sc), "text": m.text, "slots": int(m.value.shape[0])})
+    # injected in id order: the same set of memories lands at the same positions whatever the
+    # query, so its KV-cache entries can be reused (prefix caching)
+    order = sorted(range(len(memories)), key=lambda j: memories[j]["id"])
+    return [rows[j] for j in order], [memories[j] for j in order]
+
+
+def assemble(prompt, inputs_embeds, tokenizer, encode_prompt: Callable, d_model: int, memory=None, memory_k=4,
+             position="prefix", placeholder="<memory>", query=None, embed_key: Callable | None = None) -> Inputs:
+    """The input sequence of a generate() call. encode_prompt: text, ids or chat messages -> checked
+    token ids; embed_key: text -> a key for the bank."""
+    if prompt is None and inputs_embeds is None:
+        raise ValueError("generate needs a prompt, inputs_embeds, or both")
+    b = InputBuilder(d_model)
+    memories, rows = [], []
+    t0 = time.perf_counter()
+    if memory is not None:
+        if position not in ("prefix", "placeholder"):
+            raise ValueError(f"memory_position must be 'prefix' or 'placeholder', got {position!r}")
+        ask = (lambda: default_query(prompt, placeholder)) if query is None else (lambda: query)
+        rows, memories = retrieve(memory, memory_k, ask, embed_key, d_model)
+    retrieval_s = time.perf_counter() - t0
+    if position == "placeholder" and memory is not None:
+        if prompt is None:
+            raise ValueError("memory_position='placeholder' needs a prompt holding the placeholder")
+        text = tokenizer.apply_chat_template(prompt) if chat_text(prompt) else prompt
+        if not isinstance(text, str) or text.count(placeholder) != 1:
+            raise ValueError(f"memory_position='placeholder' needs the text prompt or chat messages to hold "
+                             f"{placeholder!r} exactly once")
+        before, after = text.split(placeholder)
+        is_chat = not isinstance(prompt, str)
+        if inputs_embeds is not None:
+            b.embeddings(inputs_embeds, "inputs_embeds")
+        b.tokens(tokenizer.encode(before, add_special_tokens=not is_chat) if before else [])
+        for r, m in zip(rows, memories):
+            m["position"] = len(b)
+            b.embeddings(r, f"value of memory {m['id']}")
+        b.tokens(tokenizer.encode(after, add_special_tokens=False) if after else [])
+        return b.build(memories, retrieval_s)
+    ids = encode_prompt(prompt) if prompt is not None else []
+    bos = tokenizer.bos_token_id
+    if rows and ids and bos is not None and ids[0] == bos:  # memories go after a leading BOS
+        b.tokens(ids[:1])
+        ids = ids[1:]
+    for r, m in zip(rows, memories):
+        m["position"] = len(b)
+        b.embeddings(r, f"value of memory {m['id']}")
+    if inputs_embeds is not None:
+        b.embeddings(inputs_embeds, "inputs_embeds")
+        if not len(np.asarray(inputs_embeds)) and not ids:
+            raise ValueError("inputs_embeds is empty")
+    b.tokens(ids)
+    return b.build(memories, retrieval_s)
