@@ -7,6 +7,7 @@
 #include "io/direct_reader.h"
 #include "kernels/cpu/kernels.h"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/quant/quant.h"
 
 namespace fm::bindings {
 
@@ -65,9 +66,62 @@ nb::ndarray<nb::numpy, float> py_accumulate(CF32Array y0, CF32Array a, nb::ndarr
     return y;
 }
 
+using U8Matrix = nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+// Activation blocks of x (T, K) as bytes (T, K/32 * sizeof(ActBlock)), from the kernel or its reference.
+nb::ndarray<nb::numpy, uint8_t> py_quantize_act(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x,
+                                                bool reference) {
+    const int T = int(x.shape(0)), K = int(x.shape(1));
+    FM_ARG(K % quant::kActBlock == 0, "x must have a multiple of ", quant::kActBlock, " columns, got ", K);
+    const size_t row = size_t(K / quant::kActBlock) * sizeof(quant::ActBlock);
+    auto out = numpy_owned<uint8_t>({size_t(T), row});
+    for (int t = 0; t < T; ++t) {
+        auto* dst = reinterpret_cast<quant::ActBlock*>(out.data() + t * row);
+        if (reference) quant::quantize_act_ref(x.data() + size_t(t) * K, dst, K);
+        else quant::quant_kernels().quantize_act(x.data() + size_t(t) * K, dst, K);
+    }
+    return out;
+}
+
+// Y (T, N) = W (N rows of K weights in `format`) times the activation blocks (T, K/32 blocks).
+nb::ndarray<nb::numpy, float> py_quant_matmul(U8Matrix act, U8Matrix w, const std::string& format, int K,
+                                              bool reference) {
+    const Format f = format_from_name(format);
+    FM_ARG(is_block_format(f), "quant_matmul: ", format, " is not a block format");
+    const size_t row_bytes = format_row_bytes(f, K);
+    FM_ARG(K % quant::kActBlock == 0 && act.shape(1) == size_t(K / quant::kActBlock) * sizeof(quant::ActBlock),
+           "activations must be (T, K/32 blocks) for K = ", K);
+    FM_ARG(w.shape(1) == row_bytes, "W rows must be ", row_bytes, " bytes for ", K, " ", format, " weights, got ",
+           w.shape(1));
+    const int T = int(act.shape(0)), N = int(w.shape(0));
+    auto y = numpy_owned<float>({size_t(T), size_t(N)});
+    const auto* A = reinterpret_cast<const quant::ActBlock*>(act.data());
+    if (reference) quant::matmul_ref(f, y.data(), N, A, T, w.data(), row_bytes, K, N);
+    else quant::quant_kernels().matmul[int(f)](y.data(), N, A, T, w.data(), row_bytes, K, N);
+    return y;
+}
+
 }  // namespace
 
 void bind_testing(nb::module_& m) {
+    m.def(
+        "dequantize",
+        [](nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> raw, const std::string& format) {
+            const Format f = format_from_name(format);
+            FM_ARG(is_block_format(f), "dequantize: ", format, " is not a block format");
+            const FormatTraits& t = format_traits(f);
+            FM_ARG(raw.shape(0) % t.block_bytes == 0, "dequantize: ", raw.shape(0), " bytes are not whole ", t.name,
+                   " blocks of ", t.block_bytes, " bytes");
+            const size_t n = raw.shape(0) / t.block_bytes * t.block;
+            auto y = numpy_owned<float>({n});
+            quant::dequantize(f, raw.data(), y.data(), int64_t(n));
+            return y;
+        },
+        "raw"_a, "format"_a, "The weights of whole blocks of a block format (bytes as in a GGUF file), as float32.");
+    m.def("quantize_act", &py_quantize_act, "x"_a, "reference"_a = false,
+          "Activations (T, K) quantized to int8 blocks of 32, as bytes (T, K/32 blocks).");
+    m.def("quant_matmul", &py_quant_matmul, "act"_a, "w"_a, "format"_a, "K"_a, "reference"_a = false,
+          "Y (T, N) = W x for W (N, row bytes) in a block format and quantize_act's blocks (T, ...).");
     m.def("gemm", &py_gemm, "x"_a, "w"_a, "dtype"_a, "reference"_a = false, "isa"_a = "best");
     m.def("accumulate", &py_accumulate, "y"_a, "a"_a, "b"_a, "dtype"_a, "reference"_a = false, "isa"_a = "best");
     m.def(

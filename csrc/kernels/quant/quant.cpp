@@ -1,0 +1,119 @@
+// Dequantization, bit-exact with ggml: compiled with -ffp-contract=off, so each multiply and
+// add rounds as ggml's reference code does. And the run-time choice of the kernel table.
+#include <cstring>
+
+#include "core/dtype.h"
+#include "kernels/quant/quant.h"
+
+namespace fm::quant {
+
+extern const QuantKernels avx2_table;
+
+namespace {
+template <typename Block>
+const Block* blocks(const void* p) { return static_cast<const Block*>(p); }
+
+void dequant_block(Format f, const void* blk, float* y) {
+    switch (f) {
+        case Format::Q8_0: {
+            const auto* b = blocks<BlockQ8_0>(blk);
+            const float d = f16_to_f32(b->d);
+            for (int i = 0; i < 32; ++i) y[i] = float(b->qs[i]) * d;
+            return;
+        }
+        case Format::Q4_0: {
+            const auto* b = blocks<BlockQ4_0>(blk);
+            const float d = f16_to_f32(b->d);
+            for (int j = 0; j < 16; ++j) {
+                y[j] = d * float((b->qs[j] & 0xF) - 8);
+                y[j + 16] = d * float((b->qs[j] >> 4) - 8);
+            }
+            return;
+        }
+        case Format::Q4_1: {
+            const auto* b = blocks<BlockQ4_1>(blk);
+            const float d = f16_to_f32(b->d), m = f16_to_f32(b->m);
+            for (int j = 0; j < 16; ++j) {
+                y[j] = d * float(b->qs[j] & 0xF) + m;
+                y[j + 16] = d * float(b->qs[j] >> 4) + m;
+            }
+            return;
+        }
+        case Format::Q5_0:
+        case Format::Q5_1: {
+            const bool q50 = f == Format::Q5_0;
+            const auto* b0 = blocks<BlockQ5_0>(blk);
+            const auto* b1 = blocks<BlockQ5_1>(blk);
+            const uint8_t* qs = q50 ? b0->qs : b1->qs;
+            uint32_t qh;
+            std::memcpy(&qh, q50 ? b0->qh : b1->qh, 4);
+            const float d = f16_to_f32(q50 ? b0->d : b1->d), m = q50 ? 0.f : f16_to_f32(b1->m);
+            for (int i = 0; i < 32; ++i) {
+                const int q = ((i < 16 ? qs[i] : qs[i - 16] >> 4) & 0xF) | (((qh >> i) & 1) << 4);
+                y[i] = q50 ? d * float(q - 16) : d * float(q) + m;
+            }
+            return;
+        }
+        case Format::Q4_K:
+        case Format::Q5_K: {
+            const bool q5 = f == Format::Q5_K;
+            const auto* b4 = blocks<BlockQ4_K>(blk);
+            const auto* b5 = blocks<BlockQ5_K>(blk);
+            const uint8_t* scales = q5 ? b5->scales : b4->scales;
+            const uint8_t* qs = q5 ? b5->qs : b4->qs;
+            const float d = f16_to_f32(q5 ? b5->d : b4->d), dmin = f16_to_f32(q5 ? b5->dmin : b4->dmin);
+            for (int s = 0; s < 8; ++s) {
+                uint8_t sc, mn;
+                unpack_scale_min(scales, s, &sc, &mn);
+                const float ds = d * float(sc), dm = dmin * float(mn);
+                for (int l = 0; l < 32; ++l) {
+                    int q = (qs[32 * (s / 2) + l] >> (4 * (s % 2))) & 0xF;
+                    if (q5) q |= ((b5->qh[l] >> s) & 1) << 4;
+                    y[32 * s + l] = ds * float(q) - dm;
+                }
+            }
+            return;
+        }
+        case Format::Q6_K: {
+            const auto* b = blocks<BlockQ6_K>(blk);
+            const float d = f16_to_f32(b->d);
+            for (int half = 0; half < 2; ++half) {
+                const uint8_t* ql = b->ql + 64 * half;
+                const uint8_t* qh = b->qh + 32 * half;
+                for (int k = 0; k < 4; ++k)
+                    for (int l = 0; l < 32; ++l) {
+                        const int lo = (ql[l + 32 * (k & 1)] >> (4 * (k >> 1))) & 0xF;
+                        const int q = (lo | (((qh[l] >> (2 * k)) & 3) << 4)) - 32;
+                        const int i = 128 * half + 32 * k + l;
+                        y[i] = (d * float(b->scales[i / 16])) * float(q);
+                    }
+            }
+            return;
+        }
+        default:
+            FM_ARG(false, "dequantize: ", format_name(f), " is not a block format");
+    }
+}
+}  // namespace
+
+void dequantize(Format f, const void* src, float* y, int64_t n) {
+    const FormatTraits& t = format_traits(f);
+    FM_ARG(t.block > 1 && n % t.block == 0, "dequantize: ", n, " weights are not whole ", t.name, " blocks");
+    for (int64_t b = 0; b < n / t.block; ++b)
+        dequant_block(f, static_cast<const uint8_t*>(src) + b * t.block_bytes, y + b * t.block);
+}
+
+const QuantKernels* quant_kernels_avx2() {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")
+               ? &avx2_table
+               : nullptr;
+}
+
+const QuantKernels& quant_kernels() {
+    // AVX-512 CPUs run the AVX2 kernels too: no AVX-512 (VNNI) variant yet
+    const QuantKernels* k = quant_kernels_avx2();
+    FM_ARG(k != nullptr, "this CPU lacks AVX2/FMA/F16C, which flashmem requires");
+    return *k;
+}
+
+}  // namespace fm::quant

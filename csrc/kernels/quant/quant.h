@@ -1,0 +1,39 @@
+// Kernels for weights in ggml's block formats (blocks.h), the way ggml computes with them: the
+// activations are quantized to 8 bits per block of 32 (quantize_act) and each weight block's
+// dot product is accumulated in integers, then scaled once per block. A table per instruction
+// set, chosen at run time like the float kernels (FLASHMEM_ISA=avx2 forces AVX2); each kernel
+// has a scalar reference below, which the tests compare against.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "core/format.h"
+#include "kernels/quant/blocks.h"
+
+namespace fm::quant {
+
+struct QuantKernels {
+    const char* isa;
+    // out (K/32 blocks) = x (K) quantized; K a multiple of 32.
+    void (*quantize_act)(const float* x, ActBlock* out, int K);
+    // Y[t*ldy + n] = sum_k W[n, k] * A[t, k] for t < T, n < N. W: N rows of K weights in the
+    // format, `row_bytes` apart; A: T tokens of K/32 activation blocks each. nullptr for the
+    // float formats (kernels/cpu/kernels.h computes those).
+    void (*matmul[kFormats])(float* Y, size_t ldy, const ActBlock* A, int T, const void* W, size_t row_bytes, int K,
+                             int N);
+};
+
+const QuantKernels& quant_kernels();  // the best for this CPU
+const QuantKernels* quant_kernels_avx2();
+
+// y (n) = n weights in the block format f, n a multiple of its block; bit-exact with ggml (and
+// gguf-py's dequantize). Scalar: it serves the few rows a token gathers (embeddings).
+void dequantize(Format f, const void* src, float* y, int64_t n);
+
+// Scalar references. matmul_ref accumulates the dequantized weights times the dequantized
+// activations in double.
+void quantize_act_ref(const float* x, ActBlock* out, int K);
+void matmul_ref(Format f, float* Y, size_t ldy, const ActBlock* A, int T, const void* W, size_t row_bytes, int K,
+                int N);
+
+}  // namespace fm::quant

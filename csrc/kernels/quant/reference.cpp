@@ -1,0 +1,43 @@
+// Scalar references of the block-format kernels (quant.h), for the tests.
+#include <cmath>
+#include <vector>
+
+#include "core/dtype.h"
+#include "kernels/quant/quant.h"
+
+namespace fm::quant {
+
+void quantize_act_ref(const float* x, ActBlock* out, int K) {
+    FM_ARG(K % kActBlock == 0, "quantize_act: ", K, " is not a multiple of ", kActBlock);
+    for (int b = 0; b < K / kActBlock; ++b) {
+        const float* xb = x + b * kActBlock;
+        float amax = 0;
+        for (int i = 0; i < kActBlock; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
+        const float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int i = 0; i < kActBlock; ++i) {
+            out[b].qs[i] = int8_t(std::nearbyint(xb[i] * id));
+            sum += out[b].qs[i];
+        }
+        out[b].d = d;
+        out[b].s = d * float(sum);
+    }
+}
+
+void matmul_ref(Format f, float* Y, size_t ldy, const ActBlock* A, int T, const void* W, size_t row_bytes, int K,
+                int N) {
+    std::vector<float> w(K);
+    const int nb = K / kActBlock;
+    for (int n = 0; n < N; ++n) {
+        dequantize(f, static_cast<const uint8_t*>(W) + n * row_bytes, w.data(), K);
+        for (int t = 0; t < T; ++t) {
+            double s = 0;
+            for (int b = 0; b < nb; ++b)
+                for (int i = 0; i < kActBlock; ++i)
+                    s += double(w[b * kActBlock + i]) * (double(A[t * nb + b].d) * A[t * nb + b].qs[i]);
+            Y[t * ldy + n] = float(s);
+        }
+    }
+}
+
+}  // namespace fm::quant

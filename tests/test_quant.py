@@ -1,0 +1,85 @@
+"""Block formats (csrc/kernels/quant/): dequantization bit-exact with gguf-py's (ggml's) for
+every format, activation quantization equal to its scalar reference, and the integer matmul
+kernels against the scalar reference at odd sizes, including weights of extreme values."""
+import gguf
+import numpy as np
+import pytest
+from gguf import quants
+
+from flashmem import _core
+
+TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
+         "q4_1": gguf.GGMLQuantizationType.Q4_1, "q5_0": gguf.GGMLQuantizationType.Q5_0,
+         "q5_1": gguf.GGMLQuantizationType.Q5_1, "q4_k": gguf.GGMLQuantizationType.Q4_K,
+         "q5_k": gguf.GGMLQuantizationType.Q5_K, "q6_k": gguf.GGMLQuantizationType.Q6_K}
+# byte ranges of each block's f16 scales (d, and m or dmin); every other byte is random
+F16_FIELDS = {"q8_0": [0], "q4_0": [0], "q5_0": [0], "q4_1": [0, 2], "q5_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2],
+              "q6_k": [-2]}
+
+
+def block_size(fmt):
+    return gguf.GGML_QUANT_SIZES[TYPES[fmt]]  # (weights, bytes) per block
+
+
+def random_blocks(rng, fmt, n_blocks, extreme=False):
+    """Random block bytes with finite f16 scales (extreme: every quant byte 0x00 or 0xFF)."""
+    _, nbytes = block_size(fmt)
+    raw = rng.choice([0, 255], (n_blocks, nbytes)).astype(np.uint8) if extreme else \
+        rng.integers(0, 256, (n_blocks, nbytes), dtype=np.uint8)
+    for at in F16_FIELDS[fmt]:
+        scale = rng.normal(0, 0.02, n_blocks).astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+        raw[:, at:at + 2 if at >= 0 else None] = scale
+    return raw
+
+
+@pytest.mark.parametrize("fmt", TYPES)
+@pytest.mark.parametrize("extreme", [False, True])
+def test_dequantize_bit_exact_with_gguf(fmt, extreme):
+    rng = np.random.default_rng(len(fmt) * 10 + extreme)
+    raw = random_blocks(rng, fmt, 41, extreme)
+    want = quants.dequantize(raw.ravel(), TYPES[fmt]).ravel()
+    got = _core.dequantize(raw.ravel(), fmt)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("K", [32, 96, 576, 1568])
+def test_quantize_act_matches_reference(K):
+    rng = np.random.default_rng(K)
+    x = (rng.standard_normal((4, K)) * rng.uniform(0.01, 100, (4, 1))).astype(np.float32)
+    x[1] = 0  # an all-zero block: scale 0
+    x[2, :32] = 1e-30
+    got, ref = _core.quantize_act(x), _core.quantize_act(x, reference=True)
+    np.testing.assert_array_equal(got, ref)
+    blocks = got.reshape(4, K // 32, 40)
+    d = blocks[:, :, :4].copy().view(np.float32)[..., 0]
+    q = blocks[:, :, 8:].view(np.int8).astype(np.float32)
+    np.testing.assert_allclose((d[..., None] * q).reshape(4, K), x, atol=np.abs(x).max() / 127 * 0.51)
+
+
+@pytest.mark.parametrize("fmt", TYPES)
+@pytest.mark.parametrize("T,K,N", [(1, 256, 1), (1, 768, 37), (3, 512, 9), (5, 2304, 17), (2, 1280, 64)])
+def test_quant_matmul_matches_reference(fmt, T, K, N):
+    blk, _ = block_size(fmt)
+    rng = np.random.default_rng(T * 31 + K + N + len(fmt))
+    w = random_blocks(rng, fmt, N * K // blk, extreme=N % 2 == 1).reshape(N, -1)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    act = _core.quantize_act(x)
+    got = _core.quant_matmul(act, w, fmt, K)
+    ref = _core.quant_matmul(act, w, fmt, K, reference=True)
+    scale = np.abs(quants.dequantize(w.ravel(), TYPES[fmt])).max() * np.abs(x).max() * np.sqrt(K)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * scale)
+    # and against the float product, within what 8-bit activations allow
+    wf = quants.dequantize(w.ravel(), TYPES[fmt]).reshape(N, K)
+    np.testing.assert_allclose(got, x @ wf.T, atol=0.02 * scale)
+
+
+def test_bad_block_inputs():
+    with pytest.raises(ValueError, match="unknown weight format 'q3_x'"):
+        _core.dequantize(np.zeros(18, np.uint8), "q3_x")
+    with pytest.raises(ValueError, match="not whole q4_0 blocks"):
+        _core.dequantize(np.zeros(19, np.uint8), "q4_0")
+    with pytest.raises(ValueError, match="not a block format"):
+        _core.dequantize(np.zeros(8, np.uint8), "f16")
+    with pytest.raises(ValueError, match="not a whole number of q4_k blocks"):
+        _core.quant_matmul(np.zeros((1, 40 * 10), np.uint8), np.zeros((2, 144), np.uint8), "q4_k", 320)
