@@ -1,17 +1,26 @@
-"""Decode and prefill speed on SmolLM2-135M: flashmem vs HF transformers vs llama-cpp-python,
-side by side in one run, same weights (the Q4_1 GGUF dequantized) at F32 and F16.
+"""Decode and prefill speed on SmolLM2-135M, flashmem beside llama.cpp (llama-cpp-python) and HF
+transformers, each on the same GGUF file in one run:
+
+- F32 and F16: the shipped Q4_1 file dequantized (flashmem converts it with dtype f32 / f16);
+- the shipped Q4_1, and Q8_0, Q4_0, Q4_K_M made from the F16 file by llama.cpp's own quantizer
+  (llama_cpp.llama_model_quantize): flashmem keeps the blocks as they are (dtype "gguf").
 
     python bench/decode.py [--threads 2] [--prompt-tokens 128] [--new-tokens 128] [--repeats 3]
 
-Each engine first decodes greedily from the same prompt; its tokens are compared with
-flashmem's F32 tokens (reported as `agree_with_flashmem_f32`). Then prefill and decode are
-timed `repeats` times and the medians reported. Writes bench/results/decode.json and .png.
+Every engine runs in a subprocess of its own (one at a time), so its peak resident memory
+(ru_maxrss, which counts the pages of a memory-mapped model it touched) is its own. Each first
+decodes greedily from the same prompt; its tokens are compared with flashmem's on the same file
+(`same_tokens_as_flashmem`: how many of the first new tokens are equal). Then prefill and decode
+are timed `repeats` times and the medians reported. Writes bench/results/decode.json and .png.
 """
 from __future__ import annotations
 
 import argparse
-import gc
+import ctypes
+import json
 import os
+import resource
+import subprocess
 import sys
 import time
 
@@ -19,6 +28,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import RESULTS, machine, median, save, shakespeare, write_dequantized_gguf  # noqa: E402
+
+QUANTIZED = ("q8_0", "q4_0", "q4_k_m")  # made from the F16 file, beside the shipped q4_1
 
 
 def run_flashmem(gguf, dtype, threads, prompt, n_new):
@@ -38,7 +49,6 @@ def run_llamacpp(gguf, threads, prompt, n_new):
 
     llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
                 verbose=False)
-
     n_vocab = llm.n_vocab()
 
     def last_logits():  # llama-cpp-python keeps no scores without logits_all; read the context's
@@ -91,29 +101,54 @@ def run_hf(gguf, dtype, threads, prompt, n_new):
     return once
 
 
+def one(a):
+    """The child: one engine on one file; prints its figures as JSON."""
+    prompt = json.loads(a.prompt)
+    if a.engine == "flashmem":
+        once = run_flashmem(a.file, a.dtype, a.threads, prompt, a.new_tokens)
+    elif a.engine == "llama.cpp":
+        once = run_llamacpp(a.file, a.threads, prompt, a.new_tokens)
+    else:
+        once = run_hf(a.file, a.dtype, a.threads, prompt, a.new_tokens)
+    toks, _, _ = once()  # warm-up and the tokens to compare
+    runs = [once() for _ in range(a.repeats)]
+    print(json.dumps({"tokens": toks, "prefill_runs": [r[1] for r in runs], "decode_runs": [r[2] for r in runs],
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def quantize_with_llamacpp(src_f16: str, dst: str, kind: str) -> str:
+    import llama_cpp
+
+    if os.path.isfile(dst):
+        return dst
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
+    if llama_cpp.llama_model_quantize(src_f16.encode(), (dst + ".part").encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed for {dst}")
+    os.replace(dst + ".part", dst)
+    return dst
+
+
 def plot(rows, path, subtitle=""):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    labels = [f"{r['engine']}\n{r['dtype']}" for r in rows]
+    fig, axes = plt.subplots(3, 1, figsize=(13, 10))
+    labels = [f"{r['engine']}\n{r['file']}" for r in rows]
     colors = {"flashmem": "tab:blue", "llama.cpp": "tab:orange", "transformers": "tab:gray"}
-    for ax, key, title in ((axes[0], "decode_tok_s", "decode tok/s"), (axes[1], "prefill_tok_s", "prefill tok/s")):
+    for ax, key, title in ((axes[0], "decode_tok_s", "decode tok/s (median, higher is better)"),
+                           (axes[1], "prefill_tok_s", "prefill tok/s (median, higher is better)"),
+                           (axes[2], "peak_rss_mb", "peak resident memory, MB (lower is better)")):
         vals = [r[key] for r in rows]
         bars = ax.bar(range(len(rows)), vals, color=[colors[r["engine"]] for r in rows])
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
-        ax.set_xticks(range(len(rows)), labels, fontsize=8)
-        ax.set_title(f"SmolLM2-135M {title} (median, higher is better)")
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_title(f"SmolLM2-135M {title}", fontsize=10)
     fig.suptitle(subtitle, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def subtitle(out):
-    return (f"{out['threads']} threads, {out['prompt_tokens']}-token prompt, {out['new_tokens']} new tokens, "
-            f"median of {out['repeats']}, kernels {out['isa']}; same dequantized Q4_1 weights in every engine")
+    fig.savefig(path, dpi=110)
 
 
 def main():
@@ -123,64 +158,81 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--engines", default="flashmem,llama.cpp,transformers")
+    ap.add_argument("--files", default="f32,f16,q4_1," + ",".join(QUANTIZED))
+    ap.add_argument("--one", dest="engine", help=argparse.SUPPRESS)  # the child's arguments
+    ap.add_argument("--file", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", help=argparse.SUPPRESS)
+    ap.add_argument("--prompt", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.engine:
+        return one(a)
 
     import flashmem
     from flashmem.checkpoints.default_model import default_gguf
     from flashmem.checkpoints.store import store_dir
 
     src = default_gguf()
-    ggufs = {dt: write_dequantized_gguf(src, os.path.join(store_dir(), f"SmolLM2-135M-Instruct.{dt.upper()}.gguf"), dt)
-             for dt in ("f32", "f16")}
-    tok = flashmem.load(src, dtype="f32", threads=1, max_context=256).tokenizer
-    prompt = tok.encode(shakespeare())[: a.prompt_tokens]
+    files = {"q4_1": src}
+    for dt in ("f32", "f16"):
+        files[dt] = write_dequantized_gguf(src, os.path.join(store_dir(), f"SmolLM2-135M-Instruct.{dt.upper()}.gguf"), dt)
     engines = a.engines.split(",")
     try:
         import llama_cpp  # noqa: F401
-    except ImportError:
-        print("llama-cpp-python not installed: skipping llama.cpp", file=sys.stderr)
-        engines = [e for e in engines if e != "llama.cpp"]
 
-    rows, reference = [], None
-    for dtype in ("f32", "f16"):
+        for q in QUANTIZED:
+            files[q] = quantize_with_llamacpp(files["f16"], os.path.join(store_dir(), f"SmolLM2-135M-Instruct.{q.upper()}.gguf"), q)
+    except ImportError:
+        print("llama-cpp-python not installed: skipping llama.cpp and the files its quantizer makes", file=sys.stderr)
+        engines = [e for e in engines if e != "llama.cpp"]
+    tok = flashmem.load(src, dtype="f32", threads=1, max_context=256).tokenizer
+    prompt = tok.encode(shakespeare())[: a.prompt_tokens]
+
+    rows = []
+    for name in a.files.split(","):
+        if name not in files:
+            continue
+        dtype = name if name in ("f32", "f16") else "gguf"
+        reference = None
         for engine in engines:
-            if engine == "flashmem":
-                once = run_flashmem(src, dtype, a.threads, prompt, a.new_tokens)
-            elif engine == "llama.cpp":
-                once = run_llamacpp(ggufs[dtype], a.threads, prompt, a.new_tokens)
-            else:
-                once = run_hf(src, dtype, a.threads, prompt, a.new_tokens)
-            toks, _, _ = once()  # warm-up and correctness check
-            if reference is None:
-                reference = toks
-            agree = next((i for i, (x, y) in enumerate(zip(toks, reference)) if x != y), len(toks))
-            runs = [once() for _ in range(a.repeats)]
-            row = {"engine": engine, "dtype": dtype, "threads": a.threads,
-                   "prefill_tok_s": median([r[1] for r in runs]), "decode_tok_s": median([r[2] for r in runs]),
-                   "decode_runs": [r[2] for r in runs], "prefill_runs": [r[1] for r in runs],
-                   "agree_with_flashmem_f32": agree}
+            if engine == "transformers" and dtype == "gguf":
+                continue  # transformers dequantizes every GGUF: its f32 and f16 rows stand for it
+            cmd = [sys.executable, __file__, "--one", engine, "--file", files[name], "--dtype", dtype,
+                   "--threads", str(a.threads), "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats),
+                   "--prompt", json.dumps(prompt)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{engine} on {name} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            reference = reference or r["tokens"]
+            same = next((i for i, (x, y) in enumerate(zip(r["tokens"], reference)) if x != y), len(r["tokens"]))
+            row = {"engine": engine, "file": name, "dtype": dtype, "threads": a.threads,
+                   "prefill_tok_s": median(r["prefill_runs"]), "decode_tok_s": median(r["decode_runs"]),
+                   "decode_runs": r["decode_runs"], "prefill_runs": r["prefill_runs"],
+                   "peak_rss_mb": r["peak_rss_mb"], "same_tokens_as_flashmem": same}
             rows.append(row)
-            del once  # free this engine (and its threads) before the next one runs
-            gc.collect()
-            print(f"{engine:>12} {dtype}: prefill {row['prefill_tok_s']:7.1f} tok/s  decode {row['decode_tok_s']:6.1f} "
-                  f"tok/s  (first {agree}/{len(toks)} tokens equal flashmem f32)", flush=True)
+            print(f"{engine:>12} {name:>6}: prefill {row['prefill_tok_s']:7.1f} tok/s  decode {row['decode_tok_s']:6.1f} "
+                  f"tok/s  peak RSS {row['peak_rss_mb']:5.0f} MB  (first {same}/{len(r['tokens'])} tokens equal "
+                  f"flashmem's)", flush=True)
 
     ratios = {}
-    for dtype in ("f32", "f16"):
-        fm = next(r for r in rows if r["engine"] == "flashmem" and r["dtype"] == dtype)
+    for name in files:
+        fm = next((r for r in rows if r["engine"] == "flashmem" and r["file"] == name), None)
         for r in rows:
-            if r["dtype"] == dtype and r["engine"] != "flashmem":
-                ratios[f"{dtype} flashmem/{r['engine']} decode"] = fm["decode_tok_s"] / r["decode_tok_s"]
-                ratios[f"{dtype} flashmem/{r['engine']} prefill"] = fm["prefill_tok_s"] / r["prefill_tok_s"]
+            if fm and r["file"] == name and r["engine"] != "flashmem":
+                ratios[f"{name} flashmem/{r['engine']} decode"] = fm["decode_tok_s"] / r["decode_tok_s"]
+                ratios[f"{name} flashmem/{r['engine']} prefill"] = fm["prefill_tok_s"] / r["prefill_tok_s"]
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
     from flashmem import _core
 
-    out = {"benchmark": "decode", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)",
+    out = {"benchmark": "decode", "model": "SmolLM2-135M-Instruct", "files": {k: os.path.basename(v) for k, v in files.items()},
            "prompt_tokens": len(prompt), "new_tokens": a.new_tokens, "threads": a.threads, "repeats": a.repeats,
            "isa": _core.isa(), "machine": machine(), "rows": rows, "ratios": ratios}
     save("decode", out)
-    plot(rows, RESULTS / "decode.png", subtitle(out))
+    plot(rows, RESULTS / "decode.png",
+         f"{a.threads} threads, {len(prompt)}-token prompt, {a.new_tokens} new tokens, median of {a.repeats}, "
+         f"kernels {_core.isa()}; every engine on the same file, in its own process")
     print(f"wrote {RESULTS / 'decode.json'} and decode.png")
 
 

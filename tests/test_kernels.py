@@ -122,3 +122,18 @@ def test_bit_sum_matches_reference(n, isa):
     want = z[np.unpackbits(bits, bitorder="little", count=n).astype(bool)].sum(dtype=np.float64)
     assert abs(_core.bit_sum(bits, z, reference=True) - want) < 1e-5
     assert abs(_core.bit_sum(bits, z, isa=isa) - want) < 1e-4 * np.sqrt(n)
+
+
+@pytest.mark.parametrize("reference", [True, False])
+@pytest.mark.parametrize("isa", ISAS)
+def test_f32_to_f16_rounds_as_numpy(reference, isa):
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        rng.standard_normal(20000).astype(np.float32) * np.float32(10.0) ** rng.integers(-9, 6, 20000),
+        np.float32([0.0, -0.0, 65504, 65519.99, 65520, 1e9, -1e9, np.inf, -np.inf, 6e-8, 2.9e-8, 3e-8, 5.96e-8,
+                    6.1e-5, 6.097e-5, 1 + 2 ** -11, 1 + 3 * 2 ** -11]),
+        (np.arange(1, 2049, dtype=np.float32) + np.float32(0.5)) * np.float32(2.0 ** -24),  # subnormal ties
+    ]).astype(np.float32)
+    for n in (len(x), 13):  # a tail shorter than a vector
+        np.testing.assert_array_equal(_core.to_f16(x[:n], reference, isa), x[:n].astype(np.float16).view(np.uint16))
+    assert _core.to_f16(np.float32([np.nan]), reference, isa)[0] & 0x7C00 == 0x7C00

@@ -21,14 +21,14 @@ def block_size(fmt):
     return gguf.GGML_QUANT_SIZES[TYPES[fmt]]  # (weights, bytes) per block
 
 
-def random_blocks(rng, fmt, n_blocks, extreme=False):
-    """Random block bytes with finite f16 scales (extreme: every quant byte 0x00 or 0xFF)."""
+def random_blocks(rng, fmt, n_blocks, extreme=False, scale=0.02):
+    """Random block bytes with finite f16 scales ~ N(0, scale) (extreme: every quant byte 0x00 or 0xFF)."""
     _, nbytes = block_size(fmt)
     raw = rng.choice([0, 255], (n_blocks, nbytes)).astype(np.uint8) if extreme else \
         rng.integers(0, 256, (n_blocks, nbytes), dtype=np.uint8)
     for at in F16_FIELDS[fmt]:
-        scale = rng.normal(0, 0.02, n_blocks).astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
-        raw[:, at:at + 2 if at >= 0 else None] = scale
+        d = rng.normal(0, scale, n_blocks).astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+        raw[:, at:at + 2 if at >= 0 else None] = d
     return raw
 
 
@@ -43,35 +43,40 @@ def test_dequantize_bit_exact_with_gguf(fmt, extreme):
     np.testing.assert_array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
 
 
+@pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("K", [32, 96, 576, 1568])
-def test_quantize_act_matches_reference(K):
+def test_quantize_act_matches_reference(K, bits):
     rng = np.random.default_rng(K)
     x = (rng.standard_normal((4, K)) * rng.uniform(0.01, 100, (4, 1))).astype(np.float32)
     x[1] = 0  # an all-zero block: scale 0
     x[2, :32] = 1e-30
-    got, ref = _core.quantize_act(x), _core.quantize_act(x, reference=True)
+    got, ref = _core.quantize_act(x, bits=bits), _core.quantize_act(x, reference=True, bits=bits)
     np.testing.assert_array_equal(got, ref)
-    blocks = got.reshape(4, K // 32, 40)
+    qtype, qmax = (np.int8, 127) if bits == 8 else (np.int16, 32767)
+    blocks = got.reshape(4, K // 32, 8 + 32 * bits // 8)
     d = blocks[:, :, :4].copy().view(np.float32)[..., 0]
-    q = blocks[:, :, 8:].view(np.int8).astype(np.float32)
-    np.testing.assert_allclose((d[..., None] * q).reshape(4, K), x, atol=np.abs(x).max() / 127 * 0.51)
+    s = blocks[:, :, 4:8].copy().view(np.float32)[..., 0]
+    q = blocks[:, :, 8:].copy().view(qtype).astype(np.float32)
+    np.testing.assert_allclose((d[..., None] * q).reshape(4, K), x, atol=np.abs(x).max() / qmax * 0.51)
+    np.testing.assert_allclose(s, d * q.sum(-1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("fmt", TYPES)
 @pytest.mark.parametrize("T,K,N", [(1, 256, 1), (1, 768, 37), (3, 512, 9), (5, 2304, 17), (2, 1280, 64)])
-def test_quant_matmul_matches_reference(fmt, T, K, N):
+def test_quant_matmul_matches_reference(fmt, T, K, N, bits):
     blk, _ = block_size(fmt)
     rng = np.random.default_rng(T * 31 + K + N + len(fmt))
     w = random_blocks(rng, fmt, N * K // blk, extreme=N % 2 == 1).reshape(N, -1)
     x = rng.standard_normal((T, K)).astype(np.float32)
-    act = _core.quantize_act(x)
-    got = _core.quant_matmul(act, w, fmt, K)
-    ref = _core.quant_matmul(act, w, fmt, K, reference=True)
+    act = _core.quantize_act(x, bits=bits)
+    got = _core.quant_matmul(act, w, fmt, K, bits=bits)
+    ref = _core.quant_matmul(act, w, fmt, K, reference=True, bits=bits)
     scale = np.abs(quants.dequantize(w.ravel(), TYPES[fmt])).max() * np.abs(x).max() * np.sqrt(K)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * scale)
-    # and against the float product, within what 8-bit activations allow
+    # and against the float product, within what 8-bit (or 16-bit) activations allow
     wf = quants.dequantize(w.ravel(), TYPES[fmt]).reshape(N, K)
-    np.testing.assert_allclose(got, x @ wf.T, atol=0.02 * scale)
+    np.testing.assert_allclose(got, x @ wf.T, atol=(0.02 if bits == 8 else 2e-4) * scale)
 
 
 def test_bad_block_inputs():

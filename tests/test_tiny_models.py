@@ -71,8 +71,9 @@ def test_chunked_prefill_and_threads_agree(tmp_path, monkeypatch):
     assert_close(a, hf_logits(hf, ids), 1e-4, "chunked prefill vs HF")
 
 
-def _write_tiny_gguf(path, hf, qtype_name):
-    """Writes the HF model as a llama GGUF the way llama.cpp's converter does (Q/K rows permuted)."""
+def gguf_writer(path, hf):
+    """A GGUF writer for the HF model's config: llama metadata and a byte-level tokenizer of its
+    vocabulary size (one merge), ready for the tensors."""
     import gguf
 
     c = hf.config
@@ -96,6 +97,15 @@ def _write_tiny_gguf(path, hf, qtype_name):
     w.add_token_merges([f"{chars[0]} {chars[1]}"])
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
+    return w
+
+
+def _write_tiny_gguf(path, hf, qtype_name):
+    """Writes the HF model as a llama GGUF the way llama.cpp's converter does (Q/K rows permuted)."""
+    import gguf
+
+    c = hf.config
+    w = gguf_writer(path, hf)
 
     def permute(x, n_head):
         return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
@@ -193,3 +203,22 @@ def test_mistral(tmp_path, monkeypatch):
     model = flashmem.load(folder, threads=2)
     ids = list(range(2, 30))
     assert_close(model.logits(ids), hf_logits(hf, ids), 1e-4, "mistral")
+
+
+def test_f16_kv_cache(tiny_llama, tmp_path, monkeypatch):
+    """kv_dtype="f16" stores keys and values as f16: half the cache, logits within f16 rounding."""
+    monkeypatch.setenv("FLASHMEM_CACHE", str(tmp_path / "cache"))
+    folder, hf = tiny_llama
+    ids = np.random.default_rng(2).integers(0, 97, 30).tolist()
+    a = flashmem.load(folder, dtype="f32", threads=2, max_context=64)
+    b = flashmem.load(folder, dtype="f32", threads=2, max_context=64, kv_dtype="f16")
+    assert_close(b.logits(ids), a.logits(ids), 3e-3, "f16 KV cache")
+    long_f32 = flashmem.load(folder, dtype="f32", threads=1, max_context=1024)
+    long_f16 = flashmem.load(folder, dtype="f32", threads=1, max_context=1024, kv_dtype="f16")
+    kv_f32 = 2 * 2 * 1024 * 20 * 4  # keys and values: layers, positions, kv_dim, f32
+    scratch = 2 * 256 * 20 * 4      # the new keys and values of a chunk, in f32, before they are stored
+    assert long_f32._engine.state_bytes - long_f16._engine.state_bytes == kv_f32 // 2 - scratch
+    r1, r2 = a.generate(ids[:5], max_new_tokens=8), b.generate(ids[:5], max_new_tokens=8)
+    assert r1.token_ids[:3] == r2.token_ids[:3]
+    with pytest.raises(ValueError, match="kv_dtype"):
+        flashmem.load(folder, dtype="f32", kv_dtype="bf16")

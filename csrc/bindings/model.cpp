@@ -26,7 +26,10 @@ void bind_model(nb::module_& m) {
         .def_rw("rope_attention_scaling", &fm::Config::rope_attention_scaling)
         .def_prop_rw(
             "dtype", [](const fm::Config& c) { return std::string(fm::dtype_name(c.dtype)); },
-            [](fm::Config& c, const std::string& s) { c.dtype = fm::dtype_from_name(s); });
+            [](fm::Config& c, const std::string& s) { c.dtype = fm::dtype_from_name(s); })
+        .def_prop_rw(
+            "kv_dtype", [](const fm::Config& c) { return std::string(fm::dtype_name(c.kv_dtype)); },
+            [](fm::Config& c, const std::string& s) { c.kv_dtype = fm::dtype_from_name(s); });
 
     nb::class_<fm::Model>(m, "Model")
         .def(nb::init<fm::Config, int>(), "config"_a, "threads"_a)

@@ -68,36 +68,55 @@ nb::ndarray<nb::numpy, float> py_accumulate(CF32Array y0, CF32Array a, nb::ndarr
 
 using U8Matrix = nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 
-// Activation blocks of x (T, K) as bytes (T, K/32 * sizeof(ActBlock)), from the kernel or its reference.
-nb::ndarray<nb::numpy, uint8_t> py_quantize_act(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x,
-                                                bool reference) {
-    const int T = int(x.shape(0)), K = int(x.shape(1));
-    FM_ARG(K % quant::kActBlock == 0, "x must have a multiple of ", quant::kActBlock, " columns, got ", K);
-    const size_t row = size_t(K / quant::kActBlock) * sizeof(quant::ActBlock);
+// Activation blocks of x (T, K) as bytes (T, K/32 blocks of 8- or 16-bit activations), from the
+// kernel or its reference.
+template <typename Q>
+nb::ndarray<nb::numpy, uint8_t> quantize_act_as(const float* x, int T, int K, bool reference) {
+    using Block = quant::ActBlockOf<Q>;
+    const size_t row = size_t(K / quant::kActBlock) * sizeof(Block);
     auto out = numpy_owned<uint8_t>({size_t(T), row});
+    const quant::QuantKernels& qk = quant::quant_kernels();
     for (int t = 0; t < T; ++t) {
-        auto* dst = reinterpret_cast<quant::ActBlock*>(out.data() + t * row);
-        if (reference) quant::quantize_act_ref(x.data() + size_t(t) * K, dst, K);
-        else quant::quant_kernels().quantize_act(x.data() + size_t(t) * K, dst, K);
+        auto* dst = reinterpret_cast<Block*>(out.data() + t * row);
+        if (reference) quant::quantize_act_ref(x + size_t(t) * K, dst, K);
+        else if constexpr (sizeof(Q) == 1) qk.quantize_act(x + size_t(t) * K, dst, K);
+        else qk.quantize_act16(x + size_t(t) * K, dst, K);
     }
     return out;
 }
 
+nb::ndarray<nb::numpy, uint8_t> py_quantize_act(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x,
+                                                bool reference, int bits) {
+    const int T = int(x.shape(0)), K = int(x.shape(1));
+    FM_ARG(K % quant::kActBlock == 0, "x must have a multiple of ", quant::kActBlock, " columns, got ", K);
+    FM_ARG(bits == 8 || bits == 16, "bits must be 8 or 16, got ", bits);
+    return bits == 8 ? quantize_act_as<int8_t>(x.data(), T, K, reference) : quantize_act_as<int16_t>(x.data(), T, K, reference);
+}
+
 // Y (T, N) = W (N rows of K weights in `format`) times the activation blocks (T, K/32 blocks).
 nb::ndarray<nb::numpy, float> py_quant_matmul(U8Matrix act, U8Matrix w, const std::string& format, int K,
-                                              bool reference) {
+                                              bool reference, int bits) {
     const Format f = format_from_name(format);
     FM_ARG(is_block_format(f), "quant_matmul: ", format, " is not a block format");
+    FM_ARG(bits == 8 || bits == 16, "bits must be 8 or 16, got ", bits);
     const size_t row_bytes = format_row_bytes(f, K);
-    FM_ARG(K % quant::kActBlock == 0 && act.shape(1) == size_t(K / quant::kActBlock) * sizeof(quant::ActBlock),
+    const size_t block = bits == 8 ? sizeof(quant::ActBlock) : sizeof(quant::ActBlock16);
+    FM_ARG(K % quant::kActBlock == 0 && act.shape(1) == size_t(K / quant::kActBlock) * block,
            "activations must be (T, K/32 blocks) for K = ", K);
     FM_ARG(w.shape(1) == row_bytes, "W rows must be ", row_bytes, " bytes for ", K, " ", format, " weights, got ",
            w.shape(1));
     const int T = int(act.shape(0)), N = int(w.shape(0));
     auto y = numpy_owned<float>({size_t(T), size_t(N)});
-    const auto* A = reinterpret_cast<const quant::ActBlock*>(act.data());
-    if (reference) quant::matmul_ref(f, y.data(), N, A, T, w.data(), row_bytes, K, N);
-    else quant::quant_kernels().matmul[int(f)](y.data(), N, A, T, w.data(), row_bytes, K, N);
+    const quant::QuantKernels& qk = quant::quant_kernels();
+    if (bits == 8) {
+        const auto* A = reinterpret_cast<const quant::ActBlock*>(act.data());
+        if (reference) quant::matmul_ref(f, y.data(), N, A, T, w.data(), row_bytes, K, N);
+        else qk.matmul[int(f)](y.data(), N, A, T, w.data(), row_bytes, K, N);
+    } else {
+        const auto* A = reinterpret_cast<const quant::ActBlock16*>(act.data());
+        if (reference) quant::matmul_ref(f, y.data(), N, A, T, w.data(), row_bytes, K, N);
+        else qk.matmul16[int(f)](y.data(), N, A, T, w.data(), row_bytes, K, N);
+    }
     return y;
 }
 
@@ -118,9 +137,21 @@ void bind_testing(nb::module_& m) {
             return y;
         },
         "raw"_a, "format"_a, "The weights of whole blocks of a block format (bytes as in a GGUF file), as float32.");
-    m.def("quantize_act", &py_quantize_act, "x"_a, "reference"_a = false,
-          "Activations (T, K) quantized to int8 blocks of 32, as bytes (T, K/32 blocks).");
-    m.def("quant_matmul", &py_quant_matmul, "act"_a, "w"_a, "format"_a, "K"_a, "reference"_a = false,
+    m.def(
+        "to_f16",
+        [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x, bool reference,
+           const std::string& isa) {
+            auto out = numpy_owned<uint16_t>({x.shape(0)});
+            if (reference)
+                for (size_t i = 0; i < x.shape(0); ++i) out.data()[i] = f32_to_f16(x.data()[i]);
+            else
+                pick_isa(isa)->to_f16(out.data(), x.data(), int(x.shape(0)));
+            return out;
+        },
+        "x"_a, "reference"_a = false, "isa"_a = "best", "f16 bits of x, rounded to nearest even (the KV cache's).");
+    m.def("quantize_act", &py_quantize_act, "x"_a, "reference"_a = false, "bits"_a = 8,
+          "Activations (T, K) quantized to 8- or 16-bit integer blocks of 32, as bytes (T, K/32 blocks).");
+    m.def("quant_matmul", &py_quant_matmul, "act"_a, "w"_a, "format"_a, "K"_a, "reference"_a = false, "bits"_a = 8,
           "Y (T, N) = W x for W (N, row bytes) in a block format and quantize_act's blocks (T, ...).");
     m.def("gemm", &py_gemm, "x"_a, "w"_a, "dtype"_a, "reference"_a = false, "isa"_a = "best");
     m.def("accumulate", &py_accumulate, "y"_a, "a"_a, "b"_a, "dtype"_a, "reference"_a = false, "isa"_a = "best");

@@ -59,6 +59,29 @@ inline float f16_to_f32(uint16_t h) {
     return f;
 }
 
+// f32 -> f16 bits, rounding to nearest even (as F16C and numpy do); overflow gives inf.
+inline uint16_t f32_to_f16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 16) & 0x8000;
+    const uint32_t abs = u & 0x7fffffff;
+    if (abs >= 0x7f800000) return uint16_t(sign | 0x7c00 | (abs > 0x7f800000 ? 0x200 : 0));  // inf, nan
+    if (abs >= 0x477ff000) return uint16_t(sign | 0x7c00);  // rounds past the largest f16
+    if (abs < 0x38800000) {  // an f16 subnormal (or zero): round the value scaled by 2^24
+        const uint32_t shift = 126 - (abs >> 23);
+        if (shift > 24) return uint16_t(sign);
+        const uint32_t man = (abs & 0x7fffff) | 0x800000;
+        uint32_t q = man >> shift;
+        const uint32_t rem = man & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+        if (rem > halfway || (rem == halfway && (q & 1))) ++q;
+        return uint16_t(sign | q);
+    }
+    uint32_t h = ((abs >> 13) - (112u << 10));  // rebias the exponent 127 -> 15
+    const uint32_t rem = abs & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) ++h;
+    return uint16_t(sign | h);
+}
+
 inline float load_as_f32(const void* p, DType dt, size_t i) {
     switch (dt) {
         case DType::F32: return static_cast<const float*>(p)[i];

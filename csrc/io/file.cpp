@@ -47,6 +47,10 @@ void File::read_exact(void* dst, size_t n, uint64_t offset, const std::string& w
     }
 }
 
+void File::drop_cached(uint64_t offset, size_t n) const {
+    ::posix_fadvise(fd_, off_t(offset), off_t(n), POSIX_FADV_DONTNEED);  // advice: a failure changes nothing
+}
+
 FileMapping::FileMapping(const std::string& path) {
     uint64_t size = 0;
     const int fd = open_read(path, &size);

@@ -24,6 +24,9 @@ class File {
     // Reads exactly n bytes at offset; throws std::runtime_error naming the file and `what`
     // on a short file or a read error.
     void read_exact(void* dst, size_t n, uint64_t offset, const std::string& what) const;
+    // Asks the kernel to drop the page cache of bytes [offset, offset + n) (after reading weights
+    // into the engine's own buffers, so that they are not held twice).
+    void drop_cached(uint64_t offset, size_t n) const;
 
   private:
     std::string path_;

@@ -1,5 +1,6 @@
 #include "model/decoder.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -8,6 +9,7 @@
 #include "io/file.h"
 #include "kernels/cpu/kernels.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/quant/quant.h"
 
 namespace fm {
 
@@ -24,6 +26,7 @@ void Config::validate() const {
     FM_ARG(max_context > 0, "max_context must be positive, got ", max_context);
     FM_ARG(int(rope_inv_freq.size()) == head_dim / 2, "config: rope_inv_freq has ", rope_inv_freq.size(),
            " entries, expected head_dim/2 = ", head_dim / 2);
+    FM_ARG(kv_dtype == DType::F32 || kv_dtype == DType::F16, "kv_dtype must be f32 or f16, got ", dtype_name(kv_dtype));
 }
 
 Model::Model(Config cfg, int n_threads) : cfg_(std::move(cfg)), pool_(n_threads) {
@@ -54,22 +57,26 @@ Model::Model(Config cfg, int n_threads) : cfg_(std::move(cfg)), pool_(n_threads)
             rope_cos_.data<float>()[size_t(p) * half + i] = float(std::cos(double(angle))) * c.rope_attention_scaling;
             rope_sin_.data<float>()[size_t(p) * half + i] = float(std::sin(double(angle))) * c.rope_attention_scaling;
         }
-    kv_keys_.allocate(f * size_t(c.n_layers) * c.max_context * c.kv_dim());
-    kv_values_.allocate(f * size_t(c.n_layers) * c.max_context * c.kv_dim());
+    const size_t kv_esz = dtype_size(c.kv_dtype);
+    kv_keys_.allocate(kv_esz * size_t(c.n_layers) * c.max_context * c.kv_dim());
+    kv_values_.allocate(kv_esz * size_t(c.n_layers) * c.max_context * c.kv_dim());
+    if (c.kv_dtype != DType::F32) kv_new_.allocate(f * 2 * size_t(chunk_) * c.kv_dim());
 }
 
 size_t Model::weight_bytes() const {
     size_t n = w_.embed.size() + w_.final_norm.size() + w_.lm_head.size();
     for (const auto& L : w_.layers)
         n += L.attn_norm.size() + L.wq.size() + L.wk.size() + L.wv.size() + L.wo.size() + L.bq.size() +
-             L.bk.size() + L.bv.size() + L.ffn_norm.size() + L.ffn_bundles.size();
+             L.bk.size() + L.bv.size() + L.ffn_norm.size() + L.ffn_bundles.size() + L.ffn_gate.size() +
+             L.ffn_up.size() + L.ffn_down.size();
     return n;
 }
 
 size_t Model::state_bytes() const {
     return x_.size() + xn_.size() + q_.size() + att_out_.size() + proj_.size() + scores_.size() + ffn_acc_.size() +
-           ffn_hu_.size() + convert_.size() + ffn_block_.size() + ffn_rows_.size() + rope_cos_.size() +
-           rope_sin_.size() + kv_keys_.size() + kv_values_.size();
+           ffn_hu_.size() + convert_.size() + ffn_block_.size() + ffn_rows_.size() + act_.size() + act16_.size() +
+           ffn_gate_out_.size() + ffn_up_out_.size() + rope_cos_.size() + rope_sin_.size() + kv_keys_.size() +
+           kv_values_.size() + kv_new_.size();
 }
 
 size_t Model::expected_weight_bytes(bool ffn_resident) const {
@@ -126,67 +133,80 @@ void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const 
 }
 
 void Model::load_tensor(const std::string& kind, int layer, const std::string& path, uint64_t offset,
-                        const std::string& dtype, const std::vector<int64_t>& shape) {
+                        const std::string& format, const std::vector<int64_t>& shape) {
     const Config& c = cfg_;
     const std::string what = "tensor '" + kind + (layer >= 0 ? "' of layer " + std::to_string(layer) : "'");
-    const bool predictor_part = kind.rfind("pred_", 0) == 0;
-    DType dt = predictor_part ? DType::F32 : dtype_from_name(dtype);
     const bool per_layer = kind != "embed" && kind != "final_norm" && kind != "lm_head";
     FM_ARG(per_layer ? (layer >= 0 && layer < c.n_layers) : layer == -1, what, ": layer index ", layer,
            " out of range [0, ", c.n_layers, ")");
     LayerWeights* L = per_layer ? &w_.layers[layer] : nullptr;
-
-    Buffer* dst = nullptr;
-    std::vector<int64_t> expect;
-    bool is_matrix = true;
-    if (kind == "embed") dst = &w_.embed, expect = {c.vocab_size, c.d_model};
-    else if (kind == "lm_head") dst = &w_.lm_head, expect = {c.vocab_size, c.d_model};
-    else if (kind == "final_norm") dst = &w_.final_norm, expect = {c.d_model}, is_matrix = false;
-    else if (kind == "attn_norm") dst = &L->attn_norm, expect = {c.d_model}, is_matrix = false;
-    else if (kind == "ffn_norm") dst = &L->ffn_norm, expect = {c.d_model}, is_matrix = false;
-    else if (kind == "wq") dst = &L->wq, expect = {c.q_dim(), c.d_model};
-    else if (kind == "wk") dst = &L->wk, expect = {c.kv_dim(), c.d_model};
-    else if (kind == "wv") dst = &L->wv, expect = {c.kv_dim(), c.d_model};
-    else if (kind == "wo") dst = &L->wo, expect = {c.d_model, c.q_dim()};
-    else if (kind == "bq") dst = &L->bq, expect = {c.q_dim()}, is_matrix = false;
-    else if (kind == "bk") dst = &L->bk, expect = {c.kv_dim()}, is_matrix = false;
-    else if (kind == "bv") dst = &L->bv, expect = {c.kv_dim()}, is_matrix = false;
-    else if (kind == "ffn_bundles") dst = &L->ffn_bundles, expect = {c.d_ff, 3 * c.d_model};
-    else if (kind.rfind("pred_", 0) == 0) {  // predictor tensors (see ffn/predictor.h)
+    if (kind.rfind("pred_", 0) == 0) {  // predictor tensors (see ffn/predictor.h)
         FM_ARG(sparse_, what, ": configure the sparse FFN before loading a predictor");
         const char* want_dtype;
         std::vector<int64_t> want;
         Buffer& buf = sparse_->predictor().tensor(layer, kind.substr(5), want, want_dtype);
-        FM_ARG(dtype == want_dtype, what, " in '", path, "': expected dtype ", want_dtype, ", got ", dtype);
+        FM_ARG(format == want_dtype, what, " in '", path, "': expected dtype ", want_dtype, ", got ", format);
         FM_ARG(shape == want, what, " in '", path, "': expected shape (", want[0], want.size() == 2 ? ", " : "",
                want.size() == 2 ? std::to_string(want[1]) : std::string(), "), got another");
-        const size_t esz = dtype == "u8" || dtype == "i8" ? 1 : 4;
+        const size_t esz = format == "u8" || format == "i8" ? 1 : 4;
         const size_t n = size_t(want[0]) * (want.size() == 2 ? size_t(want[1]) : 1) * esz;
         buf.allocate(n);
         File(path).read_exact(buf.data(), n, offset, what);
         if (kind == "pred_outlier_dims") sparse_->predictor().check_outlier_dims(layer, path);
         return;
-    } else FM_ARG(false, "unknown tensor kind '", kind, "'");
+    }
 
-    const DType want = is_matrix ? c.dtype : DType::F32;
-    FM_ARG(dt == want, what, " in '", path, "': expected dtype ", dtype_name(want), ", got ", dtype_name(dt));
-    const bool padded_rows = kind == "ffn_bundles";
+    // where the tensor goes and the shape it must have
+    Tensor* matrix = nullptr;
+    Buffer* vec = nullptr;
+    std::vector<int64_t> expect;
+    if (kind == "embed") matrix = &w_.embed, expect = {c.vocab_size, c.d_model};
+    else if (kind == "lm_head") matrix = &w_.lm_head, expect = {c.vocab_size, c.d_model};
+    else if (kind == "final_norm") vec = &w_.final_norm, expect = {c.d_model};
+    else if (kind == "attn_norm") vec = &L->attn_norm, expect = {c.d_model};
+    else if (kind == "ffn_norm") vec = &L->ffn_norm, expect = {c.d_model};
+    else if (kind == "wq") matrix = &L->wq, expect = {c.q_dim(), c.d_model};
+    else if (kind == "wk") matrix = &L->wk, expect = {c.kv_dim(), c.d_model};
+    else if (kind == "wv") matrix = &L->wv, expect = {c.kv_dim(), c.d_model};
+    else if (kind == "wo") matrix = &L->wo, expect = {c.d_model, c.q_dim()};
+    else if (kind == "bq") vec = &L->bq, expect = {c.q_dim()};
+    else if (kind == "bk") vec = &L->bk, expect = {c.kv_dim()};
+    else if (kind == "bv") vec = &L->bv, expect = {c.kv_dim()};
+    else if (kind == "ffn_bundles") vec = &L->ffn_bundles, expect = {c.d_ff, 3 * c.d_model};
+    else if (kind == "ffn_gate") matrix = &L->ffn_gate, expect = {c.d_ff, c.d_model};
+    else if (kind == "ffn_up") matrix = &L->ffn_up, expect = {c.d_ff, c.d_model};
+    else if (kind == "ffn_down") matrix = &L->ffn_down, expect = {c.d_model, c.d_ff};
+    else FM_ARG(false, "unknown tensor kind '", kind, "'");
+
+    const bool bundles = kind == "ffn_bundles";
+    const Format f = format_from_name(format);
+    const Format want = bundles ? format_of(c.dtype) : Format::F32;
+    FM_ARG(matrix || f == want, what, " in '", path, "': expected dtype ", format_name(want), ", got ", format);
     bool shape_ok = shape.size() == expect.size() && shape[0] == expect[0];
-    if (shape_ok && shape.size() == 2) shape_ok = padded_rows ? shape[1] >= expect[1] : shape[1] == expect[1];
+    if (shape_ok && shape.size() == 2) shape_ok = bundles ? shape[1] >= expect[1] : shape[1] == expect[1];
     if (!shape_ok) {
         std::string got, exp;
         for (auto s : shape) got += (got.empty() ? "" : ", ") + std::to_string(s);
         for (auto s : expect) exp += (exp.empty() ? "" : ", ") + std::to_string(s);
-        FM_ARG(false, what, " in '", path, "': expected shape (", exp, padded_rows ? " or wider" : "", "), got (",
-               got, ")");
+        FM_ARG(false, what, " in '", path, "': expected shape (", exp, bundles ? " or wider" : "", "), got (", got,
+               ")");
     }
 
     File file(path);
-    const size_t esz = dtype_size(dt);
+    if (matrix) {
+        FM_ARG(expect[1] % format_traits(f).block == 0, what, " in '", path, "': a row of ", expect[1],
+               " weights is not a whole number of ", format_name(f), " blocks");
+        matrix->allocate(f, expect[0], expect[1]);
+        file.read_exact(matrix->data(), matrix->nbytes(), offset, what);
+        file.drop_cached(offset, matrix->nbytes());
+        return;
+    }
+    const size_t esz = format_traits(f).block_bytes;
     const size_t rows = size_t(expect[0]), cols = expect.size() == 2 ? size_t(expect[1]) : 1;
-    dst->allocate(rows * cols * esz);
-    if (!padded_rows || size_t(shape[1]) == cols) {
-        file.read_exact(dst->data(), rows * cols * esz, offset, what);
+    vec->allocate(rows * cols * esz);
+    if (!bundles || size_t(shape[1]) == cols) {
+        file.read_exact(vec->data(), rows * cols * esz, offset, what);
+        file.drop_cached(offset, rows * cols * esz);
     } else {  // drop the alignment padding of each bundle while reading
         const size_t src_row = size_t(shape[1]) * esz, dst_row = cols * esz;
         const size_t per_read = (size_t(8) << 20) / src_row + 1;
@@ -194,25 +214,39 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
         for (size_t r = 0; r < rows; r += per_read) {
             size_t n = rows - r < per_read ? rows - r : per_read;
             file.read_exact(tmp.data(), n * src_row, offset + r * src_row, what);
+            file.drop_cached(offset + r * src_row, n * src_row);
             for (size_t i = 0; i < n; ++i)
-                std::memcpy(dst->data<char>() + (r + i) * dst_row, tmp.data<char>() + i * src_row, dst_row);
+                std::memcpy(vec->data<char>() + (r + i) * dst_row, tmp.data<char>() + i * src_row, dst_row);
         }
     }
 }
 
-void Model::check_loaded() const {
+void Model::check_loaded() {
     const Config& c = cfg_;
     FM_IO(w_.embed.size() && w_.final_norm.size(), "model is missing its token embeddings or final norm");
     FM_IO(c.tied_embeddings || w_.lm_head.size(), "model is missing lm_head (and its embeddings are not tied)");
+    const bool flash = sparse_ && sparse_->source() == SparseFfn::Source::Flash;
+    bool block_formats = is_block_format(w_.embed.format) || is_block_format(w_.lm_head.format), matrices = false;
     for (int l = 0; l < c.n_layers; ++l) {
         const LayerWeights& L = w_.layers[l];
-        const bool flash = sparse_ && sparse_->source() == SparseFfn::Source::Flash;
+        const bool ffn_matrices = L.ffn_gate.size() && L.ffn_up.size() && L.ffn_down.size();
         FM_IO(L.attn_norm.size() && L.wq.size() && L.wk.size() && L.wv.size() && L.wo.size() &&
-                  L.ffn_norm.size() && (flash || L.ffn_bundles.size()),
+                  L.ffn_norm.size() && (flash || L.ffn_bundles.size() || (!sparse_ && ffn_matrices)),
               "model is missing tensors of layer ", l);
         if (sparse_ && !flash) sparse_->set_resident(l, L.ffn_bundles.data());
         FM_IO(!c.qkv_bias || (L.bq.size() && L.bk.size() && L.bv.size()), "model is missing q/k/v biases of layer ",
               l);
+        matrices |= !L.ffn_bundles.size() && ffn_matrices;
+        for (const Tensor* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.ffn_gate, &L.ffn_up, &L.ffn_down})
+            block_formats |= t->size() && is_block_format(t->format);
+    }
+    const size_t widest = std::max({c.d_model, c.q_dim(), c.d_ff});
+    if (block_formats && !act_.size()) act_.allocate(sizeof(quant::ActBlock) * chunk_ * (widest / quant::kActBlock));
+    if (is_block_format((c.tied_embeddings ? w_.embed : w_.lm_head).format) && !act16_.size())
+        act16_.allocate(sizeof(quant::ActBlock16) * chunk_ * (c.d_model / quant::kActBlock));
+    if (matrices && !ffn_gate_out_.size()) {
+        ffn_gate_out_.allocate(sizeof(float) * chunk_ * c.d_ff);
+        ffn_up_out_.allocate(sizeof(float) * chunk_ * c.d_ff);
     }
 }
 
@@ -225,17 +259,36 @@ void Model::check_positions(int T, int start_pos) const {
 }
 
 // Y (T, N) = X (T, K) W^T for each projection, all in one parallel region (q, k and v: one
-// dispatch, not three); each thread takes its share of every matrix's rows.
-void Model::linear(const float* X, int T, int K, std::initializer_list<Projection> projections) {
+// dispatch, not three); each thread takes its share of every matrix's rows. Matrices in a block
+// format take X quantized to int8 blocks (16-bit when precise), once for all of them.
+void Model::linear(const float* X, int T, int K, std::initializer_list<Projection> projections, bool precise) {
     const Kernels& k = kernels();
-    const int di = int(cfg_.dtype);
-    const size_t esz = dtype_size(cfg_.dtype), cs = convert_.size() / sizeof(float) / pool_.size();
+    const quant::QuantKernels& qk = quant::quant_kernels();
+    const size_t cs = convert_.size() / sizeof(float) / pool_.size();
+    bool quantized = false;
+    for (const Projection& p : projections) quantized |= is_block_format(p.W->format);
+    auto* act = act_.data<quant::ActBlock>();
+    auto* act16 = act16_.data<quant::ActBlock16>();
+    const int act_row = K / quant::kActBlock;
+    if (quantized)
+        pool_.parallel_for(size_t(T), 1, [&](size_t t0, size_t t1, int) {
+            for (size_t t = t0; t < t1; ++t) {
+                if (precise) qk.quantize_act16(X + t * K, act16 + t * act_row, K);
+                else qk.quantize_act(X + t * K, act + t * act_row, K);
+            }
+        });
     pool_.run([&](int tid, int nt) {
         for (const Projection& p : projections) {
             auto [n0, n1] = ThreadPool::chunk(p.N, tid, nt, 16);
-            if (n0 < n1)
-                k.gemm[di](p.Y + n0, p.ldy, X, K, T, p.W->data<char>() + n0 * K * esz, K, K, int(n1 - n0),
-                           convert_.data<float>() + tid * cs);
+            if (n0 >= n1) continue;
+            const Tensor& W = *p.W;
+            if (is_block_format(W.format) && precise)
+                qk.matmul16[int(W.format)](p.Y + n0, p.ldy, act16, T, W.row(n0), W.row_bytes, K, int(n1 - n0));
+            else if (is_block_format(W.format))
+                qk.matmul[int(W.format)](p.Y + n0, p.ldy, act, T, W.row(n0), W.row_bytes, K, int(n1 - n0));
+            else
+                k.gemm[int(W.format)](p.Y + n0, p.ldy, X, K, T, W.row(n0), K, K, int(n1 - n0),
+                                      convert_.data<float>() + tid * cs);
         }
     });
 }
@@ -247,12 +300,12 @@ void Model::check_tokens(const int32_t* tokens, int T) const {
 }
 
 void Model::gather_embeddings(const int32_t* tokens, int T, float* out) const {
-    const Config& c = cfg_;
-    const size_t esz = dtype_size(c.dtype);
-    for (int t = 0; t < T; ++t)
-        kernels().to_f32[int(c.dtype)](out + size_t(t) * c.d_model,
-                                       w_.embed.data<char>() + size_t(tokens[t]) * c.d_model * esz,
-                                       c.d_model);
+    const Tensor& E = w_.embed;
+    for (int t = 0; t < T; ++t) {
+        float* o = out + size_t(t) * E.cols;
+        if (is_block_format(E.format)) quant::dequantize(E.format, E.row(tokens[t]), o, E.cols);
+        else kernels().to_f32[int(E.format)](o, E.row(tokens[t]), int(E.cols));
+    }
 }
 
 void Model::embed(const int32_t* tokens, int T, float* out) {
@@ -345,8 +398,8 @@ void Model::compute_logits(const float* x, int T, float* logits) {
     for (int t = 0; t < T; ++t)
         rmsnorm(xn + size_t(t) * c.d_model, x + size_t(t) * c.d_model, w_.final_norm.data<float>(), c.d_model,
                 c.norm_eps);
-    const Buffer* head = c.tied_embeddings ? &w_.embed : &w_.lm_head;
-    linear(xn, T, c.d_model, {{logits, size_t(c.vocab_size), head, size_t(c.vocab_size)}});
+    const Tensor* head = c.tied_embeddings ? &w_.embed : &w_.lm_head;
+    linear(xn, T, c.d_model, {{logits, size_t(c.vocab_size), head, size_t(c.vocab_size)}}, /*precise=*/true);
 }
 
 void Model::layer_forward(int l, int T, int start_pos) {
@@ -355,10 +408,13 @@ void Model::layer_forward(int l, int T, int start_pos) {
     float* x = x_.data<float>();
     float* xn = xn_.data<float>();
     const size_t kv_dim = c.kv_dim(), q_dim = c.q_dim();
-    float* kc = kv_keys_.data<float>() + (size_t(l) * c.max_context + start_pos) * kv_dim;    // (T, kv_dim)
-    float* vc = kv_values_.data<float>() + (size_t(l) * c.max_context + start_pos) * kv_dim;  // (T, kv_dim)
+    // the new keys and values (T, kv_dim): straight into an f32 cache, else f32 rows stored as f16 below
+    const size_t kv_at = (size_t(l) * c.max_context + start_pos) * kv_dim;
+    const bool f32_cache = c.kv_dtype == DType::F32;
+    float* kc = f32_cache ? kv_keys_.data<float>() + kv_at : kv_new_.data<float>();
+    float* vc = f32_cache ? kv_values_.data<float>() + kv_at : kv_new_.data<float>() + size_t(chunk_) * kv_dim;
 
-    // attention block: q, k, v (k and v straight into the cache), rope, attention, output projection
+    // attention block: q, k, v, rope, attention, output projection
     for (int t = 0; t < T; ++t)
         rmsnorm(xn + size_t(t) * c.d_model, x + size_t(t) * c.d_model, L.attn_norm.data<float>(), c.d_model,
                 c.norm_eps);
@@ -379,6 +435,10 @@ void Model::layer_forward(int l, int T, int start_pos) {
         rope(q, c.n_heads, c.head_dim, cs, sn);
         rope(k, c.n_kv_heads, c.head_dim, cs, sn);
     }
+    if (!f32_cache) {
+        kernels().to_f16(kv_keys_.data<uint16_t>() + kv_at, kc, int(size_t(T) * kv_dim));
+        kernels().to_f16(kv_values_.data<uint16_t>() + kv_at, vc, int(size_t(T) * kv_dim));
+    }
     mark(Profile::kNorms);
     attention(l, T, start_pos);
     mark(Profile::kAttention);
@@ -398,6 +458,14 @@ void Model::layer_forward(int l, int T, int start_pos) {
                  convert_.size() / sizeof(float) / nt, ffn_block_.data<char>(), chunk_};
     if (sparse_) {
         sparse_->forward(pool_, l, x, xn, T, s);
+    } else if (!L.ffn_bundles.size()) {  // the three matrices: down(silu(gate x) * up x)
+        float* g = ffn_gate_out_.data<float>();
+        float* u = ffn_up_out_.data<float>();
+        const size_t ff = c.d_ff;
+        linear(xn, T, c.d_model, {{g, ff, &L.ffn_gate, ff}, {u, ff, &L.ffn_up, ff}});
+        pool_.parallel_for(size_t(T) * ff, 256, [&](size_t b, size_t e, int) { swiglu(g + b, u + b, int(e - b)); });
+        linear(g, T, c.d_ff, {{proj_.data<float>(), size_t(c.d_model), &L.ffn_down, size_t(c.d_model)}});
+        for (size_t i = 0; i < size_t(T) * c.d_model; ++i) x[i] += proj_.data<float>()[i];
     } else {  // dense: every bundle, in place
         const void** rows = ffn_rows_.data<const void*>();
         const size_t row = size_t(3) * c.d_model * dtype_size(c.dtype);
@@ -415,10 +483,10 @@ void Model::layer_forward(int l, int T, int start_pos) {
 void Model::attention(int l, int T, int start_pos) {
     const Config& c = cfg_;
     const Kernels& k = kernels();
-    const int F32 = int(DType::F32);
-    const size_t kv_dim = c.kv_dim(), q_dim = c.q_dim();
-    const float* kc = kv_keys_.data<float>() + size_t(l) * c.max_context * kv_dim;  // (max_context, kv_dim)
-    const float* vc = kv_values_.data<float>() + size_t(l) * c.max_context * kv_dim;
+    const int kvt = int(c.kv_dtype);
+    const size_t kv_dim = c.kv_dim(), q_dim = c.q_dim(), esz = dtype_size(c.kv_dtype);
+    const char* kc = kv_keys_.data<char>() + size_t(l) * c.max_context * kv_dim * esz;  // (max_context, kv_dim)
+    const char* vc = kv_values_.data<char>() + size_t(l) * c.max_context * kv_dim * esz;
     const int group = c.n_heads / c.n_kv_heads, hd = c.head_dim;
     const float scale = 1.0f / std::sqrt(float(hd));
     pool_.run([&](int tid, int nt) {
@@ -427,11 +495,11 @@ void Model::attention(int l, int T, int start_pos) {
             const int t = item / c.n_heads, h = item % c.n_heads, kvh = h / group;
             const int n_pos = start_pos + t + 1;
             const float* q = q_.data<float>() + t * q_dim + h * hd;
-            k.gemm[F32](sc, n_pos, q, hd, 1, kc + kvh * hd, kv_dim, hd, n_pos, nullptr);
+            k.gemm[kvt](sc, n_pos, q, hd, 1, kc + kvh * hd * esz, kv_dim, hd, n_pos, nullptr);
             k.softmax(sc, n_pos, scale);
             float* out = att_out_.data<float>() + t * q_dim + h * hd;
             std::memset(out, 0, sizeof(float) * hd);
-            k.accumulate[F32](out, hd, sc, n_pos, 1, vc + kvh * hd, kv_dim, hd, n_pos, nullptr);
+            k.accumulate[kvt](out, hd, sc, n_pos, 1, vc + kvh * hd * esz, kv_dim, hd, n_pos, nullptr);
         }
     });
 }

@@ -11,6 +11,7 @@
 
 #include "core/buffer.h"
 #include "core/dtype.h"
+#include "core/tensor.h"
 #include "core/thread_pool.h"
 #include "ffn/sparse_ffn.h"
 
@@ -28,9 +29,11 @@ struct Config {
     float norm_eps = 1e-5f;
     bool tied_embeddings = false;
     bool qkv_bias = false;  // Qwen2
-    DType dtype = DType::F32;  // storage dtype of the matrices (norms and biases are f32)
+    DType dtype = DType::F32;  // float type of the FFN bundles (each matrix has its own format; norms
+                               // and biases are f32)
     std::vector<float> rope_inv_freq;  // (head_dim/2), scaling already applied (computed in Python)
     float rope_attention_scaling = 1.0f;
+    DType kv_dtype = DType::F32;  // the KV cache's storage: f32 or f16
 
     int q_dim() const { return n_heads * head_dim; }
     int kv_dim() const { return n_kv_heads * head_dim; }
@@ -39,18 +42,22 @@ struct Config {
 
 struct LayerWeights {
     Buffer attn_norm;    // (d_model) f32
-    Buffer wq;           // (q_dim, d_model)
-    Buffer wk, wv;       // (kv_dim, d_model)
-    Buffer wo;           // (d_model, q_dim)
+    Tensor wq;           // (q_dim, d_model)
+    Tensor wk, wv;       // (kv_dim, d_model)
+    Tensor wo;           // (d_model, q_dim)
     Buffer bq, bk, bv;   // (q_dim), (kv_dim), (kv_dim) f32, only with qkv_bias
     Buffer ffn_norm;     // (d_model) f32
-    Buffer ffn_bundles;  // (d_ff, 3*d_model): bundle i = [gate row i | up row i | down column i]
+    // The FFN in DRAM is one of: neuron bundles (float formats; what flash streaming reads), or
+    // the three matrices as a checkpoint stores them (any format; block formats are kept so).
+    Buffer ffn_bundles;  // (d_ff, 3*d_model) in Config::dtype: bundle i = [gate row i | up row i | down column i]
+    Tensor ffn_gate, ffn_up;  // (d_ff, d_model)
+    Tensor ffn_down;          // (d_model, d_ff)
 };
 
 struct Weights {
-    Buffer embed;       // (vocab, d_model)
+    Tensor embed;       // (vocab, d_model)
     Buffer final_norm;  // (d_model) f32
-    Buffer lm_head;     // (vocab, d_model); empty when tied to embed
+    Tensor lm_head;     // (vocab, d_model); empty when tied to embed
     std::vector<LayerWeights> layers;
 };
 
@@ -96,11 +103,14 @@ class Model {
     void ffn_inputs(const int32_t* tokens, int T, float* out);
 
     // Loads one tensor from `path` at byte `offset`. kind: embed, final_norm, lm_head, attn_norm,
-    // wq, wk, wv, wo, bq, bk, bv, ffn_norm, ffn_bundles; layer: -1 for the global ones.
-    // shape/dtype are as stored in the file; ffn_bundles may have padded rows (shape[1] >= 3*d_model).
+    // wq, wk, wv, wo, bq, bk, bv, ffn_norm, ffn_bundles, ffn_gate, ffn_up, ffn_down; layer: -1 for
+    // the global ones. format: the matrices' own (any of core/format.h; norms and biases f32,
+    // bundles Config::dtype); shape: (rows, weights per row), as the model defines it (a row of a
+    // block format is stored as its blocks); ffn_bundles may have padded rows (shape[1] >= 3*d_model).
     void load_tensor(const std::string& kind, int layer, const std::string& path, uint64_t offset,
                      const std::string& dtype, const std::vector<int64_t>& shape);
-    void check_loaded() const;  // throws naming the first missing tensor
+    // Throws naming the first missing tensor; then sizes the run state the weights' formats need.
+    void check_loaded();
 
     // Runs T tokens (or T input embeddings of width d_model) at positions [start_pos, start_pos+T).
     // Positions before start_pos must already be in the KV cache. Writes logits (vocab) for the
@@ -128,10 +138,11 @@ class Model {
     struct Projection {
         float* Y;          // (T, ldy) output, N columns written
         size_t ldy;
-        const Buffer* W;   // (N, K) weights
+        const Tensor* W;   // (N, K) weights
         size_t N;
     };
-    void linear(const float* X, int T, int K, std::initializer_list<Projection> projections);
+    // precise: matrices in a block format take 16-bit activations, not 8-bit (the LM head's logits)
+    void linear(const float* X, int T, int K, std::initializer_list<Projection> projections, bool precise = false);
     void check_tokens(const int32_t* tokens, int T) const;                    // ids in [0, vocab)
     void gather_embeddings(const int32_t* tokens, int T, float* out) const;  // unchecked
     void compute_logits(const float* x, int T, float* logits);
@@ -163,12 +174,18 @@ class Model {
     Buffer convert_;   // (n_threads, scratch_floats(max(d_model, q_dim)))
     Buffer ffn_block_; // (n_threads, kNeuronBlock, 3*d_model) gathered bundles, weights' dtype
     Buffer ffn_rows_;  // (d_ff) bundle pointers of the dense FFN
+    // Only when some matrix is in a block format (allocated by check_loaded):
+    Buffer act_;       // (chunk, max(d_model, q_dim, d_ff) / 32) quantized activations of a linear()
+    Buffer act16_;     // (chunk, d_model / 32) 16-bit activations of the LM head
+    // Only when the FFN is three matrices:
+    Buffer ffn_gate_out_, ffn_up_out_;  // (chunk, d_ff) each
     std::unique_ptr<SparseFfn> sparse_;
     size_t minimum_budget_ = 0;
     float* capture_ = nullptr;  // ffn_inputs(): (n_layers, capture_T_, d_model)
     int capture_T_ = 0, capture_t0_ = 0;
     Buffer rope_cos_, rope_sin_;  // (max_context, head_dim/2)
-    Buffer kv_keys_, kv_values_;  // (n_layers, max_context, kv_dim) f32
+    Buffer kv_keys_, kv_values_;  // (n_layers, max_context, kv_dim) in kv_dtype
+    Buffer kv_new_;               // (2, chunk, kv_dim) f32 new keys and values, when the cache is f16
 };
 
 }  // namespace fm

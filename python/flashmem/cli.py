@@ -20,9 +20,11 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="flashmem folder, HF folder or .gguf (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", choices=("f32", "f16", "bf16"), default=None)
+    p.add_argument("--dtype", choices=("f32", "f16", "bf16", "gguf"), default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-context", type=int, default=None)
+    p.add_argument("--kv-dtype", choices=("f32", "f16"), default=None,
+                   help="KV cache storage (default f16 for --dtype gguf, f32 otherwise)")
     p.add_argument("--offload", choices=("flash",), default=None,
                    help="stream the FFN weights from the model folder instead of holding them in DRAM")
     p.add_argument("--dram-budget", default=None, help="with --offload flash: DRAM the engine may own, e.g. 200MB")
@@ -42,7 +44,8 @@ def _load(a):
     import flashmem
 
     return flashmem.load(a.model, dtype=a.dtype, threads=a.threads, max_context=a.max_context, offload=a.offload,
-                         dram_budget=a.dram_budget, sparsity=a.sparsity, window=a.window, eviction=a.eviction)
+                         dram_budget=a.dram_budget, sparsity=a.sparsity, window=a.window, eviction=a.eviction,
+                         kv_dtype=a.kv_dtype)
 
 
 def cmd_generate(a) -> None:
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
     v = sub.add_parser("convert", help="convert a HF folder or GGUF file to a flashmem folder")
     v.add_argument("src")
     v.add_argument("out")
-    v.add_argument("--dtype", choices=("f32", "f16", "bf16"), default=None)
+    v.add_argument("--dtype", choices=("f32", "f16", "bf16", "gguf"), default=None)
     v.add_argument("--align", type=int, default=4096, help="bundle alignment in bytes (default 4096)")
     v.set_defaults(fn=cmd_convert)
     i = sub.add_parser("info", help="show a model's configuration and memory")
@@ -165,7 +168,7 @@ def main(argv=None) -> int:
     k = sub.add_parser("calibrate", help="fit the sparsity predictors from calibration text")
     k.add_argument("model", nargs="?", default=None)
     k.add_argument("--data", required=True, help="UTF-8 text file (its first --tokens tokens are used)")
-    k.add_argument("--dtype", choices=("f32", "f16", "bf16"), default=None)
+    k.add_argument("--dtype", choices=("f32", "f16", "bf16", "gguf"), default=None)
     k.add_argument("--threads", type=int, default=None)
     k.add_argument("--tokens", type=int, default=8192)
     k.set_defaults(fn=cmd_calibrate)

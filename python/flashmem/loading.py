@@ -10,7 +10,7 @@ import os
 from . import _core
 from .checkpoints import safetensors_io as st
 from .checkpoints.config import model_dims, read_json, rope_inv_freq
-from .checkpoints.convert import BUNDLE_FILE, FORMAT_VERSION, RESIDENT_FILE
+from .checkpoints.convert import BUNDLE_FILE, DTYPES, FORMAT_VERSION, KEEP_FORMATS, RESIDENT_FILE
 from .checkpoints.default_model import default_gguf
 from .checkpoints.store import converted_folder, is_converted
 from .flash import streaming
@@ -21,19 +21,20 @@ from .tokenizer import Tokenizer
 _LAYER_KINDS = {"input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "wq",
                 "self_attn.k_proj.weight": "wk", "self_attn.v_proj.weight": "wv", "self_attn.o_proj.weight": "wo",
                 "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
-                "post_attention_layernorm.weight": "ffn_norm", "mlp.bundles": "ffn_bundles"}
+                "post_attention_layernorm.weight": "ffn_norm", "mlp.bundles": "ffn_bundles",
+                "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down"}
 _GLOBAL_KINDS = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm", "lm_head.weight": "lm_head"}
 
 
 def load(path: str | None = None, dtype: str | None = None, threads: int | None = None,
          max_context: int | None = None, offload: str | None = None, dram_budget=None, sparsity: float = 0.0,
-         window: int = 5, **flash_options) -> Model:
+         window: int = 5, kv_dtype: str | None = None, **flash_options) -> Model:
     """Loads a model: a flashmem folder, a HF folder or a GGUF file (the latter two converted once
     into the store); with no path, the default model. The README's "Python API" and "Flash
     offloading" sections describe every argument; flash_options: ffn_layout, queue_depth,
     coalesce_gap, direct_io, cache_rows, cache_bias, expire_window, eviction."""
-    if dtype is not None and dtype not in ("f32", "f16", "bf16"):
-        raise ValueError(f"dtype must be 'f32', 'f16' or 'bf16', got {dtype!r}")
+    if dtype is not None and dtype not in DTYPES + (KEEP_FORMATS,):
+        raise ValueError(f"dtype must be 'f32', 'f16', 'bf16' or {KEEP_FORMATS!r}, got {dtype!r}")
     if path is None:
         path = default_gguf()
     path = os.fspath(path)
@@ -45,11 +46,12 @@ def load(path: str | None = None, dtype: str | None = None, threads: int | None 
     else:
         path = converted_folder(path, dtype)
     return open_model(path, threads=threads, max_context=max_context, offload=offload, dram_budget=dram_budget,
-                      sparsity=sparsity, window=window, **flash_options)
+                      sparsity=sparsity, window=window, kv_dtype=kv_dtype, **flash_options)
 
 
 def open_model(folder: str, threads: int | None = None, max_context: int | None = None, offload=None,
-               dram_budget=None, sparsity: float = 0.0, window: int = 5, **flash_options) -> Model:
+               dram_budget=None, sparsity: float = 0.0, window: int = 5, kv_dtype: str | None = None,
+               **flash_options) -> Model:
     """The model of a converted folder: engine configured, FFN placed, weights loaded, checked."""
     cfg_path = os.path.join(folder, "config.json")
     config = read_json(cfg_path)
@@ -57,7 +59,7 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
     if not isinstance(fm, dict) or fm.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{cfg_path}: not a flashmem folder of format version {FORMAT_VERSION}; "
                          "run `flashmem convert` on the source model")
-    c = engine_config(config, cfg_path, max_context)
+    c = engine_config(config, cfg_path, max_context, kv_dtype)
     if threads is None:
         threads = len(os.sched_getaffinity(0))
     if not isinstance(threads, int) or isinstance(threads, bool) or threads <= 0:
@@ -65,7 +67,7 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
     engine = _core.Model(c, threads)
     offload, budget, predictor = streaming.configure(engine, folder, config, offload, dram_budget, sparsity, window,
                                                      **flash_options)
-    load_weights(engine, folder, config, ffn_in_dram=not offload)
+    load_weights(engine, folder, config, bundles=not offload)
     if predictor:
         streaming.load_predictor(engine, predictor, config["num_hidden_layers"])
     engine.check_loaded()
@@ -76,9 +78,9 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
                  offload=offload, dram_budget=budget, sparsity=float(sparsity), window=window)
 
 
-def engine_config(config: dict, where: str, max_context: int | None) -> _core.Config:
+def engine_config(config: dict, where: str, max_context: int | None, kv_dtype: str | None = None) -> _core.Config:
     """The engine's Config from a converted folder's config.json (max_context: default the model's
-    max_position_embeddings)."""
+    max_position_embeddings; kv_dtype: default f16 for a model kept in its GGUF formats, f32 else)."""
     dims = model_dims(config, where)
     if max_context is None:
         max_context = int(config.get("max_position_embeddings") or 2048)
@@ -91,18 +93,31 @@ def engine_config(config: dict, where: str, max_context: int | None) -> _core.Co
     c.norm_eps = float(config.get("rms_norm_eps", 1e-6))
     c.tied_embeddings = bool(config.get("tie_word_embeddings", False))
     c.qkv_bias = bool(config.get("attention_bias", False) or config.get("model_type") == "qwen2")
-    c.dtype = config["flashmem"]["dtype"]
+    dtype = config["flashmem"]["dtype"]
+    c.dtype = dtype if dtype in DTYPES else "f32"  # the bundles' type ("gguf" folders have none)
+    if kv_dtype is None:
+        kv_dtype = "f16" if dtype == KEEP_FORMATS else "f32"
+    if kv_dtype not in ("f32", "f16"):
+        raise ValueError(f"kv_dtype must be 'f32' or 'f16', got {kv_dtype!r}")
+    c.kv_dtype = kv_dtype
     inv, scale = rope_inv_freq(config, c.head_dim)
     c.rope_inv_freq, c.rope_attention_scaling = inv.tolist(), scale
     return c
 
 
-def load_weights(engine, folder: str, config: dict, ffn_in_dram: bool) -> None:
-    """Loads the resident weights, and the FFN bundles when the FFN lives in DRAM."""
-    files = [RESIDENT_FILE] + ([config["flashmem"]["ffn"].get("file", BUNDLE_FILE)] if ffn_in_dram else [])
+def load_weights(engine, folder: str, config: dict, bundles: bool) -> None:
+    """Loads the resident weights, and the FFN's neuron bundles when `bundles` (and the folder has
+    them). A matrix in a block format is stored as the bytes of its rows; the file's metadata
+    "formats" names its format (checkpoints/convert.py)."""
+    ffn_file = config["flashmem"]["ffn"].get("file")
+    files = [RESIDENT_FILE] + ([ffn_file or BUNDLE_FILE] if bundles and ffn_file else [])
     for fname in files:
         path = os.path.join(folder, fname)
-        infos, _ = st.read_header(path)
+        infos, meta = st.read_header(path)
+        try:
+            formats = json.loads(meta.get("formats") or "{}")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: metadata 'formats' is not valid JSON ({e})") from None
         for name, info in infos.items():
             if name in _GLOBAL_KINDS:
                 kind, layer = _GLOBAL_KINDS[name], -1
@@ -113,7 +128,14 @@ def load_weights(engine, folder: str, config: dict, ffn_in_dram: bool) -> None:
                 kind, layer = _LAYER_KINDS[parts[3]], int(parts[2])
             if kind == "lm_head" and config.get("tie_word_embeddings"):
                 continue
-            engine.load_tensor(kind, layer, path, info.offset, info.tag, list(info.shape))
+            fmt, shape = formats.get(name, info.tag), list(info.shape)
+            if fmt != info.tag:  # a block format: (rows, row bytes) of U8
+                block, block_bytes = _core.format_block(fmt)
+                if info.tag != "u8" or len(shape) != 2 or shape[1] % block_bytes:
+                    raise ValueError(f"{path}: tensor '{name}' in {fmt} must be stored as U8 rows of whole "
+                                     f"{block_bytes}-byte blocks, got {info.tag} {tuple(shape)}")
+                shape[1] = shape[1] // block_bytes * block
+            engine.load_tensor(kind, layer, path, info.offset, fmt, shape)
 
 
 def eos_token_ids(folder: str, tokenizer: Tokenizer) -> list[int]:

@@ -26,6 +26,8 @@ struct Kernels {
                           size_t ldb, int D, int NB, float* scratch);
     // dst[i] = (float)src[i]
     void (*to_f32[3])(float* dst, const void* src, int n);
+    // dst[i] = src[i] as f16 bits, rounded to nearest even (reference: f32_to_f16 in core/dtype.h)
+    void (*to_f16)(uint16_t* dst, const float* src, int n);
     float (*dot)(const float* a, const float* b, int n);
     void (*softmax)(float* x, int n, float scale);           // x = softmax(scale * x), in place
     float (*l2sq)(const float* a, const float* b, int n);    // sum (a-b)^2

@@ -51,6 +51,12 @@ struct V {
         return _mm_loadu_si128((const __m128i*)t);
     }
     static R load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+    static void store_f16(uint16_t* p, R v) { _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)); }
+    static void store_f16_tail(uint16_t* p, R v, int n) {
+        uint16_t t[8];
+        store_f16(t, v);
+        std::memcpy(p, t, n * 2);
+    }
     static R load_f16_tail(const uint16_t* p, int n) { return _mm256_cvtph_ps(load8(p, n)); }
     static R widen_bf16(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
     static R load_bf16(const uint16_t* p) { return widen_bf16(_mm_loadu_si128((const __m128i*)p)); }

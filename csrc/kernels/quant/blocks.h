@@ -46,12 +46,17 @@ inline void unpack_scale_min(const uint8_t* scales, int s, uint8_t* sc, uint8_t*
     }
 }
 
-// 32 activations quantized to int8: x ~ d * qs, s = d * sum(qs) (for the formats with an
-// offset or a min). Every block format's dot product runs over these, 32 weights at a time.
-struct ActBlock {
+// 32 activations quantized to integers: x ~ d * qs, s = d * sum(qs) (for the formats with an
+// offset or a min). Every block format's dot product runs over these, 32 weights at a time:
+// int8 (ActBlock, as ggml does) for the matrices, int16 (ActBlock16) where a layer's outputs are
+// compared closely, as the logits are (LM head).
+template <typename Q>
+struct ActBlockOf {
     float d, s;
-    int8_t qs[32];
+    Q qs[32];
 };
+using ActBlock = ActBlockOf<int8_t>;
+using ActBlock16 = ActBlockOf<int16_t>;
 constexpr int kActBlock = 32;
 
 }  // namespace fm::quant

@@ -21,6 +21,10 @@ struct QuantKernels {
     // float formats (kernels/cpu/kernels.h computes those).
     void (*matmul[kFormats])(float* Y, size_t ldy, const ActBlock* A, int T, const void* W, size_t row_bytes, int K,
                              int N);
+    // The same with 16-bit activations: as precise as f32 for what the logits can tell apart.
+    void (*quantize_act16)(const float* x, ActBlock16* out, int K);
+    void (*matmul16[kFormats])(float* Y, size_t ldy, const ActBlock16* A, int T, const void* W, size_t row_bytes,
+                               int K, int N);
 };
 
 const QuantKernels& quant_kernels();  // the best for this CPU
@@ -32,8 +36,10 @@ void dequantize(Format f, const void* src, float* y, int64_t n);
 
 // Scalar references. matmul_ref accumulates the dequantized weights times the dequantized
 // activations in double.
-void quantize_act_ref(const float* x, ActBlock* out, int K);
-void matmul_ref(Format f, float* Y, size_t ldy, const ActBlock* A, int T, const void* W, size_t row_bytes, int K,
+template <typename Q>
+void quantize_act_ref(const float* x, ActBlockOf<Q>* out, int K);
+template <typename Q>
+void matmul_ref(Format f, float* Y, size_t ldy, const ActBlockOf<Q>* A, int T, const void* W, size_t row_bytes, int K,
                 int N);
 
 }  // namespace fm::quant

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/quant/quant.h"
 
@@ -49,112 +50,276 @@ inline __m256i byte_bits(__m256i v, int shift, int mask) {
     return _mm256_and_si256(_mm256_srli_epi16(v, shift), _mm256_set1_epi8(char(mask)));
 }
 
-// The dot product of one row of K weights with one token's activation blocks.
+// One 32-weight block of the formats with 32-weight blocks, against activations x: the integer
+// products summed into 8 lanes, and the block's scale d and offset coefficient c, so that the
+// block contributes d * a.d * sum(lanes) + c * a.s.
 template <Format F>
-float row_dot(const uint8_t* w, const ActBlock* a, int K) {
-    __m256 acc = _mm256_setzero_ps();
-    float offset = 0;  // the offset and min terms, through the activation sums
-    if constexpr (F == Format::Q8_0 || F == Format::Q4_0 || F == Format::Q4_1 || F == Format::Q5_0 ||
-                  F == Format::Q5_1) {
+inline __m256i block32(const uint8_t* p, __m256i x, float* d, float* c) {
+    if constexpr (F == Format::Q8_0) {
+        const auto* blk = reinterpret_cast<const BlockQ8_0*>(p);
+        const __m256i q = load32(blk->qs);
+        *d = f16(blk->d), *c = 0;
+        return dot_u8s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));  // |q| * (x with q's sign)
+    } else if constexpr (F == Format::Q4_0) {
+        const auto* blk = reinterpret_cast<const BlockQ4_0*>(p);
+        *d = f16(blk->d), *c = -8 * *d;
+        return dot_u8s8(nibbles(blk->qs), x);
+    } else if constexpr (F == Format::Q4_1) {
+        const auto* blk = reinterpret_cast<const BlockQ4_1*>(p);
+        *d = f16(blk->d), *c = f16(blk->m);
+        return dot_u8s8(nibbles(blk->qs), x);
+    } else if constexpr (F == Format::Q5_0) {
+        const auto* blk = reinterpret_cast<const BlockQ5_0*>(p);
+        *d = f16(blk->d), *c = -16 * *d;
+        return dot_u8s8(_mm256_or_si256(nibbles(blk->qs), fifth_bits(blk->qh)), x);
+    } else {
+        static_assert(F == Format::Q5_1, "a format with 32-weight blocks");
+        const auto* blk = reinterpret_cast<const BlockQ5_1*>(p);
+        *d = f16(blk->d), *c = f16(blk->m);
+        return dot_u8s8(_mm256_or_si256(nibbles(blk->qs), fifth_bits(blk->qh)), x);
+    }
+}
+
+constexpr bool has_32_blocks(Format F) {
+    return F == Format::Q8_0 || F == Format::Q4_0 || F == Format::Q4_1 || F == Format::Q5_0 || F == Format::Q5_1;
+}
+
+// q5_k's fifth bits (qh; bit s of byte l: sub-block s, weight l); nothing for q4_k.
+template <Format F, typename Block>
+inline __m256i fifth_bit_planes(const Block* blk) {
+    if constexpr (F == Format::Q5_K) return load32(blk->qh);
+    else return _mm256_setzero_si256();
+}
+
+// Weights 64j..64j+63 of a q4_k or q5_k super-block as bytes: sub-block 2j (lo) and 2j + 1 (hi);
+// high holds q5_k's qh (the fifth bits).
+template <Format F, typename Block>
+inline void k45_unpack(const Block* blk, int j, __m256i high, __m256i& lo, __m256i& hi) {
+    const __m256i qs = load32(blk->qs + 32 * j);
+    lo = _mm256_and_si256(qs, _mm256_set1_epi8(0x0F)), hi = byte_bits(qs, 4, 0x0F);
+    if constexpr (F == Format::Q5_K) {
+        lo = _mm256_or_si256(lo, _mm256_slli_epi16(byte_bits(high, 2 * j, 1), 4));
+        hi = _mm256_or_si256(hi, _mm256_slli_epi16(byte_bits(high, 2 * j + 1, 1), 4));
+    }
+}
+
+// Weights 128h..128h+127 of a q6_k super-block as bytes (0..63, not yet less 32), 32 per q[k].
+inline void q6k_unpack(const BlockQ6_K* blk, int h, __m256i q[4]) {
+    const __m256i ql0 = load32(blk->ql + 64 * h), ql1 = load32(blk->ql + 64 * h + 32);
+    const __m256i qh = load32(blk->qh + 32 * h), low = _mm256_set1_epi8(0x0F);
+    q[0] = _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_slli_epi16(byte_bits(qh, 0, 3), 4));
+    q[1] = _mm256_or_si256(_mm256_and_si256(ql1, low), _mm256_slli_epi16(byte_bits(qh, 2, 3), 4));
+    q[2] = _mm256_or_si256(byte_bits(ql0, 4, 0x0F), _mm256_slli_epi16(byte_bits(qh, 4, 3), 4));
+    q[3] = _mm256_or_si256(byte_bits(ql1, 4, 0x0F), _mm256_slli_epi16(byte_bits(qh, 6, 3), 4));
+}
+
+// One 256-weight super-block of q4_k or q5_k against its 8 activation blocks: adds to acc and offset.
+template <Format F>
+inline void superblock_k45(const uint8_t* p, const ActBlock* as, __m256& acc, float& offset) {
+    constexpr bool q5 = F == Format::Q5_K;
+    using Block = std::conditional_t<q5, BlockQ5_K, BlockQ4_K>;
+    const Block* blk = reinterpret_cast<const Block*>(p);
+    const float d = f16(blk->d), dmin = f16(blk->dmin);
+    const __m256i high = fifth_bit_planes<F>(blk);
+    for (int j = 0; j < 4; ++j) {  // 64 weights: sub-blocks 2j (low nibbles) and 2j + 1 (high)
+        __m256i lo, hi;
+        k45_unpack<F>(blk, j, high, lo, hi);
+        uint8_t sc0, mn0, sc1, mn1;
+        unpack_scale_min(blk->scales, 2 * j, &sc0, &mn0);
+        unpack_scale_min(blk->scales, 2 * j + 1, &sc1, &mn1);
+        const ActBlock &a0 = as[2 * j], &a1 = as[2 * j + 1];
+        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load32(a0.qs)), _mm256_set1_epi16(sc0));
+        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load32(a1.qs)), _mm256_set1_epi16(sc1));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d * a0.d), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d * a1.d), acc);
+        offset -= dmin * (float(mn0) * a0.s + float(mn1) * a1.s);
+    }
+}
+
+// One 256-weight super-block of q6_k against its 8 activation blocks: adds to acc.
+inline void superblock_q6k(const uint8_t* p, const ActBlock* as, __m256& acc) {
+    const BlockQ6_K* blk = reinterpret_cast<const BlockQ6_K*>(p);
+    const __m256i m32 = _mm256_set1_epi8(32);
+    const float d = f16(blk->d);
+    for (int h = 0; h < 2; ++h) {  // 128 weights: four activation blocks
+        __m256i q[4];
+        q6k_unpack(blk, h, q);
+        for (int k = 0; k < 4; ++k) {
+            const ActBlock& ab = as[4 * h + k];
+            const __m256i x = load32(ab.qs);
+            // (q - 32) . x per pair, then scaled per 16 weights: sub-blocks 8h + 2k and 8h + 2k + 1
+            const __m256i pr = _mm256_sub_epi16(_mm256_maddubs_epi16(q[k], x), _mm256_maddubs_epi16(m32, x));
+            const int s = 8 * h + 2 * k;
+            const __m256i sc = _mm256_set_m128i(_mm_set1_epi16(blk->scales[s + 1]), _mm_set1_epi16(blk->scales[s]));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pr, sc)), _mm256_set1_ps(d * ab.d), acc);
+        }
+    }
+}
+
+// out[r] = row r of NR rows (row_bytes apart, K weights each) . one token's activation blocks.
+// NR rows at a time share each activation load and keep NR independent sums in flight.
+template <Format F, int NR>
+inline void dot_rows(const uint8_t* w, size_t row_bytes, const ActBlock* a, int K, float* out) {
+    __m256 acc[NR];
+    float offset[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0;
+    if constexpr (has_32_blocks(F)) {
+        constexpr int bb = F == Format::Q8_0 ? 34 : F == Format::Q4_0 ? 18 : F == Format::Q4_1 ? 20
+                         : F == Format::Q5_0 ? 22 : 24;
         for (int b = 0; b < K / 32; ++b) {
             const __m256i x = load32(a[b].qs);
-            __m256i p;
-            float d;
-            if constexpr (F == Format::Q8_0) {
-                const auto* blk = reinterpret_cast<const BlockQ8_0*>(w) + b;
-                const __m256i q = load32(blk->qs);
-                p = dot_u8s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));  // |q| * (x with q's sign)
-                d = f16(blk->d);
-            } else if constexpr (F == Format::Q4_0) {
-                const auto* blk = reinterpret_cast<const BlockQ4_0*>(w) + b;
-                p = dot_u8s8(nibbles(blk->qs), x);
-                d = f16(blk->d);
-                offset -= 8 * d * a[b].s;
-            } else if constexpr (F == Format::Q4_1) {
-                const auto* blk = reinterpret_cast<const BlockQ4_1*>(w) + b;
-                p = dot_u8s8(nibbles(blk->qs), x);
-                d = f16(blk->d);
-                offset += f16(blk->m) * a[b].s;
-            } else if constexpr (F == Format::Q5_0) {
-                const auto* blk = reinterpret_cast<const BlockQ5_0*>(w) + b;
-                p = dot_u8s8(_mm256_or_si256(nibbles(blk->qs), fifth_bits(blk->qh)), x);
-                d = f16(blk->d);
-                offset -= 16 * d * a[b].s;
-            } else {
-                const auto* blk = reinterpret_cast<const BlockQ5_1*>(w) + b;
-                p = dot_u8s8(_mm256_or_si256(nibbles(blk->qs), fifth_bits(blk->qh)), x);
-                d = f16(blk->d);
-                offset += f16(blk->m) * a[b].s;
-            }
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * a[b].d), acc);
-        }
-    } else if constexpr (F == Format::Q4_K || F == Format::Q5_K) {
-        constexpr bool q5 = F == Format::Q5_K;
-        using Block = std::conditional_t<q5, BlockQ5_K, BlockQ4_K>;
-        for (int sb = 0; sb < K / 256; ++sb) {
-            const Block* blk = reinterpret_cast<const Block*>(w) + sb;
-            const ActBlock* as = a + 8 * sb;
-            const float d = f16(blk->d), dmin = f16(blk->dmin);
-            __m256i high = _mm256_setzero_si256();
-            if constexpr (q5) high = load32(blk->qh);
-            for (int j = 0; j < 4; ++j) {  // 64 weights: sub-blocks 2j (low nibbles) and 2j + 1 (high)
-                const __m256i qs = load32(blk->qs + 32 * j);
-                __m256i lo = _mm256_and_si256(qs, _mm256_set1_epi8(0x0F)), hi = byte_bits(qs, 4, 0x0F);
-                if constexpr (q5) {
-                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(byte_bits(high, 2 * j, 1), 4));
-                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(byte_bits(high, 2 * j + 1, 1), 4));
-                }
-                uint8_t sc0, mn0, sc1, mn1;
-                unpack_scale_min(blk->scales, 2 * j, &sc0, &mn0);
-                unpack_scale_min(blk->scales, 2 * j + 1, &sc1, &mn1);
-                const ActBlock &a0 = as[2 * j], &a1 = as[2 * j + 1];
-                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load32(a0.qs)), _mm256_set1_epi16(sc0));
-                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load32(a1.qs)), _mm256_set1_epi16(sc1));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d * a0.d), acc);
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d * a1.d), acc);
-                offset -= dmin * (float(mn0) * a0.s + float(mn1) * a1.s);
+            for (int r = 0; r < NR; ++r) {
+                float d, c;
+                const __m256i p = block32<F>(w + r * row_bytes + b * bb, x, &d, &c);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * a[b].d), acc[r]);
+                offset[r] += c * a[b].s;
             }
         }
     } else {
-        static_assert(F == Format::Q6_K, "a block format");
-        const __m256i m32 = _mm256_set1_epi8(32);
-        for (int sb = 0; sb < K / 256; ++sb) {
-            const BlockQ6_K* blk = reinterpret_cast<const BlockQ6_K*>(w) + sb;
-            const float d = f16(blk->d);
-            for (int h = 0; h < 2; ++h) {  // 128 weights: four activation blocks
-                const __m256i ql0 = load32(blk->ql + 64 * h), ql1 = load32(blk->ql + 64 * h + 32);
-                const __m256i qh = load32(blk->qh + 32 * h);
-                const __m256i q[4] = {
-                    _mm256_or_si256(_mm256_and_si256(ql0, _mm256_set1_epi8(0x0F)), _mm256_slli_epi16(byte_bits(qh, 0, 3), 4)),
-                    _mm256_or_si256(_mm256_and_si256(ql1, _mm256_set1_epi8(0x0F)), _mm256_slli_epi16(byte_bits(qh, 2, 3), 4)),
-                    _mm256_or_si256(byte_bits(ql0, 4, 0x0F), _mm256_slli_epi16(byte_bits(qh, 4, 3), 4)),
-                    _mm256_or_si256(byte_bits(ql1, 4, 0x0F), _mm256_slli_epi16(byte_bits(qh, 6, 3), 4)),
-                };
-                for (int k = 0; k < 4; ++k) {
-                    const ActBlock& ab = a[8 * sb + 4 * h + k];
-                    const __m256i x = load32(ab.qs);
-                    // (q - 32) . x per pair, then scaled per 16 weights: sub-blocks 8h + 2k and 8h + 2k + 1
-                    const __m256i p = _mm256_sub_epi16(_mm256_maddubs_epi16(q[k], x), _mm256_maddubs_epi16(m32, x));
-                    const int s = 8 * h + 2 * k;
-                    const __m256i sc = _mm256_set_m128i(_mm_set1_epi16(blk->scales[s + 1]), _mm_set1_epi16(blk->scales[s]));
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, sc)), _mm256_set1_ps(d * ab.d), acc);
+        constexpr int bb = F == Format::Q4_K ? 144 : F == Format::Q5_K ? 176 : 210;
+        for (int sb = 0; sb < K / 256; ++sb)
+            for (int r = 0; r < NR; ++r) {
+                if constexpr (F == Format::Q6_K) superblock_q6k(w + r * row_bytes + sb * bb, a + 8 * sb, acc[r]);
+                else superblock_k45<F>(w + r * row_bytes + sb * bb, a + 8 * sb, acc[r], offset[r]);
+            }
+    }
+    for (int r = 0; r < NR; ++r) out[r] = hsum(acc[r]) + offset[r];
+}
+
+// --- 16-bit activations -------------------------------------------------------------------------
+
+// 32 weights given as bytes (signed, else unsigned, less `zero`) times 32 int16 activations:
+// the products summed in pairs into 8 int32 lanes, for weights 0..15 (lo) and 16..31 (hi).
+template <bool Signed>
+inline void dot32_i16(__m256i bytes, const int16_t* x, int zero, __m256i& lo, __m256i& hi) {
+    const __m128i b0 = _mm256_castsi256_si128(bytes), b1 = _mm256_extracti128_si256(bytes, 1);
+    __m256i w0 = Signed ? _mm256_cvtepi8_epi16(b0) : _mm256_cvtepu8_epi16(b0);
+    __m256i w1 = Signed ? _mm256_cvtepi8_epi16(b1) : _mm256_cvtepu8_epi16(b1);
+    if (zero) w0 = _mm256_sub_epi16(w0, _mm256_set1_epi16(short(zero))), w1 = _mm256_sub_epi16(w1, _mm256_set1_epi16(short(zero)));
+    lo = _mm256_madd_epi16(w0, load32(x));
+    hi = _mm256_madd_epi16(w1, load32(x + 16));
+}
+
+// acc += (lo + hi) * scale: one block of 32 weights with one scale.
+inline __m256 add_scaled(__m256 acc, __m256i lo, __m256i hi, float scale) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)), _mm256_set1_ps(scale), acc);
+}
+
+// As dot_rows, with 16-bit activations.
+template <Format F, int NR>
+inline void dot_rows16(const uint8_t* w, size_t row_bytes, const ActBlock16* a, int K, float* out) {
+    __m256 acc[NR];
+    float offset[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0;
+    __m256i lo, hi;
+    if constexpr (has_32_blocks(F)) {
+        constexpr int bb = F == Format::Q8_0 ? 34 : F == Format::Q4_0 ? 18 : F == Format::Q4_1 ? 20
+                         : F == Format::Q5_0 ? 22 : 24;
+        for (int b = 0; b < K / 32; ++b)
+            for (int r = 0; r < NR; ++r) {
+                const uint8_t* p = w + r * row_bytes + b * bb;
+                float d, c = 0;
+                if constexpr (F == Format::Q8_0) {
+                    const auto* blk = reinterpret_cast<const BlockQ8_0*>(p);
+                    d = f16(blk->d);
+                    dot32_i16<true>(load32(blk->qs), a[b].qs, 0, lo, hi);
+                } else if constexpr (F == Format::Q4_0) {
+                    const auto* blk = reinterpret_cast<const BlockQ4_0*>(p);
+                    d = f16(blk->d);
+                    dot32_i16<false>(nibbles(blk->qs), a[b].qs, 8, lo, hi);
+                } else if constexpr (F == Format::Q4_1) {
+                    const auto* blk = reinterpret_cast<const BlockQ4_1*>(p);
+                    d = f16(blk->d), c = f16(blk->m);
+                    dot32_i16<false>(nibbles(blk->qs), a[b].qs, 0, lo, hi);
+                } else if constexpr (F == Format::Q5_0) {
+                    const auto* blk = reinterpret_cast<const BlockQ5_0*>(p);
+                    d = f16(blk->d);
+                    dot32_i16<false>(_mm256_or_si256(nibbles(blk->qs), fifth_bits(blk->qh)), a[b].qs, 16, lo, hi);
+                } else {
+                    const auto* blk = reinterpret_cast<const BlockQ5_1*>(p);
+                    d = f16(blk->d), c = f16(blk->m);
+                    dot32_i16<false>(_mm256_or_si256(nibbles(blk->qs), fifth_bits(blk->qh)), a[b].qs, 0, lo, hi);
+                }
+                acc[r] = add_scaled(acc[r], lo, hi, d * a[b].d);
+                offset[r] += c * a[b].s;
+            }
+    } else if constexpr (F == Format::Q4_K || F == Format::Q5_K) {
+        constexpr bool q5 = F == Format::Q5_K;
+        using Block = std::conditional_t<q5, BlockQ5_K, BlockQ4_K>;
+        for (int sb = 0; sb < K / 256; ++sb)
+            for (int r = 0; r < NR; ++r) {
+                const Block* blk = reinterpret_cast<const Block*>(w + r * row_bytes) + sb;
+                const ActBlock16* as = a + 8 * sb;
+                const float d = f16(blk->d), dmin = f16(blk->dmin);
+                const __m256i high = fifth_bit_planes<F>(blk);
+                for (int j = 0; j < 4; ++j) {
+                    __m256i q[2];
+                    k45_unpack<F>(blk, j, high, q[0], q[1]);
+                    for (int h = 0; h < 2; ++h) {
+                        uint8_t sc, mn;
+                        unpack_scale_min(blk->scales, 2 * j + h, &sc, &mn);
+                        dot32_i16<false>(q[h], as[2 * j + h].qs, 0, lo, hi);
+                        acc[r] = add_scaled(acc[r], lo, hi, d * float(sc) * as[2 * j + h].d);
+                        offset[r] -= dmin * float(mn) * as[2 * j + h].s;
+                    }
                 }
             }
+    } else {
+        static_assert(F == Format::Q6_K, "a block format");
+        for (int sb = 0; sb < K / 256; ++sb)
+            for (int r = 0; r < NR; ++r) {
+                const BlockQ6_K* blk = reinterpret_cast<const BlockQ6_K*>(w + r * row_bytes) + sb;
+                const float d = f16(blk->d);
+                for (int h = 0; h < 2; ++h) {
+                    __m256i q[4];
+                    q6k_unpack(blk, h, q);
+                    for (int k = 0; k < 4; ++k) {
+                        const ActBlock16& ab = a[8 * sb + 4 * h + k];
+                        const int s = 8 * h + 2 * k;  // sub-blocks of 16: s for lo, s + 1 for hi
+                        dot32_i16<false>(q[k], ab.qs, 32, lo, hi);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(d * float(blk->scales[s]) * ab.d), acc[r]);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(d * float(blk->scales[s + 1]) * ab.d), acc[r]);
+                    }
+                }
+            }
+    }
+    for (int r = 0; r < NR; ++r) out[r] = hsum(acc[r]) + offset[r];
+}
+
+// Y (T, N) = W x for every token: NR rows at a time (rows outer: they stay in L1 while every
+// token passes over them), the rows two groups ahead asked for from DRAM (the weights stream
+// once). Act: ActBlock (8-bit activations) or ActBlock16.
+template <Format F, int NR, typename Act>
+inline void dot_any(const uint8_t* w, size_t row_bytes, const Act* a, int K, float* out) {
+    if constexpr (std::is_same_v<Act, ActBlock>) dot_rows<F, NR>(w, row_bytes, a, K, out);
+    else dot_rows16<F, NR>(w, row_bytes, a, K, out);
+}
+
+template <Format F, typename Act>
+void matmul(float* Y, size_t ldy, const Act* A, int T, const void* W, size_t row_bytes, int K, int N) {
+    constexpr int NR = 4;
+    const int nb = K / kActBlock;
+    const uint8_t* w = static_cast<const uint8_t*>(W);
+    float out[NR];
+    int n = 0;
+    for (; n + NR <= N; n += NR) {
+        const uint8_t* ahead = w + (n + 2 * NR) * row_bytes;
+        if (n + 3 * NR <= N)
+            for (size_t off = 0; off < NR * row_bytes; off += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
+        for (int t = 0; t < T; ++t) {
+            dot_any<F, NR>(w + n * row_bytes, row_bytes, A + size_t(t) * nb, K, out);
+            for (int r = 0; r < NR; ++r) Y[t * ldy + n + r] = out[r];
         }
     }
-    return hsum(acc) + offset;
+    for (; n < N; ++n)
+        for (int t = 0; t < T; ++t) dot_any<F, 1>(w + n * row_bytes, row_bytes, A + size_t(t) * nb, K, &Y[t * ldy + n]);
 }
 
-template <Format F>
-void matmul(float* Y, size_t ldy, const ActBlock* A, int T, const void* W, size_t row_bytes, int K, int N) {
-    const int nb = K / kActBlock;
-    for (int n = 0; n < N; ++n) {
-        const uint8_t* w = static_cast<const uint8_t*>(W) + n * row_bytes;
-        for (int t = 0; t < T; ++t) Y[t * ldy + n] = row_dot<F>(w, A + size_t(t) * nb, K);
-    }
-}
-
-void quantize_act(const float* x, ActBlock* out, int K) {
+// x (K) -> K/32 blocks of 8-bit (Q = int8_t) or 16-bit activations, rounding to nearest even.
+template <typename Q>
+void quantize_act(const float* x, ActBlockOf<Q>* out, int K) {
+    constexpr float qmax = sizeof(Q) == 1 ? 127.0f : 32767.0f;
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int b = 0; b < K / kActBlock; ++b) {
         const float* xb = x + b * kActBlock;
@@ -165,21 +330,26 @@ void quantize_act(const float* x, ActBlock* out, int K) {
         }
         __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
         m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        const float mx = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-        const float d = mx / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
+        const float d = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m))) / qmax, id = d != 0 ? 1.0f / d : 0.0f;
         __m256i q[4];
-        for (int i = 0; i < 4; ++i)  // round to nearest even, as the reference's nearbyint
+        for (int i = 0; i < 4; ++i)
             q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(id)),
                                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
         const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
         __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
         s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
         s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-        // int32 -> int8 keeping the order: packs work per 128-bit lane, so undo the lane interleave
-        const __m256i q16 = _mm256_packs_epi32(q[0], q[1]), q16b = _mm256_packs_epi32(q[2], q[3]);
-        const __m256i q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16, q16b),
-                                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[b].qs), q8);
+        // narrowing keeps the order: packs works per 128-bit lane, so the lanes are put back in order
+        const __m256i q16a = _mm256_packs_epi32(q[0], q[1]), q16b = _mm256_packs_epi32(q[2], q[3]);
+        if constexpr (sizeof(Q) == 1) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[b].qs),
+                                _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16a, q16b),
+                                                            _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        } else {
+            const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[b].qs), _mm256_permutevar8x32_epi32(q16a, order));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[b].qs + 16), _mm256_permutevar8x32_epi32(q16b, order));
+        }
         out[b].d = d;
         out[b].s = d * float(_mm_cvtsi128_si32(s));
     }
@@ -191,9 +361,14 @@ void quantize_act(const float* x, ActBlock* out, int K) {
 extern const QuantKernels avx2_table;
 const QuantKernels avx2_table = {
     "avx2",
-    quantize_act,
-    {nullptr, nullptr, nullptr, matmul<Format::Q8_0>, matmul<Format::Q4_0>, matmul<Format::Q4_1>, matmul<Format::Q5_0>,
-     matmul<Format::Q5_1>, matmul<Format::Q4_K>, matmul<Format::Q5_K>, matmul<Format::Q6_K>},
+    quantize_act<int8_t>,
+    {nullptr, nullptr, nullptr, matmul<Format::Q8_0, ActBlock>, matmul<Format::Q4_0, ActBlock>,
+     matmul<Format::Q4_1, ActBlock>, matmul<Format::Q5_0, ActBlock>, matmul<Format::Q5_1, ActBlock>,
+     matmul<Format::Q4_K, ActBlock>, matmul<Format::Q5_K, ActBlock>, matmul<Format::Q6_K, ActBlock>},
+    quantize_act<int16_t>,
+    {nullptr, nullptr, nullptr, matmul<Format::Q8_0, ActBlock16>, matmul<Format::Q4_0, ActBlock16>,
+     matmul<Format::Q4_1, ActBlock16>, matmul<Format::Q5_0, ActBlock16>, matmul<Format::Q5_1, ActBlock16>,
+     matmul<Format::Q4_K, ActBlock16>, matmul<Format::Q5_K, ActBlock16>, matmul<Format::Q6_K, ActBlock16>},
 };
 
 }  // namespace fm::quant

@@ -7,16 +7,18 @@
 
 namespace fm::quant {
 
-void quantize_act_ref(const float* x, ActBlock* out, int K) {
+template <typename Q>
+void quantize_act_ref(const float* x, ActBlockOf<Q>* out, int K) {
+    constexpr float qmax = sizeof(Q) == 1 ? 127.0f : 32767.0f;
     FM_ARG(K % kActBlock == 0, "quantize_act: ", K, " is not a multiple of ", kActBlock);
     for (int b = 0; b < K / kActBlock; ++b) {
         const float* xb = x + b * kActBlock;
         float amax = 0;
         for (int i = 0; i < kActBlock; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
-        const float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
+        const float d = amax / qmax, id = d != 0 ? 1.0f / d : 0.0f;
         int sum = 0;
         for (int i = 0; i < kActBlock; ++i) {
-            out[b].qs[i] = int8_t(std::nearbyint(xb[i] * id));
+            out[b].qs[i] = Q(std::nearbyint(xb[i] * id));
             sum += out[b].qs[i];
         }
         out[b].d = d;
@@ -24,7 +26,8 @@ void quantize_act_ref(const float* x, ActBlock* out, int K) {
     }
 }
 
-void matmul_ref(Format f, float* Y, size_t ldy, const ActBlock* A, int T, const void* W, size_t row_bytes, int K,
+template <typename Q>
+void matmul_ref(Format f, float* Y, size_t ldy, const ActBlockOf<Q>* A, int T, const void* W, size_t row_bytes, int K,
                 int N) {
     std::vector<float> w(K);
     const int nb = K / kActBlock;
@@ -39,5 +42,10 @@ void matmul_ref(Format f, float* Y, size_t ldy, const ActBlock* A, int T, const 
         }
     }
 }
+
+template void quantize_act_ref(const float*, ActBlock*, int);
+template void quantize_act_ref(const float*, ActBlock16*, int);
+template void matmul_ref(Format, float*, size_t, const ActBlock*, int, const void*, size_t, int, int);
+template void matmul_ref(Format, float*, size_t, const ActBlock16*, int, const void*, size_t, int, int);
 
 }  // namespace fm::quant

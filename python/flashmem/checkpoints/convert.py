@@ -1,6 +1,6 @@
 """`flashmem convert`: HF folder or GGUF -> the engine's own folder.
 
-Layout of the output folder (FORMAT_VERSION 1):
+Layout of the output folder (FORMAT_VERSION 1), with dtype f32, f16 or bf16:
   config.json               HF config + a "flashmem" section (format version, dtype, FFN layout)
   tokenizer.json, tokenizer_config.json (+ generation_config.json when the source has one)
   model.safetensors         resident weights under HF names: embeddings, norms, attention, lm_head
@@ -9,6 +9,10 @@ Layout of the output folder (FORMAT_VERSION 1):
                             stride * itemsize a multiple of `align` (4096), data section aligned too,
                             so every bundle starts at a 4096-byte file offset (one direct-I/O read
                             fetches one neuron)
+With dtype "gguf" (a GGUF file's formats kept): no bundle file; model.safetensors also holds the
+FFN's gate_proj, up_proj and down_proj matrices, and each matrix in a block format is stored as the
+bytes of its rows (U8, (rows, row bytes)), its format named in the header's metadata "formats"
+(a JSON object, tensor name -> format).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from .hf_folder import HFSource, layer_tensor_names
 
 FORMAT_VERSION = 1
 DTYPES = ("f32", "f16", "bf16")
+KEEP_FORMATS = "gguf"  # the dtype that keeps a GGUF file's formats
 BUNDLE_FILE = "ffn_bundles.safetensors"
 RESIDENT_FILE = "model.safetensors"
 
@@ -52,18 +57,20 @@ def open_source(path: str):
 
 
 def convert(src: str, out: str, dtype: str | None = None, align: int = 4096, progress: bool = True) -> str:
-    """Converts a HF folder or GGUF file to a flashmem folder at `out`; returns `out`."""
+    """Converts a HF folder or GGUF file to a flashmem folder at `out`; returns `out`. dtype: f32,
+    f16 or bf16 (every matrix in it, the FFN as neuron bundles), or "gguf" (a GGUF file's own
+    formats, block formats included, kept as they are; the FFN as its three matrices)."""
     source = open_source(src)
     dtype = dtype or source.default_dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype not in DTYPES + (KEEP_FORMATS,):
+        raise ValueError(f"dtype must be one of {DTYPES + (KEEP_FORMATS,)}, got {dtype!r}")
+    if dtype == KEEP_FORMATS and not isinstance(source, GGUFSource):
+        raise ValueError(f"{src}: dtype {KEEP_FORMATS!r} keeps a GGUF file's formats; convert a HF folder with "
+                         f"dtype f32, f16 or bf16")
     if align <= 0 or align & (align - 1):
         raise ValueError(f"align must be a power of two, got {align}")
     cfg = dict(source.config)
     dims = model_dims(cfg, src)
-    d, ff, L = dims["d_model"], dims["d_ff"], dims["n_layers"]
-    q_dim, kv_dim = dims["n_heads"] * dims["head_dim"], dims["n_kv_heads"] * dims["head_dim"]
-    tied = bool(cfg.get("tie_word_embeddings", False))
 
     out = os.path.abspath(out)
     if os.path.exists(out) and os.listdir(out):
@@ -72,59 +79,14 @@ def convert(src: str, out: str, dtype: str | None = None, align: int = 4096, pro
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        # Resident tensors in the order they are written.
-        shapes = {"attn_norm": (d,), "ffn_norm": (d,), "wq": (q_dim, d), "wk": (kv_dim, d), "wv": (kv_dim, d),
-                  "wo": (d, q_dim), "bq": (q_dim,), "bk": (kv_dim,), "bv": (kv_dim,)}
-        resident = [("model.embed_tokens.weight", dtype, (dims["vocab_size"], d))]
-        for i in range(L):
-            for kind, name in layer_tensor_names(cfg, i).items():
-                if kind in shapes:
-                    resident.append((name, dtype if len(shapes[kind]) == 2 else "f32", shapes[kind]))
-        resident.append(("model.norm.weight", "f32", (d,)))
-        if not tied:
-            resident.append(("lm_head.weight", dtype, (dims["vocab_size"], d)))
-        stride = bundle_stride(d, dtype, align)
-        bundles = [(f"model.layers.{i}.mlp.bundles", dtype, (ff, stride)) for i in range(L)]
-
-        rw = st.Writer(os.path.join(tmp, RESIDENT_FILE), resident, {"format": "pt"})
-        bw = st.Writer(os.path.join(tmp, BUNDLE_FILE), bundles,
-                       {"layout": "gate_up_down", "d_model": d, "align": align}, align=align)
-        bar = tqdm(total=len(resident) + L, desc=f"convert {os.path.basename(src.rstrip('/'))} -> {dtype}",
-                   unit="tensor", disable=not progress)
-
-        def put(name, shape):
-            w = source.tensor(name)
-            if tuple(w.shape) != tuple(shape):
-                raise ValueError(f"{src}: tensor '{name}' has shape {tuple(w.shape)}, expected {tuple(shape)}")
-            if not np.isfinite(w).all():
-                raise ValueError(f"{src}: tensor '{name}' contains NaN or inf")
-            rw.write(name, w)
-            bar.update()
-
-        layer_of = {n: int(n.split(".")[2]) for n, _, _ in resident if n.startswith("model.layers.")}
-        done_layers = set()
-        for name, _, shape in resident:
-            i = layer_of.get(name)
-            if i is not None and i not in done_layers:  # bundles of layer i, written as layer i starts
-                names = layer_tensor_names(cfg, i)
-                gate, up, down = (source.tensor(names[k]) for k in ("gate", "up", "down"))
-                for k, w, want in (("gate", gate, (ff, d)), ("up", up, (ff, d)), ("down", down, (d, ff))):
-                    if tuple(w.shape) != want:
-                        raise ValueError(f"{src}: tensor '{names[k]}' has shape {tuple(w.shape)}, expected {want}")
-                b = np.zeros((ff, stride), np.float32)
-                b[:, :d], b[:, d:2 * d], b[:, 2 * d:3 * d] = gate, up, down.T
-                if not np.isfinite(b).all():
-                    raise ValueError(f"{src}: FFN weights of layer {i} contain NaN or inf")
-                bw.write(bundles[i][0], b)
-                bar.update()
-                done_layers.add(i)
-            put(name, shape)
-        rw.close()
-        bw.close()
-        bar.close()
-
+        with tqdm(desc=f"convert {os.path.basename(src.rstrip('/'))} -> {dtype}", unit="tensor",
+                  disable=not progress) as bar:
+            if dtype == KEEP_FORMATS:
+                ffn = _write_keeping_formats(source, src, tmp, cfg, dims, bar)
+            else:
+                ffn = _write_bundled(source, src, tmp, cfg, dims, dtype, align, bar)
         cfg["flashmem"] = {"format_version": FORMAT_VERSION, "dtype": dtype, "source": os.path.abspath(src),
-                           "ffn": {"file": BUNDLE_FILE, "layout": "gate_up_down", "align": align, "stride": stride}}
+                           "ffn": ffn}
         cfg.pop("torch_dtype", None)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=1)
@@ -136,3 +98,101 @@ def convert(src: str, out: str, dtype: str | None = None, align: int = 4096, pro
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _resident_shapes(cfg: dict, dims: dict, with_ffn: bool) -> list[tuple[str, tuple]]:
+    """(name, shape) of the tensors model.safetensors holds, in the order they are written."""
+    d, ff = dims["d_model"], dims["d_ff"]
+    q_dim, kv_dim = dims["n_heads"] * dims["head_dim"], dims["n_kv_heads"] * dims["head_dim"]
+    shapes = {"attn_norm": (d,), "ffn_norm": (d,), "wq": (q_dim, d), "wk": (kv_dim, d), "wv": (kv_dim, d),
+              "wo": (d, q_dim), "bq": (q_dim,), "bk": (kv_dim,), "bv": (kv_dim,)}
+    if with_ffn:
+        shapes.update(gate=(ff, d), up=(ff, d), down=(d, ff))
+    out = [("model.embed_tokens.weight", (dims["vocab_size"], d))]
+    for i in range(dims["n_layers"]):
+        out += [(name, shapes[kind]) for kind, name in layer_tensor_names(cfg, i).items() if kind in shapes]
+    out.append(("model.norm.weight", (d,)))
+    if not cfg.get("tie_word_embeddings", False):
+        out.append(("lm_head.weight", (dims["vocab_size"], d)))
+    return out
+
+
+def _write_keeping_formats(source, src: str, tmp: str, cfg: dict, dims: dict, bar) -> dict:
+    """model.safetensors with every tensor in the GGUF's own format: block formats as the bytes of
+    each row (U8, (rows, row bytes)), named in the header's metadata "formats"; norms as f32."""
+    from .. import _core
+
+    names = _resident_shapes(cfg, dims, with_ffn=True)
+    bar.total = 2 * len(names)
+    specs, formats = [], {}
+    for name, shape in names:  # first pass: formats and stored shapes, checked against the model's
+        fmt, arr = source.stored(name)
+        bar.update()
+        if len(shape) == 1:
+            specs.append((name, "f32", shape))
+            continue
+        block, block_bytes = _core.format_block(fmt)
+        if block > 1 and shape[1] % block:
+            raise ValueError(f"{src}: tensor '{name}' has rows of {shape[1]} weights, not a whole number of "
+                             f"{fmt} blocks of {block}")
+        stored = shape if block == 1 else (shape[0], shape[1] // block * block_bytes)
+        if tuple(arr.shape) != stored:
+            raise ValueError(f"{src}: tensor '{name}' has shape {tuple(arr.shape)} as stored, expected {stored} "
+                             f"({fmt}, shape {shape})")
+        specs.append((name, fmt if block == 1 else "u8", stored))
+        formats[name] = fmt
+    w = st.Writer(os.path.join(tmp, RESIDENT_FILE), specs, {"format": "pt", "formats": json.dumps(formats)})
+    for name, tag, _ in specs:
+        fmt, arr = source.stored(name)
+        if tag == "f32" and fmt != "f32":
+            arr = source.tensor(name)
+        if fmt in ("f32", "f16", "bf16") and not np.isfinite(st.to_f32(np.ascontiguousarray(arr), fmt)).all():
+            raise ValueError(f"{src}: tensor '{name}' contains NaN or inf")
+        w.write(name, np.ascontiguousarray(arr))
+        bar.update()
+    w.close()
+    return {"layout": "matrices"}
+
+
+def _write_bundled(source, src: str, tmp: str, cfg: dict, dims: dict, dtype: str, align: int, bar) -> dict:
+    """model.safetensors (every tensor but the FFN, matrices in dtype) and ffn_bundles.safetensors."""
+    d, ff, L = dims["d_model"], dims["d_ff"], dims["n_layers"]
+    resident = [(name, dtype if len(shape) == 2 else "f32", shape)
+                for name, shape in _resident_shapes(cfg, dims, with_ffn=False)]
+    stride = bundle_stride(d, dtype, align)
+    bundles = [(f"model.layers.{i}.mlp.bundles", dtype, (ff, stride)) for i in range(L)]
+    rw = st.Writer(os.path.join(tmp, RESIDENT_FILE), resident, {"format": "pt"})
+    bw = st.Writer(os.path.join(tmp, BUNDLE_FILE), bundles,
+                   {"layout": "gate_up_down", "d_model": d, "align": align}, align=align)
+    bar.total = len(resident) + L
+
+    def put(name, shape):
+        w = source.tensor(name)
+        if tuple(w.shape) != tuple(shape):
+            raise ValueError(f"{src}: tensor '{name}' has shape {tuple(w.shape)}, expected {tuple(shape)}")
+        if not np.isfinite(w).all():
+            raise ValueError(f"{src}: tensor '{name}' contains NaN or inf")
+        rw.write(name, w)
+        bar.update()
+
+    layer_of = {n: int(n.split(".")[2]) for n, _, _ in resident if n.startswith("model.layers.")}
+    done_layers = set()
+    for name, _, shape in resident:
+        i = layer_of.get(name)
+        if i is not None and i not in done_layers:  # bundles of layer i, written as layer i starts
+            names = layer_tensor_names(cfg, i)
+            gate, up, down = (source.tensor(names[k]) for k in ("gate", "up", "down"))
+            for k, w, want in (("gate", gate, (ff, d)), ("up", up, (ff, d)), ("down", down, (d, ff))):
+                if tuple(w.shape) != want:
+                    raise ValueError(f"{src}: tensor '{names[k]}' has shape {tuple(w.shape)}, expected {want}")
+            b = np.zeros((ff, stride), np.float32)
+            b[:, :d], b[:, d:2 * d], b[:, 2 * d:3 * d] = gate, up, down.T
+            if not np.isfinite(b).all():
+                raise ValueError(f"{src}: FFN weights of layer {i} contain NaN or inf")
+            bw.write(bundles[i][0], b)
+            bar.update()
+            done_layers.add(i)
+        put(name, shape)
+    rw.close()
+    bw.close()
+    return {"file": BUNDLE_FILE, "layout": "gate_up_down", "align": align, "stride": stride}

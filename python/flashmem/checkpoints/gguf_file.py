@@ -10,7 +10,7 @@ from functools import lru_cache
 import numpy as np
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
 
-GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 _GGUF_LAYER = {
     "attn_norm": "input_layernorm.weight", "attn_q": "self_attn.q_proj.weight",
     "attn_k": "self_attn.k_proj.weight", "attn_v": "self_attn.v_proj.weight",
@@ -42,7 +42,8 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 class GGUFSource:
-    """A GGUF file with general.architecture = llama, dequantized to f32 one tensor at a time."""
+    """A GGUF file with general.architecture = llama: tensors dequantized to f32 one at a time
+    (tensor), or as the file stores them (stored: conversion with dtype "gguf" keeps them so)."""
 
     def __init__(self, path: str):
         import gguf
@@ -127,6 +128,29 @@ class GGUFSource:
         elif name.endswith("k_proj.weight"):
             w = unpermute_qk(w, self.config["num_key_value_heads"])
         return w
+
+    def stored(self, name: str) -> tuple[str, np.ndarray]:
+        """(format, array) of a tensor as the file stores it, Q/K rows un-permuted: float formats
+        ("f32", "f16", "bf16") as arrays of the tensor's shape (bf16 as uint16 bit patterns), block
+        formats ("q4_1", "q6_k", ...) as the bytes of each row, (rows, row bytes) uint8."""
+        if name not in self._tensors:
+            raise ValueError(f"{self.path}: tensor '{name}' is missing")
+        t = self._tensors[name]
+        fmt = t.tensor_type.name.lower()
+        shape = tuple(int(s) for s in reversed(t.shape))
+        data = np.asarray(t.data)
+        if fmt == "bf16":
+            data = data.view(np.uint16)
+        rows = shape[0] if len(shape) == 2 else 1
+        if data.size * data.itemsize != int(t.n_bytes) or (fmt in ("f32", "f16", "bf16") and data.size != int(np.prod(shape))):
+            raise ValueError(f"{self.path}: tensor '{t.name}' holds {int(t.n_bytes)} bytes, its shape {shape} and "
+                             f"type {t.tensor_type.name} say otherwise")
+        data = data.reshape(shape if fmt in ("f32", "f16", "bf16") else (rows, -1))
+        if name.endswith("q_proj.weight"):
+            data = unpermute_qk(data, self.config["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            data = unpermute_qk(data, self.config["num_key_value_heads"])
+        return fmt, data
 
     def write_tokenizer(self, out: str) -> None:
         fields = {k: self._field(k) for k in self._reader.fields if k.startswith("tokenizer.")}

@@ -71,6 +71,10 @@ def configure(engine, folder: str, config: dict, offload, dram_budget, sparsity,
     budget = parse_bytes(dram_budget) if dram_budget is not None else None
     if not offload and not sparsity:
         return offload, budget, None
+    if config["flashmem"]["ffn"].get("layout") == "matrices":
+        raise ValueError(f"{folder}: flash offloading and sparsity need the FFN as neuron bundles, which a "
+                         f"conversion with dtype {config['flashmem']['dtype']!r} does not write yet; convert "
+                         "the model with dtype f16 (or f32, bf16)")
     predictor = None
     if sparsity:
         predictor = os.path.join(folder, PREDICTOR_FILE)

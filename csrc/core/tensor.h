@@ -1,0 +1,31 @@
+// A weight matrix as the engine holds it: its bytes and their format. Row r of `rows` is
+// `row_bytes` bytes at bytes + r * row_bytes, `cols` weights in `format` (core/format.h).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "core/buffer.h"
+#include "core/format.h"
+
+namespace fm {
+
+struct Tensor {
+    Buffer bytes;
+    Format format = Format::F32;
+    int64_t rows = 0, cols = 0;
+    size_t row_bytes = 0;
+
+    size_t size() const { return bytes.size(); }  // bytes owned (rounded up as Buffer allocates)
+    size_t nbytes() const { return size_t(rows) * row_bytes; }  // bytes of the weights
+    template <typename T = char>
+    T* data() const { return bytes.data<T>(); }
+    const char* row(int64_t r) const { return bytes.data<char>() + size_t(r) * row_bytes; }
+    // Allocates rows x cols weights of `format` (a row must be whole blocks).
+    void allocate(Format f, int64_t n_rows, int64_t n_cols) {
+        format = f, rows = n_rows, cols = n_cols;
+        row_bytes = format_row_bytes(f, n_cols);
+        bytes.allocate(size_t(n_rows) * row_bytes);
+    }
+};
+
+}  // namespace fm
