@@ -5,13 +5,15 @@ transformers, each on the same GGUF file in one run:
 - the shipped Q4_1, and Q8_0, Q4_0, Q4_K_M made from the F16 file by llama.cpp's own quantizer
   (llama_cpp.llama_model_quantize): flashmem keeps the blocks as they are (dtype "gguf").
 
-    python bench/decode.py [--threads 2] [--prompt-tokens 128] [--new-tokens 128] [--repeats 3]
+    python bench/decode.py [--threads 2] [--prompt-tokens 128] [--new-tokens 128] [--repeats 2] [--rounds 3]
 
 Every engine runs in a subprocess of its own (one at a time), so its peak resident memory
-(ru_maxrss, which counts the pages of a memory-mapped model it touched) is its own. Each first
+(VmHWM, which counts the pages of a memory-mapped model it touched) is its own. Each first
 decodes greedily from the same prompt; its tokens are compared with flashmem's on the same file
 (`same_tokens_as_flashmem`: how many of the first new tokens are equal). Then prefill and decode
-are timed `repeats` times and the medians reported. Writes bench/results/decode.json and .png.
+are timed `repeats` times. The whole sweep runs `rounds` times, engines and files interleaved,
+so that a noisy minute on this shared machine falls on every engine alike; the medians of all
+runs are reported. Writes bench/results/decode.json and .png.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ import argparse
 import ctypes
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ def run_flashmem(gguf, dtype, threads, prompt, n_new):
     m = flashmem.load(gguf, dtype=dtype, threads=threads, max_context=1024)
 
     def once():
-        r = m.generate(prompt, max_new_tokens=n_new, eos_token_id=[])
+        r = m.generate(prompt, max_new_tokens=n_new, eos_token_id=[], reuse_cache=False)  # prefill every time
         return r.token_ids, r.prefill_tokens_per_s, r.decode_tokens_per_s
 
     return once
@@ -113,7 +114,13 @@ def one(a):
     toks, _, _ = once()  # warm-up and the tokens to compare
     runs = [once() for _ in range(a.repeats)]
     print(json.dumps({"tokens": toks, "prefill_runs": [r[1] for r in runs], "decode_runs": [r[2] for r in runs],
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: ru_maxrss would carry the parent's over exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def quantize_with_llamacpp(src_f16: str, dst: str, kind: str) -> str:
@@ -156,7 +163,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--engines", default="flashmem,llama.cpp,transformers")
     ap.add_argument("--files", default="f32,f16,q4_1," + ",".join(QUANTIZED))
     ap.add_argument("--one", dest="engine", help=argparse.SUPPRESS)  # the child's arguments
@@ -187,33 +195,40 @@ def main():
     tok = flashmem.load(src, dtype="f32", threads=1, max_context=256).tokenizer
     prompt = tok.encode(shakespeare())[: a.prompt_tokens]
 
-    rows = []
-    for name in a.files.split(","):
-        if name not in files:
-            continue
-        dtype = name if name in ("f32", "f16") else "gguf"
-        reference = None
-        for engine in engines:
-            if engine == "transformers" and dtype == "gguf":
-                continue  # transformers dequantizes every GGUF: its f32 and f16 rows stand for it
-            cmd = [sys.executable, __file__, "--one", engine, "--file", files[name], "--dtype", dtype,
-                   "--threads", str(a.threads), "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats),
-                   "--prompt", json.dumps(prompt)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                print(f"{engine} on {name} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+    runs = {}  # (file, engine) -> the child's figures, every round
+    for _ in range(a.rounds):
+        for name in a.files.split(","):
+            if name not in files:
                 continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            reference = reference or r["tokens"]
-            same = next((i for i, (x, y) in enumerate(zip(r["tokens"], reference)) if x != y), len(r["tokens"]))
-            row = {"engine": engine, "file": name, "dtype": dtype, "threads": a.threads,
-                   "prefill_tok_s": median(r["prefill_runs"]), "decode_tok_s": median(r["decode_runs"]),
-                   "decode_runs": r["decode_runs"], "prefill_runs": r["prefill_runs"],
-                   "peak_rss_mb": r["peak_rss_mb"], "same_tokens_as_flashmem": same}
-            rows.append(row)
-            print(f"{engine:>12} {name:>6}: prefill {row['prefill_tok_s']:7.1f} tok/s  decode {row['decode_tok_s']:6.1f} "
-                  f"tok/s  peak RSS {row['peak_rss_mb']:5.0f} MB  (first {same}/{len(r['tokens'])} tokens equal "
-                  f"flashmem's)", flush=True)
+            dtype = name if name in ("f32", "f16") else "gguf"
+            for engine in engines:
+                if engine == "transformers" and dtype == "gguf":
+                    continue  # transformers dequantizes every GGUF: its f32 and f16 rows stand for it
+                cmd = [sys.executable, __file__, "--one", engine, "--file", files[name], "--dtype", dtype,
+                       "--threads", str(a.threads), "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats),
+                       "--prompt", json.dumps(prompt)]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    print(f"{engine} on {name} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                runs.setdefault((name, engine), []).append(r)
+                print(f"{engine:>12} {name:>6}: decode {median(r['decode_runs']):6.1f} tok/s", flush=True)
+
+    rows = []
+    for (name, engine), rs in runs.items():
+        reference = runs.get((name, "flashmem"), rs)[0]["tokens"]
+        toks = rs[0]["tokens"]
+        same = next((i for i, (x, y) in enumerate(zip(toks, reference)) if x != y), len(toks))
+        decode = [x for r in rs for x in r["decode_runs"]]
+        prefill = [x for r in rs for x in r["prefill_runs"]]
+        row = {"engine": engine, "file": name, "dtype": name if name in ("f32", "f16") else "gguf",
+               "threads": a.threads, "prefill_tok_s": median(prefill), "decode_tok_s": median(decode),
+               "decode_runs": decode, "prefill_runs": prefill, "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+               "same_tokens_as_flashmem": same}
+        rows.append(row)
+        print(f"{engine:>12} {name:>6}: prefill {row['prefill_tok_s']:7.1f} tok/s  decode {row['decode_tok_s']:6.1f} "
+              f"tok/s  peak RSS {row['peak_rss_mb']:5.0f} MB  (first {same}/{len(toks)} tokens equal flashmem's)")
 
     ratios = {}
     for name in files:
@@ -228,10 +243,12 @@ def main():
 
     out = {"benchmark": "decode", "model": "SmolLM2-135M-Instruct", "files": {k: os.path.basename(v) for k, v in files.items()},
            "prompt_tokens": len(prompt), "new_tokens": a.new_tokens, "threads": a.threads, "repeats": a.repeats,
+           "rounds": a.rounds,
            "isa": _core.isa(), "machine": machine(), "rows": rows, "ratios": ratios}
     save("decode", out)
     plot(rows, RESULTS / "decode.png",
-         f"{a.threads} threads, {len(prompt)}-token prompt, {a.new_tokens} new tokens, median of {a.repeats}, "
+         f"{a.threads} threads, {len(prompt)}-token prompt, {a.new_tokens} new tokens, median of "
+         f"{a.repeats * a.rounds} runs in {a.rounds} interleaved rounds, "
          f"kernels {_core.isa()}; every engine on the same file, in its own process")
     print(f"wrote {RESULTS / 'decode.json'} and decode.png")
 

@@ -172,7 +172,7 @@ inline void dot_rows(const uint8_t* w, size_t row_bytes, const ActBlock* a, int 
                 float d, c;
                 const __m256i p = block32<F>(w + r * row_bytes + b * bb, x, &d, &c);
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * a[b].d), acc[r]);
-                offset[r] += c * a[b].s;
+                if constexpr (F != Format::Q8_0) offset[r] += c * a[b].s;  // q8_0 has no offset
             }
         }
     } else {
