@@ -289,3 +289,14 @@ def test_native_load_tensor_checks(tiny):
 
 def test_kernel_cpu_features():
     assert _core.isa() in ("avx2", "avx512")
+
+
+def test_forward_before_weights_are_loaded(tiny):
+    """An engine whose weights were never loaded refuses to run, with an error, not a crash."""
+    from flashmem.checkpoints.config import read_json
+    from flashmem.loading import engine_config
+
+    cfg = read_json(os.path.join(tiny[1], "config.json"))
+    engine = _core.Model(engine_config(cfg, "config.json", 16), 1)
+    with pytest.raises(ValueError, match="not loaded"):
+        engine.forward(np.asarray([1, 2], np.int32), 0)

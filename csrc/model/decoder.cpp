@@ -248,9 +248,11 @@ void Model::check_loaded() {
         ffn_gate_out_.allocate(sizeof(float) * chunk_ * c.d_ff);
         ffn_up_out_.allocate(sizeof(float) * chunk_ * c.d_ff);
     }
+    loaded_ = true;
 }
 
 void Model::check_positions(int T, int start_pos) const {
+    FM_ARG(loaded_, "the model's weights are not loaded and checked (check_loaded) yet");
     FM_ARG(T > 0, "no input positions (T = ", T, ")");
     FM_ARG(start_pos >= 0 && start_pos <= kv_length_, "start_pos ", start_pos, " must lie in [0, ", kv_length_,
            "] (positions before it must already be in the KV cache)");

@@ -161,6 +161,7 @@ class Model {
     Weights w_;
     int kv_length_ = 0;
     int chunk_;  // tokens per prefill chunk
+    bool loaded_ = false;  // check_loaded() passed: every tensor and the run state it needs are there
 
     // Run state, (chunk) rows each.
     Buffer x_;         // (chunk, d_model) residual stream

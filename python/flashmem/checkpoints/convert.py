@@ -125,8 +125,8 @@ def _write_keeping_formats(source, src: str, tmp: str, cfg: dict, dims: dict, ba
     names = _resident_shapes(cfg, dims, with_ffn=True)
     bar.total = 2 * len(names)
     specs, formats = [], {}
-    for name, shape in names:  # first pass: formats and stored shapes, checked against the model's
-        fmt, arr = source.stored(name)
+    for name, shape in names:  # the header first: formats and stored shapes, checked against the model's
+        fmt, stored_shape = source.stored_spec(name)
         bar.update()
         if len(shape) == 1:
             specs.append((name, "f32", shape))
@@ -136,8 +136,8 @@ def _write_keeping_formats(source, src: str, tmp: str, cfg: dict, dims: dict, ba
             raise ValueError(f"{src}: tensor '{name}' has rows of {shape[1]} weights, not a whole number of "
                              f"{fmt} blocks of {block}")
         stored = shape if block == 1 else (shape[0], shape[1] // block * block_bytes)
-        if tuple(arr.shape) != stored:
-            raise ValueError(f"{src}: tensor '{name}' has shape {tuple(arr.shape)} as stored, expected {stored} "
+        if tuple(stored_shape) != stored:
+            raise ValueError(f"{src}: tensor '{name}' has shape {tuple(stored_shape)} as stored, expected {stored} "
                              f"({fmt}, shape {shape})")
         specs.append((name, fmt if block == 1 else "u8", stored))
         formats[name] = fmt

@@ -129,23 +129,35 @@ class GGUFSource:
             w = unpermute_qk(w, self.config["num_key_value_heads"])
         return w
 
+    def stored_spec(self, name: str) -> tuple[str, tuple]:
+        """(format, shape) of stored(name) without reading the data."""
+        if name not in self._tensors:
+            raise ValueError(f"{self.path}: tensor '{name}' is missing")
+        import gguf
+
+        t = self._tensors[name]
+        fmt = t.tensor_type.name.lower()
+        shape = tuple(int(s) for s in reversed(t.shape))
+        if fmt in ("f32", "f16", "bf16"):
+            return fmt, shape
+        block, block_bytes = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        rows = shape[0] if len(shape) == 2 else 1
+        return fmt, (rows, shape[-1] // block * block_bytes)
+
     def stored(self, name: str) -> tuple[str, np.ndarray]:
         """(format, array) of a tensor as the file stores it, Q/K rows un-permuted: float formats
         ("f32", "f16", "bf16") as arrays of the tensor's shape (bf16 as uint16 bit patterns), block
         formats ("q4_1", "q6_k", ...) as the bytes of each row, (rows, row bytes) uint8."""
-        if name not in self._tensors:
-            raise ValueError(f"{self.path}: tensor '{name}' is missing")
+        fmt, shape = self.stored_spec(name)
         t = self._tensors[name]
-        fmt = t.tensor_type.name.lower()
-        shape = tuple(int(s) for s in reversed(t.shape))
         data = np.asarray(t.data)
         if fmt == "bf16":
             data = data.view(np.uint16)
-        rows = shape[0] if len(shape) == 2 else 1
-        if data.size * data.itemsize != int(t.n_bytes) or (fmt in ("f32", "f16", "bf16") and data.size != int(np.prod(shape))):
-            raise ValueError(f"{self.path}: tensor '{t.name}' holds {int(t.n_bytes)} bytes, its shape {shape} and "
-                             f"type {t.tensor_type.name} say otherwise")
-        data = data.reshape(shape if fmt in ("f32", "f16", "bf16") else (rows, -1))
+        want = int(np.prod(shape)) * {"f32": 4, "f16": 2, "bf16": 2}.get(fmt, 1)
+        if data.nbytes != want or int(t.n_bytes) != want:
+            raise ValueError(f"{self.path}: tensor '{t.name}' holds {data.nbytes} bytes, its shape and type "
+                             f"{t.tensor_type.name} need {want}")
+        data = data.reshape(shape)
         if name.endswith("q_proj.weight"):
             data = unpermute_qk(data, self.config["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
