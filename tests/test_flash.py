@@ -332,3 +332,49 @@ def test_hot_eviction_keeps_neurons_picked_at_every_token(folder):
     np.testing.assert_array_equal(logits["hot"], logits["lru"])
     with pytest.raises(ValueError, match="eviction must be 'lru' or 'hot'"):
         flashmem.load(folder, threads=2, max_context=64, offload="flash", eviction="lfu")
+
+
+def _memory_cgroup(limit: int):
+    """A new child of this process's cgroup-v1 memory group with `limit` bytes, or None where
+    there is none to make (no v1 memory controller, or no permission)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next(line.rstrip("\n").split(":", 2)[2] for line in f if ":memory:" in line)
+        group = f"/sys/fs/cgroup/memory{path}/flashmem-test-{os.getpid()}"
+        os.mkdir(group)
+    except (OSError, StopIteration):
+        return None
+    with open(f"{group}/memory.limit_in_bytes", "w") as f:
+        f.write(str(limit))
+    return group
+
+
+def test_auto_budget_in_a_memory_cgroup(folder):
+    """dram_budget="auto" inside a memory cgroup of 520 MB: the engine fits in what the cgroup has
+    left, and the process generates without being killed, the page cache of what it loaded
+    included (the kernel charges both to the cgroup)."""
+    limit = 520_000_000
+    group = _memory_cgroup(limit)
+    if group is None:
+        pytest.skip("no cgroup-v1 memory controller to make a group in")
+    script = textwrap.dedent(f"""
+        import json, flashmem
+        from flashmem.flash.streaming import available_dram
+        left, how = available_dram()
+        m = flashmem.load({folder!r}, threads=2, max_context=256, offload="flash", dram_budget="auto")
+        r = m.generate("Once upon a time", max_new_tokens=8)
+        print(json.dumps(dict(left=left, how=how, owned=m.owned_bytes, rows=m.flash_stats()["cache_rows"],
+                              read=r.flash["bytes_read_per_token"])))
+    """)
+    try:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                             preexec_fn=lambda: open(f"{group}/cgroup.procs", "w").write(str(os.getpid())))
+        with open(f"{group}/memory.max_usage_in_bytes") as f:
+            peak = int(f.read())
+    finally:
+        os.rmdir(group)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "cgroup" in r["how"] and r["left"] < limit
+    assert r["owned"] <= r["left"] and r["rows"] > 0 and r["read"] > 0
+    assert peak <= limit

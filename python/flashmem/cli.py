@@ -27,7 +27,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache storage (default f16 for --dtype gguf, f32 otherwise)")
     p.add_argument("--offload", choices=("flash",), default=None,
                    help="stream the FFN weights from the model folder instead of holding them in DRAM")
-    p.add_argument("--dram-budget", default=None, help="with --offload flash: DRAM the engine may own, e.g. 200MB")
+    p.add_argument("--dram-budget", default=None,
+                   help="with --offload flash: DRAM the engine may own, e.g. 200MB, or 'auto' (what the process "
+                        "may still take: its memory cgroup's limit, else the available memory)")
     p.add_argument("--sparsity", type=float, default=0.0,
                    help="fraction of FFN neurons left out per token (needs `flashmem calibrate`)")
     p.add_argument("--window", type=int, default=5, help="tokens a neuron stays in DRAM after its last use")

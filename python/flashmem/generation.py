@@ -20,8 +20,8 @@ class GenerationResult:
     decode_tokens_per_s: float
     prefill_tokens_per_s: float
     timings: dict = field(default_factory=dict)
-    flash: dict = field(default_factory=dict)  # sparse FFN figures per decoded token (flashmem.flash.summarize)
-    cached_tokens: int = 0  # input positions whose KV entries were reused from the previous generation
+    flash: dict = field(default_factory=dict)  # sparse FFN figures per decoded token (flash/streaming.summarize)
+    cached_tokens: int = 0  # input positions whose KV-cache entries were reused (OpenAI's name for it)
     memories: list = field(default_factory=list)  # injected memories: id, score, text, slots, position
 
 

@@ -64,9 +64,12 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
         threads = len(os.sched_getaffinity(0))
     if not isinstance(threads, int) or isinstance(threads, bool) or threads <= 0:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    budget_source = None
+    if dram_budget == "auto":  # what the process may take, before the engine allocates anything
+        dram_budget, budget_source = streaming.auto_budget()
     engine = _core.Model(c, threads)
     offload, budget, predictor = streaming.configure(engine, folder, config, offload, dram_budget, sparsity, window,
-                                                     **flash_options)
+                                                     budget_source=budget_source, **flash_options)
     load_weights(engine, folder, config, bundles=not offload)
     if predictor:
         streaming.load_predictor(engine, predictor, config["num_hidden_layers"])

@@ -46,6 +46,48 @@ def parse_bytes(v, name: str = "dram_budget") -> int:
     return int(n)
 
 
+def available_dram() -> tuple[int, str]:
+    """Bytes this process may still take, and where the figure comes from: its memory cgroup's
+    limit less the cgroup's usage (v1 memory.limit_in_bytes / usage_in_bytes, v2 memory.max /
+    memory.current; the page cache is charged there too) when a limit is set, and never more than
+    the system's MemAvailable."""
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    how = f"MemAvailable {avail}"
+    try:
+        with open("/proc/self/cgroup") as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        entries = []
+    for hierarchy, controllers, path in entries:
+        if "memory" in controllers.split(","):
+            base, limit_file, usage_file = "/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+        elif hierarchy == "0" and os.path.isfile(f"/sys/fs/cgroup{path}/memory.max"):
+            base, limit_file, usage_file = "/sys/fs/cgroup", "memory.max", "memory.current"
+        else:
+            continue
+        try:
+            with open(f"{base}{path}/{limit_file}") as f:
+                limit = f.read().strip()
+            with open(f"{base}{path}/{usage_file}") as f:
+                usage = int(f.read())
+        except (OSError, ValueError):
+            continue
+        if limit != "max" and int(limit) < 1 << 60:
+            left = int(limit) - usage
+            if left < avail:
+                avail, how = left, f"cgroup {base}{path}: limit {int(limit)} - usage {usage}"
+        break
+    return max(avail, 0), how
+
+
+def auto_budget() -> tuple[int, str]:
+    """dram_budget="auto": what the process may still take (available_dram), less headroom for
+    what Python allocates while generating (logits, tokens): 5%, at least 32 MiB."""
+    avail, how = available_dram()
+    return max(avail - max(avail // 20, 32 << 20), 0), how
+
+
 def bundle_path(folder: str, config: dict) -> str:
     """The neuron-bundle file of a converted folder."""
     return os.path.join(folder, config["flashmem"]["ffn"].get("file", BUNDLE_FILE))
@@ -53,10 +95,11 @@ def bundle_path(folder: str, config: dict) -> str:
 
 def configure(engine, folder: str, config: dict, offload, dram_budget, sparsity, window, ffn_layout="bundled",
               queue_depth=32, coalesce_gap=2, direct_io=True, cache_rows=None, cache_bias=0.0,
-              expire_window=False, eviction="lru"):
+              expire_window=False, eviction="lru", budget_source=None):
     """Checks load()'s FFN options and configures the engine's sparse FFN (before any weight is
     loaded). Returns (offload, dram_budget in bytes, the predictor file or None); offload None
-    with sparsity 0 leaves the dense FFN in place."""
+    with sparsity 0 leaves the dense FFN in place. budget_source: how dram_budget was found
+    (dram_budget="auto", resolved by the caller before the engine allocated anything)."""
     if offload not in (None, "none", "flash"):
         raise ValueError(f"offload must be None or 'flash', got {offload!r}")
     offload = "flash" if offload == "flash" else None
@@ -68,6 +111,8 @@ def configure(engine, folder: str, config: dict, offload, dram_budget, sparsity,
         raise ValueError(f"eviction must be 'lru' or 'hot', got {eviction!r}")
     if dram_budget is not None and not offload:
         raise ValueError("dram_budget needs offload='flash' (without offloading every weight is in DRAM)")
+    if budget_source and not dram_budget:
+        raise ValueError(f"dram_budget='auto': nothing left to take ({budget_source})")
     budget = parse_bytes(dram_budget) if dram_budget is not None else None
     if not offload and not sparsity:
         return offload, budget, None
@@ -82,10 +127,15 @@ def configure(engine, folder: str, config: dict, offload, dram_budget, sparsity,
             raise FileNotFoundError(f"sparsity {sparsity} needs the sparsity predictor {predictor}, which is "
                                     f"missing: run `flashmem calibrate {folder} --data FILE` first")
     kw = layout(folder, config, ffn_layout) if offload else {}
-    engine.configure_sparse("flash" if offload else "dram", float(sparsity), window, True, budget or 0,
-                            bool(sparsity), queue_depth=queue_depth, coalesce_gap=coalesce_gap, direct=direct_io,
-                            cache_rows=-1 if cache_rows is None else cache_rows, cache_bias=float(cache_bias),
-                            expire_window=bool(expire_window), eviction=eviction, **kw)
+    try:
+        engine.configure_sparse("flash" if offload else "dram", float(sparsity), window, True, budget or 0,
+                                bool(sparsity), queue_depth=queue_depth, coalesce_gap=coalesce_gap, direct=direct_io,
+                                cache_rows=-1 if cache_rows is None else cache_rows, cache_bias=float(cache_bias),
+                                expire_window=bool(expire_window), eviction=eviction, **kw)
+    except ValueError as e:
+        if budget_source:
+            raise ValueError(f"{e} (dram_budget='auto' took {budget} bytes: {budget_source}, less headroom)") from None
+        raise
     if offload and not engine.sparse_stats()["direct_io"]:
         warnings.warn(f"{kw['path']}: the filesystem refused O_DIRECT; FFN reads go through the page cache, "
                       "which the DRAM budget does not count", RuntimeWarning, stacklevel=4)
