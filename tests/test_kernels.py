@@ -134,6 +134,8 @@ def test_f32_to_f16_rounds_as_numpy(reference, isa):
                     6.1e-5, 6.097e-5, 1 + 2 ** -11, 1 + 3 * 2 ** -11]),
         (np.arange(1, 2049, dtype=np.float32) + np.float32(0.5)) * np.float32(2.0 ** -24),  # subnormal ties
     ]).astype(np.float32)
+    with np.errstate(over="ignore"):  # values past f16's range become inf, on purpose
+        want = x.astype(np.float16).view(np.uint16)
     for n in (len(x), 13):  # a tail shorter than a vector
-        np.testing.assert_array_equal(_core.to_f16(x[:n], reference, isa), x[:n].astype(np.float16).view(np.uint16))
+        np.testing.assert_array_equal(_core.to_f16(x[:n], reference, isa), want[:n])
     assert _core.to_f16(np.float32([np.nan]), reference, isa)[0] & 0x7C00 == 0x7C00
