@@ -144,7 +144,7 @@ def test_gguf_path_matches_hf_folder(tmp_path, monkeypatch, qtype):
 
     monkeypatch.setenv("FLASHMEM_CACHE", str(tmp_path / "cache"))
     folder = str(tmp_path / "hf")
-    hf = make_tiny_hf(folder, hidden=64, ff=96, heads=4, kv_heads=2, vocab=80)
+    hf = make_tiny_hf(folder, hidden=64, ff=256, heads=4, kv_heads=2, vocab=80)  # d_ff 4x d_model: down's rows are long
     path = str(tmp_path / f"tiny-{qtype}.gguf")
     _write_tiny_gguf(path, hf, qtype)
     if qtype != "F32":  # the reference sees the same rounding: dequantize(quantize(w))
@@ -156,6 +156,9 @@ def test_gguf_path_matches_hf_folder(tmp_path, monkeypatch, qtype):
     model = flashmem.load(path, dtype="f32", threads=2, max_context=64)
     ids = np.random.default_rng(9).integers(0, 80, 21).tolist()
     assert_close(model.logits(ids), hf_logits(hf, ids), 1e-4, f"gguf {qtype}")
+    if qtype in ("F32", "F16", "BF16"):  # kept as stored: the FFN as float matrices, down's rows d_ff long
+        kept = flashmem.load(path, dtype="gguf", threads=2, max_context=64, kv_dtype="f32")
+        assert_close(kept.logits(ids), hf_logits(hf, ids), 1e-4, f"gguf {qtype} kept")
 
 
 def test_sharded_bf16_checkpoint(tmp_path, monkeypatch):

@@ -227,6 +227,7 @@ void Model::check_loaded() {
     FM_IO(c.tied_embeddings || w_.lm_head.size(), "model is missing lm_head (and its embeddings are not tied)");
     const bool flash = sparse_ && sparse_->source() == SparseFfn::Source::Flash;
     bool block_formats = is_block_format(w_.embed.format) || is_block_format(w_.lm_head.format), matrices = false;
+    bool float_down = false;  // some layer's down matrix is in a float format: its rows are d_ff long
     for (int l = 0; l < c.n_layers; ++l) {
         const LayerWeights& L = w_.layers[l];
         const bool ffn_matrices = L.ffn_gate.size() && L.ffn_up.size() && L.ffn_down.size();
@@ -237,6 +238,7 @@ void Model::check_loaded() {
         FM_IO(!c.qkv_bias || (L.bq.size() && L.bk.size() && L.bv.size()), "model is missing q/k/v biases of layer ",
               l);
         matrices |= !L.ffn_bundles.size() && ffn_matrices;
+        float_down |= !L.ffn_bundles.size() && ffn_matrices && !is_block_format(L.ffn_down.format);
         for (const Tensor* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.ffn_gate, &L.ffn_up, &L.ffn_down})
             block_formats |= t->size() && is_block_format(t->format);
     }
@@ -244,6 +246,9 @@ void Model::check_loaded() {
     if (block_formats && !act_.size()) act_.allocate(sizeof(quant::ActBlock) * chunk_ * (widest / quant::kActBlock));
     if (is_block_format((c.tied_embeddings ? w_.embed : w_.lm_head).format) && !act16_.size())
         act16_.allocate(sizeof(quant::ActBlock16) * chunk_ * (c.d_model / quant::kActBlock));
+    // the float matrix kernels convert rows of K weights into convert_: down's K is d_ff
+    const size_t convert_need = sizeof(float) * pool_.size() * scratch_floats(int(widest));
+    if (float_down && convert_.size() < convert_need) convert_.allocate(convert_need);
     if (matrices && !ffn_gate_out_.size()) {
         ffn_gate_out_.allocate(sizeof(float) * chunk_ * c.d_ff);
         ffn_up_out_.allocate(sizeof(float) * chunk_ * c.d_ff);

@@ -172,7 +172,8 @@ class Model {
     Buffer scores_;    // (n_threads, max_context)
     Buffer ffn_acc_;   // (n_threads, chunk, d_model)
     Buffer ffn_hu_;    // (n_threads, 2, chunk, kNeuronBlock)
-    Buffer convert_;   // (n_threads, scratch_floats(max(d_model, q_dim)))
+    Buffer convert_;   // (n_threads, scratch_floats(max(d_model, q_dim))); d_ff wide when a float down
+                       // matrix needs it (check_loaded)
     Buffer ffn_block_; // (n_threads, kNeuronBlock, 3*d_model) gathered bundles, weights' dtype
     Buffer ffn_rows_;  // (d_ff) bundle pointers of the dense FFN
     // Only when some matrix is in a block format (allocated by check_loaded):
