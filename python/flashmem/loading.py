@@ -10,7 +10,7 @@ import os
 from . import _core
 from .checkpoints import safetensors_io as st
 from .checkpoints.config import model_dims, read_json, rope_inv_freq
-from .checkpoints.convert import BUNDLE_FILE, DTYPES, FORMAT_VERSION, KEEP_FORMATS, RESIDENT_FILE
+from .checkpoints.convert import DTYPES, FORMAT_VERSION, KEEP_FORMATS, RESIDENT_FILE
 from .checkpoints.default_model import default_gguf
 from .checkpoints.store import converted_folder, is_converted
 from .flash import streaming
@@ -113,7 +113,7 @@ def load_weights(engine, folder: str, config: dict, bundles: bool) -> None:
     them). A matrix in a block format is stored as the bytes of its rows; the file's metadata
     "formats" names its format (checkpoints/convert.py)."""
     ffn_file = config["flashmem"]["ffn"].get("file")
-    files = [RESIDENT_FILE] + ([ffn_file or BUNDLE_FILE] if bundles and ffn_file else [])
+    files = [RESIDENT_FILE] + ([ffn_file] if bundles and ffn_file else [])
     for fname in files:
         path = os.path.join(folder, fname)
         infos, meta = st.read_header(path)

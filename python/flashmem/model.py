@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from .flash import streaming
-from .generation import Generation, GenerationResult, KvPositions
+from .generation import Generation, KvPositions
 from .memory import encoders, injection
 from .sampling import Sampler
 

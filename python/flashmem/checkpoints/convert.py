@@ -144,8 +144,8 @@ def _write_keeping_formats(source, src: str, tmp: str, cfg: dict, dims: dict, ba
     w = st.Writer(os.path.join(tmp, RESIDENT_FILE), specs, {"format": "pt", "formats": json.dumps(formats)})
     for name, tag, _ in specs:
         fmt, arr = source.stored(name)
-        if tag == "f32" and fmt != "f32":
-            arr = source.tensor(name)
+        if tag == "f32" and fmt != "f32":  # a norm stored in f16 or bf16: the engine takes f32
+            fmt, arr = "f32", source.tensor(name)
         if fmt in ("f32", "f16", "bf16") and not np.isfinite(st.to_f32(np.ascontiguousarray(arr), fmt)).all():
             raise ValueError(f"{src}: tensor '{name}' contains NaN or inf")
         w.write(name, np.ascontiguousarray(arr))

@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 
+import numpy as np
+
 from . import safetensors_io as st
 from .config import read_json
 
