@@ -235,17 +235,17 @@ def test_read_error_mid_generation(folder, tmp_path):
         m.generate("Hello", max_new_tokens=2)
 
 
-def test_misaligned_bundle_file(tmp_path, smollm2_gguf):
+def test_unaligned_bundle_file(tmp_path, smollm2_gguf):
     from conftest import make_tiny_hf
 
     src = str(tmp_path / "hf")
     make_tiny_hf(src)
-    out = flashmem.convert(src, str(tmp_path / "fm64"), align=64, progress=False)
-    with pytest.raises(RuntimeError, match="not aligned to 4096 bytes"):
-        flashmem.load(out, offload="flash")
     ok = flashmem.convert(src, str(tmp_path / "fm"), progress=False)
     ids = [2, 5, 7, 11, 3]
     dense = flashmem.load(ok).logits(ids)
+    # bundles that do not start on 4096-byte blocks: a read covers the blocks each one spans
+    out = flashmem.convert(src, str(tmp_path / "fm64"), align=64, progress=False)
+    np.testing.assert_array_equal(flashmem.load(out, offload="flash").logits(ids), dense)
     np.testing.assert_array_equal(flashmem.load(ok, offload="flash").logits(ids), dense)
     # the unbundled layout (gate, up, down apart; rows of 160 bytes, not block-aligned) streams the same
     from flashmem.flash import write_unbundled

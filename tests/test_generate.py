@@ -89,7 +89,7 @@ def test_cli_generate_info_convert(smollm2_gguf, tmp_path):
 
 def test_cli_chat(smollm2_gguf, tmp_path):
     p = subprocess.run([sys.executable, "-m", "flashmem.cli", "chat", smollm2_gguf, "-n", "16", "--threads", "2"],
-                       input="What is the capital of France?\n\n", capture_output=True, text=True, timeout=600,
+                       input="What is the capital of France? Answer in one word.\n\n", capture_output=True, text=True, timeout=600,
                        env={**os.environ, "FLASHMEM_CACHE": str(tmp_path / "cache")})
     assert p.returncode == 0, p.stderr
     assert "Paris" in p.stdout

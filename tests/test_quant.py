@@ -79,6 +79,36 @@ def test_quant_matmul_matches_reference(fmt, T, K, N, bits):
     np.testing.assert_allclose(got, x @ wf.T, atol=(0.02 if bits == 8 else 2e-4) * scale)
 
 
+@pytest.mark.parametrize("fmt", TYPES)
+@pytest.mark.parametrize("K,n", [(256, 1), (768, 7), (512, 13)])
+def test_bundle_kernels_match_reference(fmt, K, n):
+    """The neuron-bundle kernels (rows given as pointers, a piece at a byte offset inside each row):
+    dot products for gate and up, and the down columns' weighted sum, against their references."""
+    blk, nbytes = block_size(fmt)
+    rng = np.random.default_rng(K + n + len(fmt))
+    offset = 3 * nbytes  # the piece starts mid-row, at an unaligned byte
+    piece = K // blk * nbytes
+    w = np.concatenate([rng.integers(0, 256, (20, offset), dtype=np.uint8),
+                        random_blocks(rng, fmt, 20 * K // blk, extreme=n == 7).reshape(20, -1),
+                        rng.integers(0, 256, (20, 5), dtype=np.uint8)], axis=1)
+    rows = rng.integers(0, 20, n).astype(np.int64)  # any order, repeats allowed
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    act = _core.quantize_act(x)
+    got = _core.quant_dot_ptrs(act, w, fmt, K, offset, rows)
+    ref = _core.quant_dot_ptrs(act, w, fmt, K, offset, rows, reference=True)
+    wf = quants.dequantize(np.ascontiguousarray(w[:, offset:offset + piece]), TYPES[fmt]).reshape(20, K)
+    scale = np.abs(wf).max() * np.abs(x).max() * np.sqrt(K)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(got, wf[rows] @ x[0], atol=0.02 * scale)
+    y0 = rng.standard_normal(K).astype(np.float32)
+    c = rng.standard_normal(n).astype(np.float32)
+    c[0] = 0.0  # a neuron that contributes nothing
+    got = _core.quant_axpy_ptrs(y0, c, w, fmt, offset, rows)
+    ref = _core.quant_axpy_ptrs(y0, c, w, fmt, offset, rows, reference=True)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * (np.abs(wf).max() * np.abs(c).sum() + 1))
+    np.testing.assert_allclose(ref, y0 + c @ wf[rows], rtol=1e-5, atol=1e-5)
+
+
 def test_bad_block_inputs():
     with pytest.raises(ValueError, match="unknown weight format 'q3_x'"):
         _core.dequantize(np.zeros(18, np.uint8), "q3_x")
@@ -88,3 +118,9 @@ def test_bad_block_inputs():
         _core.dequantize(np.zeros(8, np.uint8), "f16")
     with pytest.raises(ValueError, match="not a whole number of q4_k blocks"):
         _core.quant_matmul(np.zeros((1, 40 * 10), np.uint8), np.zeros((2, 144), np.uint8), "q4_k", 320)
+    with pytest.raises(ValueError, match="row 5 out of range"):
+        _core.quant_dot_ptrs(np.zeros((1, 40), np.uint8), np.zeros((2, 40), np.uint8), "q8_0", 32, 0,
+                             np.array([5], np.int64))
+    with pytest.raises(ValueError, match="passes the rows' 40 bytes"):
+        _core.quant_axpy_ptrs(np.zeros(32, np.float32), np.ones(1, np.float32), np.zeros((2, 40), np.uint8), "q8_0",
+                              10, np.array([0], np.int64))

@@ -1,6 +1,7 @@
 // What the binding files share: nanobind (only csrc/bindings/ includes it), array types, and
 // numpy arrays that own native memory. Each area binds itself in its own file:
-//   module.cpp   the module flashmem._core and its build facts (isa, owned_bytes, cuda_available)
+//   module.cpp   the module flashmem._core, its build facts (isa, owned_bytes, cuda_available) and
+//                the weight formats (format_block, quantize)
 //   model.cpp    Config and Model (loading, forward, sparse/flash FFN)
 //   memory.cpp   MemoryBank
 //   testing.cpp  kernel entry points with their scalar references, the disk benchmark

@@ -25,8 +25,16 @@ void bind_model(nb::module_& m) {
         .def_rw("rope_inv_freq", &fm::Config::rope_inv_freq)
         .def_rw("rope_attention_scaling", &fm::Config::rope_attention_scaling)
         .def_prop_rw(
-            "dtype", [](const fm::Config& c) { return std::string(fm::dtype_name(c.dtype)); },
-            [](fm::Config& c, const std::string& s) { c.dtype = fm::dtype_from_name(s); })
+            "ffn_bundle",
+            [](const fm::Config& c) {
+                const fm::BundleFormat& b = c.ffn_bundle;
+                return std::vector<std::string>{fm::format_name(b.gate), fm::format_name(b.up), fm::format_name(b.down)};
+            },
+            [](fm::Config& c, const std::vector<std::string>& f) {
+                FM_ARG(f.size() == 3, "ffn_bundle: the formats of gate, up and down, got ", f.size(), " names");
+                c.ffn_bundle = {fm::format_from_name(f[0]), fm::format_from_name(f[1]), fm::format_from_name(f[2])};
+            },
+            "formats of a neuron bundle's gate row, up row and down column")
         .def_prop_rw(
             "kv_dtype", [](const fm::Config& c) { return std::string(fm::dtype_name(c.kv_dtype)); },
             [](fm::Config& c, const std::string& s) { c.kv_dtype = fm::dtype_from_name(s); });
@@ -48,7 +56,8 @@ void bind_model(nb::module_& m) {
                size_t budget, bool with_predictor, std::optional<std::string> path,
                std::vector<std::vector<uint64_t>> piece_base, std::vector<uint64_t> piece_stride,
                std::vector<uint64_t> piece_bytes, int queue_depth, int coalesce_gap, bool direct, int cache_rows,
-               int staging_rows, double cache_bias, bool expire_window, const std::string& eviction) {
+               int staging_rows, double cache_bias, bool expire_window, const std::string& eviction,
+               size_t resident_bytes) {
                 FM_ARG(source == "dram" || source == "flash", "source must be 'dram' or 'flash', got '", source, "'");
                 FM_ARG(eviction == "lru" || eviction == "hot", "eviction must be 'lru' or 'hot', got '", eviction, "'");
                 fm::SparseOptions o;
@@ -65,13 +74,13 @@ void bind_model(nb::module_& m) {
                     layout.piece_base = piece_base, layout.piece_stride = piece_stride, layout.piece_bytes = piece_bytes;
                 }
                 self.configure_sparse(source == "flash" ? fm::SparseFfn::Source::Flash : fm::SparseFfn::Source::Resident,
-                                      o, source == "flash" ? &layout : nullptr, budget, with_predictor);
+                                      o, source == "flash" ? &layout : nullptr, budget, with_predictor, resident_bytes);
             },
             "source"_a, "sparsity"_a, "window"_a, "use_window"_a, "budget"_a, "with_predictor"_a, "path"_a = nb::none(),
             "piece_base"_a = std::vector<std::vector<uint64_t>>{}, "piece_stride"_a = std::vector<uint64_t>{},
             "piece_bytes"_a = std::vector<uint64_t>{}, "queue_depth"_a = 32, "coalesce_gap"_a = 2, "direct"_a = true,
             "cache_rows"_a = -1, "staging_rows"_a = 0, "cache_bias"_a = 0.0, "expire_window"_a = false,
-            "eviction"_a = "lru")
+            "eviction"_a = "lru", "resident_bytes"_a = 0)
         .def(
             "sparse_stats",
             [](fm::Model& self) {

@@ -120,9 +120,58 @@ nb::ndarray<nb::numpy, float> py_quant_matmul(U8Matrix act, U8Matrix w, const st
     return y;
 }
 
+// Pointers to rows `rows` of w (N, stride bytes), each checked.
+std::vector<const void*> row_pointers(U8Matrix w, nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> rows,
+                                      size_t offset, size_t piece_bytes) {
+    FM_ARG(offset + piece_bytes <= w.shape(1), "offset ", offset, " + ", piece_bytes, " bytes passes the rows' ",
+           w.shape(1), " bytes");
+    std::vector<const void*> ptrs;
+    for (size_t j = 0; j < rows.size(); ++j) {
+        const int64_t i = rows.data()[j];
+        FM_ARG(i >= 0 && i < int64_t(w.shape(0)), "row ", i, " out of range [0, ", w.shape(0), ")");
+        ptrs.push_back(w.data() + size_t(i) * w.shape(1));
+    }
+    return ptrs;
+}
+
 }  // namespace
 
 void bind_testing(nb::module_& m) {
+    m.def(
+        "quant_dot_ptrs",
+        [](U8Matrix act, U8Matrix w, const std::string& format, int K, size_t offset,
+           nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> rows, bool reference) {
+            const Format f = format_from_name(format);
+            FM_ARG(is_block_format(f), format, " is not a block format");
+            FM_ARG(K % quant::kActBlock == 0 && act.shape(0) == 1 &&
+                       act.shape(1) == size_t(K / quant::kActBlock) * sizeof(quant::ActBlock),
+                   "act must be one token's 8-bit blocks for K = ", K);
+            auto ptrs = row_pointers(w, rows, offset, format_row_bytes(f, K));
+            const auto* A = reinterpret_cast<const quant::ActBlock*>(act.data());
+            auto out = numpy_owned<float>({ptrs.size()});
+            if (reference) quant::dot_ptrs_ref(f, out.data(), A, ptrs.data(), offset, K, int(ptrs.size()));
+            else quant::quant_kernels().dot_ptrs[int(f)](out.data(), A, ptrs.data(), offset, K, int(ptrs.size()));
+            return out;
+        },
+        "act"_a, "w"_a, "format"_a, "K"_a, "offset"_a, "rows"_a, "reference"_a = false,
+        "out[j] = row rows[j] of w (N, stride bytes), from byte `offset`, K weights in `format`, . act");
+    m.def(
+        "quant_axpy_ptrs",
+        [](CF32Array y0, CF32Array c, U8Matrix w, const std::string& format, size_t offset,
+           nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> rows, bool reference) {
+            const Format f = format_from_name(format);
+            FM_ARG(is_block_format(f), format, " is not a block format");
+            const int K = int(y0.size());
+            auto ptrs = row_pointers(w, rows, offset, format_row_bytes(f, K));
+            FM_ARG(c.size() == ptrs.size(), "c must have one coefficient per row");
+            auto y = numpy_owned<float>({size_t(K)});
+            std::copy(y0.data(), y0.data() + K, y.data());
+            if (reference) quant::axpy_ptrs_ref(f, y.data(), c.data(), ptrs.data(), offset, K, int(ptrs.size()));
+            else quant::quant_kernels().axpy_ptrs[int(f)](y.data(), c.data(), ptrs.data(), offset, K, int(ptrs.size()));
+            return y;
+        },
+        "y"_a, "c"_a, "w"_a, "format"_a, "offset"_a, "rows"_a, "reference"_a = false,
+        "y + sum_j c[j] * row rows[j] of w (N, stride bytes) from byte `offset`, len(y) weights in `format`");
     m.def(
         "dequantize",
         [](nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> raw, const std::string& format) {

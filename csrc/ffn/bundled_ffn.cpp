@@ -2,19 +2,73 @@
 
 #include <cstring>
 
+#include "core/error.h"
 #include "kernels/cpu/kernels.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/quant/quant.h"
 
 namespace fm {
 
-void ffn_begin(ThreadPool& pool, int T, int d_model, const FfnScratch& s) {
+void BundleFormat::validate(int d_model) const {
+    if (is_float()) {
+        FM_ARG(up == gate && down == gate, "bundle format ", name(), ": float bundles have one type for all three pieces");
+        return;
+    }
+    for (int p = 0; p < 3; ++p) {
+        FM_ARG(is_block_format(piece(p)), "bundle format ", name(), ": a bundle is all float or all block formats");
+        FM_ARG(d_model % format_traits(piece(p)).block == 0, "bundle format ", name(), ": d_model ", d_model,
+               " is not a whole number of ", format_name(piece(p)), " blocks (", format_traits(piece(p)).block, ")");
+    }
+}
+
+void ffn_begin(ThreadPool& pool, const float* xn, int T, int d_model, const BundleFormat& bf, const FfnScratch& s) {
     pool.run([&](int tid, int) {
         std::memset(s.acc + size_t(tid) * s.t_max * d_model, 0, sizeof(float) * size_t(T) * d_model);
     });
+    if (!bf.is_float()) {
+        const quant::QuantKernels& Q = quant::quant_kernels();
+        const int nb = d_model / quant::kActBlock;
+        for (int t = 0; t < T; ++t) Q.quantize_act(xn + size_t(t) * d_model, s.xq + size_t(t) * nb, d_model);
+    }
 }
 
-void ffn_accumulate(ThreadPool& pool, const float* xn, int T, int d_model, DType dt, const FfnRows& r, int lo, int hi,
-                    const FfnScratch& s) {
+namespace {
+// Block-format bundles: per block of kNeuronBlock neurons and per token, gate and up by integer
+// dot products with the quantized input, SwiGLU, then the down columns added in f32.
+void accumulate_blocks(ThreadPool& pool, int T, int d_model, const BundleFormat& bf, const FfnRows& r, int lo, int hi,
+                       const FfnScratch& s) {
+    const quant::QuantKernels& Q = quant::quant_kernels();
+    const size_t up_at = bf.offset(1, d_model), down_at = bf.offset(2, d_model);
+    const int nblk = d_model / quant::kActBlock;
+    auto gate = Q.dot_ptrs[int(bf.gate)], up = Q.dot_ptrs[int(bf.up)];
+    auto down = Q.axpy_ptrs[int(bf.down)];
+    pool.run([&](int tid, int nt) {
+        auto [c0, c1] = ThreadPool::chunk(size_t(r.n), tid, nt, kNeuronBlock);
+        const int p0 = int(c0) > lo ? int(c0) : lo, p1 = int(c1) < hi ? int(c1) : hi;
+        float* acc = s.acc + size_t(tid) * s.t_max * d_model;      // (T, d_model)
+        float* h = s.hu + size_t(tid) * 2 * s.t_max * kNeuronBlock;  // (T, nb)
+        float* u = h + size_t(s.t_max) * kNeuronBlock;                // (T, nb)
+        for (int p = p0; p < p1; p += kNeuronBlock) {
+            const int nb = p1 - p < kNeuronBlock ? p1 - p : kNeuronBlock;
+            for (int t = 0; t < T; ++t) {
+                float* ht = h + t * kNeuronBlock;
+                gate(ht, s.xq + size_t(t) * nblk, r.rows + p, 0, d_model, nb);
+                up(u + t * kNeuronBlock, s.xq + size_t(t) * nblk, r.rows + p, up_at, d_model, nb);
+                swiglu(ht, u + t * kNeuronBlock, nb);
+                if (r.mask)
+                    for (int j = 0; j < nb; ++j)
+                        if (!r.mask[size_t(t) * r.n + p + j]) ht[j] = 0.0f;
+                down(acc + size_t(t) * d_model, ht, r.rows + p, down_at, d_model, nb);
+            }
+        }
+    });
+}
+}  // namespace
+
+void ffn_accumulate(ThreadPool& pool, const float* xn, int T, int d_model, const BundleFormat& bf, const FfnRows& r,
+                    int lo, int hi, const FfnScratch& s) {
+    if (!bf.is_float()) return accumulate_blocks(pool, T, d_model, bf, r, lo, hi, s);
+    const DType dt = bf.float_type();
     const Kernels& K = kernels();
     const int di = int(dt);
     const size_t esz = dtype_size(dt), row_bytes = size_t(3) * d_model * esz;

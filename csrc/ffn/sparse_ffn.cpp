@@ -15,10 +15,10 @@ double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::
 constexpr int64_t kNever = INT64_MIN / 4;
 }  // namespace
 
-size_t SparseFfn::row_bytes(int d_model, DType dt) { return (size_t(3) * d_model * dtype_size(dt) + 63) / 64 * 64; }
+size_t SparseFfn::row_bytes(int d_model, const BundleFormat& bf) { return (bf.bytes(d_model) + 63) / 64 * 64; }
 
-size_t SparseFfn::fixed_bytes(int n_layers, int d_ff, int d_model, DType dt, int t_max, const SparseOptions& opt,
-                              const FileLayout* layout) {
+size_t SparseFfn::fixed_bytes(int n_layers, int d_ff, int d_model, const BundleFormat& bf, int t_max,
+                              const SparseOptions& opt, const FileLayout* layout) {
     size_t n = sizeof(float) * size_t(t_max) * d_ff  // scores
                + 4 * size_t(d_ff)                     // order
                + size_t(t_max) * d_ff                 // uses
@@ -28,7 +28,7 @@ size_t SparseFfn::fixed_bytes(int n_layers, int d_ff, int d_model, DType dt, int
                + 8 * size_t(n_layers) * d_ff          // last pick per layer and neuron
                + 2 * size_t(d_ff);                    // in-list and picked-now flags
     if (layout) {
-        n += FlashReads::bytes_for(*layout, row_bytes(d_model, dt), opt.staging_rows);
+        n += FlashReads::bytes_for(*layout, row_bytes(d_model, bf), opt.staging_rows);
         // neuron cache index (the rows themselves are the cache share of the budget), hotness, admission order
         n += size_t(n_layers) * (4 * size_t(d_ff) + 16 * size_t(opt.cache_rows) + 64);
         n += (opt.hot ? 4 * size_t(n_layers) * d_ff : 0) + size_t(opt.staging_rows) * (4 + sizeof(void*));
@@ -36,10 +36,11 @@ size_t SparseFfn::fixed_bytes(int n_layers, int d_ff, int d_model, DType dt, int
     return n;
 }
 
-SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, DType dt, int t_max, const SparseOptions& opt,
-                     const FileLayout* layout, std::vector<const void*> resident)
-    : source_(source), n_layers_(n_layers), d_ff_(d_ff), d_model_(d_model), t_max_(t_max), dt_(dt), opt_(opt),
+SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, const BundleFormat& bf, int t_max,
+                     const SparseOptions& opt, const FileLayout* layout, std::vector<const void*> resident)
+    : source_(source), n_layers_(n_layers), d_ff_(d_ff), d_model_(d_model), t_max_(t_max), bf_(bf), opt_(opt),
       resident_(std::move(resident)) {
+    bf.validate(d_model);
     FM_ARG(opt.sparsity >= 0.0 && opt.sparsity < 1.0, "sparsity must lie in [0, 1), got ", opt.sparsity);
     FM_ARG(opt.window >= 0, "window must be >= 0, got ", opt.window);
     FM_ARG(opt.coalesce_gap >= 0, "coalesce_gap must be >= 0, got ", opt.coalesce_gap);
@@ -68,12 +69,10 @@ SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, DType d
     FM_ARG(opt.max_request >= kIoAlign && opt.max_request % kIoAlign == 0, "max_request must be a multiple of ",
            kIoAlign);
     layout_ = *layout;
-    for (int p = 0; p < layout_.n_pieces; ++p)
-        for (int l = 0; l < n_layers; ++l)
-            FM_IO(layout_.n_pieces > 1 ||
-                      (layout_.piece_base[l][p] % kIoAlign == 0 && layout_.piece_stride[p] % kIoAlign == 0),
-                  "'", layout_.path, "': FFN bundles of layer ", l, " are not aligned to ", kIoAlign,
-                  " bytes, as direct I/O needs; convert the model again");
+    size_t pieces = 0;
+    for (int p = 0; p < layout_.n_pieces; ++p) pieces += layout_.piece_bytes[p];
+    FM_ARG(pieces == bf.bytes(d_model), "'", layout_.path, "': a neuron's pieces in the file take ", pieces,
+           " bytes, a bundle of ", bf.name(), " with d_model ", d_model, " takes ", bf.bytes(d_model));
     reader_ = std::make_unique<DirectReader>(layout_.path, opt.queue_depth, opt.direct);
     for (int l = 0; l < n_layers; ++l) {
         const uint64_t end = layout_.piece_base[l][layout_.n_pieces - 1] +
@@ -81,9 +80,9 @@ SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, DType d
         FM_IO(end <= reader_->size(), "'", layout_.path, "' is truncated: the FFN of layer ", l, " needs ", end,
               " bytes, the file has ", reader_->size());
     }
-    reads_.init(layout_, row_bytes(d_model, dt), opt.staging_rows, opt.coalesce_gap, opt.max_request);
+    reads_.init(layout_, row_bytes(d_model, bf), opt.staging_rows, opt.coalesce_gap, opt.max_request);
     neuron_caches_.resize(n_layers);
-    for (auto& c : neuron_caches_) c.init(d_ff, opt.cache_rows, row_bytes(d_model, dt));
+    for (auto& c : neuron_caches_) c.init(d_ff, opt.cache_rows, row_bytes(d_model, bf));
     if (opt.hot) {
         hotness_.allocate(4 * size_t(n_layers) * d_ff);
         std::memset(hotness_.data(), 0, hotness_.size());
@@ -208,7 +207,7 @@ void SparseFfn::forward(ThreadPool& pool, int l, float* out, const float* xn, in
     stats_.select_s += since(t0);
     stats_.steps += 1;
     stats_.tokens += T;
-    ffn_begin(pool, T, d_model_, s);
+    ffn_begin(pool, xn, T, d_model_, bf_, s);
     read_and_compute(pool, l, xn, T, s);
     ffn_end(pool, out, T, d_model_, s);
 }
@@ -221,10 +220,10 @@ void SparseFfn::read_and_compute(ThreadPool& pool, int l, const float* xn, int T
     if (source_ == Source::Resident) {
         const void** rows = rows_.data<const void*>();
         const char* base = static_cast<const char*>(resident_[l]);
-        const size_t row = size_t(3) * d_model_ * dtype_size(dt_);
+        const size_t row = bf_.bytes(d_model_);
         for (int p = 0; p < n_list_; ++p) rows[p] = base + size_t(list[p]) * row;
         auto t0 = Clock::now();
-        ffn_accumulate(pool, xn, T, d_model_, dt_, {rows, n_list_, has_mask_ ? list_mask_.data<uint8_t>() : nullptr}, 0,
+        ffn_accumulate(pool, xn, T, d_model_, bf_, {rows, n_list_, has_mask_ ? list_mask_.data<uint8_t>() : nullptr}, 0,
                        n_list_, s);
         stats_.compute_s += since(t0);
         return;
@@ -268,7 +267,7 @@ void SparseFfn::compute_round(ThreadPool& pool, int l, const float* xn, int T, c
         const int slot = cache.slot_of(list[pos]);
         if (slot >= 0) rows[pos] = cache.row(slot);
     }
-    ffn_accumulate(pool, xn, T, d_model_, dt_, {rows, n_list_, has_mask_ ? list_mask_.data<uint8_t>() : nullptr}, lo,
+    ffn_accumulate(pool, xn, T, d_model_, bf_, {rows, n_list_, has_mask_ ? list_mask_.data<uint8_t>() : nullptr}, lo,
                    hi, s);
     // keep what was read for the next tokens
     if (cache.capacity() > 0 && !pending_.empty()) {

@@ -61,15 +61,15 @@ struct SparseStats {
 class SparseFfn {
   public:
     enum class Source { Resident, Flash };
-    // resident: the layers' bundle matrices (d_ff, 3*d_model) when source is Resident.
-    SparseFfn(Source source, int n_layers, int d_ff, int d_model, DType dt, int t_max, const SparseOptions& opt,
-              const FileLayout* layout, std::vector<const void*> resident);
+    // resident: the layers' bundle matrices (d_ff, bundle bytes, unpadded) when source is Resident.
+    SparseFfn(Source source, int n_layers, int d_ff, int d_model, const BundleFormat& bf, int t_max,
+              const SparseOptions& opt, const FileLayout* layout, std::vector<const void*> resident);
 
     // DRAM this class owns (neuron caches, buffers, index), excluding the predictor.
     size_t bytes() const;
-    static size_t fixed_bytes(int n_layers, int d_ff, int d_model, DType dt, int t_max, const SparseOptions& opt,
-                              const FileLayout* layout);
-    static size_t row_bytes(int d_model, DType dt);  // one cached bundle
+    static size_t fixed_bytes(int n_layers, int d_ff, int d_model, const BundleFormat& bf, int t_max,
+                              const SparseOptions& opt, const FileLayout* layout);
+    static size_t row_bytes(int d_model, const BundleFormat& bf);  // one cached bundle (64-byte aligned)
     // Predictor scores (T, d_ff) of layer l (for tests against the reference).
     void predictor_scores(ThreadPool& pool, int l, const float* xn, int T, float* out) {
         predictor_.scores(pool, l, xn, T, out);
@@ -103,7 +103,7 @@ class SparseFfn {
 
     Source source_;
     int n_layers_, d_ff_, d_model_, t_max_;
-    DType dt_;
+    BundleFormat bf_;
     SparseOptions opt_;
     Predictor predictor_;
     std::vector<const void*> resident_;

@@ -27,6 +27,7 @@ void Config::validate() const {
     FM_ARG(int(rope_inv_freq.size()) == head_dim / 2, "config: rope_inv_freq has ", rope_inv_freq.size(),
            " entries, expected head_dim/2 = ", head_dim / 2);
     FM_ARG(kv_dtype == DType::F32 || kv_dtype == DType::F16, "kv_dtype must be f32 or f16, got ", dtype_name(kv_dtype));
+    ffn_bundle.validate(d_model);
 }
 
 Model::Model(Config cfg, int n_threads) : cfg_(std::move(cfg)), pool_(n_threads) {
@@ -46,7 +47,8 @@ Model::Model(Config cfg, int n_threads) : cfg_(std::move(cfg)), pool_(n_threads)
     ffn_acc_.allocate(f * nt * chunk_ * c.d_model);
     ffn_hu_.allocate(f * nt * 2 * chunk_ * kNeuronBlock);
     convert_.allocate(f * nt * scratch_floats(c.d_model > c.q_dim() ? c.d_model : c.q_dim()));
-    ffn_block_.allocate(size_t(nt) * kNeuronBlock * 3 * c.d_model * dtype_size(c.dtype));
+    if (c.ffn_bundle.is_float())
+        ffn_block_.allocate(size_t(nt) * kNeuronBlock * c.ffn_bundle.bytes(c.d_model));
     ffn_rows_.allocate(sizeof(void*) * c.d_ff);
     const int half = c.head_dim / 2;
     rope_cos_.allocate(f * size_t(c.max_context) * half);
@@ -81,8 +83,10 @@ size_t Model::state_bytes() const {
 
 size_t Model::expected_weight_bytes(bool ffn_resident) const {
     const Config& c = cfg_;
+    FM_ARG(c.ffn_bundle.is_float(), "expected_weight_bytes: the weights' formats are known only from their file; ",
+           "give the resident bytes to configure_sparse");
     auto buf = [](size_t n) { return (n + 63) / 64 * 64; };  // as Buffer rounds
-    const size_t esz = dtype_size(c.dtype), d = c.d_model, q = c.q_dim(), kv = c.kv_dim();
+    const size_t esz = dtype_size(c.ffn_bundle.float_type()), d = c.d_model, q = c.q_dim(), kv = c.kv_dim();
     size_t n = buf(esz * c.vocab_size * d) * (c.tied_embeddings ? 1 : 2) + buf(4 * d);
     size_t layer = 2 * buf(4 * d) + buf(esz * q * d) + 2 * buf(esz * kv * d) + buf(esz * d * q);
     if (c.qkv_bias) layer += buf(4 * q) + 2 * buf(4 * kv);
@@ -97,29 +101,35 @@ size_t Model::owned_bytes() const {
 }
 
 void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const FileLayout* layout, size_t budget,
-                             bool with_predictor) {
+                             bool with_predictor, size_t resident_weight_bytes) {
     const Config& c = cfg_;
     FM_ARG(weight_bytes() == 0, "configure the sparse FFN before loading weights");
     const bool flash = source == SparseFfn::Source::Flash;
-    if (flash && opt.staging_rows <= 0) {  // default: a whole layer's bundles, at most 16 MiB of reads
-        size_t per = 0;
-        for (int p = 0; p < layout->n_pieces; ++p) per += layout->piece_stride[p];
-        opt.staging_rows = int(std::min<size_t>(c.d_ff, std::max<size_t>(64, (size_t(16) << 20) / per)));
+    if (flash && opt.staging_rows <= 0) {
+        // default: a whole layer's bundles in one round, within 8 MiB of staging (4 MiB when the
+        // budget is under 256 MB: there, the staging buffer competes with the neuron cache)
+        const size_t per = FlashReads::bytes_for(*layout, SparseFfn::row_bytes(c.d_model, c.ffn_bundle), 1);
+        const size_t room = budget && budget < (size_t(256) << 20) ? size_t(4) << 20 : size_t(8) << 20;
+        opt.staging_rows = int(std::min<size_t>(c.d_ff, std::max<size_t>(64, room / per)));
     }
     const size_t predictor = with_predictor ? Predictor::bytes_for(c.n_layers, c.d_ff, c.d_model, chunk_) : 0;
-    const size_t row = SparseFfn::row_bytes(c.d_model, c.dtype);
+    const size_t row = SparseFfn::row_bytes(c.d_model, c.ffn_bundle);
     SparseOptions sized = opt;
     sized.cache_rows = flash ? c.d_ff : 0;  // for the index part of fixed_bytes
-    const size_t fixed = expected_weight_bytes(!flash) + state_bytes() + predictor +
-                         SparseFfn::fixed_bytes(c.n_layers, c.d_ff, c.d_model, c.dtype, chunk_, sized,
+    const size_t weights = resident_weight_bytes ? resident_weight_bytes : expected_weight_bytes(!flash);
+    // the activation blocks check_loaded allocates for block formats, counted in any case
+    const size_t act = sizeof(quant::ActBlock) * chunk_ * (std::max({c.d_model, c.q_dim(), c.d_ff}) / quant::kActBlock) +
+                       sizeof(quant::ActBlock16) * chunk_ * (c.d_model / quant::kActBlock);
+    const size_t fixed = weights + state_bytes() + act + predictor +
+                         SparseFfn::fixed_bytes(c.n_layers, c.d_ff, c.d_model, c.ffn_bundle, chunk_, sized,
                                                 flash ? layout : nullptr) + (size_t(1) << 16);
     minimum_budget_ = flash ? fixed : 0;
     if (flash) {
         if (budget) {
             FM_ARG(budget >= fixed, "dram_budget ", budget, " bytes is below the minimum ", fixed,
-                   " bytes (resident weights ", expected_weight_bytes(false), ", run state and KV cache for max_context ",
-                   c.max_context, " ", state_bytes(), ", predictor ", predictor, ", read buffers and index ",
-                   fixed - expected_weight_bytes(false) - state_bytes() - predictor,
+                   " bytes (resident weights ", weights, ", run state and KV cache for max_context ",
+                   c.max_context, " ", state_bytes() + act, ", predictor ", predictor, ", read buffers and index ",
+                   fixed - weights - state_bytes() - act - predictor,
                    "); raise the budget or lower max_context");
             opt.cache_rows = int(std::min<size_t>(c.d_ff, (budget - fixed) / (size_t(c.n_layers) * row)));
         } else if (opt.cache_rows < 0) {
@@ -128,7 +138,7 @@ void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const 
     }
     std::vector<const void*> resident;
     if (!flash) resident.resize(c.n_layers, nullptr);  // filled once the bundles are loaded
-    sparse_ = std::make_unique<SparseFfn>(source, c.n_layers, c.d_ff, c.d_model, c.dtype, chunk_, opt, layout,
+    sparse_ = std::make_unique<SparseFfn>(source, c.n_layers, c.d_ff, c.d_model, c.ffn_bundle, chunk_, opt, layout,
                                           resident);
 }
 
@@ -156,7 +166,10 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
         return;
     }
 
-    // where the tensor goes and the shape it must have
+    // where the tensor goes and the shape it must have; a bundle row: 3*d_model floats, or the
+    // bytes of its three block-format pieces
+    const BundleFormat& bf = c.ffn_bundle;
+    const int64_t bundle_cols = bf.is_float() ? 3 * int64_t(c.d_model) : int64_t(bf.bytes(c.d_model));
     Tensor* matrix = nullptr;
     Buffer* vec = nullptr;
     std::vector<int64_t> expect;
@@ -172,16 +185,19 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
     else if (kind == "bq") vec = &L->bq, expect = {c.q_dim()};
     else if (kind == "bk") vec = &L->bk, expect = {c.kv_dim()};
     else if (kind == "bv") vec = &L->bv, expect = {c.kv_dim()};
-    else if (kind == "ffn_bundles") vec = &L->ffn_bundles, expect = {c.d_ff, 3 * c.d_model};
+    else if (kind == "ffn_bundles") vec = &L->ffn_bundles, expect = {c.d_ff, bundle_cols};
     else if (kind == "ffn_gate") matrix = &L->ffn_gate, expect = {c.d_ff, c.d_model};
     else if (kind == "ffn_up") matrix = &L->ffn_up, expect = {c.d_ff, c.d_model};
     else if (kind == "ffn_down") matrix = &L->ffn_down, expect = {c.d_model, c.d_ff};
     else FM_ARG(false, "unknown tensor kind '", kind, "'");
 
     const bool bundles = kind == "ffn_bundles";
-    const Format f = format_from_name(format);
-    const Format want = bundles ? format_of(c.dtype) : Format::F32;
-    FM_ARG(matrix || f == want, what, " in '", path, "': expected dtype ", format_name(want), ", got ", format);
+    if (bundles) {
+        const std::string want = bf.is_float() ? format_name(bf.gate) : bf.name();
+        FM_ARG(format == want, what, " in '", path, "': expected bundles in ", want, ", got ", format);
+    }
+    const Format f = bundles ? (bf.is_float() ? bf.gate : Format::F32) : format_from_name(format);
+    FM_ARG(matrix || bundles || f == Format::F32, what, " in '", path, "': expected dtype f32, got ", format);
     bool shape_ok = shape.size() == expect.size() && shape[0] == expect[0];
     if (shape_ok && shape.size() == 2) shape_ok = bundles ? shape[1] >= expect[1] : shape[1] == expect[1];
     if (!shape_ok) {
@@ -201,7 +217,7 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
         file.drop_cached(offset, matrix->nbytes());
         return;
     }
-    const size_t esz = format_traits(f).block_bytes;
+    const size_t esz = bundles && !bf.is_float() ? 1 : format_traits(f).block_bytes;
     const size_t rows = size_t(expect[0]), cols = expect.size() == 2 ? size_t(expect[1]) : 1;
     vec->allocate(rows * cols * esz);
     if (!bundles || size_t(shape[1]) == cols) {
@@ -242,6 +258,7 @@ void Model::check_loaded() {
         for (const Tensor* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.ffn_gate, &L.ffn_up, &L.ffn_down})
             block_formats |= t->size() && is_block_format(t->format);
     }
+    block_formats |= !c.ffn_bundle.is_float() && (sparse_ || w_.layers[0].ffn_bundles.size());
     const size_t widest = std::max({c.d_model, c.q_dim(), c.d_ff});
     if (block_formats && !act_.size()) act_.allocate(sizeof(quant::ActBlock) * chunk_ * (widest / quant::kActBlock));
     if (is_block_format((c.tied_embeddings ? w_.embed : w_.lm_head).format) && !act16_.size())
@@ -462,7 +479,8 @@ void Model::layer_forward(int l, int T, int start_pos) {
                     sizeof(float) * size_t(T) * c.d_model);
     const int nt = pool_.size();
     FfnScratch s{ffn_acc_.data<float>(), ffn_hu_.data<float>(), convert_.data<float>(),
-                 convert_.size() / sizeof(float) / nt, ffn_block_.data<char>(), chunk_};
+                 convert_.size() / sizeof(float) / nt, ffn_block_.data<char>(), act_.data<quant::ActBlock>(),
+                 chunk_};
     if (sparse_) {
         sparse_->forward(pool_, l, x, xn, T, s);
     } else if (!L.ffn_bundles.size()) {  // the three matrices: down(silu(gate x) * up x)
@@ -475,10 +493,10 @@ void Model::layer_forward(int l, int T, int start_pos) {
         for (size_t i = 0; i < size_t(T) * c.d_model; ++i) x[i] += proj_.data<float>()[i];
     } else {  // dense: every bundle, in place
         const void** rows = ffn_rows_.data<const void*>();
-        const size_t row = size_t(3) * c.d_model * dtype_size(c.dtype);
+        const size_t row = c.ffn_bundle.bytes(c.d_model);
         for (int i = 0; i < c.d_ff; ++i) rows[i] = L.ffn_bundles.data<char>() + i * row;
-        ffn_begin(pool_, T, c.d_model, s);
-        ffn_accumulate(pool_, xn, T, c.d_model, c.dtype, {rows, c.d_ff, nullptr}, 0, c.d_ff, s);
+        ffn_begin(pool_, xn, T, c.d_model, c.ffn_bundle, s);
+        ffn_accumulate(pool_, xn, T, c.d_model, c.ffn_bundle, {rows, c.d_ff, nullptr}, 0, c.d_ff, s);
         ffn_end(pool_, x, T, c.d_model, s);
     }
     mark(Profile::kFfn);

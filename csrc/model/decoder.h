@@ -29,8 +29,8 @@ struct Config {
     float norm_eps = 1e-5f;
     bool tied_embeddings = false;
     bool qkv_bias = false;  // Qwen2
-    DType dtype = DType::F32;  // float type of the FFN bundles (each matrix has its own format; norms
-                               // and biases are f32)
+    // formats of the FFN's neuron bundles (each matrix has its own format; norms and biases are f32)
+    BundleFormat ffn_bundle;
     std::vector<float> rope_inv_freq;  // (head_dim/2), scaling already applied (computed in Python)
     float rope_attention_scaling = 1.0f;
     DType kv_dtype = DType::F32;  // the KV cache's storage: f32 or f16
@@ -49,7 +49,7 @@ struct LayerWeights {
     Buffer ffn_norm;     // (d_model) f32
     // The FFN in DRAM is one of: neuron bundles (float formats; what flash streaming reads), or
     // the three matrices as a checkpoint stores them (any format; block formats are kept so).
-    Buffer ffn_bundles;  // (d_ff, 3*d_model) in Config::dtype: bundle i = [gate row i | up row i | down column i]
+    Buffer ffn_bundles;  // (d_ff, bundle) in Config::ffn_bundle: bundle i = [gate row i | up row i | down column i]
     Tensor ffn_gate, ffn_up;  // (d_ff, d_model)
     Tensor ffn_down;          // (d_model, d_ff)
 };
@@ -78,7 +78,8 @@ class Model {
     int kv_length() const { return kv_length_; }
     size_t weight_bytes() const;
     size_t state_bytes() const;
-    // Bytes the resident weights will take once loaded (with or without the FFN bundles).
+    // Bytes the resident weights will take once loaded (with or without the FFN bundles), for a
+    // float model; block formats are known only from the file (configure_sparse's argument).
     size_t expected_weight_bytes(bool ffn_resident) const;
     // Every byte this engine owns: weights, run state and KV cache, the sparse FFN (predictor,
     // neuron cache, read buffers).
@@ -89,8 +90,10 @@ class Model {
     // weights. With a budget (bytes, 0: none), the neuron cache takes what the rest leaves, and a
     // budget below the minimum raises std::invalid_argument stating the minimum.
     // with_predictor: a sparsity predictor will be loaded (its bytes count in the budget).
+    // resident_weight_bytes: what the weights to be loaded will take (the loader knows their formats
+    // from the file); 0: estimated from the float bundle type (float models only).
     void configure_sparse(SparseFfn::Source source, SparseOptions opt, const FileLayout* layout, size_t budget,
-                          bool with_predictor);
+                          bool with_predictor, size_t resident_weight_bytes = 0);
     SparseFfn* sparse() { return sparse_.get(); }
     // The sparsity predictor's scores (T, d_ff) for FFN inputs x (T, d_model) of layer l.
     void predictor_scores(int l, const float* x, int T, float* out) {

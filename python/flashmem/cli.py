@@ -6,6 +6,10 @@ import json
 import os
 import sys
 
+from .checkpoints.convert import ALL_DTYPES, BUNDLE_DOWN_FORMATS
+
+DTYPE_HELP = ("weights: gguf (a GGUF file's own block formats; the default for .gguf), f16 (the default for HF "
+              "folders), f32, bf16, or a block format to quantize to (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k)")
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)
@@ -20,11 +24,11 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="flashmem folder, HF folder or .gguf (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", choices=("f32", "f16", "bf16", "gguf"), default=None)
+    p.add_argument("--dtype", choices=ALL_DTYPES, default=None, help=DTYPE_HELP)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--kv-dtype", choices=("f32", "f16"), default=None,
-                   help="KV cache storage (default f16 for --dtype gguf, f32 otherwise)")
+                   help="KV cache storage (default f16 with block formats, f32 with float weights)")
     p.add_argument("--offload", choices=("flash",), default=None,
                    help="stream the FFN weights from the model folder instead of holding them in DRAM")
     p.add_argument("--dram-budget", default=None,
@@ -92,7 +96,7 @@ def cmd_chat(a) -> None:
 def cmd_convert(a) -> None:
     from .checkpoints.convert import convert
 
-    out = convert(a.src, a.out, dtype=a.dtype, align=a.align)
+    out = convert(a.src, a.out, dtype=a.dtype, align=a.align, bundle_down=a.bundle_down)
     print(out)
 
 
@@ -161,8 +165,10 @@ def main(argv=None) -> int:
     v = sub.add_parser("convert", help="convert a HF folder or GGUF file to a flashmem folder")
     v.add_argument("src")
     v.add_argument("out")
-    v.add_argument("--dtype", choices=("f32", "f16", "bf16", "gguf"), default=None)
-    v.add_argument("--align", type=int, default=4096, help="bundle alignment in bytes (default 4096)")
+    v.add_argument("--dtype", choices=ALL_DTYPES, default=None, help=DTYPE_HELP)
+    v.add_argument("--align", type=int, default=4096, help="float bundle alignment in bytes (default 4096)")
+    v.add_argument("--bundle-down", choices=BUNDLE_DOWN_FORMATS, default="q8_0",
+                   help="format of the block-format bundles' down columns (default q8_0)")
     v.set_defaults(fn=cmd_convert)
     i = sub.add_parser("info", help="show a model's configuration and memory")
     _model_args(i)
@@ -170,7 +176,7 @@ def main(argv=None) -> int:
     k = sub.add_parser("calibrate", help="fit the sparsity predictors from calibration text")
     k.add_argument("model", nargs="?", default=None)
     k.add_argument("--data", required=True, help="UTF-8 text file (its first --tokens tokens are used)")
-    k.add_argument("--dtype", choices=("f32", "f16", "bf16", "gguf"), default=None)
+    k.add_argument("--dtype", choices=ALL_DTYPES, default=None, help=DTYPE_HELP)
     k.add_argument("--threads", type=int, default=None)
     k.add_argument("--tokens", type=int, default=8192)
     k.set_defaults(fn=cmd_calibrate)

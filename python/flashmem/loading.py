@@ -4,13 +4,14 @@ converted folder: its Config, where the FFN lives (DRAM, or streamed from flash:
 weights, the tokenizer."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 from . import _core
 from .checkpoints import safetensors_io as st
 from .checkpoints.config import model_dims, read_json, rope_inv_freq
-from .checkpoints.convert import DTYPES, FORMAT_VERSION, KEEP_FORMATS, RESIDENT_FILE
+from .checkpoints.convert import ALL_DTYPES, DTYPES, FORMAT_VERSION, READABLE_VERSIONS, RESIDENT_FILE
 from .checkpoints.default_model import default_gguf
 from .checkpoints.store import converted_folder, is_converted
 from .flash import streaming
@@ -33,8 +34,8 @@ def load(path: str | None = None, dtype: str | None = None, threads: int | None 
     into the store); with no path, the default model. The README's "Python API" and "Flash
     offloading" sections describe every argument; flash_options: ffn_layout, queue_depth,
     coalesce_gap, direct_io, cache_rows, cache_bias, expire_window, eviction."""
-    if dtype is not None and dtype not in DTYPES + (KEEP_FORMATS,):
-        raise ValueError(f"dtype must be 'f32', 'f16', 'bf16' or {KEEP_FORMATS!r}, got {dtype!r}")
+    if dtype is not None and dtype not in ALL_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(ALL_DTYPES)}, got {dtype!r}")
     if path is None:
         path = default_gguf()
     path = os.fspath(path)
@@ -56,7 +57,7 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
     cfg_path = os.path.join(folder, "config.json")
     config = read_json(cfg_path)
     fm = config.get("flashmem")
-    if not isinstance(fm, dict) or fm.get("format_version") != FORMAT_VERSION:
+    if not isinstance(fm, dict) or fm.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"{cfg_path}: not a flashmem folder of format version {FORMAT_VERSION}; "
                          "run `flashmem convert` on the source model")
     c = engine_config(config, cfg_path, max_context, kv_dtype)
@@ -68,9 +69,15 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
     if dram_budget == "auto":  # what the process may take, before the engine allocates anything
         dram_budget, budget_source = streaming.auto_budget()
     engine = _core.Model(c, threads)
+    # the FFN: streamed from flash, neuron bundles in DRAM (sparsity), or dense (bundles or matrices)
+    ffn = "streamed" if offload == "flash" else "bundles" if sparsity else "dense"
+    weights = weights_to_load(folder, config, ffn)
     offload, budget, predictor = streaming.configure(engine, folder, config, offload, dram_budget, sparsity, window,
-                                                     budget_source=budget_source, **flash_options)
-    load_weights(engine, folder, config, bundles=not offload)
+                                                     budget_source=budget_source,
+                                                     resident_bytes=sum(w.engine_bytes for w in weights),
+                                                     **flash_options)
+    for w in weights:
+        engine.load_tensor(w.kind, w.layer, w.path, w.offset, w.format, w.shape)
     if predictor:
         streaming.load_predictor(engine, predictor, config["num_hidden_layers"])
     engine.check_loaded()
@@ -96,10 +103,11 @@ def engine_config(config: dict, where: str, max_context: int | None, kv_dtype: s
     c.norm_eps = float(config.get("rms_norm_eps", 1e-6))
     c.tied_embeddings = bool(config.get("tie_word_embeddings", False))
     c.qkv_bias = bool(config.get("attention_bias", False) or config.get("model_type") == "qwen2")
-    dtype = config["flashmem"]["dtype"]
-    c.dtype = dtype if dtype in DTYPES else "f32"  # the bundles' type ("gguf" folders have none)
+    dtype, ffn = config["flashmem"]["dtype"], config["flashmem"]["ffn"]
+    # the neuron bundles' formats ("gguf" folders of format version 1 have no bundles)
+    c.ffn_bundle = ffn.get("bundle_format") or [dtype if dtype in DTYPES else "f32"] * 3
     if kv_dtype is None:
-        kv_dtype = "f16" if dtype == KEEP_FORMATS else "f32"
+        kv_dtype = "f32" if dtype in DTYPES else "f16"  # block formats: the KV cache too is 16-bit
     if kv_dtype not in ("f32", "f16"):
         raise ValueError(f"kv_dtype must be 'f32' or 'f16', got {kv_dtype!r}")
     c.kv_dtype = kv_dtype
@@ -108,12 +116,33 @@ def engine_config(config: dict, where: str, max_context: int | None, kv_dtype: s
     return c
 
 
-def load_weights(engine, folder: str, config: dict, bundles: bool) -> None:
-    """Loads the resident weights, and the FFN's neuron bundles when `bundles` (and the folder has
-    them). A matrix in a block format is stored as the bytes of its rows; the file's metadata
-    "formats" names its format (checkpoints/convert.py)."""
-    ffn_file = config["flashmem"]["ffn"].get("file")
-    files = [RESIDENT_FILE] + ([ffn_file] if bundles and ffn_file else [])
+@dataclasses.dataclass
+class WeightFile:
+    """One tensor the engine loads: Model.load_tensor's arguments, and the bytes it will own."""
+    kind: str
+    layer: int
+    path: str
+    offset: int
+    format: str
+    shape: list
+    engine_bytes: int
+
+
+def weights_to_load(folder: str, config: dict, ffn: str = "dense") -> list[WeightFile]:
+    """The tensors the engine loads from a converted folder, in file order. ffn: "dense" (the FFN
+    in DRAM: neuron bundles, or a "gguf" folder's three matrices), "bundles" (the neuron bundles,
+    for sparsity in DRAM) or "streamed" (no FFN weights: flash streaming reads them). A matrix in a
+    block format is stored as the bytes of its rows; the file's metadata "formats" names its format
+    (checkpoints/convert.py); block-format bundles are U8 rows, their formats in "bundle_format"."""
+    section = config["flashmem"]["ffn"]
+    ffn_file = section.get("file")
+    matrices = section.get("layout") == "matrices"  # model.safetensors holds gate, up and down
+    want_bundles = ffn == "bundles" or (ffn == "dense" and not matrices)
+    if want_bundles and not ffn_file:
+        raise ValueError(f"{folder}: this folder has no neuron bundles (converted by an older flashmem); convert "
+                         "the model again")
+    files = [RESIDENT_FILE] + ([ffn_file] if want_bundles else [])
+    out = []
     for fname in files:
         path = os.path.join(folder, fname)
         infos, meta = st.read_header(path)
@@ -131,14 +160,25 @@ def load_weights(engine, folder: str, config: dict, bundles: bool) -> None:
                 kind, layer = _LAYER_KINDS[parts[3]], int(parts[2])
             if kind == "lm_head" and config.get("tie_word_embeddings"):
                 continue
+            if kind in ("ffn_gate", "ffn_up", "ffn_down") and ffn != "dense":
+                continue
             fmt, shape = formats.get(name, info.tag), list(info.shape)
-            if fmt != info.tag:  # a block format: (rows, row bytes) of U8
+            nbytes = info.nbytes
+            if kind == "ffn_bundles":
+                if info.tag == "u8":  # block formats: (d_ff, bundle bytes)
+                    fmt = meta.get("bundle_format", "")
+                else:  # float: the engine drops each row's padding
+                    nbytes = shape[0] * 3 * config["hidden_size"] * st.TAG_SIZE[info.tag]
+            elif fmt != info.tag:  # a block format: (rows, row bytes) of U8
                 block, block_bytes = _core.format_block(fmt)
                 if info.tag != "u8" or len(shape) != 2 or shape[1] % block_bytes:
                     raise ValueError(f"{path}: tensor '{name}' in {fmt} must be stored as U8 rows of whole "
                                      f"{block_bytes}-byte blocks, got {info.tag} {tuple(shape)}")
                 shape[1] = shape[1] // block_bytes * block
-            engine.load_tensor(kind, layer, path, info.offset, fmt, shape)
+            elif info.tag != "f32" and len(shape) == 1:  # norms and biases become f32
+                nbytes = shape[0] * 4
+            out.append(WeightFile(kind, layer, path, info.offset, fmt, shape, (nbytes + 63) // 64 * 64))
+    return out
 
 
 def eos_token_ids(folder: str, tokenizer: Tokenizer) -> list[int]:

@@ -25,6 +25,11 @@ struct QuantKernels {
     void (*quantize_act16)(const float* x, ActBlock16* out, int K);
     void (*matmul16[kFormats])(float* Y, size_t ldy, const ActBlock16* A, int T, const void* W, size_t row_bytes,
                                int K, int N);
+    // Neuron bundles (ffn/bundled_ffn.h), their rows given as pointers, each piece at `offset`:
+    // out[i] = (rows[i] + offset) . a, K weights in the format, for i < n (gate and up);
+    void (*dot_ptrs[kFormats])(float* out, const ActBlock* a, const void* const* rows, size_t offset, int K, int n);
+    // y (K) += sum_i c[i] * (rows[i] + offset), for i < n (down columns).
+    void (*axpy_ptrs[kFormats])(float* y, const float* c, const void* const* rows, size_t offset, int K, int n);
 };
 
 const QuantKernels& quant_kernels();  // the best for this CPU
@@ -41,5 +46,7 @@ void quantize_act_ref(const float* x, ActBlockOf<Q>* out, int K);
 template <typename Q>
 void matmul_ref(Format f, float* Y, size_t ldy, const ActBlockOf<Q>* A, int T, const void* W, size_t row_bytes, int K,
                 int N);
+void dot_ptrs_ref(Format f, float* out, const ActBlock* a, const void* const* rows, size_t offset, int K, int n);
+void axpy_ptrs_ref(Format f, float* y, const float* c, const void* const* rows, size_t offset, int K, int n);
 
 }  // namespace fm::quant

@@ -156,10 +156,10 @@ inline void superblock_q6k(const uint8_t* p, const ActBlock* as, __m256& acc) {
     }
 }
 
-// out[r] = row r of NR rows (row_bytes apart, K weights each) . one token's activation blocks.
+// out[r] = row w[r] (K weights) . one token's activation blocks, for NR rows.
 // NR rows at a time share each activation load and keep NR independent sums in flight.
 template <Format F, int NR>
-inline void dot_rows(const uint8_t* w, size_t row_bytes, const ActBlock* a, int K, float* out) {
+inline void dot_rows(const uint8_t* const* w, const ActBlock* a, int K, float* out) {
     __m256 acc[NR];
     float offset[NR];
     for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0;
@@ -170,7 +170,7 @@ inline void dot_rows(const uint8_t* w, size_t row_bytes, const ActBlock* a, int 
             const __m256i x = load32(a[b].qs);
             for (int r = 0; r < NR; ++r) {
                 float d, c;
-                const __m256i p = block32<F>(w + r * row_bytes + b * bb, x, &d, &c);
+                const __m256i p = block32<F>(w[r] + b * bb, x, &d, &c);
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * a[b].d), acc[r]);
                 if constexpr (F != Format::Q8_0) offset[r] += c * a[b].s;  // q8_0 has no offset
             }
@@ -179,8 +179,8 @@ inline void dot_rows(const uint8_t* w, size_t row_bytes, const ActBlock* a, int 
         constexpr int bb = F == Format::Q4_K ? 144 : F == Format::Q5_K ? 176 : 210;
         for (int sb = 0; sb < K / 256; ++sb)
             for (int r = 0; r < NR; ++r) {
-                if constexpr (F == Format::Q6_K) superblock_q6k(w + r * row_bytes + sb * bb, a + 8 * sb, acc[r]);
-                else superblock_k45<F>(w + r * row_bytes + sb * bb, a + 8 * sb, acc[r], offset[r]);
+                if constexpr (F == Format::Q6_K) superblock_q6k(w[r] + sb * bb, a + 8 * sb, acc[r]);
+                else superblock_k45<F>(w[r] + sb * bb, a + 8 * sb, acc[r], offset[r]);
             }
     }
     for (int r = 0; r < NR; ++r) out[r] = hsum(acc[r]) + offset[r];
@@ -207,7 +207,7 @@ inline __m256 add_scaled(__m256 acc, __m256i lo, __m256i hi, float scale) {
 
 // As dot_rows, with 16-bit activations.
 template <Format F, int NR>
-inline void dot_rows16(const uint8_t* w, size_t row_bytes, const ActBlock16* a, int K, float* out) {
+inline void dot_rows16(const uint8_t* const* w, const ActBlock16* a, int K, float* out) {
     __m256 acc[NR];
     float offset[NR];
     for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0;
@@ -217,7 +217,7 @@ inline void dot_rows16(const uint8_t* w, size_t row_bytes, const ActBlock16* a, 
                          : F == Format::Q5_0 ? 22 : 24;
         for (int b = 0; b < K / 32; ++b)
             for (int r = 0; r < NR; ++r) {
-                const uint8_t* p = w + r * row_bytes + b * bb;
+                const uint8_t* p = w[r] + b * bb;
                 float d, c = 0;
                 if constexpr (F == Format::Q8_0) {
                     const auto* blk = reinterpret_cast<const BlockQ8_0*>(p);
@@ -248,7 +248,7 @@ inline void dot_rows16(const uint8_t* w, size_t row_bytes, const ActBlock16* a, 
         using Block = std::conditional_t<q5, BlockQ5_K, BlockQ4_K>;
         for (int sb = 0; sb < K / 256; ++sb)
             for (int r = 0; r < NR; ++r) {
-                const Block* blk = reinterpret_cast<const Block*>(w + r * row_bytes) + sb;
+                const Block* blk = reinterpret_cast<const Block*>(w[r]) + sb;
                 const ActBlock16* as = a + 8 * sb;
                 const float d = f16(blk->d), dmin = f16(blk->dmin);
                 const __m256i high = fifth_bit_planes<F>(blk);
@@ -268,7 +268,7 @@ inline void dot_rows16(const uint8_t* w, size_t row_bytes, const ActBlock16* a, 
         static_assert(F == Format::Q6_K, "a block format");
         for (int sb = 0; sb < K / 256; ++sb)
             for (int r = 0; r < NR; ++r) {
-                const BlockQ6_K* blk = reinterpret_cast<const BlockQ6_K*>(w + r * row_bytes) + sb;
+                const BlockQ6_K* blk = reinterpret_cast<const BlockQ6_K*>(w[r]) + sb;
                 const float d = f16(blk->d);
                 for (int h = 0; h < 2; ++h) {
                     __m256i q[4];
@@ -291,8 +291,10 @@ inline void dot_rows16(const uint8_t* w, size_t row_bytes, const ActBlock16* a, 
 // once). Act: ActBlock (8-bit activations) or ActBlock16.
 template <Format F, int NR, typename Act>
 inline void dot_any(const uint8_t* w, size_t row_bytes, const Act* a, int K, float* out) {
-    if constexpr (std::is_same_v<Act, ActBlock>) dot_rows<F, NR>(w, row_bytes, a, K, out);
-    else dot_rows16<F, NR>(w, row_bytes, a, K, out);
+    const uint8_t* rows[NR];
+    for (int r = 0; r < NR; ++r) rows[r] = w + r * row_bytes;
+    if constexpr (std::is_same_v<Act, ActBlock>) dot_rows<F, NR>(rows, a, K, out);
+    else dot_rows16<F, NR>(rows, a, K, out);
 }
 
 template <Format F, typename Act>
@@ -314,6 +316,74 @@ void matmul(float* Y, size_t ldy, const Act* A, int T, const void* W, size_t row
     }
     for (; n < N; ++n)
         for (int t = 0; t < T; ++t) dot_any<F, 1>(w + n * row_bytes, row_bytes, A + size_t(t) * nb, K, &Y[t * ldy + n]);
+}
+
+// --- neuron bundles: rows given as pointers (sparse_ffn gathers them from anywhere) -------------
+
+// out[i] = (rows[i] + offset) . a for n rows of K weights.
+template <Format F>
+void dot_ptrs(float* out, const ActBlock* a, const void* const* rows, size_t offset, int K, int n) {
+    constexpr int NR = 4;
+    const uint8_t* w[NR];
+    int i = 0;
+    for (; i + NR <= n; i += NR) {
+        for (int r = 0; r < NR; ++r) w[r] = static_cast<const uint8_t*>(rows[i + r]) + offset;
+        dot_rows<F, NR>(w, a, K, out + i);
+    }
+    for (; i < n; ++i) {
+        w[0] = static_cast<const uint8_t*>(rows[i]) + offset;
+        dot_rows<F, 1>(w, a, K, out + i);
+    }
+}
+
+// y (K) += sum_i c[i] * (rows[i] + offset), q8_0 rows: NR rows share each load and store of y.
+template <int NR>
+inline void axpy_q8_0_rows(float* y, const float* c, const BlockQ8_0* const* b, int K) {
+    for (int blk = 0; blk < K / 32; ++blk) {
+        __m256 s[NR];
+        for (int r = 0; r < NR; ++r) s[r] = _mm256_set1_ps(c[r] * f16(b[r][blk].d));
+        for (int j = 0; j < 4; ++j) {
+            float* yj = y + blk * 32 + 8 * j;
+            __m256 acc = _mm256_loadu_ps(yj);
+            for (int r = 0; r < NR; ++r) {
+                const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b[r][blk].qs + 8 * j));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s[r], acc);
+            }
+            _mm256_storeu_ps(yj, acc);
+        }
+    }
+}
+
+template <Format F>
+void axpy_ptrs(float* y, const float* c, const void* const* rows, size_t offset, int K, int n) {
+    if constexpr (F == Format::Q8_0) {
+        constexpr int NR = 4;
+        const BlockQ8_0* b[NR];
+        int i = 0;
+        for (; i + NR <= n; i += NR) {
+            for (int r = 0; r < NR; ++r)
+                b[r] = reinterpret_cast<const BlockQ8_0*>(static_cast<const uint8_t*>(rows[i + r]) + offset);
+            axpy_q8_0_rows<NR>(y, c + i, b, K);
+        }
+        for (; i < n; ++i) {
+            b[0] = reinterpret_cast<const BlockQ8_0*>(static_cast<const uint8_t*>(rows[i]) + offset);
+            axpy_q8_0_rows<1>(y, c + i, b, K);
+        }
+    } else {  // the other formats: a block at a time through the scalar dequantization
+        const FormatTraits& t = format_traits(F);
+        alignas(32) float w[256];
+        for (int i = 0; i < n; ++i) {
+            if (c[i] == 0.0f) continue;
+            const uint8_t* row = static_cast<const uint8_t*>(rows[i]) + offset;
+            const __m256 ci = _mm256_set1_ps(c[i]);
+            for (int blk = 0; blk < K / t.block; ++blk) {
+                dequantize(F, row + size_t(blk) * t.block_bytes, w, t.block);
+                float* yb = y + blk * t.block;
+                for (int k = 0; k < t.block; k += 8)
+                    _mm256_storeu_ps(yb + k, _mm256_fmadd_ps(_mm256_load_ps(w + k), ci, _mm256_loadu_ps(yb + k)));
+            }
+        }
+    }
 }
 
 // x (K) -> K/32 blocks of 8-bit (Q = int8_t) or 16-bit activations, rounding to nearest even.
@@ -369,6 +439,12 @@ const QuantKernels avx2_table = {
     {nullptr, nullptr, nullptr, matmul<Format::Q8_0, ActBlock16>, matmul<Format::Q4_0, ActBlock16>,
      matmul<Format::Q4_1, ActBlock16>, matmul<Format::Q5_0, ActBlock16>, matmul<Format::Q5_1, ActBlock16>,
      matmul<Format::Q4_K, ActBlock16>, matmul<Format::Q5_K, ActBlock16>, matmul<Format::Q6_K, ActBlock16>},
+    {nullptr, nullptr, nullptr, dot_ptrs<Format::Q8_0>, dot_ptrs<Format::Q4_0>, dot_ptrs<Format::Q4_1>,
+     dot_ptrs<Format::Q5_0>, dot_ptrs<Format::Q5_1>, dot_ptrs<Format::Q4_K>, dot_ptrs<Format::Q5_K>,
+     dot_ptrs<Format::Q6_K>},
+    {nullptr, nullptr, nullptr, axpy_ptrs<Format::Q8_0>, axpy_ptrs<Format::Q4_0>, axpy_ptrs<Format::Q4_1>,
+     axpy_ptrs<Format::Q5_0>, axpy_ptrs<Format::Q5_1>, axpy_ptrs<Format::Q4_K>, axpy_ptrs<Format::Q5_K>,
+     axpy_ptrs<Format::Q6_K>},
 };
 
 }  // namespace fm::quant

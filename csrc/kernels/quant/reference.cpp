@@ -43,6 +43,21 @@ void matmul_ref(Format f, float* Y, size_t ldy, const ActBlockOf<Q>* A, int T, c
     }
 }
 
+void dot_ptrs_ref(Format f, float* out, const ActBlock* a, const void* const* rows, size_t offset, int K, int n) {
+    for (int i = 0; i < n; ++i)
+        matmul_ref(f, out + i, 1, a, 1, static_cast<const uint8_t*>(rows[i]) + offset, 0, K, 1);
+}
+
+void axpy_ptrs_ref(Format f, float* y, const float* c, const void* const* rows, size_t offset, int K, int n) {
+    std::vector<float> w(K);
+    std::vector<double> sum(y, y + K);
+    for (int i = 0; i < n; ++i) {
+        dequantize(f, static_cast<const uint8_t*>(rows[i]) + offset, w.data(), K);
+        for (int k = 0; k < K; ++k) sum[k] += double(c[i]) * w[k];
+    }
+    for (int k = 0; k < K; ++k) y[k] = float(sum[k]);
+}
+
 template void quantize_act_ref(const float*, ActBlock*, int);
 template void quantize_act_ref(const float*, ActBlock16*, int);
 template void matmul_ref(Format, float*, size_t, const ActBlock*, int, const void*, size_t, int, int);

@@ -9,10 +9,16 @@ Layout of the output folder (FORMAT_VERSION 1), with dtype f32, f16 or bf16:
                             stride * itemsize a multiple of `align` (4096), data section aligned too,
                             so every bundle starts at a 4096-byte file offset (one direct-I/O read
                             fetches one neuron)
-With dtype "gguf" (a GGUF file's formats kept): no bundle file; model.safetensors also holds the
-FFN's gate_proj, up_proj and down_proj matrices, and each matrix in a block format is stored as the
-bytes of its rows (U8, (rows, row bytes)), its format named in the header's metadata "formats"
-(a JSON object, tensor name -> format).
+With dtype "gguf" (a GGUF file's formats kept): model.safetensors also holds the FFN's gate_proj,
+up_proj and down_proj matrices (the dense path computes with them), and each matrix in a block
+format is stored as the bytes of its rows (U8, (rows, row bytes)), its format named in the
+header's metadata "formats" (a JSON object, tensor name -> format). ffn_bundles.safetensors then
+holds the same FFN as neuron bundles in block formats, for flash streaming and sparsity: per
+layer a U8 tensor (d_ff, bundle bytes), row i = [gate row i | up row i | down column i], the gate
+and up rows as the GGUF stores them, the down column requantized along d_model (to `bundle_down`,
+q8_0 by default: the GGUF's blocks run along d_ff). Bundles are packed, not padded to 4096
+bytes: a read covers the aligned blocks a bundle spans. config.json's "ffn" section names the
+three formats ("bundle_format") and the bundle's bytes ("bundle_bytes").
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ from .config import model_dims
 from .gguf_file import GGUFSource
 from .hf_folder import HFSource, layer_tensor_names
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "gguf" folders hold block-format bundles too (1: float folders, still read)
+READABLE_VERSIONS = (1, 2)
 DTYPES = ("f32", "f16", "bf16")
 KEEP_FORMATS = "gguf"  # the dtype that keeps a GGUF file's formats
 BUNDLE_FILE = "ffn_bundles.safetensors"
@@ -44,7 +51,7 @@ def bundle_stride(d_model: int, dtype: str, align: int) -> int:
 
 def open_source(path: str):
     """The conversion source at `path`: a HF folder or a .gguf file. Both give an HF-style
-    `config`, `tensor(name)` as float32 under HF Llama names, `has(name)`, `default_dtype` and
+    `config`, `tensor(name)` as float32 under HF Llama names, `has(name)`, `shape(name)`, `default_dtype` and
     `write_tokenizer(out_dir)`."""
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -56,17 +63,82 @@ def open_source(path: str):
     raise ValueError(f"{path}: not a model folder (config.json + *.safetensors) or a .gguf file")
 
 
-def convert(src: str, out: str, dtype: str | None = None, align: int = 4096, progress: bool = True) -> str:
+BUNDLE_DOWN_FORMATS = ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "same")
+QUANT_DTYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")  # quantized by flashmem
+ALL_DTYPES = DTYPES + (KEEP_FORMATS,) + QUANT_DTYPES
+EMBED_FORMAT = "q8_0"  # embeddings and LM head of a quantized conversion (llama.cpp keeps these wider too)
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+class QuantizedSource:
+    """A conversion source whose matrices are quantized to `fmt` by ggml's reference quantizers
+    (csrc/kernels/quant/quantize.cpp, bit-exact with llama.cpp's without an importance matrix):
+    it offers stored()/stored_spec() as a GGUF does, so the kept-formats writer serves both. The
+    embeddings and LM head take q8_0; a matrix whose rows are not whole blocks of fmt (a 576-wide
+    row in a 256-weight k-quant) takes q8_0, else f16; norms stay f32."""
+
+    def __init__(self, source, fmt: str):
+        self.source, self.fmt = source, fmt
+        self.config, self.default_dtype = source.config, fmt
+        self.path = getattr(source, "path", None)
+
+    def has(self, name):
+        return self.source.has(name)
+
+    def tensor(self, name):
+        return self.source.tensor(name)
+
+    def write_tokenizer(self, out):
+        self.source.write_tokenizer(out)
+
+    def _format(self, name: str, shape: tuple) -> str:
+        from .. import _core
+
+        fmt = EMBED_FORMAT if name in ("model.embed_tokens.weight", "lm_head.weight") else self.fmt
+        for f in (fmt, "q8_0"):
+            if shape[-1] % _core.format_block(f)[0] == 0:
+                return f
+        return "f16"
+
+    def stored_spec(self, name: str) -> tuple[str, tuple]:
+        shape = self.source.shape(name)
+        if len(shape) == 1:
+            return "f32", shape
+        fmt = self._format(name, shape)
+        return fmt, (shape if fmt == "f16" else (shape[0], _core_row_bytes(fmt, shape[1])))
+
+    def stored(self, name: str) -> tuple[str, np.ndarray]:
+        from .. import _core
+
+        w = np.ascontiguousarray(self.source.tensor(name), np.float32)
+        if w.ndim == 1:
+            return "f32", w
+        if not np.isfinite(w).all():
+            raise ValueError(f"tensor '{name}' contains NaN or inf")
+        fmt = self._format(name, w.shape)
+        return fmt, (w.astype(np.float16) if fmt == "f16" else _core.quantize(fmt, w, threads=_threads()))
+
+
+def convert(src: str, out: str, dtype: str | None = None, align: int = 4096, progress: bool = True,
+            bundle_down: str = "q8_0") -> str:
     """Converts a HF folder or GGUF file to a flashmem folder at `out`; returns `out`. dtype: f32,
     f16 or bf16 (every matrix in it, the FFN as neuron bundles), or "gguf" (a GGUF file's own
-    formats, block formats included, kept as they are; the FFN as its three matrices)."""
+    formats, block formats included, kept as they are; the FFN as its three matrices and as
+    block-format bundles), or a block format (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k: every
+    matrix quantized to it as llama.cpp's quantizer would, laid out as "gguf"). bundle_down: the format of the bundles' down columns with dtype "gguf"
+    ("same": the down matrix's own format where it can hold a column of d_model weights)."""
     source = open_source(src)
     dtype = dtype or source.default_dtype
-    if dtype not in DTYPES + (KEEP_FORMATS,):
-        raise ValueError(f"dtype must be one of {DTYPES + (KEEP_FORMATS,)}, got {dtype!r}")
+    if dtype not in ALL_DTYPES:
+        raise ValueError(f"dtype must be one of {ALL_DTYPES}, got {dtype!r}")
     if dtype == KEEP_FORMATS and not isinstance(source, GGUFSource):
         raise ValueError(f"{src}: dtype {KEEP_FORMATS!r} keeps a GGUF file's formats; convert a HF folder with "
                          f"dtype f32, f16 or bf16")
+    if bundle_down not in BUNDLE_DOWN_FORMATS:
+        raise ValueError(f"bundle_down must be one of {BUNDLE_DOWN_FORMATS}, got {bundle_down!r}")
     if align <= 0 or align & (align - 1):
         raise ValueError(f"align must be a power of two, got {align}")
     cfg = dict(source.config)
@@ -81,8 +153,11 @@ def convert(src: str, out: str, dtype: str | None = None, align: int = 4096, pro
     try:
         with tqdm(desc=f"convert {os.path.basename(src.rstrip('/'))} -> {dtype}", unit="tensor",
                   disable=not progress) as bar:
-            if dtype == KEEP_FORMATS:
+            if dtype in QUANT_DTYPES:
+                source = QuantizedSource(source, dtype)
+            if dtype == KEEP_FORMATS or dtype in QUANT_DTYPES:
                 ffn = _write_keeping_formats(source, src, tmp, cfg, dims, bar)
+                ffn.update(_write_format_bundles(source, src, tmp, cfg, dims, bundle_down, bar))
             else:
                 ffn = _write_bundled(source, src, tmp, cfg, dims, dtype, align, bar)
         cfg["flashmem"] = {"format_version": FORMAT_VERSION, "dtype": dtype, "source": os.path.abspath(src),
@@ -152,6 +227,84 @@ def _write_keeping_formats(source, src: str, tmp: str, cfg: dict, dims: dict, ba
         bar.update()
     w.close()
     return {"layout": "matrices"}
+
+
+def _write_format_bundles(source, src: str, tmp: str, cfg: dict, dims: dict, down_format: str, bar) -> dict:
+    """ffn_bundles.safetensors for a GGUF kept in its formats: per layer (d_ff, bundle bytes) U8,
+    gate and up rows as stored, down columns requantized along d_model (block formats) or cast to
+    the gate's float type (float formats). Packed; the file is padded to whole 4096-byte blocks so
+    that an aligned read of the last bundle stays inside it."""
+    from .. import _core
+
+    d, ff, L = dims["d_model"], dims["d_ff"], dims["n_layers"]
+    names = [layer_tensor_names(cfg, i) for i in range(L)]
+    gate_fmt, _ = source.stored_spec(names[0]["gate"])
+    up_fmt, _ = source.stored_spec(names[0]["up"])
+    down_fmt, _ = source.stored_spec(names[0]["down"])
+    floats = ("f32", "f16", "bf16")
+    for i in range(L):  # one bundle format for every layer
+        for k, want in (("gate", gate_fmt), ("up", up_fmt)):
+            got, _ = source.stored_spec(names[i][k])
+            if got != want:
+                raise ValueError(f"{src}: FFN {k} matrices differ in format across layers ({want}, {got} in layer "
+                                 f"{i}); convert with dtype f16")
+    if gate_fmt in floats or up_fmt in floats:
+        if up_fmt != gate_fmt:
+            raise ValueError(f"{src}: FFN gate ({gate_fmt}) and up ({up_fmt}) differ; convert with dtype f16")
+        formats = [gate_fmt] * 3
+    else:
+        down = down_fmt if down_format == "same" else down_format
+        if down in floats or d % _core.format_block(down)[0]:
+            down = "q8_0"  # a float down matrix, or d_model is not whole blocks of its format
+        if d % 32:
+            raise ValueError(f"{src}: d_model {d} is not a multiple of 32, which block-format bundles need; "
+                             "convert with dtype f16")
+        formats = [gate_fmt, up_fmt, down]
+    piece = [_core_row_bytes(f, d) for f in formats]
+    nbytes = sum(piece)
+    float_bundles = formats[0] in floats
+    tag = formats[0] if float_bundles else "u8"
+    cols = 3 * d if float_bundles else nbytes
+    specs = [(f"model.layers.{i}.mlp.bundles", tag, (ff, cols)) for i in range(L)]
+    path = os.path.join(tmp, BUNDLE_FILE)
+    w = st.Writer(path, specs, {"layout": "gate_up_down", "d_model": d, "bundle_format": ",".join(formats)},
+                  align=4096)
+    bar.total += L
+    for i in range(L):
+        n = names[i]
+        if float_bundles:
+            b = np.empty((ff, 3 * d), np.float32)
+            b[:, :d], b[:, d:2 * d], b[:, 2 * d:] = source.tensor(n["gate"]), source.tensor(n["up"]), \
+                source.tensor(n["down"]).T
+            if not np.isfinite(b).all():
+                raise ValueError(f"{src}: FFN weights of layer {i} contain NaN or inf")
+        else:
+            (_, g), (_, u) = source.stored(n["gate"]), source.stored(n["up"])
+            fmt, raw = source.stored(n["down"])  # the down matrix the dense path uses, dequantized
+            down = _core.dequantize(np.ascontiguousarray(raw).ravel(), fmt).reshape(d, ff) \
+                if fmt not in floats else st.to_f32(np.asarray(raw), fmt)
+            down_t = np.ascontiguousarray(down.T)  # (ff, d)
+            if not np.isfinite(down_t).all():
+                raise ValueError(f"{src}: tensor '{n['down']}' contains NaN or inf")
+            qd = _core.quantize(formats[2], down_t, threads=_threads())
+            b = np.concatenate([g.reshape(ff, -1), u.reshape(ff, -1), qd.reshape(ff, -1)], axis=1)
+            if b.shape[1] != nbytes:
+                raise ValueError(f"{src}: FFN bundles of layer {i} take {b.shape[1]} bytes, expected {nbytes}")
+        w.write(specs[i][0], b)
+        bar.update()
+    w.close()
+    with open(path, "ab") as f:  # whole 4096-byte blocks
+        f.write(b"\0" * (-f.tell() % 4096))
+    return {"bundles": "gate_up_down", "file": BUNDLE_FILE, "bundle_format": formats, "bundle_bytes": nbytes}
+
+
+def _core_row_bytes(fmt: str, n: int) -> int:
+    from .. import _core
+
+    block, block_bytes = _core.format_block(fmt)
+    if n % block:
+        raise ValueError(f"a row of {n} weights is not a whole number of {fmt} blocks of {block}")
+    return n // block * block_bytes
 
 
 def _write_bundled(source, src: str, tmp: str, cfg: dict, dims: dict, dtype: str, align: int, bar) -> dict:

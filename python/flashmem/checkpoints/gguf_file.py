@@ -89,7 +89,7 @@ class GGUFSource:
             self.config["rope_scaling"] = {"rope_type": "linear", "factor": float(self._field(a + "rope.scaling.factor"))}
         if "rope_freqs" in self._tensors:  # llama-3 style per-frequency factors
             self.config["flashmem_rope_freq_factors"] = self.tensor("rope_freqs").ravel().tolist()
-        self.default_dtype = "f16"
+        self.default_dtype = "gguf"  # the file's own formats, as llama.cpp uses them
 
     def _field(self, key):
         f = self._reader.fields.get(key)
@@ -108,6 +108,11 @@ class GGUFSource:
 
     def has(self, name: str) -> bool:
         return name in self._tensors
+
+    def shape(self, name: str) -> tuple:
+        if name not in self._tensors:
+            raise ValueError(f"{self.path}: tensor '{name}' is missing")
+        return tuple(int(s) for s in reversed(self._tensors[name].shape))
 
     def tensor(self, name: str) -> np.ndarray:
         import gguf

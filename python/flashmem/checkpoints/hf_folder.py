@@ -65,6 +65,11 @@ class HFSource:
     def has(self, name: str) -> bool:
         return name in self._where
 
+    def shape(self, name: str) -> tuple:
+        if name not in self._where:
+            raise ValueError(f"{self.path}: tensor '{name}' is missing")
+        return tuple(self._where[name][1].shape)
+
     def tensor(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise ValueError(f"{self.path}: tensor '{name}' is missing")

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..checkpoints import safetensors_io as st
-from .streaming import PREDICTOR_FILE, PREDICTOR_PARTS, bundle_path
+from .streaming import PREDICTOR_FILE, PREDICTOR_PARTS, bundle_bytes, bundle_gate_up
 
 OUTLIER_DIMS = 8  # csrc/ffn/predictor.h: kOutlierDims
 
@@ -110,7 +110,6 @@ def calibrate(model, text: str, tokens: int = 8192, progress: bool = True) -> di
     Returns the report (per-layer held-out recall)."""
     cfg = model.config
     d, ff, n_layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    tag = cfg["flashmem"]["dtype"]
     ids = model.tokenizer.encode(text)[:tokens]
     if len(ids) < 256:
         raise ValueError(f"calibration text has {len(ids)} tokens; at least 256 are needed")
@@ -119,8 +118,6 @@ def calibrate(model, text: str, tokens: int = 8192, progress: bool = True) -> di
                        axis=1)  # (layers, N, d)
     n = X.shape[1]
     n_train = n - max(n // 10, 64)
-    bundles = bundle_path(model.path, cfg)
-    infos, _ = st.read_header(bundles)
     rb, m = (d + 7) // 8, min(OUTLIER_DIMS, d)
     out = os.path.join(model.path, PREDICTOR_FILE)
     specs = []
@@ -130,14 +127,14 @@ def calibrate(model, text: str, tokens: int = 8192, progress: bool = True) -> di
                   (p + "up_row", "f32", (ff,)), (p + "gate_col", "f32", (d,)), (p + "up_col", "f32", (d,)),
                   (p + "outlier_dims", "i32", (m,)), (p + "outlier_weight", "i8", (ff, 2 * m)),
                   (p + "outlier_scale", "f32", (2 * m,))]
-    ffn_bytes = 3 * d * ff * (4 if tag == "f32" else 2)
+    ffn_bytes = bundle_bytes(cfg) * ff
     report = {"tokens": n, "held_out_tokens": n - n_train, "predictor_share_of_ffn": predictor_bytes(d, ff) / ffn_bytes,
               "recall_at_50": [], "recall_at_80": []}
     w = st.Writer(out + ".part", specs, {"predictor": "1-bit gate/up, rank-1 magnitudes, int8 outlier dims",
                                          "tokens": str(n)})
     for l in tqdm(range(n_layers), desc="calibrate predictors", unit="layer", disable=not progress):
-        b = st.to_f32(st.load_tensor(bundles, infos[f"model.layers.{l}.mlp.bundles"]), tag)
-        x, gate, up = X[l], b[:, :d], b[:, d:2 * d]
+        gate, up = bundle_gate_up(model.path, cfg, l)
+        x = X[l]
         parts = fit_layer(gate, up, x[:n_train])
         xh = x[n_train:]
         contrib = np.abs(_silu(xh @ gate.T) * (xh @ up.T))

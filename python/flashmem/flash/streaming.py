@@ -3,11 +3,14 @@
 per-token statistics. The streaming itself (selection, reads, neuron cache, compute) is C++:
 csrc/ffn/sparse_ffn.h, flash_reads.h, neuron_cache.h, predictor.h.
 
-Layouts of the FFN on disk (both 4096-byte aligned, for direct I/O):
+Layouts of the FFN on disk:
   bundled    ffn_bundles.safetensors (written by `flashmem convert`): neuron i of layer l is one
-             padded row [gate i | up i | down column i], so one read fetches one neuron.
-  unbundled  ffn_unbundled.safetensors (written by `write_unbundled`, for the benchmark): the gate,
-             up and transposed down matrices of each layer apart, so a neuron takes three reads.
+             row [gate i | up i | down column i], so one read fetches one neuron. Float bundles
+             are padded to 4096 bytes; block-format bundles (about 1.3 KB for SmolLM2 in q4_1) are
+             packed, and a read covers the aligned 4096-byte blocks a bundle spans.
+  unbundled  ffn_unbundled.safetensors (written by `write_unbundled`, for the benchmark; float
+             models): the gate, up and transposed down matrices of each layer apart (4096-byte
+             aligned), so a neuron takes three reads.
 """
 from __future__ import annotations
 
@@ -50,7 +53,9 @@ def available_dram() -> tuple[int, str]:
     """Bytes this process may still take, and where the figure comes from: its memory cgroup's
     limit less the cgroup's usage (v1 memory.limit_in_bytes / usage_in_bytes, v2 memory.max /
     memory.current; the page cache is charged there too) when a limit is set, and never more than
-    the system's MemAvailable."""
+    the system's MemAvailable. The group's inactive file pages (memory.stat: total_inactive_file,
+    v2 inactive_file), such as the page cache of files read once while importing, count as free:
+    the kernel reclaims them first."""
     with open("/proc/meminfo") as f:
         avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     how = f"MemAvailable {avail}"
@@ -71,12 +76,15 @@ def available_dram() -> tuple[int, str]:
                 limit = f.read().strip()
             with open(f"{base}{path}/{usage_file}") as f:
                 usage = int(f.read())
+            with open(f"{base}{path}/memory.stat") as f:
+                stat = dict(line.split() for line in f if len(line.split()) == 2)
+            usage -= min(int(stat.get("total_inactive_file", stat.get("inactive_file", 0))), usage)
         except (OSError, ValueError):
             continue
         if limit != "max" and int(limit) < 1 << 60:
             left = int(limit) - usage
             if left < avail:
-                avail, how = left, f"cgroup {base}{path}: limit {int(limit)} - usage {usage}"
+                avail, how = left, f"cgroup {base}{path}: limit {int(limit)} - usage {usage} (less inactive files)"
         break
     return max(avail, 0), how
 
@@ -95,11 +103,12 @@ def bundle_path(folder: str, config: dict) -> str:
 
 def configure(engine, folder: str, config: dict, offload, dram_budget, sparsity, window, ffn_layout="bundled",
               queue_depth=32, coalesce_gap=2, direct_io=True, cache_rows=None, cache_bias=0.0,
-              expire_window=False, eviction="lru", budget_source=None):
+              expire_window=False, eviction="lru", budget_source=None, resident_bytes=0):
     """Checks load()'s FFN options and configures the engine's sparse FFN (before any weight is
     loaded). Returns (offload, dram_budget in bytes, the predictor file or None); offload None
     with sparsity 0 leaves the dense FFN in place. budget_source: how dram_budget was found
-    (dram_budget="auto", resolved by the caller before the engine allocated anything)."""
+    (dram_budget="auto", resolved by the caller before the engine allocated anything); resident_bytes:
+    what the weights the loader will load take in the engine (loading.weights_to_load)."""
     if offload not in (None, "none", "flash"):
         raise ValueError(f"offload must be None or 'flash', got {offload!r}")
     offload = "flash" if offload == "flash" else None
@@ -116,10 +125,9 @@ def configure(engine, folder: str, config: dict, offload, dram_budget, sparsity,
     budget = parse_bytes(dram_budget) if dram_budget is not None else None
     if not offload and not sparsity:
         return offload, budget, None
-    if config["flashmem"]["ffn"].get("layout") == "matrices":
-        raise ValueError(f"{folder}: flash offloading and sparsity need the FFN as neuron bundles, which a "
-                         f"conversion with dtype {config['flashmem']['dtype']!r} does not write yet; convert "
-                         "the model with dtype f16 (or f32, bf16)")
+    if not config["flashmem"]["ffn"].get("file"):
+        raise ValueError(f"{folder}: flash offloading and sparsity need the FFN as neuron bundles, which this "
+                         "folder (converted by an older flashmem) lacks; convert the model again")
     predictor = None
     if sparsity:
         predictor = os.path.join(folder, PREDICTOR_FILE)
@@ -131,7 +139,8 @@ def configure(engine, folder: str, config: dict, offload, dram_budget, sparsity,
         engine.configure_sparse("flash" if offload else "dram", float(sparsity), window, True, budget or 0,
                                 bool(sparsity), queue_depth=queue_depth, coalesce_gap=coalesce_gap, direct=direct_io,
                                 cache_rows=-1 if cache_rows is None else cache_rows, cache_bias=float(cache_bias),
-                                expire_window=bool(expire_window), eviction=eviction, **kw)
+                                expire_window=bool(expire_window), eviction=eviction,
+                                resident_bytes=int(resident_bytes), **kw)
     except ValueError as e:
         if budget_source:
             raise ValueError(f"{e} (dram_budget='auto' took {budget} bytes: {budget_source}, less headroom)") from None
@@ -154,26 +163,36 @@ def load_predictor(engine, path: str, n_layers: int) -> None:
             engine.load_tensor(f"pred_{part}", l, path, info.offset, info.tag, list(info.shape))
 
 
+def bundle_bytes(config: dict) -> int:
+    """Bytes of one neuron bundle (unpadded): 3 * d_model floats, or its three block-format pieces."""
+    ffn = config["flashmem"]["ffn"]
+    if ffn.get("bundle_bytes"):
+        return int(ffn["bundle_bytes"])
+    return 3 * config["hidden_size"] * st.TAG_SIZE[config["flashmem"]["dtype"]]
+
+
 def layout(folder: str, config: dict, kind: str = "bundled") -> dict:
     """The byte layout of the FFN file the engine streams: path and, per layer, where each piece
     of neuron i starts (base + i * stride, `bytes` long)."""
     d, ff, n_layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    esz = 4 if config["flashmem"]["dtype"] == "f32" else 2
     if kind == "bundled":
         path = bundle_path(folder, config)
         infos, _ = st.read_header(path)
-        bases = []
+        nbytes, bases = bundle_bytes(config), []
         for l in range(n_layers):
             info = infos.get(f"model.layers.{l}.mlp.bundles")
             if info is None:
                 raise ValueError(f"{path}: tensor 'model.layers.{l}.mlp.bundles' is missing")
-            if info.shape[0] != ff or info.shape[1] < 3 * d:
+            stride = info.shape[1] * st.TAG_SIZE[info.tag] if len(info.shape) == 2 else 0
+            if info.shape[0] != ff or stride < nbytes:
                 raise ValueError(f"{path}: tensor 'model.layers.{l}.mlp.bundles' has shape {info.shape}, "
-                                 f"expected ({ff}, >= {3 * d})")
+                                 f"expected ({ff}, rows of at least {nbytes} bytes)")
             bases.append([info.offset])
-        stride = infos["model.layers.0.mlp.bundles"].shape[1] * esz
-        return dict(path=path, piece_base=bases, piece_stride=[stride], piece_bytes=[3 * d * esz])
+        return dict(path=path, piece_base=bases, piece_stride=[stride], piece_bytes=[nbytes])
     if kind == "unbundled":
+        if config["flashmem"]["ffn"].get("bundle_format"):
+            raise ValueError("ffn_layout 'unbundled' is written for float models only; use 'bundled'")
+        esz = 4 if config["flashmem"]["dtype"] == "f32" else 2
         path = os.path.join(folder, UNBUNDLED_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found; write it with flashmem.flash.write_unbundled()")
@@ -182,6 +201,29 @@ def layout(folder: str, config: dict, kind: str = "bundled") -> dict:
                  for l in range(n_layers)]
         return dict(path=path, piece_base=bases, piece_stride=[d * esz] * 3, piece_bytes=[d * esz] * 3)
     raise ValueError(f"ffn layout must be 'bundled' or 'unbundled', got {kind!r}")
+
+
+def bundle_gate_up(folder: str, config: dict, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """Layer `layer`'s gate and up matrices (d_ff, d_model) as f32, read from its neuron bundles."""
+    import gguf
+
+    d = config["hidden_size"]
+    path = bundle_path(folder, config)
+    infos, _ = st.read_header(path)
+    info = infos[f"model.layers.{layer}.mlp.bundles"]
+    raw = st.load_tensor(path, info)
+    formats = config["flashmem"]["ffn"].get("bundle_format")
+    if not formats:  # float bundles
+        b = st.to_f32(raw, info.tag)
+        return b[:, :d], b[:, d:2 * d]
+    out, at = [], 0
+    for fmt in formats[:2]:
+        qtype = getattr(gguf.GGMLQuantizationType, fmt.upper())
+        block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        n = d // block * block_bytes
+        out.append(np.asarray(gguf.quants.dequantize(np.ascontiguousarray(raw[:, at:at + n]), qtype), np.float32))
+        at += n
+    return out[0], out[1]
 
 
 def write_unbundled(folder: str, config: dict) -> str:
@@ -214,8 +256,7 @@ def summarize(engine, config: dict, tokens: int) -> dict:
     if not stats:
         return {}
     n_layers = config["num_hidden_layers"]
-    esz = 4 if config["flashmem"]["dtype"] == "f32" else 2
-    ffn_bytes = 3 * config["hidden_size"] * config["intermediate_size"] * n_layers * esz
+    ffn_bytes = bundle_bytes(config) * config["intermediate_size"] * n_layers
     tokens = max(tokens, 1)
     picked = stats["hits"] + stats["misses"]
     out = dict(
