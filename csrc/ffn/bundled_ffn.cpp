@@ -33,12 +33,16 @@ void ffn_begin(ThreadPool& pool, const float* xn, int T, int d_model, const Bund
 }
 
 namespace {
-// Block-format bundles: per block of kNeuronBlock neurons and per token, gate and up by integer
-// dot products with the quantized input, SwiGLU, then the down columns added in f32.
+constexpr int kDecodeGroup = 4;  // bundles a decode step computes at once (gate, up, SwiGLU, down)
+
+// Block-format bundles: per token and group of neurons, gate and up by integer dot products
+// with the quantized input, SwiGLU, then the down columns added in f32. A decode step works
+// through kDecodeGroup bundles at a time, so each bundle's bytes are used while they are in L1,
+// and asks for the next group's bundles (anywhere in the neuron cache) meanwhile.
 void accumulate_blocks(ThreadPool& pool, int T, int d_model, const BundleFormat& bf, const FfnRows& r, int lo, int hi,
                        const FfnScratch& s) {
     const quant::QuantKernels& Q = quant::quant_kernels();
-    const size_t up_at = bf.offset(1, d_model), down_at = bf.offset(2, d_model);
+    const size_t up_at = bf.offset(1, d_model), down_at = bf.offset(2, d_model), bundle = bf.bytes(d_model);
     const int nblk = d_model / quant::kActBlock;
     auto gate = Q.dot_ptrs[int(bf.gate)], up = Q.dot_ptrs[int(bf.up)];
     auto down = Q.axpy_ptrs[int(bf.down)];
@@ -48,8 +52,13 @@ void accumulate_blocks(ThreadPool& pool, int T, int d_model, const BundleFormat&
         float* acc = s.acc + size_t(tid) * s.t_max * d_model;      // (T, d_model)
         float* h = s.hu + size_t(tid) * 2 * s.t_max * kNeuronBlock;  // (T, nb)
         float* u = h + size_t(s.t_max) * kNeuronBlock;                // (T, nb)
-        for (int p = p0; p < p1; p += kNeuronBlock) {
-            const int nb = p1 - p < kNeuronBlock ? p1 - p : kNeuronBlock;
+        const int step = T == 1 ? kDecodeGroup : kNeuronBlock;
+        for (int p = p0; p < p1; p += step) {
+            const int nb = p1 - p < step ? p1 - p : step;
+            if (T == 1)
+                for (int j = p + step; j < p + 2 * step && j < p1; ++j)
+                    for (size_t off = 0; off < bundle; off += 64)
+                        __builtin_prefetch(static_cast<const char*>(r.rows[j]) + off);
             for (int t = 0; t < T; ++t) {
                 float* ht = h + t * kNeuronBlock;
                 gate(ht, s.xq + size_t(t) * nblk, r.rows + p, 0, d_model, nb);

@@ -320,13 +320,18 @@ void matmul(float* Y, size_t ldy, const Act* A, int T, const void* W, size_t row
 
 // --- neuron bundles: rows given as pointers (sparse_ffn gathers them from anywhere) -------------
 
-// out[i] = (rows[i] + offset) . a for n rows of K weights.
+// out[i] = (rows[i] + offset) . a for n rows of K weights; the rows of the next group are asked
+// for from memory while this one computes (they lie anywhere: the neuron cache, read buffers).
 template <Format F>
 void dot_ptrs(float* out, const ActBlock* a, const void* const* rows, size_t offset, int K, int n) {
     constexpr int NR = 4;
+    const size_t piece = size_t(K) / format_traits(F).block * format_traits(F).block_bytes;
     const uint8_t* w[NR];
     int i = 0;
     for (; i + NR <= n; i += NR) {
+        for (int r = i + NR; r < i + 2 * NR && r < n; ++r)
+            for (size_t off = 0; off < piece; off += 64)
+                _mm_prefetch(static_cast<const char*>(rows[r]) + offset + off, _MM_HINT_T0);
         for (int r = 0; r < NR; ++r) w[r] = static_cast<const uint8_t*>(rows[i + r]) + offset;
         dot_rows<F, NR>(w, a, K, out + i);
     }
@@ -336,7 +341,8 @@ void dot_ptrs(float* out, const ActBlock* a, const void* const* rows, size_t off
     }
 }
 
-// y (K) += sum_i c[i] * (rows[i] + offset), q8_0 rows: NR rows share each load and store of y.
+// y (K) += sum_i c[i] * (rows[i] + offset), q8_0 rows: NR rows share each load and store of y,
+// summed into two accumulators (even and odd rows) so that their FMAs overlap.
 template <int NR>
 inline void axpy_q8_0_rows(float* y, const float* c, const BlockQ8_0* const* b, int K) {
     for (int blk = 0; blk < K / 32; ++blk) {
@@ -344,12 +350,12 @@ inline void axpy_q8_0_rows(float* y, const float* c, const BlockQ8_0* const* b, 
         for (int r = 0; r < NR; ++r) s[r] = _mm256_set1_ps(c[r] * f16(b[r][blk].d));
         for (int j = 0; j < 4; ++j) {
             float* yj = y + blk * 32 + 8 * j;
-            __m256 acc = _mm256_loadu_ps(yj);
+            __m256 acc[2] = {_mm256_loadu_ps(yj), _mm256_setzero_ps()};
             for (int r = 0; r < NR; ++r) {
                 const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b[r][blk].qs + 8 * j));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s[r], acc);
+                acc[r & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s[r], acc[r & 1]);
             }
-            _mm256_storeu_ps(yj, acc);
+            _mm256_storeu_ps(yj, _mm256_add_ps(acc[0], acc[1]));
         }
     }
 }
@@ -357,13 +363,17 @@ inline void axpy_q8_0_rows(float* y, const float* c, const BlockQ8_0* const* b, 
 template <Format F>
 void axpy_ptrs(float* y, const float* c, const void* const* rows, size_t offset, int K, int n) {
     if constexpr (F == Format::Q8_0) {
-        constexpr int NR = 4;
-        const BlockQ8_0* b[NR];
+        const BlockQ8_0* b[8];
         int i = 0;
-        for (; i + NR <= n; i += NR) {
-            for (int r = 0; r < NR; ++r)
+        for (; i + 8 <= n; i += 8) {
+            for (int r = 0; r < 8; ++r)
                 b[r] = reinterpret_cast<const BlockQ8_0*>(static_cast<const uint8_t*>(rows[i + r]) + offset);
-            axpy_q8_0_rows<NR>(y, c + i, b, K);
+            axpy_q8_0_rows<8>(y, c + i, b, K);
+        }
+        for (; i + 4 <= n; i += 4) {
+            for (int r = 0; r < 4; ++r)
+                b[r] = reinterpret_cast<const BlockQ8_0*>(static_cast<const uint8_t*>(rows[i + r]) + offset);
+            axpy_q8_0_rows<4>(y, c + i, b, K);
         }
         for (; i < n; ++i) {
             b[0] = reinterpret_cast<const BlockQ8_0*>(static_cast<const uint8_t*>(rows[i]) + offset);
