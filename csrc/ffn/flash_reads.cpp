@@ -10,19 +10,33 @@ namespace fm {
 namespace {
 size_t blocks_of(uint64_t bytes) { return (bytes + kIoAlign - 1) / kIoAlign; }
 
-// Staging blocks one piece of `bytes` may touch: it may start anywhere inside a block.
-size_t region_blocks(uint64_t bytes, int staging_rows) { return size_t(staging_rows) * (blocks_of(bytes) + 1); }
+// Staging blocks for one piece of `bytes` of `staging_rows` neurons (each may start anywhere
+// inside a block), at most its share of `staging_bytes` (0: no cap), at least one neuron's.
+size_t region_blocks(uint64_t bytes, int staging_rows, size_t staging_bytes, uint64_t all_pieces) {
+    const size_t one = blocks_of(bytes) + 1, rows = size_t(staging_rows) * one;
+    if (!staging_bytes) return rows;
+    const size_t cap = size_t(double(staging_bytes) * double(bytes) / double(all_pieces)) / kIoAlign;
+    return std::max(one, std::min(rows, cap));
+}
+
+uint64_t total_piece_bytes(const FileLayout& layout) {
+    uint64_t n = 0;
+    for (int p = 0; p < layout.n_pieces; ++p) n += layout.piece_bytes[p];
+    return n;
+}
 }  // namespace
 
-size_t FlashReads::bytes_for(const FileLayout& layout, size_t bundle_bytes, int staging_rows) {
+size_t FlashReads::bytes_for(const FileLayout& layout, size_t bundle_bytes, int staging_rows, size_t staging_bytes) {
     size_t n = 0;
-    for (int p = 0; p < layout.n_pieces; ++p) n += region_blocks(layout.piece_bytes[p], staging_rows) * kIoAlign;
+    const uint64_t all = total_piece_bytes(layout);
+    for (int p = 0; p < layout.n_pieces; ++p)
+        n += region_blocks(layout.piece_bytes[p], staging_rows, staging_bytes, all) * kIoAlign;
     if (layout.n_pieces > 1) n += size_t(staging_rows) * bundle_bytes;
     return n;
 }
 
-void FlashReads::init(const FileLayout& layout, size_t bundle_bytes, int staging_rows, int coalesce_gap,
-                      size_t max_request) {
+void FlashReads::init(const FileLayout& layout, size_t bundle_bytes, int staging_rows, size_t staging_bytes,
+                      int coalesce_gap, size_t max_request) {
     FM_ARG(layout.n_pieces >= 1 && layout.n_pieces <= FileLayout::kMaxPieces, "a neuron has 1 to ",
            FileLayout::kMaxPieces, " pieces in the file, got ", layout.n_pieces);
     layout_ = layout;
@@ -30,7 +44,8 @@ void FlashReads::init(const FileLayout& layout, size_t bundle_bytes, int staging
     staging_rows_ = staging_rows, coalesce_gap_ = coalesce_gap, max_request_ = max_request;
     size_t blocks = 0;
     for (int p = 0; p < layout_.n_pieces; ++p)
-        blocks += region_blocks_[p] = region_blocks(layout_.piece_bytes[p], staging_rows);
+        blocks += region_blocks_[p] =
+            region_blocks(layout_.piece_bytes[p], staging_rows, staging_bytes, total_piece_bytes(layout_));
     staging_.allocate(blocks * kIoAlign, kIoAlign);
     for (int p = 0, first = 0; p < layout_.n_pieces; first += int(region_blocks_[p]), ++p)
         region_[p] = staging_.data<char>() + size_t(first) * kIoAlign;

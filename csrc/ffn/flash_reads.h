@@ -34,9 +34,12 @@ struct FileLayout {
 class FlashReads {
   public:
     // Allocates the staging buffer (and, unbundled, the rows pieces are assembled into).
-    void init(const FileLayout& layout, size_t bundle_bytes, int staging_rows, int coalesce_gap, size_t max_request);
-    // Bytes init() allocates for `staging_rows` neurons of `layout`.
-    static size_t bytes_for(const FileLayout& layout, size_t bundle_bytes, int staging_rows);
+    // staging_bytes (0: no cap) caps the staging buffer below what staging_rows scattered neurons
+    // could need (neighbours share blocks: a packed layer of small bundles reads in few blocks).
+    void init(const FileLayout& layout, size_t bundle_bytes, int staging_rows, size_t staging_bytes, int coalesce_gap,
+              size_t max_request);
+    // Bytes init() allocates for `staging_rows` neurons of `layout` (within staging_bytes).
+    static size_t bytes_for(const FileLayout& layout, size_t bundle_bytes, int staging_rows, size_t staging_bytes = 0);
     size_t bytes() const { return staging_.size() + assembled_.size(); }
 
     // Plans the read of `neuron` of `layer` in this round; false when the round is full (read it,

@@ -28,7 +28,7 @@ size_t SparseFfn::fixed_bytes(int n_layers, int d_ff, int d_model, const BundleF
                + 8 * size_t(n_layers) * d_ff          // last pick per layer and neuron
                + 2 * size_t(d_ff);                    // in-list and picked-now flags
     if (layout) {
-        n += FlashReads::bytes_for(*layout, row_bytes(d_model, bf), opt.staging_rows);
+        n += FlashReads::bytes_for(*layout, row_bytes(d_model, bf), opt.staging_rows, opt.staging_bytes);
         // neuron cache index (the rows themselves are the cache share of the budget), hotness, admission order
         n += size_t(n_layers) * (4 * size_t(d_ff) + 16 * size_t(opt.cache_rows) + 64);
         n += (opt.hot ? 4 * size_t(n_layers) * d_ff : 0) + size_t(opt.staging_rows) * (4 + sizeof(void*));
@@ -80,7 +80,8 @@ SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, const B
         FM_IO(end <= reader_->size(), "'", layout_.path, "' is truncated: the FFN of layer ", l, " needs ", end,
               " bytes, the file has ", reader_->size());
     }
-    reads_.init(layout_, row_bytes(d_model, bf), opt.staging_rows, opt.coalesce_gap, opt.max_request);
+    reads_.init(layout_, row_bytes(d_model, bf), opt.staging_rows, opt.staging_bytes, opt.coalesce_gap,
+                opt.max_request);
     neuron_caches_.resize(n_layers);
     for (auto& c : neuron_caches_) c.init(d_ff, opt.cache_rows, row_bytes(d_model, bf));
     if (opt.hot) {

@@ -38,6 +38,7 @@ struct SparseOptions {
                                // so near-ties go to neurons already in DRAM (fewer reads, steadier picks)
     int cache_rows = 0;        // per layer (flash)
     int staging_rows = 0;      // bundles one read round can hold (flash)
+    size_t staging_bytes = 0;  // cap on the read buffer (0: what staging_rows scattered bundles need)
     int queue_depth = 32;
     int coalesce_gap = 2;      // unneeded bundles a request may span to join two needed ones
     size_t max_request = size_t(256) << 10;

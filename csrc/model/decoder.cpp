@@ -106,11 +106,13 @@ void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const 
     FM_ARG(weight_bytes() == 0, "configure the sparse FFN before loading weights");
     const bool flash = source == SparseFfn::Source::Flash;
     if (flash && opt.staging_rows <= 0) {
-        // default: a whole layer's bundles in one round, within 8 MiB of staging (4 MiB when the
-        // budget is under 256 MB: there, the staging buffer competes with the neuron cache)
-        const size_t per = FlashReads::bytes_for(*layout, SparseFfn::row_bytes(c.d_model, c.ffn_bundle), 1);
-        const size_t room = budget && budget < (size_t(256) << 20) ? size_t(4) << 20 : size_t(8) << 20;
-        opt.staging_rows = int(std::min<size_t>(c.d_ff, std::max<size_t>(64, room / per)));
+        // default: a whole layer's bundles per round, in a read buffer of at most 8 MiB (4 MiB when
+        // the budget is under 256 MiB, 2 MiB under 128 MiB, where it competes with the neuron
+        // cache): packed small bundles share blocks, so a layer of SmolLM2's fits in 2 MiB
+        opt.staging_rows = c.d_ff;
+        opt.staging_bytes = !budget || budget >= (size_t(256) << 20) ? size_t(8) << 20
+                            : budget >= (size_t(128) << 20)           ? size_t(4) << 20
+                                                                      : size_t(2) << 20;
     }
     const size_t predictor = with_predictor ? Predictor::bytes_for(c.n_layers, c.d_ff, c.d_model, chunk_) : 0;
     const size_t row = SparseFfn::row_bytes(c.d_model, c.ffn_bundle);

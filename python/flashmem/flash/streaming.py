@@ -53,9 +53,11 @@ def available_dram() -> tuple[int, str]:
     """Bytes this process may still take, and where the figure comes from: its memory cgroup's
     limit less the cgroup's usage (v1 memory.limit_in_bytes / usage_in_bytes, v2 memory.max /
     memory.current; the page cache is charged there too) when a limit is set, and never more than
-    the system's MemAvailable. The group's inactive file pages (memory.stat: total_inactive_file,
-    v2 inactive_file), such as the page cache of files read once while importing, count as free:
-    the kernel reclaims them first."""
+    the system's MemAvailable. Only what cannot be reclaimed counts as used: anonymous memory and
+    the file pages mapped into processes (memory.stat: total_rss + total_mapped_file, v2 anon +
+    file_mapped: the code and data of Python and its libraries); the page cache of files read and
+    not mapped (the model's files read while loading, the modules' sources) the kernel gives back
+    under the limit."""
     with open("/proc/meminfo") as f:
         avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     how = f"MemAvailable {avail}"
@@ -78,22 +80,27 @@ def available_dram() -> tuple[int, str]:
                 usage = int(f.read())
             with open(f"{base}{path}/memory.stat") as f:
                 stat = dict(line.split() for line in f if len(line.split()) == 2)
-            usage -= min(int(stat.get("total_inactive_file", stat.get("inactive_file", 0))), usage)
+            if "total_rss" in stat:  # v1 (hierarchical figures)
+                pinned = int(stat["total_rss"]) + int(stat.get("total_mapped_file", 0)) + int(stat.get("total_shmem", 0))
+            else:  # v2
+                pinned = int(stat["anon"]) + int(stat.get("file_mapped", 0)) + int(stat.get("shmem", 0))
+            usage = min(usage, pinned)
         except (OSError, ValueError):
             continue
         if limit != "max" and int(limit) < 1 << 60:
             left = int(limit) - usage
             if left < avail:
-                avail, how = left, f"cgroup {base}{path}: limit {int(limit)} - usage {usage} (less inactive files)"
+                avail, how = left, f"cgroup {base}{path}: limit {int(limit)} - anonymous and mapped {usage}"
         break
     return max(avail, 0), how
 
 
 def auto_budget() -> tuple[int, str]:
     """dram_budget="auto": what the process may still take (available_dram), less headroom for
-    what Python allocates while generating (logits, tokens): 5%, at least 32 MiB."""
+    what Python allocates while generating (logits, tokens) and the page cache it keeps hot: 10%,
+    at least 12 MiB."""
     avail, how = available_dram()
-    return max(avail - max(avail // 20, 32 << 20), 0), how
+    return max(avail - max(avail // 10, 12 << 20), 0), how
 
 
 def bundle_path(folder: str, config: dict) -> str:
