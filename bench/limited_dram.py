@@ -17,7 +17,8 @@ before every run (sync; echo 3 > /proc/sys/vm/drop_caches), so no run finds the 
 another (cgroup v1 charges a page to the group that first reads it).
 
 Modes (see the worker): llamacpp (default repacking), llamacpp_norepack (use_extra_bufts off),
-flashmem_dram (dtype "gguf", every weight in the engine's buffers), flashmem_flash_sNN (offload
+flashmem_dram (dtype "gguf", every weight in the engine's buffers), flashmem_all_sNN (offload "all":
+every matrix read from the folder when needed, FFN through the neuron cache), flashmem_flash_sNN (offload
 "flash", sparsity NN%, dram_budget "auto" = the group's limit less its usage, less headroom, or
 with --flash-budget limit-N the limit less N MiB; dtype --flash-dtype). Each child generates
 --new-tokens tokens greedily after the first --prompt-tokens tokens of tinyshakespeare (after a
@@ -60,7 +61,8 @@ from limited_dram_worker import RESULT_TAG  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "limited_dram_worker.py")
 MIB = 2 ** 20
-ALL_MODES = ("llamacpp", "llamacpp_norepack", "flashmem_dram", "flashmem_flash_s0", "flashmem_flash_s50")
+ALL_MODES = ("llamacpp", "llamacpp_norepack", "flashmem_dram", "flashmem_flash_s0", "flashmem_flash_s50",
+             "flashmem_all_s0")
 DEFAULT_LIMITS = "400,300,250,200,175,150,130,120,110,100,90,80,70,60,50"
 QUICK_LIMITS = "200,120,40"
 FAILED = ("oom", "timeout", "error")
@@ -364,7 +366,8 @@ def prepare(a, modes, gguf, shared_text) -> dict:
         print(f"conversion with dtype {dt} failed: {e}", file=sys.stderr)
     prep["calibration"] = {}
     folder = prep["folders"].get(a.flash_dtype)
-    if folder and any(m.startswith("flashmem_flash_s") and int(m.removeprefix("flashmem_flash_s")) for m in modes):
+    if folder and any(m.startswith(("flashmem_flash_s", "flashmem_all_s")) and
+                      int(m.split("_s")[-1]) for m in modes):
         if not os.path.isfile(os.path.join(folder, "predictor.safetensors")):
             print(f"fitting the sparsity predictor in {folder} (flashmem calibrate) ...", flush=True)
             c = subprocess.run([sys.executable, "-m", "flashmem.cli", "calibrate", folder, "--data", shared_text,
@@ -409,9 +412,10 @@ def main():
     limits = parse_limits(a.limits or (QUICK_LIMITS if a.quick else DEFAULT_LIMITS))
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     for m in modes:
-        flash_sparsity = m.removeprefix("flashmem_flash_s")
-        if m not in ALL_MODES and not (m.startswith("flashmem_flash_s") and flash_sparsity.isdigit()):
-            raise SystemExit(f"unknown mode {m!r}; modes: {', '.join(ALL_MODES)} (flashmem_flash_sNN for any NN)")
+        flash_sparsity = m.split("_s")[-1]
+        if m not in ALL_MODES and not (m.startswith(("flashmem_flash_s", "flashmem_all_s")) and flash_sparsity.isdigit()):
+            raise SystemExit(f"unknown mode {m!r}; modes: {', '.join(ALL_MODES)} (flashmem_flash_sNN, "
+                             "flashmem_all_sNN for any NN)")
     base = own_memory_cgroup()
 
     from common import ROOT

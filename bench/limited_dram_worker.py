@@ -15,6 +15,8 @@ Modes:
   flashmem_flash_sNN  flashmem.load(offload="flash", sparsity=NN/100, dram_budget="auto" or
                       --dram-budget): the FFN streamed from the model folder with direct I/O; "auto"
                       reads the budget from the cgroup's limit less its usage
+  flashmem_all_sNN    the same with offload="all": the attention matrices, embeddings and LM head
+                      are read from the folder when a token needs them too
 
 The result line starts with RESULT_TAG so the parent finds it among anything a library prints.
 A run that raises (e.g. a dtype whose conversion writes no FFN bundles, a budget below the
@@ -124,12 +126,12 @@ def run_llamacpp(a, ids: list[int], repack: bool) -> dict:
 
 
 # --- flashmem -------------------------------------------------------------------------------
-def run_flashmem(a, ids: list[int], sparsity: float | None) -> dict:
+def run_flashmem(a, ids: list[int], sparsity: float | None, offload: str = "flash") -> dict:
     import flashmem
 
     kw = dict(dtype=a.dtype, threads=a.threads, max_context=a.max_context)
     if sparsity is not None:
-        kw.update(offload="flash", sparsity=sparsity, dram_budget=a.dram_budget)
+        kw.update(offload=offload, sparsity=sparsity, dram_budget=a.dram_budget)
     t0 = time.perf_counter()
     m = flashmem.load(a.model, **kw)
     load_s = time.perf_counter() - t0
@@ -154,6 +156,8 @@ def one(a) -> int:
             r = run_flashmem(a, ids, None)
         elif a.mode.startswith("flashmem_flash_s"):
             r = run_flashmem(a, ids, int(a.mode.removeprefix("flashmem_flash_s")) / 100)
+        elif a.mode.startswith("flashmem_all_s"):
+            r = run_flashmem(a, ids, int(a.mode.removeprefix("flashmem_all_s")) / 100, offload="all")
         else:
             raise ValueError(f"unknown mode {a.mode!r}")
     except Exception as e:  # noqa: BLE001 - the parent records it for this mode and limit

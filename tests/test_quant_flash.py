@@ -126,3 +126,32 @@ def test_quantizing_conversion(tmp_path):
                                atol=0.02 * np.abs(got).max())
     with pytest.raises(ValueError, match="dtype must be one of"):
         flashmem.convert(src, str(tmp_path / "bad"), dtype="q3_k", progress=False)
+
+
+def test_offload_all_streams_every_matrix(q41, held_out):
+    """offload="all": the attention matrices, the embeddings and the (tied) LM head stay in the file
+    too, read when a token needs them; the logits equal offload="flash"'s bit for bit, and the
+    engine's minimum budget drops by the 47 MB those matrices take."""
+    ids = held_out[:40]
+    flash = flashmem.load(q41.path, threads=2, max_context=512, offload="flash")
+    every = flashmem.load(q41.path, threads=2, max_context=512, offload="all")
+    np.testing.assert_array_equal(every.logits(ids), flash.logits(ids))
+    r = every.generate("The capital of France is", max_new_tokens=6)
+    assert "Paris" in r.text
+    assert r.flash["weights_read_per_token"] > 46e6  # q4_1 attention (17 MB) + q8_0 LM head (30 MB), per token
+    assert every._engine.weight_bytes < 1e6 < 45e6 < flash._engine.weight_bytes
+    small = flashmem.load(q41.path, threads=2, max_context=512, offload="all", dram_budget="40MB")
+    assert small.owned_bytes <= 40e6 and small.flash_stats()["minimum_budget"] < 25e6
+    np.testing.assert_array_equal(small.logits(ids[:20]), every.logits(ids[:20]))
+    with pytest.raises(ValueError, match="offload must be None, 'flash'"):
+        flashmem.load(q41.path, offload="everything")
+
+
+def test_offload_all_float_model(tmp_path):
+    """A float (f16) conversion of a tiny HF model with an untied LM head, every matrix streamed."""
+    src = str(tmp_path / "hf")
+    make_tiny_hf(src, hidden=64, ff=96, heads=4, kv_heads=2, vocab=97, layers=2)
+    out = flashmem.convert(src, str(tmp_path / "f16"), dtype="f16", progress=False)
+    ids = [3, 9, 27, 81, 5, 15]
+    dense = flashmem.load(out, threads=1).logits(ids)
+    np.testing.assert_array_equal(flashmem.load(out, threads=1, offload="all").logits(ids), dense)

@@ -19,6 +19,7 @@ void bind_model(nb::module_& m) {
         .def_rw("n_kv_heads", &fm::Config::n_kv_heads)
         .def_rw("head_dim", &fm::Config::head_dim)
         .def_rw("max_context", &fm::Config::max_context)
+        .def_rw("prefill_chunk", &fm::Config::prefill_chunk)
         .def_rw("norm_eps", &fm::Config::norm_eps)
         .def_rw("tied_embeddings", &fm::Config::tied_embeddings)
         .def_rw("qkv_bias", &fm::Config::qkv_bias)
@@ -46,7 +47,10 @@ void bind_model(nb::module_& m) {
         .def_prop_ro("weight_bytes", &fm::Model::weight_bytes)
         .def_prop_ro("state_bytes", &fm::Model::state_bytes)
         .def("load_tensor", &fm::Model::load_tensor, "kind"_a, "layer"_a, "path"_a, "offset"_a, "dtype"_a, "shape"_a,
-             nb::call_guard<nb::gil_scoped_release>())
+             "stream"_a = false, nb::call_guard<nb::gil_scoped_release>())
+        .def("configure_stream", &fm::Model::configure_stream, "path"_a, "staging_bytes"_a, "queue_depth"_a = 32,
+             "direct"_a = true, "Matrices loaded with stream=True are read from `path` when needed.")
+        .def_prop_ro("stream_bytes_read", [](const fm::Model& m) { return m.stream() ? m.stream()->stats().bytes : 0; })
         .def("check_loaded", &fm::Model::check_loaded)
         .def_prop_ro("owned_bytes", &fm::Model::owned_bytes, "every byte this engine owns")
         .def_prop_ro("expected_weight_bytes", [](const fm::Model& m) { return m.expected_weight_bytes(true); })

@@ -3,12 +3,14 @@
 
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <algorithm>
 #include <thread>
 #include <vector>
 
 #include "core/buffer.h"
+#include "model/weight_stream.h"
 #include "core/format.h"
 #include "core/thread_pool.h"
 #include "kernels/cpu/kernels.h"
@@ -82,6 +84,8 @@ NB_MODULE(_core, m) {
           "x (rows, cols) float32 in a block format (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k; cols a "
           "multiple of its block) as uint8 (rows, row bytes), the bytes of a GGUF tensor; bit-exact with ggml's "
           "reference quantizers (llama.cpp's without an importance matrix, gguf-py's).");
+    m.def("stream_staging_for", &fm::WeightStream::staging_for, nb::arg("sizes"),
+          "Staging bytes the weight stream needs to read byte ranges of these sizes in one batch.");
     fm::bindings::bind_memory(m);
     fm::bindings::bind_model(m);
     fm::bindings::bind_testing(m);

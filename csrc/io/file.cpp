@@ -81,4 +81,13 @@ void FileMapping::release() {
     data_ = nullptr, size_ = 0;
 }
 
+void File::read_uncached(void* dst, size_t n, uint64_t offset, const std::string& what) const {
+    constexpr size_t kPiece = size_t(4) << 20;
+    for (size_t at = 0; at < n; at += kPiece) {
+        const size_t len = n - at < kPiece ? n - at : kPiece;
+        read_exact(static_cast<char*>(dst) + at, len, offset + at, what);
+        drop_cached(offset + at, len);
+    }
+}
+
 }  // namespace fm

@@ -27,6 +27,9 @@ class File {
     // Asks the kernel to drop the page cache of bytes [offset, offset + n) (after reading weights
     // into the engine's own buffers, so that they are not held twice).
     void drop_cached(uint64_t offset, size_t n) const;
+    // read_exact in pieces of at most 4 MiB, each dropped from the page cache once read: loading
+    // a tensor never holds more than 4 MiB of it twice (in the page cache and in dst).
+    void read_uncached(void* dst, size_t n, uint64_t offset, const std::string& what) const;
 
   private:
     std::string path_;

@@ -24,6 +24,7 @@ void Config::validate() const {
            ") must be a positive multiple of num_key_value_heads (", n_kv_heads, ")");
     FM_ARG(head_dim > 0 && head_dim % 2 == 0, "config: head_dim must be positive and even, got ", head_dim);
     FM_ARG(max_context > 0, "max_context must be positive, got ", max_context);
+    FM_ARG(prefill_chunk >= 0, "prefill_chunk must be >= 0, got ", prefill_chunk);
     FM_ARG(int(rope_inv_freq.size()) == head_dim / 2, "config: rope_inv_freq has ", rope_inv_freq.size(),
            " entries, expected head_dim/2 = ", head_dim / 2);
     FM_ARG(kv_dtype == DType::F32 || kv_dtype == DType::F16, "kv_dtype must be f32 or f16, got ", dtype_name(kv_dtype));
@@ -34,7 +35,8 @@ Model::Model(Config cfg, int n_threads) : cfg_(std::move(cfg)), pool_(n_threads)
     cfg_.validate();
     kernels();  // fails early on a CPU without AVX2
     const Config& c = cfg_;
-    chunk_ = c.max_context < kMaxChunk ? c.max_context : kMaxChunk;
+    const int chunk = c.prefill_chunk > 0 ? c.prefill_chunk : kMaxChunk;
+    chunk_ = c.max_context < chunk ? c.max_context : chunk;
     const int nt = pool_.size();
     const size_t f = sizeof(float);
     w_.layers.resize(c.n_layers);
@@ -78,7 +80,12 @@ size_t Model::state_bytes() const {
     return x_.size() + xn_.size() + q_.size() + att_out_.size() + proj_.size() + scores_.size() + ffn_acc_.size() +
            ffn_hu_.size() + convert_.size() + ffn_block_.size() + ffn_rows_.size() + act_.size() + act16_.size() +
            ffn_gate_out_.size() + ffn_up_out_.size() + rope_cos_.size() + rope_sin_.size() + kv_keys_.size() +
-           kv_values_.size() + kv_new_.size();
+           kv_values_.size() + kv_new_.size() + (stream_ ? stream_->bytes() : 0);
+}
+
+void Model::configure_stream(const std::string& path, size_t staging_bytes, int queue_depth, bool direct) {
+    FM_ARG(weight_bytes() == 0 && !sparse_, "configure the weight stream before the sparse FFN and the weights");
+    stream_ = std::make_unique<WeightStream>(path, staging_bytes, queue_depth, direct);
 }
 
 size_t Model::expected_weight_bytes(bool ffn_resident) const {
@@ -145,7 +152,7 @@ void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const 
 }
 
 void Model::load_tensor(const std::string& kind, int layer, const std::string& path, uint64_t offset,
-                        const std::string& format, const std::vector<int64_t>& shape) {
+                        const std::string& format, const std::vector<int64_t>& shape, bool stream) {
     const Config& c = cfg_;
     const std::string what = "tensor '" + kind + (layer >= 0 ? "' of layer " + std::to_string(layer) : "'");
     const bool per_layer = kind != "embed" && kind != "final_norm" && kind != "lm_head";
@@ -210,21 +217,31 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
                ")");
     }
 
+    FM_ARG(!stream || (matrix && kind.rfind("ffn_", 0) != 0), what, ": only embed, lm_head, wq, wk, wv and wo can "
+           "be streamed");
+    if (stream) {
+        FM_ARG(stream_, what, ": configure the weight stream before loading streamed tensors");
+        FM_ARG(path == stream_->path(), what, " in '", path, "': streamed tensors must lie in '", stream_->path(), "'");
+        FM_ARG(expect[1] % format_traits(f).block == 0, what, " in '", path, "': a row of ", expect[1],
+               " weights is not a whole number of ", format_name(f), " blocks");
+        matrix->stream(f, expect[0], expect[1], offset);
+        FM_IO(offset + matrix->nbytes() <= stream_->file_size(), "'", path, "' is truncated: ", what, " needs bytes [",
+              offset, ", ", offset + matrix->nbytes(), "), the file has ", stream_->file_size());
+        return;
+    }
     File file(path);
     if (matrix) {
         FM_ARG(expect[1] % format_traits(f).block == 0, what, " in '", path, "': a row of ", expect[1],
                " weights is not a whole number of ", format_name(f), " blocks");
         matrix->allocate(f, expect[0], expect[1]);
-        file.read_exact(matrix->data(), matrix->nbytes(), offset, what);
-        file.drop_cached(offset, matrix->nbytes());
+        file.read_uncached(matrix->data(), matrix->nbytes(), offset, what);
         return;
     }
     const size_t esz = bundles && !bf.is_float() ? 1 : format_traits(f).block_bytes;
     const size_t rows = size_t(expect[0]), cols = expect.size() == 2 ? size_t(expect[1]) : 1;
     vec->allocate(rows * cols * esz);
     if (!bundles || size_t(shape[1]) == cols) {
-        file.read_exact(vec->data(), rows * cols * esz, offset, what);
-        file.drop_cached(offset, rows * cols * esz);
+        file.read_uncached(vec->data(), rows * cols * esz, offset, what);
     } else {  // drop the alignment padding of each bundle while reading
         const size_t src_row = size_t(shape[1]) * esz, dst_row = cols * esz;
         const size_t per_read = (size_t(8) << 20) / src_row + 1;
@@ -241,15 +258,15 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
 
 void Model::check_loaded() {
     const Config& c = cfg_;
-    FM_IO(w_.embed.size() && w_.final_norm.size(), "model is missing its token embeddings or final norm");
-    FM_IO(c.tied_embeddings || w_.lm_head.size(), "model is missing lm_head (and its embeddings are not tied)");
+    FM_IO(w_.embed.present() && w_.final_norm.size(), "model is missing its token embeddings or final norm");
+    FM_IO(c.tied_embeddings || w_.lm_head.present(), "model is missing lm_head (and its embeddings are not tied)");
     const bool flash = sparse_ && sparse_->source() == SparseFfn::Source::Flash;
     bool block_formats = is_block_format(w_.embed.format) || is_block_format(w_.lm_head.format), matrices = false;
     bool float_down = false;  // some layer's down matrix is in a float format: its rows are d_ff long
     for (int l = 0; l < c.n_layers; ++l) {
         const LayerWeights& L = w_.layers[l];
         const bool ffn_matrices = L.ffn_gate.size() && L.ffn_up.size() && L.ffn_down.size();
-        FM_IO(L.attn_norm.size() && L.wq.size() && L.wk.size() && L.wv.size() && L.wo.size() &&
+        FM_IO(L.attn_norm.size() && L.wq.present() && L.wk.present() && L.wv.present() && L.wo.present() &&
                   L.ffn_norm.size() && (flash || L.ffn_bundles.size() || (!sparse_ && ffn_matrices)),
               "model is missing tensors of layer ", l);
         if (sparse_ && !flash) sparse_->set_resident(l, L.ffn_bundles.data());
@@ -258,7 +275,7 @@ void Model::check_loaded() {
         matrices |= !L.ffn_bundles.size() && ffn_matrices;
         float_down |= !L.ffn_bundles.size() && ffn_matrices && !is_block_format(L.ffn_down.format);
         for (const Tensor* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.ffn_gate, &L.ffn_up, &L.ffn_down})
-            block_formats |= t->size() && is_block_format(t->format);
+            block_formats |= t->present() && is_block_format(t->format);
     }
     block_formats |= !c.ffn_bundle.is_float() && (sparse_ || w_.layers[0].ffn_bundles.size());
     const size_t widest = std::max({c.d_model, c.q_dim(), c.d_ff});
@@ -308,12 +325,13 @@ void Model::linear(const float* X, int T, int K, std::initializer_list<Projectio
             auto [n0, n1] = ThreadPool::chunk(p.N, tid, nt, 16);
             if (n0 >= n1) continue;
             const Tensor& W = *p.W;
+            const char* rows = (p.data ? p.data : W.data()) + size_t(n0) * W.row_bytes;
             if (is_block_format(W.format) && precise)
-                qk.matmul16[int(W.format)](p.Y + n0, p.ldy, act16, T, W.row(n0), W.row_bytes, K, int(n1 - n0));
+                qk.matmul16[int(W.format)](p.Y + n0, p.ldy, act16, T, rows, W.row_bytes, K, int(n1 - n0));
             else if (is_block_format(W.format))
-                qk.matmul[int(W.format)](p.Y + n0, p.ldy, act, T, W.row(n0), W.row_bytes, K, int(n1 - n0));
+                qk.matmul[int(W.format)](p.Y + n0, p.ldy, act, T, rows, W.row_bytes, K, int(n1 - n0));
             else
-                k.gemm[int(W.format)](p.Y + n0, p.ldy, X, K, T, W.row(n0), K, K, int(n1 - n0),
+                k.gemm[int(W.format)](p.Y + n0, p.ldy, X, K, T, rows, K, K, int(n1 - n0),
                                       convert_.data<float>() + tid * cs);
         }
     });
@@ -329,9 +347,22 @@ void Model::gather_embeddings(const int32_t* tokens, int T, float* out) const {
     const Tensor& E = w_.embed;
     for (int t = 0; t < T; ++t) {
         float* o = out + size_t(t) * E.cols;
-        if (is_block_format(E.format)) quant::dequantize(E.format, E.row(tokens[t]), o, E.cols);
-        else kernels().to_f32[int(E.format)](o, E.row(tokens[t]), int(E.cols));
+        const char* row = E.streamed ? nullptr : E.row(tokens[t]);
+        if (E.streamed) {  // one row read from the file
+            const uint64_t at = E.file_offset + uint64_t(tokens[t]) * E.row_bytes;
+            stream_->fetch(&at, &E.row_bytes, 1, &row, "an embedding row");
+        }
+        if (is_block_format(E.format)) quant::dequantize(E.format, row, o, E.cols);
+        else kernels().to_f32[int(E.format)](o, row, int(E.cols));
     }
+}
+
+void Model::stage(std::initializer_list<const Tensor*> tensors, const char** out, const char* what) const {
+    uint64_t offsets[4];
+    size_t sizes[4];
+    int n = 0;
+    for (const Tensor* t : tensors) offsets[n] = t->file_offset, sizes[n] = t->nbytes(), ++n;
+    stream_->fetch(offsets, sizes, n, out, what);
 }
 
 void Model::embed(const int32_t* tokens, int T, float* out) {
@@ -425,7 +456,21 @@ void Model::compute_logits(const float* x, int T, float* logits) {
         rmsnorm(xn + size_t(t) * c.d_model, x + size_t(t) * c.d_model, w_.final_norm.data<float>(), c.d_model,
                 c.norm_eps);
     const Tensor* head = c.tied_embeddings ? &w_.embed : &w_.lm_head;
-    linear(xn, T, c.d_model, {{logits, size_t(c.vocab_size), head, size_t(c.vocab_size)}}, /*precise=*/true);
+    if (!head->streamed) {
+        linear(xn, T, c.d_model, {{logits, size_t(c.vocab_size), head, size_t(c.vocab_size)}}, /*precise=*/true);
+        return;
+    }
+    // streamed: as many rows at a time as the staging buffer holds
+    const size_t per = std::max<size_t>(16, (stream_->bytes() - 2 * kIoAlign) / head->row_bytes) / 16 * 16;
+    for (size_t r0 = 0; r0 < size_t(c.vocab_size); r0 += per) {
+        const size_t n = std::min(per, size_t(c.vocab_size) - r0);
+        const uint64_t at = head->file_offset + r0 * head->row_bytes;
+        const size_t len = n * head->row_bytes;
+        const char* rows = nullptr;
+        stream_->fetch(&at, &len, 1, &rows, "the LM head");
+        linear(xn, T, c.d_model, {{logits + r0, size_t(c.vocab_size), head, n, rows}},
+               /*precise=*/true);
+    }
 }
 
 void Model::layer_forward(int l, int T, int start_pos) {
@@ -445,8 +490,10 @@ void Model::layer_forward(int l, int T, int start_pos) {
         rmsnorm(xn + size_t(t) * c.d_model, x + size_t(t) * c.d_model, L.attn_norm.data<float>(), c.d_model,
                 c.norm_eps);
     mark(Profile::kNorms);
+    const char* qkv[3] = {};  // streamed: the layer's q, k and v matrices, read in one batch
+    if (L.wq.streamed) stage({&L.wq, &L.wk, &L.wv}, qkv, "the attention matrices");
     linear(xn, T, c.d_model,
-           {{q_.data<float>(), q_dim, &L.wq, q_dim}, {kc, kv_dim, &L.wk, kv_dim}, {vc, kv_dim, &L.wv, kv_dim}});
+           {{q_.data<float>(), q_dim, &L.wq, q_dim, qkv[0]}, {kc, kv_dim, &L.wk, kv_dim, qkv[1]}, {vc, kv_dim, &L.wv, kv_dim, qkv[2]}});
     mark(Profile::kQkv);
     const int half = c.head_dim / 2;
     for (int t = 0; t < T; ++t) {
@@ -468,7 +515,9 @@ void Model::layer_forward(int l, int T, int start_pos) {
     mark(Profile::kNorms);
     attention(l, T, start_pos);
     mark(Profile::kAttention);
-    linear(att_out_.data<float>(), T, int(q_dim), {{proj_.data<float>(), size_t(c.d_model), &L.wo, size_t(c.d_model)}});
+    const char* wo = nullptr;
+    if (L.wo.streamed) stage({&L.wo}, &wo, "the attention output matrix");
+    linear(att_out_.data<float>(), T, int(q_dim), {{proj_.data<float>(), size_t(c.d_model), &L.wo, size_t(c.d_model), wo}});
     for (size_t i = 0; i < size_t(T) * c.d_model; ++i) x[i] += proj_.data<float>()[i];
 
     // FFN block

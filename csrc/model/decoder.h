@@ -14,6 +14,7 @@
 #include "core/tensor.h"
 #include "core/thread_pool.h"
 #include "ffn/sparse_ffn.h"
+#include "model/weight_stream.h"
 
 namespace fm {
 
@@ -26,6 +27,7 @@ struct Config {
     int n_kv_heads = 0;
     int head_dim = 0;
     int max_context = 0;  // KV cache length
+    int prefill_chunk = 0;  // prompt tokens per forward pass (0: 256); the run state scales with it
     float norm_eps = 1e-5f;
     bool tied_embeddings = false;
     bool qkv_bias = false;  // Qwen2
@@ -105,13 +107,18 @@ class Model {
     // FFN inputs (after the FFN norm) of every layer for T tokens from position 0: out (n_layers, T, d_model).
     void ffn_inputs(const int32_t* tokens, int T, float* out);
 
+    // Matrices loaded with stream=true stay in `path` (the model file) and are read when needed,
+    // through a staging buffer of `staging_bytes`. Call before loading weights.
+    void configure_stream(const std::string& path, size_t staging_bytes, int queue_depth, bool direct);
+    const WeightStream* stream() const { return stream_.get(); }
     // Loads one tensor from `path` at byte `offset`. kind: embed, final_norm, lm_head, attn_norm,
     // wq, wk, wv, wo, bq, bk, bv, ffn_norm, ffn_bundles, ffn_gate, ffn_up, ffn_down; layer: -1 for
     // the global ones. format: the matrices' own (any of core/format.h; norms and biases f32,
     // bundles Config::dtype); shape: (rows, weights per row), as the model defines it (a row of a
     // block format is stored as its blocks); ffn_bundles may have padded rows (shape[1] >= 3*d_model).
+    // stream: a matrix (embed, lm_head, wq, wk, wv, wo) is only described, not read (configure_stream).
     void load_tensor(const std::string& kind, int layer, const std::string& path, uint64_t offset,
-                     const std::string& dtype, const std::vector<int64_t>& shape);
+                     const std::string& dtype, const std::vector<int64_t>& shape, bool stream = false);
     // Throws naming the first missing tensor; then sizes the run state the weights' formats need.
     void check_loaded();
 
@@ -143,11 +150,14 @@ class Model {
         size_t ldy;
         const Tensor* W;   // (N, K) weights
         size_t N;
+        const char* data = nullptr;  // W's rows where they are not W's own bytes (streamed, staged)
     };
     // precise: matrices in a block format take 16-bit activations, not 8-bit (the LM head's logits)
     void linear(const float* X, int T, int K, std::initializer_list<Projection> projections, bool precise = false);
     void check_tokens(const int32_t* tokens, int T) const;                    // ids in [0, vocab)
     void gather_embeddings(const int32_t* tokens, int T, float* out) const;  // unchecked
+    // Reads streamed matrices (up to 4) into the weight stream's staging buffer: out[i] = rows of tensor i.
+    void stage(std::initializer_list<const Tensor*> tensors, const char** out, const char* what) const;
     void compute_logits(const float* x, int T, float* logits);
 
     // Adds the time since the last mark to `part` of the profile.
@@ -185,6 +195,7 @@ class Model {
     // Only when the FFN is three matrices:
     Buffer ffn_gate_out_, ffn_up_out_;  // (chunk, d_ff) each
     std::unique_ptr<SparseFfn> sparse_;
+    std::unique_ptr<WeightStream> stream_;  // offload="all": matrices read from the model file when needed
     size_t minimum_budget_ = 0;
     float* capture_ = nullptr;  // ffn_inputs(): (n_layers, capture_T_, d_model)
     int capture_T_ = 0, capture_t0_ = 0;

@@ -29,8 +29,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--kv-dtype", choices=("f32", "f16"), default=None,
                    help="KV cache storage (default f16 with block formats, f32 with float weights)")
-    p.add_argument("--offload", choices=("flash",), default=None,
-                   help="stream the FFN weights from the model folder instead of holding them in DRAM")
+    p.add_argument("--offload", choices=("flash", "all"), default=None,
+                   help="flash: stream the FFN weights from the model folder instead of holding them in DRAM; "
+                        "all: the attention matrices, embeddings and LM head too")
     p.add_argument("--dram-budget", default=None,
                    help="with --offload flash: DRAM the engine may own, e.g. 200MB, or 'auto' (what the process "
                         "may still take: its memory cgroup's limit, else the available memory)")

@@ -4,6 +4,7 @@ converted folder: its Config, where the FFN lives (DRAM, or streamed from flash:
 weights, the tokenizer."""
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
@@ -24,6 +25,7 @@ _LAYER_KINDS = {"input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight"
                 "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
                 "post_attention_layernorm.weight": "ffn_norm", "mlp.bundles": "ffn_bundles",
                 "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down"}
+SMALL_BUDGET = 256 << 20  # below this dram_budget, prompts go through in chunks of 64 tokens (32 below a quarter)
 _GLOBAL_KINDS = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm", "lm_head.weight": "lm_head"}
 
 
@@ -65,27 +67,46 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
         threads = len(os.sched_getaffinity(0))
     if not isinstance(threads, int) or isinstance(threads, bool) or threads <= 0:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    tokenizer = Tokenizer(folder)  # before dram_budget="auto" looks: the tokenizer's memory is not the engine's
+    release_freed_memory()
     budget_source = None
     if dram_budget == "auto":  # what the process may take, before the engine allocates anything
         dram_budget, budget_source = streaming.auto_budget()
+    if offload in ("flash", "all") and dram_budget and streaming.parse_bytes(dram_budget) < SMALL_BUDGET:
+        # a smaller run state leaves more of a small budget to the neuron cache
+        c.prefill_chunk = 64 if streaming.parse_bytes(dram_budget) >= SMALL_BUDGET // 4 else 32
     engine = _core.Model(c, threads)
-    # the FFN: streamed from flash, neuron bundles in DRAM (sparsity), or dense (bundles or matrices)
-    ffn = "streamed" if offload == "flash" else "bundles" if sparsity else "dense"
-    weights = weights_to_load(folder, config, ffn)
+    # the FFN: streamed from flash, neuron bundles in DRAM (sparsity), or dense (bundles or matrices);
+    # with offload="all" the attention matrices, embeddings and LM head are read when needed too
+    ffn = "streamed" if offload in ("flash", "all") else "bundles" if sparsity else "dense"
+    weights = weights_to_load(folder, config, ffn, stream_matrices=offload == "all")
+    if offload == "all":
+        engine.configure_stream(os.path.join(folder, RESIDENT_FILE), stream_staging_bytes(weights),
+                                queue_depth=flash_options.get("queue_depth", 32),
+                                direct=flash_options.get("direct_io", True))
     offload, budget, predictor = streaming.configure(engine, folder, config, offload, dram_budget, sparsity, window,
                                                      budget_source=budget_source,
                                                      resident_bytes=sum(w.engine_bytes for w in weights),
                                                      **flash_options)
     for w in weights:
-        engine.load_tensor(w.kind, w.layer, w.path, w.offset, w.format, w.shape)
+        engine.load_tensor(w.kind, w.layer, w.path, w.offset, w.format, w.shape, stream=w.streamed)
     if predictor:
         streaming.load_predictor(engine, predictor, config["num_hidden_layers"])
     engine.check_loaded()
     if budget and engine.owned_bytes > budget:  # the estimate was exceeded: a bug
         raise RuntimeError(f"engine owns {engine.owned_bytes} bytes, above dram_budget {budget}")
-    tokenizer = Tokenizer(folder)
     return Model(engine, tokenizer, folder, config, c.max_context, eos_token_ids(folder, tokenizer),
                  offload=offload, dram_budget=budget, sparsity=float(sparsity), window=window)
+
+
+def release_freed_memory() -> None:
+    """Gives the memory that C allocators hold freed back to the kernel (glibc's malloc_trim):
+    parsing the tokenizer's JSON leaves about 18 MB of freed heap that would otherwise stay in
+    the process's resident set, and count against a memory limit."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def engine_config(config: dict, where: str, max_context: int | None, kv_dtype: str | None = None) -> _core.Config:
@@ -126,14 +147,37 @@ class WeightFile:
     format: str
     shape: list
     engine_bytes: int
+    streamed: bool = False  # left in the file, read when needed (offload="all")
+    nbytes: int = 0         # bytes in the file
 
 
-def weights_to_load(folder: str, config: dict, ffn: str = "dense") -> list[WeightFile]:
+STREAMED_KINDS = ("embed", "lm_head", "wq", "wk", "wv", "wo")
+LM_HEAD_CHUNK = 1 << 20  # bytes of LM head rows a streamed logits pass reads at a time
+
+
+def stream_staging_bytes(weights: list[WeightFile]) -> int:
+    """The staging buffer offload="all" needs: the largest of a layer's q, k and v matrices
+    together, its output matrix, and a chunk of the LM head (an embedding row fits in any)."""
+    from . import _core
+
+    per_layer: dict = {}
+    for w in weights:
+        if w.streamed and w.layer >= 0:
+            per_layer.setdefault(w.layer, {})[w.kind] = w.nbytes
+    need = [LM_HEAD_CHUNK + 2 * 4096]
+    for kinds in per_layer.values():
+        need.append(_core.stream_staging_for([kinds.get(k, 0) for k in ("wq", "wk", "wv")]))
+        need.append(_core.stream_staging_for([kinds.get("wo", 0)]))
+    return max(need)
+
+
+def weights_to_load(folder: str, config: dict, ffn: str = "dense", stream_matrices: bool = False) -> list[WeightFile]:
     """The tensors the engine loads from a converted folder, in file order. ffn: "dense" (the FFN
     in DRAM: neuron bundles, or a "gguf" folder's three matrices), "bundles" (the neuron bundles,
     for sparsity in DRAM) or "streamed" (no FFN weights: flash streaming reads them). A matrix in a
     block format is stored as the bytes of its rows; the file's metadata "formats" names its format
-    (checkpoints/convert.py); block-format bundles are U8 rows, their formats in "bundle_format"."""
+    (checkpoints/convert.py); block-format bundles are U8 rows, their formats in "bundle_format".
+    stream_matrices: the attention matrices, embeddings and LM head are streamed (engine_bytes 0)."""
     section = config["flashmem"]["ffn"]
     ffn_file = section.get("file")
     matrices = section.get("layout") == "matrices"  # model.safetensors holds gate, up and down
@@ -177,7 +221,9 @@ def weights_to_load(folder: str, config: dict, ffn: str = "dense") -> list[Weigh
                 shape[1] = shape[1] // block_bytes * block
             elif info.tag != "f32" and len(shape) == 1:  # norms and biases become f32
                 nbytes = shape[0] * 4
-            out.append(WeightFile(kind, layer, path, info.offset, fmt, shape, (nbytes + 63) // 64 * 64))
+            streamed = stream_matrices and kind in STREAMED_KINDS and fname == RESIDENT_FILE
+            out.append(WeightFile(kind, layer, path, info.offset, fmt, shape,
+                                  0 if streamed else (nbytes + 63) // 64 * 64, streamed, info.nbytes))
     return out
 
 

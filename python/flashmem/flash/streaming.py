@@ -53,11 +53,10 @@ def available_dram() -> tuple[int, str]:
     """Bytes this process may still take, and where the figure comes from: its memory cgroup's
     limit less the cgroup's usage (v1 memory.limit_in_bytes / usage_in_bytes, v2 memory.max /
     memory.current; the page cache is charged there too) when a limit is set, and never more than
-    the system's MemAvailable. Only what cannot be reclaimed counts as used: anonymous memory and
-    the file pages mapped into processes (memory.stat: total_rss + total_mapped_file, v2 anon +
-    file_mapped: the code and data of Python and its libraries); the page cache of files read and
-    not mapped (the model's files read while loading, the modules' sources) the kernel gives back
-    under the limit."""
+    the system's MemAvailable. Only anonymous memory counts as used (memory.stat: total_rss +
+    total_shmem, v2 anon + shmem: Python's objects, the tokenizer, the engine); file pages, mapped
+    (code of Python and its libraries) or not (files read while loading), the kernel gives back
+    under the limit and reads again when needed: auto_budget keeps headroom for those in use."""
     with open("/proc/meminfo") as f:
         avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     how = f"MemAvailable {avail}"
@@ -81,26 +80,26 @@ def available_dram() -> tuple[int, str]:
             with open(f"{base}{path}/memory.stat") as f:
                 stat = dict(line.split() for line in f if len(line.split()) == 2)
             if "total_rss" in stat:  # v1 (hierarchical figures)
-                pinned = int(stat["total_rss"]) + int(stat.get("total_mapped_file", 0)) + int(stat.get("total_shmem", 0))
+                pinned = int(stat["total_rss"]) + int(stat.get("total_shmem", 0))
             else:  # v2
-                pinned = int(stat["anon"]) + int(stat.get("file_mapped", 0)) + int(stat.get("shmem", 0))
+                pinned = int(stat["anon"]) + int(stat.get("shmem", 0))
             usage = min(usage, pinned)
         except (OSError, ValueError):
             continue
         if limit != "max" and int(limit) < 1 << 60:
             left = int(limit) - usage
             if left < avail:
-                avail, how = left, f"cgroup {base}{path}: limit {int(limit)} - anonymous and mapped {usage}"
+                avail, how = left, f"cgroup {base}{path}: limit {int(limit)} - anonymous {usage}"
         break
     return max(avail, 0), how
 
 
 def auto_budget() -> tuple[int, str]:
     """dram_budget="auto": what the process may still take (available_dram), less headroom for
-    what Python allocates while generating (logits, tokens) and the page cache it keeps hot: 10%,
-    at least 12 MiB."""
+    what Python allocates while generating (logits, tokens) and for the file pages in use (the code
+    of Python, numpy and the engine): 10%, at least 16 MiB."""
     avail, how = available_dram()
-    return max(avail - max(avail // 10, 12 << 20), 0), how
+    return max(avail - max(avail // 10, 16 << 20), 0), how
 
 
 def bundle_path(folder: str, config: dict) -> str:
@@ -116,9 +115,9 @@ def configure(engine, folder: str, config: dict, offload, dram_budget, sparsity,
     with sparsity 0 leaves the dense FFN in place. budget_source: how dram_budget was found
     (dram_budget="auto", resolved by the caller before the engine allocated anything); resident_bytes:
     what the weights the loader will load take in the engine (loading.weights_to_load)."""
-    if offload not in (None, "none", "flash"):
-        raise ValueError(f"offload must be None or 'flash', got {offload!r}")
-    offload = "flash" if offload == "flash" else None
+    if offload not in (None, "none", "flash", "all"):
+        raise ValueError(f"offload must be None, 'flash' (the FFN streamed) or 'all' (every matrix), got {offload!r}")
+    offload = None if offload == "none" else offload
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
@@ -269,6 +268,7 @@ def summarize(engine, config: dict, tokens: int) -> dict:
     out = dict(
         tokens=tokens,
         bytes_read_per_token=stats["bytes_read"] / tokens,
+        weights_read_per_token=engine.stream_bytes_read / tokens,  # offload="all": attention, LM head, embeddings
         ffn_fraction_read_per_token=stats["bytes_read"] / tokens / ffn_bytes if ffn_bytes else 0.0,
         requests_per_token=stats["requests"] / tokens,
         neuron_cache_hit_rate=stats["hits"] / picked if picked else 0.0,

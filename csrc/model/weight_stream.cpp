@@ -1,0 +1,41 @@
+#include "model/weight_stream.h"
+
+#include "core/error.h"
+
+namespace fm {
+
+namespace {
+uint64_t block_floor(uint64_t x) { return x / kIoAlign * kIoAlign; }
+uint64_t block_ceil(uint64_t x) { return (x + kIoAlign - 1) / kIoAlign * kIoAlign; }
+}  // namespace
+
+WeightStream::WeightStream(const std::string& path, size_t staging_bytes, int queue_depth, bool direct)
+    : reader_(path, queue_depth, direct) {
+    FM_ARG(staging_bytes >= kIoAlign, "weight stream: staging of ", staging_bytes, " bytes is below one block");
+    staging_.allocate(block_ceil(staging_bytes), kIoAlign);
+}
+
+size_t WeightStream::staging_for(const std::vector<size_t>& sizes) {
+    size_t n = 0;
+    for (size_t s : sizes) n += block_ceil(s) + kIoAlign;  // a range may start anywhere inside a block
+    return n;
+}
+
+void WeightStream::fetch(const uint64_t* offsets, const size_t* sizes, int n, const char** out, const char* what) {
+    requests_.clear();
+    size_t at = 0;
+    for (int i = 0; i < n; ++i) {
+        const uint64_t a0 = block_floor(offsets[i]), a1 = block_ceil(offsets[i] + sizes[i]);
+        FM_IO(offsets[i] + sizes[i] <= reader_.size(), "'", reader_.path(), "' is truncated: ", what, " needs bytes [",
+              offsets[i], ", ", offsets[i] + sizes[i], "), the file has ", reader_.size());
+        FM_ARG(at + (a1 - a0) <= staging_.size(), "weight stream: ", what, " needs ", at + (a1 - a0),
+               " bytes of staging, there are ", staging_.size());
+        char* dst = staging_.data<char>() + at;
+        requests_.push_back({a0, size_t(a1 - a0), dst});
+        out[i] = dst + (offsets[i] - a0);
+        at += a1 - a0;
+    }
+    reader_.read(requests_);
+}
+
+}  // namespace fm
