@@ -300,3 +300,20 @@ def test_forward_before_weights_are_loaded(tiny):
     engine = _core.Model(engine_config(cfg, "config.json", 16), 1)
     with pytest.raises(ValueError, match="not loaded"):
         engine.forward(np.asarray([1, 2], np.int32), 0)
+
+
+def test_tensor_missing_from_the_schema(tiny, tmp_path):
+    """A folder whose model.safetensors lacks a tensor the weight schema (Config.schema) needs:
+    the error names it, its layer and shape, before anything is loaded."""
+    _, conv = tiny
+    bad = copy_of(conv, tmp_path / "bad")
+    rewrite_header(os.path.join(bad, "model.safetensors"),
+                   lambda h: h.pop("model.layers.1.self_attn.k_proj.weight"))
+    with pytest.raises(ValueError, match=r"tensor 'wk' of layer 1 \(shape \(20, 40\)\) is missing from .*model.safetensors"):
+        flashmem.load(bad)
+    c = _core.Config()
+    c.vocab_size, c.d_model, c.d_ff, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim = 97, 40, 72, 2, 4, 2, 10
+    kinds = [k for k, layer, _ in c.schema("bundles") if layer == 0]
+    assert kinds == ["attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "ffn_bundles"]
+    with pytest.raises(ValueError, match="ffn must be 'bundles', 'matrices'"):
+        c.schema("dense")

@@ -1,6 +1,9 @@
 // flashmem._core.Config and flashmem._core.Model: the decoder (csrc/model/) with its sparse and
 // flash-streamed FFN (csrc/ffn/), driven by python/flashmem/model.py and flash/.
 #include "bindings/common.h"
+
+#include <nanobind/stl/tuple.h>
+
 #include "ffn/sparse_ffn.h"
 #include "model/decoder.h"
 
@@ -36,6 +39,15 @@ void bind_model(nb::module_& m) {
                 c.ffn_bundle = {fm::format_from_name(f[0]), fm::format_from_name(f[1]), fm::format_from_name(f[2])};
             },
             "formats of a neuron bundle's gate row, up row and down column")
+        .def(
+            "schema",
+            [](const fm::Config& c, const std::string& ffn) {
+                std::vector<std::tuple<std::string, int, std::vector<int64_t>>> out;
+                for (const fm::TensorSpec& t : c.schema(ffn)) out.emplace_back(t.kind, t.layer, t.shape);
+                return out;
+            },
+            "ffn"_a, "Every tensor the model needs, (kind, layer, shape), with its FFN as 'bundles', 'matrices' "
+            "or 'none' (streamed from flash).")
         .def_prop_rw(
             "kv_dtype", [](const fm::Config& c) { return std::string(fm::dtype_name(c.kv_dtype)); },
             [](fm::Config& c, const std::string& s) { c.kv_dtype = fm::dtype_from_name(s); });

@@ -31,6 +31,41 @@ void Config::validate() const {
     ffn_bundle.validate(d_model);
 }
 
+std::vector<int64_t> Config::tensor_shape(const std::string& kind) const {
+    const int64_t d = d_model, q = q_dim(), kv = kv_dim();
+    if (kind == "embed" || kind == "lm_head") return {vocab_size, d};
+    if (kind == "final_norm" || kind == "attn_norm" || kind == "ffn_norm") return {d};
+    if (kind == "wq") return {q, d};
+    if (kind == "wk" || kind == "wv") return {kv, d};
+    if (kind == "wo") return {d, q};
+    if (kind == "bq") return {q};
+    if (kind == "bk" || kind == "bv") return {kv};
+    if (kind == "ffn_gate" || kind == "ffn_up") return {d_ff, d};
+    if (kind == "ffn_down") return {d, d_ff};
+    if (kind == "ffn_bundles")  // a row: 3*d_model floats, or the bytes of its three block-format pieces
+        return {d_ff, ffn_bundle.is_float() ? 3 * d : int64_t(ffn_bundle.bytes(d_model))};
+    FM_ARG(false, "unknown tensor kind '", kind, "'");
+}
+
+std::vector<TensorSpec> Config::schema(const std::string& ffn) const {
+    FM_ARG(ffn == "bundles" || ffn == "matrices" || ffn == "none", "schema: ffn must be 'bundles', 'matrices' ",
+           "(the three FFN matrices) or 'none' (streamed), got '", ffn, "'");
+    std::vector<TensorSpec> out;
+    auto add = [&](const char* kind, int layer) { out.push_back({kind, layer, tensor_shape(kind)}); };
+    add("embed", -1);
+    for (int l = 0; l < n_layers; ++l) {
+        for (const char* k : {"attn_norm", "wq", "wk", "wv", "wo", "ffn_norm"}) add(k, l);
+        if (qkv_bias)
+            for (const char* k : {"bq", "bk", "bv"}) add(k, l);
+        if (ffn == "bundles") add("ffn_bundles", l);
+        if (ffn == "matrices")
+            for (const char* k : {"ffn_gate", "ffn_up", "ffn_down"}) add(k, l);
+    }
+    add("final_norm", -1);
+    if (!tied_embeddings) add("lm_head", -1);
+    return out;
+}
+
 Model::Model(Config cfg, int n_threads) : cfg_(std::move(cfg)), pool_(n_threads) {
     cfg_.validate();
     kernels();  // fails early on a CPU without AVX2
@@ -175,30 +210,28 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
         return;
     }
 
-    // where the tensor goes and the shape it must have; a bundle row: 3*d_model floats, or the
-    // bytes of its three block-format pieces
+    // where the tensor goes; its shape is the schema's (Config::tensor_shape)
     const BundleFormat& bf = c.ffn_bundle;
-    const int64_t bundle_cols = bf.is_float() ? 3 * int64_t(c.d_model) : int64_t(bf.bytes(c.d_model));
     Tensor* matrix = nullptr;
     Buffer* vec = nullptr;
-    std::vector<int64_t> expect;
-    if (kind == "embed") matrix = &w_.embed, expect = {c.vocab_size, c.d_model};
-    else if (kind == "lm_head") matrix = &w_.lm_head, expect = {c.vocab_size, c.d_model};
-    else if (kind == "final_norm") vec = &w_.final_norm, expect = {c.d_model};
-    else if (kind == "attn_norm") vec = &L->attn_norm, expect = {c.d_model};
-    else if (kind == "ffn_norm") vec = &L->ffn_norm, expect = {c.d_model};
-    else if (kind == "wq") matrix = &L->wq, expect = {c.q_dim(), c.d_model};
-    else if (kind == "wk") matrix = &L->wk, expect = {c.kv_dim(), c.d_model};
-    else if (kind == "wv") matrix = &L->wv, expect = {c.kv_dim(), c.d_model};
-    else if (kind == "wo") matrix = &L->wo, expect = {c.d_model, c.q_dim()};
-    else if (kind == "bq") vec = &L->bq, expect = {c.q_dim()};
-    else if (kind == "bk") vec = &L->bk, expect = {c.kv_dim()};
-    else if (kind == "bv") vec = &L->bv, expect = {c.kv_dim()};
-    else if (kind == "ffn_bundles") vec = &L->ffn_bundles, expect = {c.d_ff, bundle_cols};
-    else if (kind == "ffn_gate") matrix = &L->ffn_gate, expect = {c.d_ff, c.d_model};
-    else if (kind == "ffn_up") matrix = &L->ffn_up, expect = {c.d_ff, c.d_model};
-    else if (kind == "ffn_down") matrix = &L->ffn_down, expect = {c.d_model, c.d_ff};
+    if (kind == "embed") matrix = &w_.embed;
+    else if (kind == "lm_head") matrix = &w_.lm_head;
+    else if (kind == "final_norm") vec = &w_.final_norm;
+    else if (kind == "attn_norm") vec = &L->attn_norm;
+    else if (kind == "ffn_norm") vec = &L->ffn_norm;
+    else if (kind == "wq") matrix = &L->wq;
+    else if (kind == "wk") matrix = &L->wk;
+    else if (kind == "wv") matrix = &L->wv;
+    else if (kind == "wo") matrix = &L->wo;
+    else if (kind == "bq") vec = &L->bq;
+    else if (kind == "bk") vec = &L->bk;
+    else if (kind == "bv") vec = &L->bv;
+    else if (kind == "ffn_bundles") vec = &L->ffn_bundles;
+    else if (kind == "ffn_gate") matrix = &L->ffn_gate;
+    else if (kind == "ffn_up") matrix = &L->ffn_up;
+    else if (kind == "ffn_down") matrix = &L->ffn_down;
     else FM_ARG(false, "unknown tensor kind '", kind, "'");
+    const std::vector<int64_t> expect = c.tensor_shape(kind);
 
     const bool bundles = kind == "ffn_bundles";
     if (bundles) {

@@ -18,6 +18,15 @@
 
 namespace fm {
 
+// One tensor of the model as the engine loads it (Model::load_tensor's kind): layer -1 for the
+// global ones; shape (rows, weights per row), or (n) for a vector; a bundle row in bytes when the
+// bundles are in block formats.
+struct TensorSpec {
+    std::string kind;
+    int layer;
+    std::vector<int64_t> shape;
+};
+
 struct Config {
     int vocab_size = 0;
     int d_model = 0;
@@ -36,6 +45,11 @@ struct Config {
     std::vector<float> rope_inv_freq;  // (head_dim/2), scaling already applied (computed in Python)
     float rope_attention_scaling = 1.0f;
     DType kv_dtype = DType::F32;  // the KV cache's storage: f32 or f16
+
+    // The weight schema: the shape of each tensor kind, and every tensor the model needs with
+    // its FFN as neuron bundles, as three matrices, or streamed ("bundles", "matrices", "none").
+    std::vector<int64_t> tensor_shape(const std::string& kind) const;
+    std::vector<TensorSpec> schema(const std::string& ffn) const;
 
     int q_dim() const { return n_heads * head_dim; }
     int kv_dim() const { return n_kv_heads * head_dim; }

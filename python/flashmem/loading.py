@@ -80,6 +80,7 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
     # with offload="all" the attention matrices, embeddings and LM head are read when needed too
     ffn = "streamed" if offload in ("flash", "all") else "bundles" if sparsity else "dense"
     weights = weights_to_load(folder, config, ffn, stream_matrices=offload == "all")
+    check_schema(c, weights, ffn, config)
     if offload == "all":
         engine.configure_stream(os.path.join(folder, RESIDENT_FILE), stream_staging_bytes(weights),
                                 queue_depth=flash_options.get("queue_depth", 32),
@@ -169,6 +170,20 @@ def stream_staging_bytes(weights: list[WeightFile]) -> int:
         need.append(_core.stream_staging_for([kinds.get(k, 0) for k in ("wq", "wk", "wv")]))
         need.append(_core.stream_staging_for([kinds.get("wo", 0)]))
     return max(need)
+
+
+def check_schema(c: _core.Config, weights: list[WeightFile], ffn: str, config: dict) -> None:
+    """Raises naming the first tensor the engine's weight schema (Config.schema) needs that the
+    folder's files do not hold, before anything is loaded."""
+    matrices = config["flashmem"]["ffn"].get("layout") == "matrices"
+    placement = "none" if ffn == "streamed" else "matrices" if ffn == "dense" and matrices else "bundles"
+    have = {(w.kind, w.layer) for w in weights}
+    for kind, layer, shape in c.schema(placement):
+        if (kind, layer) not in have:
+            where = f"layer {layer}" if layer >= 0 else "the model"
+            files = sorted({os.path.basename(w.path) for w in weights}) or [RESIDENT_FILE]
+            raise ValueError(f"{os.path.dirname(weights[0].path) if weights else ''}: tensor '{kind}' of {where} "
+                             f"(shape {tuple(shape)}) is missing from {', '.join(files)}")
 
 
 def weights_to_load(folder: str, config: dict, ffn: str = "dense", stream_matrices: bool = False) -> list[WeightFile]:
