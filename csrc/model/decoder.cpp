@@ -393,6 +393,7 @@ void Model::gather_embeddings(const int32_t* tokens, int T, float* out) const {
 void Model::stage(std::initializer_list<const Tensor*> tensors, const char** out, const char* what) const {
     uint64_t offsets[4];
     size_t sizes[4];
+    FM_ARG(tensors.size() <= 4, "stage: at most 4 tensors at a time, got ", tensors.size());
     int n = 0;
     for (const Tensor* t : tensors) offsets[n] = t->file_offset, sizes[n] = t->nbytes(), ++n;
     stream_->fetch(offsets, sizes, n, out, what);
