@@ -69,9 +69,12 @@ def cmd_generate(a) -> None:
           f"decode {r.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
     if r.flash:
         f = r.flash
-        print(f"[flash: {f['bytes_read_per_token'] / 1e6:.2f} MB and {f['requests_per_token']:.0f} reads per token, "
+        weights = f"; other weights read {f['weights_read_per_token'] / 1e6:.1f} MB per token" \
+            if f.get("weights_read_per_token") else ""
+        print(f"[flash: FFN {f['bytes_read_per_token'] / 1e6:.2f} MB and {f['requests_per_token']:.0f} reads per token, "
               f"cache hit rate {f['neuron_cache_hit_rate']:.1%}, I/O {f['io_ms_per_token']:.2f} ms/token, "
-              f"{f['read_bandwidth_gbps']:.2f} GB/s; engine owns {model.owned_bytes / 1e6:.0f} MB]", file=sys.stderr)
+              f"{f['read_bandwidth_gbps']:.2f} GB/s{weights}; engine owns {model.owned_bytes / 1e6:.0f} MB]",
+              file=sys.stderr)
 
 
 def cmd_chat(a) -> None:
