@@ -29,7 +29,6 @@ constexpr int kNeuronBlock = 16;
 struct BundleFormat {
     Format gate = Format::F32, up = Format::F32, down = Format::F32;
 
-    static BundleFormat of(DType dt) { return {format_of(dt), format_of(dt), format_of(dt)}; }
     // all three one float type (the float kernels), else all three block formats
     bool is_float() const { return !is_block_format(gate); }
     DType float_type() const { return DType(int(gate)); }

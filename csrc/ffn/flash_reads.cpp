@@ -43,9 +43,9 @@ void FlashReads::init(const FileLayout& layout, size_t bundle_bytes, int staging
     bundle_bytes_ = bundle_bytes;
     staging_rows_ = staging_rows, coalesce_gap_ = coalesce_gap, max_request_ = max_request;
     size_t blocks = 0;
+    const uint64_t all = total_piece_bytes(layout_);
     for (int p = 0; p < layout_.n_pieces; ++p)
-        blocks += region_blocks_[p] =
-            region_blocks(layout_.piece_bytes[p], staging_rows, staging_bytes, total_piece_bytes(layout_));
+        blocks += region_blocks_[p] = region_blocks(layout_.piece_bytes[p], staging_rows, staging_bytes, all);
     staging_.allocate(blocks * kIoAlign, kIoAlign);
     for (int p = 0, first = 0; p < layout_.n_pieces; first += int(region_blocks_[p]), ++p)
         region_[p] = staging_.data<char>() + size_t(first) * kIoAlign;

@@ -252,11 +252,11 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
 
     FM_ARG(!stream || (matrix && kind.rfind("ffn_", 0) != 0), what, ": only embed, lm_head, wq, wk, wv and wo can "
            "be streamed");
+    FM_ARG(!matrix || expect[1] % format_traits(f).block == 0, what, " in '", path, "': a row of ", expect[1],
+           " weights is not a whole number of ", format_name(f), " blocks");
     if (stream) {
         FM_ARG(stream_, what, ": configure the weight stream before loading streamed tensors");
         FM_ARG(path == stream_->path(), what, " in '", path, "': streamed tensors must lie in '", stream_->path(), "'");
-        FM_ARG(expect[1] % format_traits(f).block == 0, what, " in '", path, "': a row of ", expect[1],
-               " weights is not a whole number of ", format_name(f), " blocks");
         matrix->stream(f, expect[0], expect[1], offset);
         FM_IO(offset + matrix->nbytes() <= stream_->file_size(), "'", path, "' is truncated: ", what, " needs bytes [",
               offset, ", ", offset + matrix->nbytes(), "), the file has ", stream_->file_size());
@@ -264,8 +264,6 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
     }
     File file(path);
     if (matrix) {
-        FM_ARG(expect[1] % format_traits(f).block == 0, what, " in '", path, "': a row of ", expect[1],
-               " weights is not a whole number of ", format_name(f), " blocks");
         matrix->allocate(f, expect[0], expect[1]);
         file.read_uncached(matrix->data(), matrix->nbytes(), offset, what);
         return;

@@ -72,9 +72,9 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
     budget_source = None
     if dram_budget == "auto":  # what the process may take, before the engine allocates anything
         dram_budget, budget_source = streaming.auto_budget()
-    if offload in ("flash", "all") and dram_budget and streaming.parse_bytes(dram_budget) < SMALL_BUDGET:
-        # a smaller run state leaves more of a small budget to the neuron cache
-        c.prefill_chunk = 64 if streaming.parse_bytes(dram_budget) >= SMALL_BUDGET // 4 else 32
+    budget_bytes = streaming.parse_bytes(dram_budget) if offload in ("flash", "all") and dram_budget else None
+    if budget_bytes and budget_bytes < SMALL_BUDGET:  # a smaller run state leaves more of a small budget to the neuron cache
+        c.prefill_chunk = 64 if budget_bytes >= SMALL_BUDGET // 4 else 32
     engine = _core.Model(c, threads)
     # the FFN: streamed from flash, neuron bundles in DRAM (sparsity), or dense (bundles or matrices);
     # with offload="all" the attention matrices, embeddings and LM head are read when needed too
