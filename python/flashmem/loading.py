@@ -73,7 +73,8 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
     if dram_budget == "auto":  # what the process may take, before the engine allocates anything
         dram_budget, budget_source = streaming.auto_budget()
     budget_bytes = streaming.parse_bytes(dram_budget) if offload in ("flash", "all") and dram_budget else None
-    if budget_bytes and budget_bytes < SMALL_BUDGET:  # a smaller run state leaves more of a small budget to the neuron cache
+    # a smaller run state leaves more of a small budget to the neuron cache
+    if budget_bytes and budget_bytes < SMALL_BUDGET:
         c.prefill_chunk = 64 if budget_bytes >= SMALL_BUDGET // 4 else 32
     engine = _core.Model(c, threads)
     # the FFN: streamed from flash, neuron bundles in DRAM (sparsity), or dense (bundles or matrices);
