@@ -317,3 +317,64 @@ def test_tensor_missing_from_the_schema(tiny, tmp_path):
     assert kinds == ["attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "ffn_bundles"]
     with pytest.raises(ValueError, match="ffn must be 'bundles', 'matrices'"):
         c.schema("dense")
+    for kind, layer, _ in c.schema("bundles") + c.schema("matrices"):  # one name table, in the engine
+        assert _core.tensor_kind(_core.tensor_name(kind, layer)) == (kind, layer)
+    for name in ("model.layers.1.mlp.gate", "model.layers.one.mlp.bundles", "model.embed_tokens"):
+        with pytest.raises(ValueError, match=f"unexpected tensor '{name}'"):
+            _core.tensor_kind(name)
+    with pytest.raises(ValueError, match="unknown tensor kind 'ffn_gates'"):
+        _core.tensor_name("ffn_gates", 0)
+
+
+def test_sparse_options_and_file_layout_are_checked_in_the_engine(tiny):
+    """SparseOptions and FileLayout are validated once, in C++: each bad field is named, whether
+    it comes through flashmem.load or straight to the engine."""
+    from flashmem.checkpoints.config import read_json
+    from flashmem.flash.streaming import layout, sparse_options
+    from flashmem.loading import engine_config
+
+    for field, value, match in [("sparsity", 1.0, r"SparseOptions\.sparsity must lie in \[0, 1\)"),
+                                ("window", -2, r"SparseOptions\.window must be >= 0"),
+                                ("queue_depth", 0, r"SparseOptions\.queue_depth must lie in \[1, 4096\]"),
+                                ("max_request", 5000, r"SparseOptions\.max_request must be a multiple of 4096"),
+                                ("cache_rows", -5, r"SparseOptions\.cache_rows must be >= 0"),
+                                ("coalesce_gap", -1, r"SparseOptions\.coalesce_gap must be >= 0"),
+                                ("eviction", "fifo", r"SparseOptions\.eviction must be 'lru' or 'hot'"),
+                                ("window", 2.5, r"SparseOptions\.window must be a int"),
+                                ("sparsity", True, r"SparseOptions\.sparsity must be a float")]:
+        with pytest.raises(ValueError, match=match):
+            sparse_options(**{field: value})
+    with pytest.raises(ValueError, match=r"SparseOptions\.window must be >= 0"):
+        flashmem.load(tiny[1], offload="flash", window=-1)
+
+    _, conv = tiny
+    cfg = read_json(os.path.join(conv, "config.json"))
+    good = layout(conv, cfg)
+    n_layers, bundle = cfg["num_hidden_layers"], good.piece_bytes[0]
+    good.validate(n_layers, bundle)
+    assert good.n_pieces == 1
+
+    def broken(**fields):
+        bad = layout(conv, cfg)
+        for name, value in fields.items():
+            setattr(bad, name, value)
+        return bad
+
+    cases = [(broken(piece_bytes=[bundle] * 4, piece_stride=[bundle] * 4), r"FileLayout\.piece_bytes: a neuron has 1 to 3 pieces"),
+             (broken(piece_stride=[bundle - 1]), r"FileLayout\.piece_stride\[0\] .* is shorter than the piece"),
+             (broken(piece_bytes=[bundle - 2]), r"FileLayout\.piece_bytes: a neuron's pieces .* take"),
+             (broken(piece_base=good.piece_base[:1]), r"FileLayout\.piece_base: 1 layers, the model has 2"),
+             (broken(piece_stride=[bundle, bundle]), r"FileLayout\.piece_stride: 2 strides for 1 pieces"),
+             (broken(path=""), r"FileLayout\.path: no file named")]
+    opts = sparse_options()
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            bad.validate(n_layers, bundle)
+        engine = _core.Model(engine_config(cfg, "config.json", 16), 1)
+        with pytest.raises(ValueError, match=match):
+            engine.configure_sparse("flash", opts, 0, False, bad)
+    engine = _core.Model(engine_config(cfg, "config.json", 16), 1)
+    with pytest.raises(ValueError, match="offload to flash needs the bundle file's FileLayout"):
+        engine.configure_sparse("flash", opts)
+    with pytest.raises(ValueError, match="a FileLayout is for source 'flash' only"):
+        engine.configure_sparse("dram", opts, 0, False, good)

@@ -1,4 +1,4 @@
-// flashmem._core.Config and flashmem._core.Model: the decoder (csrc/model/) with its sparse and
+// flashmem._core.Config, SparseOptions, FileLayout and Model: the decoder (csrc/model/) with its sparse and
 // flash-streamed FFN (csrc/ffn/), driven by python/flashmem/model.py and flash/.
 #include "bindings/common.h"
 
@@ -12,6 +12,42 @@ namespace fm::bindings {
 using namespace nb::literals;
 
 void bind_model(nb::module_& m) {
+    m.def("tensor_name", &fm::tensor_name, "kind"_a, "layer"_a,
+          "The name a tensor of `kind` (layer -1: a global one) has in a converted folder.");
+    m.def("tensor_kind", &fm::tensor_kind, "name"_a, "(kind, layer) of a converted folder's tensor name.");
+    nb::class_<fm::SparseOptions>(m, "SparseOptions",
+                                  "Options of the sparse FFN (ffn/sparse_ffn.h); validate() checks every field.")
+        .def(nb::init<>())
+        .def_rw("sparsity", &fm::SparseOptions::sparsity, "fraction of the neurons left out per token, in [0, 1)")
+        .def_rw("window", &fm::SparseOptions::window, "tokens a neuron stays cached after its last use (0: until evicted)")
+        .def_rw("use_window", &fm::SparseOptions::use_window, "also compute with the neurons still in the window")
+        .def_rw("expire", &fm::SparseOptions::expire, "drop neurons that left the window")
+        .def_prop_rw(
+            "eviction", [](const fm::SparseOptions& o) { return std::string(o.hot ? "hot" : "lru"); },
+            [](fm::SparseOptions& o, const std::string& e) {
+                FM_ARG(e == "lru" || e == "hot", "SparseOptions.eviction must be 'lru' or 'hot', got '", e, "'");
+                o.hot = e == "hot";
+            },
+            "what the flash neuron cache keeps: 'lru' (recently used) or 'hot' (often picked)")
+        .def_rw("cache_bias", &fm::SparseOptions::cache_bias, "cached neurons' scores count (1 + cache_bias) times")
+        .def_rw("cache_rows", &fm::SparseOptions::cache_rows, "neurons cached per layer (-1: as the budget allows)")
+        .def_rw("staging_rows", &fm::SparseOptions::staging_rows, "bundles one read round holds (0: a layer's)")
+        .def_rw("staging_bytes", &fm::SparseOptions::staging_bytes, "cap on the read buffer (0: none)")
+        .def_rw("queue_depth", &fm::SparseOptions::queue_depth, "reads in flight")
+        .def_rw("coalesce_gap", &fm::SparseOptions::coalesce_gap, "unneeded bundles a read may span to join two")
+        .def_rw("max_request", &fm::SparseOptions::max_request, "largest read, bytes (a multiple of 4096)")
+        .def_rw("direct", &fm::SparseOptions::direct, "read with O_DIRECT (else through the page cache)")
+        .def("validate", &fm::SparseOptions::validate);
+    nb::class_<fm::FileLayout>(m, "FileLayout",
+                               "Where neuron i of a layer lies in the FFN file: piece p at piece_base[layer][p] + "
+                               "i * piece_stride[p], piece_bytes[p] long.")
+        .def(nb::init<>())
+        .def_rw("path", &fm::FileLayout::path)
+        .def_rw("piece_base", &fm::FileLayout::piece_base)
+        .def_rw("piece_stride", &fm::FileLayout::piece_stride)
+        .def_rw("piece_bytes", &fm::FileLayout::piece_bytes)
+        .def_prop_ro("n_pieces", &fm::FileLayout::n_pieces)
+        .def("validate", &fm::FileLayout::validate, "n_layers"_a, "bundle_bytes"_a);
     nb::class_<fm::Config>(m, "Config")
         .def(nb::init<>())
         .def_rw("vocab_size", &fm::Config::vocab_size)
@@ -68,35 +104,18 @@ void bind_model(nb::module_& m) {
         .def_prop_ro("expected_weight_bytes", [](const fm::Model& m) { return m.expected_weight_bytes(true); })
         .def(
             "configure_sparse",
-            [](fm::Model& self, const std::string& source, double sparsity, int window, bool use_window,
-               size_t budget, bool with_predictor, std::optional<std::string> path,
-               std::vector<std::vector<uint64_t>> piece_base, std::vector<uint64_t> piece_stride,
-               std::vector<uint64_t> piece_bytes, int queue_depth, int coalesce_gap, bool direct, int cache_rows,
-               int staging_rows, double cache_bias, bool expire_window, const std::string& eviction,
-               size_t resident_bytes) {
+            [](fm::Model& self, const std::string& source, const fm::SparseOptions& options, size_t budget,
+               bool with_predictor, const fm::FileLayout* layout, size_t resident_bytes) {
                 FM_ARG(source == "dram" || source == "flash", "source must be 'dram' or 'flash', got '", source, "'");
-                FM_ARG(eviction == "lru" || eviction == "hot", "eviction must be 'lru' or 'hot', got '", eviction, "'");
-                fm::SparseOptions o;
-                o.hot = eviction == "hot";
-                o.sparsity = sparsity, o.window = window, o.use_window = use_window, o.queue_depth = queue_depth;
-                o.coalesce_gap = coalesce_gap, o.direct = direct, o.cache_rows = cache_rows;
-                o.staging_rows = staging_rows, o.cache_bias = cache_bias, o.expire = expire_window;
-                fm::FileLayout layout;
-                if (source == "flash") {
-                    FM_ARG(path && !piece_base.empty() && piece_stride.size() == piece_bytes.size() &&
-                               !piece_stride.empty() && piece_stride.size() <= 3,
-                           "flash source needs the bundle file and its layout");
-                    layout.path = *path, layout.n_pieces = int(piece_stride.size());
-                    layout.piece_base = piece_base, layout.piece_stride = piece_stride, layout.piece_bytes = piece_bytes;
-                }
-                self.configure_sparse(source == "flash" ? fm::SparseFfn::Source::Flash : fm::SparseFfn::Source::Resident,
-                                      o, source == "flash" ? &layout : nullptr, budget, with_predictor, resident_bytes);
+                const bool flash = source == "flash";
+                FM_ARG(flash || !layout, "a FileLayout is for source 'flash' only");
+                self.configure_sparse(flash ? fm::SparseFfn::Source::Flash : fm::SparseFfn::Source::Resident, options,
+                                      layout, budget, with_predictor, resident_bytes);
             },
-            "source"_a, "sparsity"_a, "window"_a, "use_window"_a, "budget"_a, "with_predictor"_a, "path"_a = nb::none(),
-            "piece_base"_a = std::vector<std::vector<uint64_t>>{}, "piece_stride"_a = std::vector<uint64_t>{},
-            "piece_bytes"_a = std::vector<uint64_t>{}, "queue_depth"_a = 32, "coalesce_gap"_a = 2, "direct"_a = true,
-            "cache_rows"_a = -1, "staging_rows"_a = 0, "cache_bias"_a = 0.0, "expire_window"_a = false,
-            "eviction"_a = "lru", "resident_bytes"_a = 0)
+            "source"_a, "options"_a, "budget"_a = 0, "with_predictor"_a = false, "layout"_a = nb::none(),
+            "resident_bytes"_a = 0,
+            "Sets up the sparse FFN before any weight is loaded: source 'dram' (bundles in DRAM) or 'flash' (read "
+            "from `layout`'s file); budget 0: no DRAM budget; resident_bytes: what the loaded weights take.")
         .def(
             "sparse_stats",
             [](fm::Model& self) {

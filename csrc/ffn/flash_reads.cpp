@@ -21,41 +21,62 @@ size_t region_blocks(uint64_t bytes, int staging_rows, size_t staging_bytes, uin
 
 uint64_t total_piece_bytes(const FileLayout& layout) {
     uint64_t n = 0;
-    for (int p = 0; p < layout.n_pieces; ++p) n += layout.piece_bytes[p];
+    for (int p = 0; p < layout.n_pieces(); ++p) n += layout.piece_bytes[p];
     return n;
 }
 }  // namespace
 
+void FileLayout::validate(int n_layers, uint64_t bundle_bytes) const {
+    FM_ARG(!path.empty(), "FileLayout.path: no file named");
+    const int np = n_pieces();
+    FM_ARG(np >= 1 && np <= kMaxPieces, "FileLayout.piece_bytes: a neuron has 1 to ", kMaxPieces,
+           " pieces in the file, got ", np);
+    FM_ARG(int(piece_stride.size()) == np, "FileLayout.piece_stride: ", piece_stride.size(), " strides for ", np,
+           " pieces");
+    uint64_t sum = 0;
+    for (int p = 0; p < np; ++p) {
+        FM_ARG(piece_bytes[p] > 0, "FileLayout.piece_bytes[", p, "] is 0");
+        FM_ARG(piece_stride[p] >= piece_bytes[p], "FileLayout.piece_stride[", p, "] ", piece_stride[p],
+               " is shorter than the piece (", piece_bytes[p], " bytes)");
+        sum += piece_bytes[p];
+    }
+    FM_ARG(sum == bundle_bytes, "FileLayout.piece_bytes: a neuron's pieces in '", path, "' take ", sum,
+           " bytes, a bundle takes ", bundle_bytes);
+    FM_ARG(int(piece_base.size()) == n_layers, "FileLayout.piece_base: ", piece_base.size(), " layers, the model has ",
+           n_layers);
+    for (int l = 0; l < n_layers; ++l)
+        FM_ARG(int(piece_base[l].size()) == np, "FileLayout.piece_base[", l, "]: ", piece_base[l].size(),
+               " bases for ", np, " pieces");
+}
+
 size_t FlashReads::bytes_for(const FileLayout& layout, size_t bundle_bytes, int staging_rows, size_t staging_bytes) {
     size_t n = 0;
     const uint64_t all = total_piece_bytes(layout);
-    for (int p = 0; p < layout.n_pieces; ++p)
+    for (int p = 0; p < layout.n_pieces(); ++p)
         n += region_blocks(layout.piece_bytes[p], staging_rows, staging_bytes, all) * kIoAlign;
-    if (layout.n_pieces > 1) n += size_t(staging_rows) * bundle_bytes;
+    if (layout.n_pieces() > 1) n += size_t(staging_rows) * bundle_bytes;
     return n;
 }
 
 void FlashReads::init(const FileLayout& layout, size_t bundle_bytes, int staging_rows, size_t staging_bytes,
                       int coalesce_gap, size_t max_request) {
-    FM_ARG(layout.n_pieces >= 1 && layout.n_pieces <= FileLayout::kMaxPieces, "a neuron has 1 to ",
-           FileLayout::kMaxPieces, " pieces in the file, got ", layout.n_pieces);
     layout_ = layout;
     bundle_bytes_ = bundle_bytes;
     staging_rows_ = staging_rows, coalesce_gap_ = coalesce_gap, max_request_ = max_request;
     size_t blocks = 0;
     const uint64_t all = total_piece_bytes(layout_);
-    for (int p = 0; p < layout_.n_pieces; ++p)
+    for (int p = 0; p < layout_.n_pieces(); ++p)
         blocks += region_blocks_[p] = region_blocks(layout_.piece_bytes[p], staging_rows, staging_bytes, all);
     staging_.allocate(blocks * kIoAlign, kIoAlign);
-    for (int p = 0, first = 0; p < layout_.n_pieces; first += int(region_blocks_[p]), ++p)
+    for (int p = 0, first = 0; p < layout_.n_pieces(); first += int(region_blocks_[p]), ++p)
         region_[p] = staging_.data<char>() + size_t(first) * kIoAlign;
-    if (layout_.n_pieces > 1) assembled_.allocate(size_t(staging_rows) * bundle_bytes);
-    landed_.reserve(size_t(staging_rows) * layout_.n_pieces);
+    if (layout_.n_pieces() > 1) assembled_.allocate(size_t(staging_rows) * bundle_bytes);
+    landed_.reserve(size_t(staging_rows) * layout_.n_pieces());
     clear();
 }
 
 bool FlashReads::plan(int layer, int neuron) {
-    const int np = layout_.n_pieces;
+    const int np = layout_.n_pieces();
     if (planned_ == staging_rows_) return false;
     uint64_t b0[FileLayout::kMaxPieces], b1[FileLayout::kMaxPieces];
     bool extend[FileLayout::kMaxPieces];
@@ -86,13 +107,13 @@ bool FlashReads::plan(int layer, int neuron) {
 
 const std::vector<ReadRequest>& FlashReads::requests() {
     requests_.clear();
-    for (int p = 0; p < layout_.n_pieces; ++p)
+    for (int p = 0; p < layout_.n_pieces(); ++p)
         for (const Run& r : runs_[p]) requests_.push_back({r.b0 * kIoAlign, size_t(r.b1 - r.b0) * kIoAlign, r.dst});
     return requests_;
 }
 
 const void* FlashReads::bundle(int j) {
-    const int np = layout_.n_pieces;
+    const int np = layout_.n_pieces();
     if (np == 1) return landed_[j];
     char* row = assembled_.data<char>() + size_t(j) * bundle_bytes_;
     size_t at = 0;
@@ -104,7 +125,7 @@ const void* FlashReads::bundle(int j) {
 }
 
 void FlashReads::clear() {
-    for (int p = 0; p < layout_.n_pieces; ++p) runs_[p].clear(), used_[p] = 0;
+    for (int p = 0; p < layout_.n_pieces(); ++p) runs_[p].clear(), used_[p] = 0;
     landed_.clear();
     planned_ = 0;
 }

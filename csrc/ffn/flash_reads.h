@@ -26,9 +26,14 @@ namespace fm {
 struct FileLayout {
     static constexpr int kMaxPieces = 3;
     std::string path;
-    int n_pieces = 1;
     std::vector<std::vector<uint64_t>> piece_base;  // (n_layers, n_pieces)
-    std::vector<uint64_t> piece_stride, piece_bytes;
+    std::vector<uint64_t> piece_stride, piece_bytes;  // (n_pieces)
+
+    int n_pieces() const { return int(piece_bytes.size()); }
+    // 1 to kMaxPieces pieces that add up to a bundle of `bundle_bytes`, each within its stride,
+    // a base per layer and piece; else an exception naming the field. (The file's size is
+    // checked when it is opened.)
+    void validate(int n_layers, uint64_t bundle_bytes) const;
 };
 
 class FlashReads {

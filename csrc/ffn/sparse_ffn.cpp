@@ -15,6 +15,19 @@ double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::
 constexpr int64_t kNever = INT64_MIN / 4;
 }  // namespace
 
+void SparseOptions::validate() const {
+    FM_ARG(sparsity >= 0.0 && sparsity < 1.0, "SparseOptions.sparsity must lie in [0, 1), got ", sparsity);
+    FM_ARG(window >= 0, "SparseOptions.window must be >= 0, got ", window);
+    FM_ARG(cache_bias >= 0.0, "SparseOptions.cache_bias must be >= 0, got ", cache_bias);
+    FM_ARG(cache_rows >= -1, "SparseOptions.cache_rows must be >= 0 (or -1: as the budget allows), got ", cache_rows);
+    FM_ARG(staging_rows >= 0, "SparseOptions.staging_rows must be >= 0 (0: a layer's), got ", staging_rows);
+    FM_ARG(queue_depth >= 1 && queue_depth <= 4096, "SparseOptions.queue_depth must lie in [1, 4096], got ",
+           queue_depth);
+    FM_ARG(coalesce_gap >= 0, "SparseOptions.coalesce_gap must be >= 0, got ", coalesce_gap);
+    FM_ARG(max_request >= kIoAlign && max_request % kIoAlign == 0, "SparseOptions.max_request must be a multiple of ",
+           kIoAlign, " bytes, got ", max_request);
+}
+
 size_t SparseFfn::row_bytes(int d_model, const BundleFormat& bf) { return (bf.bytes(d_model) + 63) / 64 * 64; }
 
 size_t SparseFfn::fixed_bytes(int n_layers, int d_ff, int d_model, const BundleFormat& bf, int t_max,
@@ -41,10 +54,7 @@ SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, const B
     : source_(source), n_layers_(n_layers), d_ff_(d_ff), d_model_(d_model), t_max_(t_max), bf_(bf), opt_(opt),
       resident_(std::move(resident)) {
     bf.validate(d_model);
-    FM_ARG(opt.sparsity >= 0.0 && opt.sparsity < 1.0, "sparsity must lie in [0, 1), got ", opt.sparsity);
-    FM_ARG(opt.window >= 0, "window must be >= 0, got ", opt.window);
-    FM_ARG(opt.coalesce_gap >= 0, "coalesce_gap must be >= 0, got ", opt.coalesce_gap);
-    FM_ARG(opt.cache_bias >= 0.0, "cache_bias must be >= 0, got ", opt.cache_bias);
+    opt.validate();
     predictor_.init(n_layers, d_ff, d_model, t_max);
     scores_.allocate(sizeof(float) * size_t(t_max) * d_ff);
     order_.allocate(4 * size_t(d_ff));
@@ -63,20 +73,14 @@ SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, const B
         FM_ARG(int(resident_.size()) == n_layers, "resident FFN needs every layer's bundles");
         return;
     }
-    FM_ARG(layout && layout->n_pieces >= 1 && int(layout->piece_base.size()) == n_layers,
-           "flash FFN needs a file layout");
-    FM_ARG(opt.staging_rows >= 1, "staging_rows must be >= 1");
-    FM_ARG(opt.max_request >= kIoAlign && opt.max_request % kIoAlign == 0, "max_request must be a multiple of ",
-           kIoAlign);
+    FM_ARG(layout, "flash FFN needs a file layout");
+    layout->validate(n_layers, bf.bytes(d_model));
+    FM_ARG(opt.staging_rows >= 1, "SparseOptions.staging_rows must be >= 1 for flash, got ", opt.staging_rows);
     layout_ = *layout;
-    size_t pieces = 0;
-    for (int p = 0; p < layout_.n_pieces; ++p) pieces += layout_.piece_bytes[p];
-    FM_ARG(pieces == bf.bytes(d_model), "'", layout_.path, "': a neuron's pieces in the file take ", pieces,
-           " bytes, a bundle of ", bf.name(), " with d_model ", d_model, " takes ", bf.bytes(d_model));
     reader_ = std::make_unique<DirectReader>(layout_.path, opt.queue_depth, opt.direct);
     for (int l = 0; l < n_layers; ++l) {
-        const uint64_t end = layout_.piece_base[l][layout_.n_pieces - 1] +
-                             uint64_t(d_ff) * layout_.piece_stride[layout_.n_pieces - 1];
+        const uint64_t end = layout_.piece_base[l][layout_.n_pieces() - 1] +
+                             uint64_t(d_ff) * layout_.piece_stride[layout_.n_pieces() - 1];
         FM_IO(end <= reader_->size(), "'", layout_.path, "' is truncated: the FFN of layer ", l, " needs ", end,
               " bytes, the file has ", reader_->size());
     }

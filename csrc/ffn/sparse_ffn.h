@@ -43,6 +43,9 @@ struct SparseOptions {
     int coalesce_gap = 2;      // unneeded bundles a request may span to join two needed ones
     size_t max_request = size_t(256) << 10;
     bool direct = true;
+
+    // Every field in its range, else an exception naming it. Model::configure_sparse calls it.
+    void validate() const;
 };
 
 // Per token, a neuron's hotness is multiplied by this and gains 1 when the neuron is picked:

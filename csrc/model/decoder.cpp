@@ -1,6 +1,7 @@
 #include "model/decoder.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstring>
 
@@ -45,6 +46,53 @@ std::vector<int64_t> Config::tensor_shape(const std::string& kind) const {
     if (kind == "ffn_bundles")  // a row: 3*d_model floats, or the bytes of its three block-format pieces
         return {d_ff, ffn_bundle.is_float() ? 3 * d : int64_t(ffn_bundle.bytes(d_model))};
     FM_ARG(false, "unknown tensor kind '", kind, "'");
+}
+
+namespace {
+// kind -> name in a converted folder, after "model.layers.{l}." for the per-layer kinds
+constexpr std::pair<const char*, const char*> kGlobalNames[] = {
+    {"embed", "model.embed_tokens.weight"}, {"final_norm", "model.norm.weight"}, {"lm_head", "lm_head.weight"}};
+constexpr std::pair<const char*, const char*> kLayerNames[] = {
+    {"attn_norm", "input_layernorm.weight"},    {"wq", "self_attn.q_proj.weight"},
+    {"wk", "self_attn.k_proj.weight"},          {"wv", "self_attn.v_proj.weight"},
+    {"wo", "self_attn.o_proj.weight"},          {"bq", "self_attn.q_proj.bias"},
+    {"bk", "self_attn.k_proj.bias"},            {"bv", "self_attn.v_proj.bias"},
+    {"ffn_norm", "post_attention_layernorm.weight"}, {"ffn_bundles", "mlp.bundles"},
+    {"ffn_gate", "mlp.gate_proj.weight"},       {"ffn_up", "mlp.up_proj.weight"},
+    {"ffn_down", "mlp.down_proj.weight"}};
+constexpr const char* kLayerPrefix = "model.layers.";
+}  // namespace
+
+std::string tensor_name(const std::string& kind, int layer) {
+    for (const auto& [k, name] : kGlobalNames)
+        if (kind == k) {
+            FM_ARG(layer == -1, "tensor '", kind, "' is global (layer -1), got layer ", layer);
+            return name;
+        }
+    for (const auto& [k, name] : kLayerNames)
+        if (kind == k) {
+            FM_ARG(layer >= 0, "tensor '", kind, "' belongs to a layer (>= 0), got ", layer);
+            return kLayerPrefix + std::to_string(layer) + "." + name;
+        }
+    FM_ARG(false, "unknown tensor kind '", kind, "'");
+    return {};
+}
+
+std::pair<std::string, int> tensor_kind(const std::string& name) {
+    for (const auto& [k, n] : kGlobalNames)
+        if (name == n) return {k, -1};
+    const size_t np = std::strlen(kLayerPrefix);
+    if (name.compare(0, np, kLayerPrefix) == 0) {
+        size_t end = np;
+        while (end < name.size() && end - np < 9 && std::isdigit(static_cast<unsigned char>(name[end]))) ++end;
+        if (end > np && end < name.size() && name[end] == '.') {
+            const std::string rest = name.substr(end + 1);
+            for (const auto& [k, n] : kLayerNames)
+                if (rest == n) return {k, std::stoi(name.substr(np, end - np))};
+        }
+    }
+    FM_ARG(false, "unexpected tensor '", name, "' (not one of the model's weights)");
+    return {};
 }
 
 std::vector<TensorSpec> Config::schema(const std::string& ffn) const {
@@ -146,7 +194,12 @@ void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const 
                              bool with_predictor, size_t resident_weight_bytes) {
     const Config& c = cfg_;
     FM_ARG(weight_bytes() == 0, "configure the sparse FFN before loading weights");
+    opt.validate();
     const bool flash = source == SparseFfn::Source::Flash;
+    if (flash) {
+        FM_ARG(layout, "offload to flash needs the bundle file's FileLayout");
+        layout->validate(c.n_layers, c.ffn_bundle.bytes(c.d_model));
+    }
     if (flash && opt.staging_rows <= 0) {
         // default: a whole layer's bundles per round, in a read buffer of at most 8 MiB (4 MiB when
         // the budget is under 256 MiB, 2 MiB under 128 MiB, where it competes with the neuron
@@ -335,7 +388,8 @@ void Model::check_positions(int T, int start_pos) const {
 // Y (T, N) = X (T, K) W^T for each projection, all in one parallel region (q, k and v: one
 // dispatch, not three); each thread takes its share of every matrix's rows. Matrices in a block
 // format take X quantized to int8 blocks (16-bit when precise), once for all of them.
-void Model::linear(const float* X, int T, int K, std::initializer_list<Projection> projections, bool precise) {
+void Model::linear(const float* X, int T, int K, std::initializer_list<Projection> projections, bool precise,
+                   bool swiglu) {
     const Kernels& k = kernels();
     const quant::QuantKernels& qk = quant::quant_kernels();
     const size_t cs = convert_.size() / sizeof(float) / pool_.size();
@@ -344,13 +398,16 @@ void Model::linear(const float* X, int T, int K, std::initializer_list<Projectio
     auto* act = act_.data<quant::ActBlock>();
     auto* act16 = act16_.data<quant::ActBlock16>();
     const int act_row = K / quant::kActBlock;
-    if (quantized)
-        pool_.parallel_for(size_t(T), 1, [&](size_t t0, size_t t1, int) {
-            for (size_t t = t0; t < t1; ++t) {
-                if (precise) qk.quantize_act16(X + t * K, act16 + t * act_row, K);
-                else qk.quantize_act(X + t * K, act + t * act_row, K);
-            }
-        });
+    auto quantize_rows = [&](size_t t0, size_t t1, int) {
+        for (size_t t = t0; t < t1; ++t) {
+            if (precise) qk.quantize_act16(X + t * K, act16 + t * act_row, K);
+            else qk.quantize_act(X + t * K, act + t * act_row, K);
+        }
+    };
+    if (quantized && T < 2 * pool_.size()) quantize_rows(0, size_t(T), 0);  // a dispatch costs more
+    else if (quantized) pool_.parallel_for(size_t(T), 1, quantize_rows);
+    FM_ARG(!swiglu || (projections.size() == 2 && projections.begin()[0].N == projections.begin()[1].N),
+           "linear: swiglu takes gate and up projections of the same size");
     pool_.run([&](int tid, int nt) {
         for (const Projection& p : projections) {
             auto [n0, n1] = ThreadPool::chunk(p.N, tid, nt, 16);
@@ -365,6 +422,11 @@ void Model::linear(const float* X, int T, int K, std::initializer_list<Projectio
                 k.gemm[int(W.format)](p.Y + n0, p.ldy, X, K, T, rows, K, K, int(n1 - n0),
                                       convert_.data<float>() + tid * cs);
         }
+        if (!swiglu) return;
+        const Projection &gate = projections.begin()[0], &up = projections.begin()[1];
+        auto [n0, n1] = ThreadPool::chunk(gate.N, tid, nt, 16);
+        for (int t = 0; t < T && n0 < n1; ++t)
+            fm::swiglu(gate.Y + t * gate.ldy + n0, up.Y + t * up.ldy + n0, int(n1 - n0));
     });
 }
 
@@ -570,8 +632,7 @@ void Model::layer_forward(int l, int T, int start_pos) {
         float* g = ffn_gate_out_.data<float>();
         float* u = ffn_up_out_.data<float>();
         const size_t ff = c.d_ff;
-        linear(xn, T, c.d_model, {{g, ff, &L.ffn_gate, ff}, {u, ff, &L.ffn_up, ff}});
-        pool_.parallel_for(size_t(T) * ff, 256, [&](size_t b, size_t e, int) { swiglu(g + b, u + b, int(e - b)); });
+        linear(xn, T, c.d_model, {{g, ff, &L.ffn_gate, ff}, {u, ff, &L.ffn_up, ff}}, false, /*swiglu=*/true);
         linear(g, T, c.d_ff, {{proj_.data<float>(), size_t(c.d_model), &L.ffn_down, size_t(c.d_model)}});
         for (size_t i = 0; i < size_t(T) * c.d_model; ++i) x[i] += proj_.data<float>()[i];
     } else {  // dense: every bundle, in place

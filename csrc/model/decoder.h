@@ -7,6 +7,7 @@
 #include <initializer_list>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/buffer.h"
@@ -26,6 +27,12 @@ struct TensorSpec {
     int layer;
     std::vector<int64_t> shape;
 };
+
+// The name a tensor of `kind` (layer -1: a global one) has in a converted folder: HF
+// transformers' name ("model.layers.3.self_attn.q_proj.weight"; "model.layers.3.mlp.bundles").
+std::string tensor_name(const std::string& kind, int layer);
+// The inverse: the kind and layer of a converted folder's tensor; an exception names an unknown one.
+std::pair<std::string, int> tensor_kind(const std::string& name);
 
 struct Config {
     int vocab_size = 0;
@@ -166,8 +173,11 @@ class Model {
         size_t N;
         const char* data = nullptr;  // W's rows where they are not W's own bytes (streamed, staged)
     };
-    // precise: matrices in a block format take 16-bit activations, not 8-bit (the LM head's logits)
-    void linear(const float* X, int T, int K, std::initializer_list<Projection> projections, bool precise = false);
+    // precise: matrices in a block format take 16-bit activations, not 8-bit (the LM head's logits).
+    // swiglu: the two projections are gate and up (same N); each thread turns its share of the
+    // gate's outputs into silu(gate) * up in the same parallel region.
+    void linear(const float* X, int T, int K, std::initializer_list<Projection> projections, bool precise = false,
+                bool swiglu = false);
     void check_tokens(const int32_t* tokens, int T) const;                    // ids in [0, vocab)
     void gather_embeddings(const int32_t* tokens, int T, float* out) const;  // unchecked
     // Reads streamed matrices (up to 4) into the weight stream's staging buffer: out[i] = rows of tensor i.

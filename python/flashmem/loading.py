@@ -19,14 +19,7 @@ from .flash import streaming
 from .model import Model
 from .tokenizer import Tokenizer
 
-# engine tensor kinds (csrc/model/decoder.h, Model::load_tensor) of the converted folder's tensors
-_LAYER_KINDS = {"input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "wq",
-                "self_attn.k_proj.weight": "wk", "self_attn.v_proj.weight": "wv", "self_attn.o_proj.weight": "wo",
-                "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
-                "post_attention_layernorm.weight": "ffn_norm", "mlp.bundles": "ffn_bundles",
-                "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down"}
 SMALL_BUDGET = 256 << 20  # below this dram_budget, prompts go through in chunks of 64 tokens (32 below a quarter)
-_GLOBAL_KINDS = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm", "lm_head.weight": "lm_head"}
 
 
 def load(path: str | None = None, dtype: str | None = None, threads: int | None = None,
@@ -211,13 +204,10 @@ def weights_to_load(folder: str, config: dict, ffn: str = "dense", stream_matric
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: metadata 'formats' is not valid JSON ({e})") from None
         for name, info in infos.items():
-            if name in _GLOBAL_KINDS:
-                kind, layer = _GLOBAL_KINDS[name], -1
-            else:
-                parts = name.split(".", 3)
-                if len(parts) != 4 or parts[:2] != ["model", "layers"] or parts[3] not in _LAYER_KINDS:
-                    raise ValueError(f"{path}: unexpected tensor '{name}'")
-                kind, layer = _LAYER_KINDS[parts[3]], int(parts[2])
+            try:
+                kind, layer = _core.tensor_kind(name)  # the engine's names (csrc/model/decoder.h)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
             if kind == "lm_head" and config.get("tie_word_embeddings"):
                 continue
             if kind in ("ffn_gate", "ffn_up", "ffn_down") and ffn != "dense":

@@ -286,9 +286,6 @@ inline void dot_rows16(const uint8_t* const* w, const ActBlock16* a, int K, floa
     for (int r = 0; r < NR; ++r) out[r] = hsum(acc[r]) + offset[r];
 }
 
-// Y (T, N) = W x for every token: NR rows at a time (rows outer: they stay in L1 while every
-// token passes over them), the rows two groups ahead asked for from DRAM (the weights stream
-// once). Act: ActBlock (8-bit activations) or ActBlock16.
 template <Format F, int NR, typename Act>
 inline void dot_any(const uint8_t* w, size_t row_bytes, const Act* a, int K, float* out) {
     const uint8_t* rows[NR];
@@ -297,18 +294,20 @@ inline void dot_any(const uint8_t* w, size_t row_bytes, const Act* a, int K, flo
     else dot_rows16<F, NR>(rows, a, K, out);
 }
 
-template <Format F, typename Act>
-void matmul(float* Y, size_t ldy, const Act* A, int T, const void* W, size_t row_bytes, int K, int N) {
-    constexpr int NR = 4;
+// Y (T, N) = W x for every token, NR rows at a time (rows outer: they stay in L1 while every
+// token passes over them), the rows PF groups ahead asked for from memory. Act: ActBlock (8-bit
+// activations) or ActBlock16.
+template <Format F, typename Act, int NR, int PF>
+void matmul_rows(float* Y, size_t ldy, const Act* A, int T, const uint8_t* w, size_t row_bytes, int K, int N) {
     const int nb = K / kActBlock;
-    const uint8_t* w = static_cast<const uint8_t*>(W);
     float out[NR];
     int n = 0;
     for (; n + NR <= N; n += NR) {
-        const uint8_t* ahead = w + (n + 2 * NR) * row_bytes;
-        if (n + 3 * NR <= N)
+        if (n + (PF + 1) * NR <= N) {
+            const uint8_t* ahead = w + size_t(n + PF * NR) * row_bytes;
             for (size_t off = 0; off < NR * row_bytes; off += 64)
                 _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
+        }
         for (int t = 0; t < T; ++t) {
             dot_any<F, NR>(w + n * row_bytes, row_bytes, A + size_t(t) * nb, K, out);
             for (int r = 0; r < NR; ++r) Y[t * ldy + n + r] = out[r];
@@ -316,6 +315,17 @@ void matmul(float* Y, size_t ldy, const Act* A, int T, const void* W, size_t row
     }
     for (; n < N; ++n)
         for (int t = 0; t < T; ++t) dot_any<F, 1>(w + n * row_bytes, row_bytes, A + size_t(t) * nb, K, &Y[t * ldy + n]);
+}
+
+// Decode (one or a few tokens) streams the weights from DRAM once: one row at a time, the row
+// four ahead prefetched, which keeps a single sequential stream the hardware prefetcher follows
+// (measured on SmolLM2: 1.4-1.6x the tok/s of four interleaved rows). Prefill reuses each group
+// of four rows across its tokens instead.
+template <Format F, typename Act>
+void matmul(float* Y, size_t ldy, const Act* A, int T, const void* W, size_t row_bytes, int K, int N) {
+    const uint8_t* w = static_cast<const uint8_t*>(W);
+    if (T < 4) matmul_rows<F, Act, 1, 4>(Y, ldy, A, T, w, row_bytes, K, N);
+    else matmul_rows<F, Act, 4, 2>(Y, ldy, A, T, w, row_bytes, K, N);
 }
 
 // --- neuron bundles: rows given as pointers (sparse_ffn gathers them from anywhere) -------------

@@ -20,6 +20,7 @@ import warnings
 
 import numpy as np
 
+from .. import _core
 from ..checkpoints import safetensors_io as st
 from ..checkpoints.convert import BUNDLE_FILE
 
@@ -118,12 +119,9 @@ def configure(engine, folder: str, config: dict, offload, dram_budget, sparsity,
     if offload not in (None, "none", "flash", "all"):
         raise ValueError(f"offload must be None, 'flash' (the FFN streamed) or 'all' (every matrix), got {offload!r}")
     offload = None if offload == "none" else offload
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise ValueError(f"window must be a non-negative integer, got {window!r}")
-    if eviction not in ("lru", "hot"):
-        raise ValueError(f"eviction must be 'lru' or 'hot', got {eviction!r}")
+    options = sparse_options(sparsity=sparsity, window=window, queue_depth=queue_depth, coalesce_gap=coalesce_gap,
+                             direct=direct_io, cache_rows=-1 if cache_rows is None else cache_rows,
+                             cache_bias=cache_bias, expire=expire_window, eviction=eviction)
     if dram_budget is not None and not offload:
         raise ValueError("dram_budget needs offload='flash' (without offloading every weight is in DRAM)")
     if budget_source and not dram_budget:
@@ -140,21 +138,33 @@ def configure(engine, folder: str, config: dict, offload, dram_budget, sparsity,
         if not os.path.isfile(predictor):
             raise FileNotFoundError(f"sparsity {sparsity} needs the sparsity predictor {predictor}, which is "
                                     f"missing: run `flashmem calibrate {folder} --data FILE` first")
-    kw = layout(folder, config, ffn_layout) if offload else {}
+    file_layout = layout(folder, config, ffn_layout) if offload else None
     try:
-        engine.configure_sparse("flash" if offload else "dram", float(sparsity), window, True, budget or 0,
-                                bool(sparsity), queue_depth=queue_depth, coalesce_gap=coalesce_gap, direct=direct_io,
-                                cache_rows=-1 if cache_rows is None else cache_rows, cache_bias=float(cache_bias),
-                                expire_window=bool(expire_window), eviction=eviction,
-                                resident_bytes=int(resident_bytes), **kw)
+        engine.configure_sparse("flash" if offload else "dram", options, budget or 0, bool(sparsity), file_layout,
+                                int(resident_bytes))
     except ValueError as e:
         if budget_source:
             raise ValueError(f"{e} (dram_budget='auto' took {budget} bytes: {budget_source}, less headroom)") from None
         raise
     if offload and not engine.sparse_stats()["direct_io"]:
-        warnings.warn(f"{kw['path']}: the filesystem refused O_DIRECT; FFN reads go through the page cache, "
+        warnings.warn(f"{file_layout.path}: the filesystem refused O_DIRECT; FFN reads go through the page cache, "
                       "which the DRAM budget does not count", RuntimeWarning, stacklevel=4)
     return offload, budget, predictor
+
+
+def sparse_options(**fields) -> _core.SparseOptions:
+    """A validated _core.SparseOptions with the given fields; a bad one raises ValueError naming it."""
+    options = _core.SparseOptions()
+    for name, value in fields.items():
+        kind = type(getattr(options, name))
+        try:
+            if isinstance(value, bool) and kind is not bool:
+                raise TypeError
+            setattr(options, name, value)
+        except TypeError:
+            raise ValueError(f"SparseOptions.{name} must be a {kind.__name__}, got {value!r}") from None
+    options.validate()
+    return options
 
 
 def load_predictor(engine, path: str, n_layers: int) -> None:
@@ -177,7 +187,13 @@ def bundle_bytes(config: dict) -> int:
     return 3 * config["hidden_size"] * st.TAG_SIZE[config["flashmem"]["dtype"]]
 
 
-def layout(folder: str, config: dict, kind: str = "bundled") -> dict:
+def file_layout(path: str, piece_base: list, piece_stride: list, piece_bytes: list) -> _core.FileLayout:
+    out = _core.FileLayout()
+    out.path, out.piece_base, out.piece_stride, out.piece_bytes = path, piece_base, piece_stride, piece_bytes
+    return out
+
+
+def layout(folder: str, config: dict, kind: str = "bundled") -> _core.FileLayout:
     """The byte layout of the FFN file the engine streams: path and, per layer, where each piece
     of neuron i starts (base + i * stride, `bytes` long)."""
     d, ff, n_layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
@@ -194,7 +210,7 @@ def layout(folder: str, config: dict, kind: str = "bundled") -> dict:
                 raise ValueError(f"{path}: tensor 'model.layers.{l}.mlp.bundles' has shape {info.shape}, "
                                  f"expected ({ff}, rows of at least {nbytes} bytes)")
             bases.append([info.offset])
-        return dict(path=path, piece_base=bases, piece_stride=[stride], piece_bytes=[nbytes])
+        return file_layout(path, bases, [stride], [nbytes])
     if kind == "unbundled":
         if config["flashmem"]["ffn"].get("bundle_format"):
             raise ValueError("ffn_layout 'unbundled' is written for float models only; use 'bundled'")
@@ -205,7 +221,7 @@ def layout(folder: str, config: dict, kind: str = "bundled") -> dict:
         infos, _ = st.read_header(path)
         bases = [[infos[f"model.layers.{l}.mlp.{k}"].offset for k in ("gate", "up", "down_t")]
                  for l in range(n_layers)]
-        return dict(path=path, piece_base=bases, piece_stride=[d * esz] * 3, piece_bytes=[d * esz] * 3)
+        return file_layout(path, bases, [d * esz] * 3, [d * esz] * 3)
     raise ValueError(f"ffn layout must be 'bundled' or 'unbundled', got {kind!r}")
 
 
