@@ -194,6 +194,9 @@ def main():
         engines = [e for e in engines if e != "llama.cpp"]
     tok = flashmem.load(src, dtype="f32", threads=1, max_context=256).tokenizer
     prompt = tok.encode(shakespeare())[: a.prompt_tokens]
+    for name, path in files.items():  # into the store first: a child's peak memory is its run's, not a conversion's
+        if name in a.files.split(",") and "flashmem" in engines:
+            flashmem.load(path, dtype=name if name in ("f32", "f16") else "gguf", threads=1, max_context=16)
 
     runs = {}  # (file, engine) -> the child's figures, every round
     for _ in range(a.rounds):

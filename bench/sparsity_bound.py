@@ -122,11 +122,14 @@ def main():
                       flush=True)
 
     # the flash decode path at the budget: the engine's minimum + a quarter of the FFN
-    probe = flashmem.load(folder, threads=args.threads, max_context=1024, offload="flash", sparsity=0.5)
-    minimum = probe.flash_stats()["minimum_budget"]
+    # (the minimum depends on the budget: read buffers and prefill chunks shrink under small ones)
     ffn_bytes = n_layers * d_ff * int(cfg["flashmem"]["ffn"]["bundle_bytes"])
-    budget = minimum + ffn_bytes // 4
-    del probe
+    budget = None
+    for _ in range(3):
+        probe = flashmem.load(folder, threads=args.threads, max_context=1024, offload="flash", sparsity=0.5,
+                              dram_budget=budget)
+        budget = probe.flash_stats()["minimum_budget"] + ffn_bytes // 4
+        del probe
     keep = d_ff // 2
     for selection, picks in (("predictor", None), ("oracle_down", trace(weighted, keep))):
         m = flashmem.load(folder, threads=args.threads, max_context=1024, offload="flash", sparsity=0.5, window=5,
@@ -185,12 +188,12 @@ def plot(out: dict) -> None:
     dram = [r for r in out["rows"] if r["path"] == "dram"]
     for selection in ("predictor", "oracle", "oracle_down"):
         for window, style in ((1, "-"), (5, "--")):
-            pts = [(r["sparsity"], 100 * r["increase"]) for r in dram if r["selection"] == selection and r["window"] == window]
+            pts = [(r["sparsity"], 100 * r["increase"]) for r in dram
+                   if r["selection"] == selection and r["window"] == window]
             a.plot(*zip(*pts), style, marker="o", label=f"{selection}, window {window}")
-    for r in out["rows"]:
-        if r["path"] == "flash":
-            a.scatter([0.5], [100 * r["increase"]], marker="*", s=150, zorder=5,
-                      label=f"flash decode path, quarter-FFN cache, {r['selection']}")
+    for r, color in zip((r for r in out["rows"] if r["path"] == "flash"), ("black", "gray")):
+        a.scatter([0.5], [100 * r["increase"]], marker="*", s=150, zorder=5, color=color,
+                  label=f"flash decode path, quarter-FFN cache, {r['selection']}")
     a.axhline(3, color="gray", lw=0.8, ls=":")
     a.set_yscale("symlog", linthresh=10)
     a.set_xlabel("sparsity (share of neurons left out per token)")

@@ -360,7 +360,8 @@ def test_sparse_options_and_file_layout_are_checked_in_the_engine(tiny):
             setattr(bad, name, value)
         return bad
 
-    cases = [(broken(piece_bytes=[bundle] * 4, piece_stride=[bundle] * 4), r"FileLayout\.piece_bytes: a neuron has 1 to 3 pieces"),
+    cases = [(broken(piece_bytes=[bundle] * 4, piece_stride=[bundle] * 4),
+              r"FileLayout\.piece_bytes: a neuron has 1 to 3 pieces"),
              (broken(piece_stride=[bundle - 1]), r"FileLayout\.piece_stride\[0\] .* is shorter than the piece"),
              (broken(piece_bytes=[bundle - 2]), r"FileLayout\.piece_bytes: a neuron's pieces .* take"),
              (broken(piece_base=good.piece_base[:1]), r"FileLayout\.piece_base: 1 layers, the model has 2"),

@@ -19,7 +19,8 @@ void bind_model(nb::module_& m) {
                                   "Options of the sparse FFN (ffn/sparse_ffn.h); validate() checks every field.")
         .def(nb::init<>())
         .def_rw("sparsity", &fm::SparseOptions::sparsity, "fraction of the neurons left out per token, in [0, 1)")
-        .def_rw("window", &fm::SparseOptions::window, "tokens a neuron stays cached after its last use (0: until evicted)")
+        .def_rw("window", &fm::SparseOptions::window,
+                "tokens a neuron stays cached after its last use (0: until evicted)")
         .def_rw("use_window", &fm::SparseOptions::use_window, "also compute with the neurons still in the window")
         .def_rw("expire", &fm::SparseOptions::expire, "drop neurons that left the window")
         .def_prop_rw(
