@@ -54,7 +54,6 @@ SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, const B
     : source_(source), n_layers_(n_layers), d_ff_(d_ff), d_model_(d_model), t_max_(t_max), bf_(bf), opt_(opt),
       resident_(std::move(resident)) {
     bf.validate(d_model);
-    opt.validate();
     predictor_.init(n_layers, d_ff, d_model, t_max);
     scores_.allocate(sizeof(float) * size_t(t_max) * d_ff);
     order_.allocate(4 * size_t(d_ff));
@@ -74,7 +73,6 @@ SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, const B
         return;
     }
     FM_ARG(layout, "flash FFN needs a file layout");
-    layout->validate(n_layers, bf.bytes(d_model));
     FM_ARG(opt.staging_rows >= 1, "SparseOptions.staging_rows must be >= 1 for flash, got ", opt.staging_rows);
     layout_ = *layout;
     reader_ = std::make_unique<DirectReader>(layout_.path, opt.queue_depth, opt.direct);

@@ -44,7 +44,8 @@ struct SparseOptions {
     size_t max_request = size_t(256) << 10;
     bool direct = true;
 
-    // Every field in its range, else an exception naming it. Model::configure_sparse calls it.
+    // Every field in its range, else an exception naming it. Model::configure_sparse calls it,
+    // before anything is sized with the options.
     void validate() const;
 };
 
@@ -66,6 +67,7 @@ class SparseFfn {
   public:
     enum class Source { Resident, Flash };
     // resident: the layers' bundle matrices (d_ff, bundle bytes, unpadded) when source is Resident.
+    // opt and layout are validated (SparseOptions::validate, FileLayout::validate) by the caller.
     SparseFfn(Source source, int n_layers, int d_ff, int d_model, const BundleFormat& bf, int t_max,
               const SparseOptions& opt, const FileLayout* layout, std::vector<const void*> resident);
 

@@ -319,7 +319,7 @@ void matmul_rows(float* Y, size_t ldy, const Act* A, int T, const uint8_t* w, si
 
 // Decode (one or a few tokens) streams the weights from DRAM once: one row at a time, the row
 // four ahead prefetched, which keeps a single sequential stream the hardware prefetcher follows
-// (measured on SmolLM2: 1.4-1.6x the tok/s of four interleaved rows). Prefill reuses each group
+// (measured on SmolLM2: 1.2-1.6x the decode tok/s of four interleaved rows). Prefill reuses each group
 // of four rows across its tokens instead.
 template <Format F, typename Act>
 void matmul(float* Y, size_t ldy, const Act* A, int T, const void* W, size_t row_bytes, int K, int N) {
