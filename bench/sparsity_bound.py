@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import RESULTS, machine, save, shakespeare  # noqa: E402
 
 import flashmem  # noqa: E402
-from flashmem.flash.calibrate import _silu, calibrate, fit_layer, predict, recall  # noqa: E402
+from flashmem.flash.calibrate import _silu, calibrate, estimate, fit_layer, predict, recall  # noqa: E402
 from flashmem.flash.streaming import PREDICTOR_FILE, bundle_gate_up, bundle_path  # noqa: E402
 
 
@@ -153,7 +153,7 @@ def main():
         g, u = bundle_gate_up(folder, cfg, l)
         x, target = X[l], weighted[l]
         p = fit_layer(g, u, Xfit[l])
-        gate_exact = np.abs(_silu(x @ g.T) * (predict_up(p, x)))
+        gate_exact = np.abs(_silu(x @ g.T) * estimate(p, x, "up"))
         two = np.abs(_silu(x @ two_bit(g).T) * (x @ two_bit(u).T))
         norms = target / np.maximum(contrib[l], 1e-30)
         recalls.append(dict(layer=l, predictor=recall(predict(p, x) * norms, target, d_ff // 2),
@@ -167,15 +167,6 @@ def main():
                machine=machine())
     save("sparsity_bound", out)
     plot(out)
-
-
-def predict_up(parts: dict, x: np.ndarray) -> np.ndarray:
-    """The predictor's estimate of up.x (its 1-bit part plus the int8 outlier dims)."""
-    d = x.shape[1]
-    dims, q, scale = parts["outlier_dims"], parts["outlier_weight"].astype(np.float32), parts["outlier_scale"]
-    m = len(dims)
-    s = np.unpackbits(parts["up_sign"], axis=1, bitorder="little", count=d).astype(np.float32) * 2 - 1
-    return ((x * parts["up_col"]) @ s.T) * parts["up_row"] + x[:, dims] @ (q[:, m:] * scale[m:]).T
 
 
 def plot(out: dict) -> None:

@@ -78,17 +78,19 @@ def fit_layer(gate: np.ndarray, up: np.ndarray, x: np.ndarray) -> dict:
     return p
 
 
-def predict(parts: dict, x: np.ndarray) -> np.ndarray:
-    """Scores (N, n) of inputs x (N, d), as the engine computes them."""
+def estimate(parts: dict, x: np.ndarray, name: str) -> np.ndarray:
+    """The predictor's estimate (N, n) of gate . x or up . x (name "gate" or "up") for inputs x (N, d)."""
     d = x.shape[1]
     dims, q, scale = parts["outlier_dims"], parts["outlier_weight"].astype(np.float32), parts["outlier_scale"]
-    m = len(dims)
-    out = []
-    for j, name in enumerate(("gate", "up")):
-        s = np.unpackbits(parts[f"{name}_sign"], axis=1, bitorder="little", count=d).astype(np.float32) * 2 - 1
-        exact = x[:, dims] @ (q[:, j * m:(j + 1) * m] * scale[j * m:(j + 1) * m]).T
-        out.append(((x * parts[f"{name}_col"]) @ s.T) * parts[f"{name}_row"] + exact)
-    return np.abs(_silu(out[0]) * out[1])
+    m, j = len(dims), ("gate", "up").index(name)
+    s = np.unpackbits(parts[f"{name}_sign"], axis=1, bitorder="little", count=d).astype(np.float32) * 2 - 1
+    exact = x[:, dims] @ (q[:, j * m:(j + 1) * m] * scale[j * m:(j + 1) * m]).T
+    return ((x * parts[f"{name}_col"]) @ s.T) * parts[f"{name}_row"] + exact
+
+
+def predict(parts: dict, x: np.ndarray) -> np.ndarray:
+    """Scores (N, n) of inputs x (N, d), as the engine computes them."""
+    return np.abs(_silu(estimate(parts, x, "gate")) * estimate(parts, x, "up"))
 
 
 def recall(scores, target, keep):
