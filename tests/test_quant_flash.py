@@ -55,7 +55,7 @@ def test_flash_matches_dense(q41, held_out, smollm2_f32):
     budget = probe.flash_stats()["minimum_budget"] + 30 * 300 * 1344
     del probe
     flash = flashmem.load(q41.path, threads=2, max_context=512, offload="flash", dram_budget=budget)
-    assert 250 <= flash.flash_stats()["cache_rows"] <= 600  # of 1536
+    assert 250 <= flash.flash_stats()["cache_rows"] <= 650  # of 1536
     ids = held_out
     f32 = smollm2_f32.logits(ids).argmax(1)
     flash_agree = (flash.logits(ids).argmax(1) == f32).mean()

@@ -66,6 +66,21 @@ void bind_model(nb::module_& m) {
         .def_rw("rope_inv_freq", &fm::Config::rope_inv_freq)
         .def_rw("rope_attention_scaling", &fm::Config::rope_attention_scaling)
         .def_prop_rw(
+            "activation", [](const fm::Config& c) { return std::string(fm::activation_name(c.activation)); },
+            [](fm::Config& c, const std::string& s) {
+                FM_ARG(fm::activation_from_name(s, c.activation), "activation must be 'silu' or 'gelu_tanh' ",
+                       "(gelu_pytorch_tanh), got '", s, "'");
+            },
+            "the FFN's gate activation: silu (SwiGLU) or gelu_tanh (GeGLU)")
+        .def_rw("qk_norm", &fm::Config::qk_norm, "RMSNorm over each head of q and k before rope")
+        .def_rw("post_norms", &fm::Config::post_norms, "RMSNorm on the attention and FFN outputs")
+        .def_rw("embed_scale", &fm::Config::embed_scale, "token embeddings are multiplied by this")
+        .def_rw("attn_scale", &fm::Config::attn_scale, "attention scores' scale (0: 1/sqrt(head_dim))")
+        .def_rw("layer_window", &fm::Config::layer_window,
+                "per layer, the positions it attends to (itself included); 0: all; empty: all layers")
+        .def_rw("rope_inv_freq_local", &fm::Config::rope_inv_freq_local,
+                "rope inverse frequencies of the layers with a window (empty: rope_inv_freq)")
+        .def_prop_rw(
             "ffn_bundle",
             [](const fm::Config& c) {
                 const fm::BundleFormat& b = c.ffn_bundle;
@@ -93,6 +108,9 @@ void bind_model(nb::module_& m) {
         .def(nb::init<fm::Config, int>(), "config"_a, "threads"_a)
         .def_prop_ro("n_threads", &fm::Model::n_threads)
         .def_prop_ro("kv_length", &fm::Model::kv_length, "positions held in the KV cache")
+        .def_prop_ro("earliest_restart", &fm::Model::earliest_restart,
+                     "the earliest start_pos > 0 a forward pass may restart from (sliding-window layers keep only "
+                     "their last positions); 0 always works")
         .def_prop_ro("weight_bytes", &fm::Model::weight_bytes)
         .def_prop_ro("state_bytes", &fm::Model::state_bytes)
         .def("load_tensor", &fm::Model::load_tensor, "kind"_a, "layer"_a, "path"_a, "offset"_a, "dtype"_a, "shape"_a,

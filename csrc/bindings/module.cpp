@@ -12,6 +12,7 @@
 #include "core/buffer.h"
 #include "model/weight_stream.h"
 #include "core/format.h"
+#include "core/tensor.h"
 #include "core/thread_pool.h"
 #include "kernels/cpu/kernels.h"
 #include "kernels/cuda/cuda_kernels.h"
@@ -71,6 +72,8 @@ NB_MODULE(_core, m) {
     namespace nb = nanobind;
     m.doc() = "flashmem native core";
     m.def("isa", [] { return std::string(fm::kernels().isa); }, "SIMD instruction set the kernels use");
+    m.def("tensor_footprint", &fm::Tensor::footprint, nb::arg("nbytes"),
+          "bytes a weight matrix of nbytes takes once loaded (large ones in whole 2 MiB huge pages)");
     m.def("owned_bytes", [] { return size_t(fm::owned_bytes()); }, "bytes held by all native buffers");
     m.def("cuda_available", &fm::cuda::available, "True when built with CUDA and a GPU is visible");
     m.def(

@@ -222,8 +222,11 @@ void bind_testing(nb::module_& m) {
         "ffn_decode",
         [](CF32Array y0, CF32Array x, nb::ndarray<nb::c_contig, nb::device::cpu> b, const std::string& dtype,
            std::optional<nb::ndarray<const int64_t, nb::c_contig, nb::device::cpu>> rows, bool reference,
-           const std::string& isa) {
+           const std::string& isa, const std::string& activation) {
             fm::DType dt = weight_dtype(b, dtype);
+            fm::Activation act;
+            FM_ARG(fm::activation_from_name(activation, act), "activation must be 'silu' or 'gelu_tanh', got '",
+                   activation, "'");
             const int D = int(x.size()), n = int(b.shape(0));
             FM_ARG(b.ndim() == 2, "bundles must be 2-D");
             FM_ARG(b.shape(1) >= size_t(3 * D), "bundles must be (n, >= 3*D) with D = len(x)");
@@ -242,12 +245,14 @@ void bind_testing(nb::module_& m) {
             } else {
                 for (int i = 0; i < n; ++i) ptrs.push_back(static_cast<const char*>(b.data()) + i * row);
             }
-            if (reference) fm::ffn_decode_ref(y.data(), x.data(), ptrs.data(), dt, D, int(ptrs.size()));
-            else pick_isa(isa)->ffn_decode[int(dt)](y.data(), x.data(), ptrs.data(), D, int(ptrs.size()));
+            if (reference) fm::ffn_decode_ref(y.data(), x.data(), ptrs.data(), dt, D, int(ptrs.size()), act);
+            else pick_isa(isa)->ffn_decode[int(dt)](y.data(), x.data(), ptrs.data(), D, int(ptrs.size()), act);
             return y;
         },
         "y"_a, "x"_a, "bundles"_a, "dtype"_a, "rows"_a = nb::none(), "reference"_a = false, "isa"_a = "best",
-        "y + SwiGLU FFN of x over neuron bundles [gate | up | down | pad] (all, or the gathered `rows`)");
+        "activation"_a = "silu",
+        "y + gated FFN (activation silu or gelu_tanh) of x over neuron bundles [gate | up | down | pad] (all, or the "
+        "gathered `rows`)");
     m.def(
         "disk_random_read",
         [](const std::string& path, size_t request_bytes, int n_requests, int queue_depth, uint64_t seed) {
@@ -285,8 +290,12 @@ void bind_testing(nb::module_& m) {
         [](nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> gs,
            nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> us, CF32Array gr, CF32Array ur,
            CF32Array gc, CF32Array uc, nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> od,
-           nb::ndarray<const int8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> ow, CF32Array os, CF32Array x) {
+           nb::ndarray<const int8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> ow, CF32Array os, CF32Array x,
+           const std::string& activation) {
             const int D = int(x.size()), n = int(gs.shape(0)), M = int(od.shape(0));
+            fm::Activation act;
+            FM_ARG(fm::activation_from_name(activation, act), "activation must be 'silu' or 'gelu_tanh', got '",
+                   activation, "'");
             FM_ARG(gs.shape(1) == size_t((D + 7) / 8) && us.shape(0) == gs.shape(0) && us.shape(1) == gs.shape(1) &&
                        gr.size() == size_t(n) && ur.size() == size_t(n) && gc.size() == size_t(D) && uc.size() == size_t(D) &&
                        ow.shape(0) == size_t(n) && ow.shape(1) == size_t(2 * M) && os.size() == size_t(2 * M),
@@ -294,12 +303,12 @@ void bind_testing(nb::module_& m) {
             for (int j = 0; j < M; ++j) FM_ARG(od.data()[j] >= 0 && od.data()[j] < D, "outlier dim out of range");
             auto out = numpy_owned<float>({size_t(n)});
             fm::predictor_scores_ref({gs.data(), us.data(), gr.data(), ur.data(), gc.data(), uc.data(), od.data(), ow.data(),
-                                      os.data(), M},
+                                      os.data(), M, act},
                                      x.data(), D, n, out.data());
             return out;
         },
         "gate_sign"_a, "up_sign"_a, "gate_row"_a, "up_row"_a, "gate_col"_a, "up_col"_a, "outlier_dims"_a,
-        "outlier_weight"_a, "outlier_scale"_a, "x"_a,
+        "outlier_weight"_a, "outlier_scale"_a, "x"_a, "activation"_a = "silu",
         "Scalar reference of the sparsity predictor's scores for one token.");
     m.def("cuda_gemv_f16", [](CF32Array x, nb::ndarray<const uint16_t, nb::c_contig, nb::device::cpu> w) {
         FM_ARG(w.ndim() == 2 && x.ndim() == 1 && x.shape(0) == w.shape(1), "x must be (K,) with K = W.shape[1]");

@@ -25,12 +25,14 @@ struct Tensor {
     template <typename T = char>
     T* data() const { return bytes.data<T>(); }
     const char* row(int64_t r) const { return bytes.data<char>() + size_t(r) * row_bytes; }
-    // Allocates rows x cols weights of `format` (a row must be whole blocks).
+    // Allocates rows x cols weights of `format` (a row must be whole blocks), on huge pages when
+    // large (Buffer::allocate; footprint() is what it takes).
     void allocate(Format f, int64_t n_rows, int64_t n_cols) {
         format = f, rows = n_rows, cols = n_cols;
         row_bytes = format_row_bytes(f, n_cols);
-        bytes.allocate(size_t(n_rows) * row_bytes);
+        bytes.allocate(size_t(n_rows) * row_bytes, 64, /*huge=*/true);
     }
+    static size_t footprint(size_t nbytes) { return Buffer::footprint(nbytes, 64, /*huge=*/true); }
     // Describes rows x cols weights of `format` at byte `offset` of the streamed file, holding none.
     void stream(Format f, int64_t n_rows, int64_t n_cols, uint64_t offset) {
         format = f, rows = n_rows, cols = n_cols;

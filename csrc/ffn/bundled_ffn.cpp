@@ -33,14 +33,14 @@ void ffn_begin(ThreadPool& pool, const float* xn, int T, int d_model, const Bund
 }
 
 namespace {
-constexpr int kDecodeGroup = 4;  // bundles a decode step computes at once (gate, up, SwiGLU, down)
+constexpr int kDecodeGroup = 4;  // bundles a decode step computes at once (gate, up, activation, down)
 
 // Block-format bundles: per token and group of neurons, gate and up by integer dot products
-// with the quantized input, SwiGLU, then the down columns added in f32. A decode step works
+// with the quantized input, the gating activation, then the down columns added in f32. A decode step works
 // through kDecodeGroup bundles at a time, so each bundle's bytes are used while they are in L1,
 // and asks for the next group's bundles (anywhere in the neuron cache) meanwhile.
-void accumulate_blocks(ThreadPool& pool, int T, int d_model, const BundleFormat& bf, const FfnRows& r, int lo, int hi,
-                       const FfnScratch& s) {
+void accumulate_blocks(ThreadPool& pool, int T, int d_model, const BundleFormat& bf, Activation act, const FfnRows& r,
+                       int lo, int hi, const FfnScratch& s) {
     const quant::QuantKernels& Q = quant::quant_kernels();
     const size_t up_at = bf.offset(1, d_model), down_at = bf.offset(2, d_model), bundle = bf.bytes(d_model);
     const int nblk = d_model / quant::kActBlock;
@@ -63,7 +63,7 @@ void accumulate_blocks(ThreadPool& pool, int T, int d_model, const BundleFormat&
                 float* ht = h + t * kNeuronBlock;
                 gate(ht, s.xq + size_t(t) * nblk, r.rows + p, 0, d_model, nb);
                 up(u + t * kNeuronBlock, s.xq + size_t(t) * nblk, r.rows + p, up_at, d_model, nb);
-                swiglu(ht, u + t * kNeuronBlock, nb);
+                gated(act, ht, u + t * kNeuronBlock, nb);
                 if (r.mask)
                     for (int j = 0; j < nb; ++j)
                         if (!r.mask[size_t(t) * r.n + p + j]) ht[j] = 0.0f;
@@ -74,9 +74,9 @@ void accumulate_blocks(ThreadPool& pool, int T, int d_model, const BundleFormat&
 }
 }  // namespace
 
-void ffn_accumulate(ThreadPool& pool, const float* xn, int T, int d_model, const BundleFormat& bf, const FfnRows& r,
-                    int lo, int hi, const FfnScratch& s) {
-    if (!bf.is_float()) return accumulate_blocks(pool, T, d_model, bf, r, lo, hi, s);
+void ffn_accumulate(ThreadPool& pool, const float* xn, int T, int d_model, const BundleFormat& bf, Activation act,
+                    const FfnRows& r, int lo, int hi, const FfnScratch& s) {
+    if (!bf.is_float()) return accumulate_blocks(pool, T, d_model, bf, act, r, lo, hi, s);
     const DType dt = bf.float_type();
     const Kernels& K = kernels();
     const int di = int(dt);
@@ -87,7 +87,7 @@ void ffn_accumulate(ThreadPool& pool, const float* xn, int T, int d_model, const
         if (p0 >= p1) return;
         float* acc = s.acc + size_t(tid) * s.t_max * d_model;  // (T, d_model)
         if (T == 1 && !r.mask) {  // decode: one fused pass over this thread's bundles
-            K.ffn_decode[di](acc, xn, r.rows + p0, d_model, p1 - p0);
+            K.ffn_decode[di](acc, xn, r.rows + p0, d_model, p1 - p0, act);
             return;
         }
         float* h = s.hu + size_t(tid) * 2 * s.t_max * kNeuronBlock;  // (T, nb)
@@ -108,7 +108,7 @@ void ffn_accumulate(ThreadPool& pool, const float* xn, int T, int d_model, const
             K.gemm[di](h, kNeuronBlock, xn, d_model, T, b, ld, d_model, nb, conv);            // gate
             K.gemm[di](u, kNeuronBlock, xn, d_model, T, b + d_model * esz, ld, d_model, nb, conv);  // up
             for (int t = 0; t < T; ++t) {
-                swiglu(h + t * kNeuronBlock, u + t * kNeuronBlock, nb);
+                gated(act, h + t * kNeuronBlock, u + t * kNeuronBlock, nb);
                 if (r.mask)
                     for (int j = 0; j < nb; ++j)
                         if (!r.mask[size_t(t) * r.n + p + j]) h[t * kNeuronBlock + j] = 0.0f;

@@ -1,4 +1,4 @@
-// SwiGLU FFN computed from neuron bundles: bundle i = [gate row i | up row i | down column i],
+// Gated FFN (SwiGLU or GeGLU, core/activation.h) computed from neuron bundles: bundle i = [gate row i | up row i | down column i],
 // each of length d_model, so everything neuron i needs is contiguous (the layout that flash
 // streaming reads one neuron at a time). A bundle is either in one float type (f32, f16, bf16)
 // or in block formats (BundleFormat): gate and up rows as a GGUF stores them, the down column
@@ -15,6 +15,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "core/activation.h"
 #include "core/dtype.h"
 #include "core/format.h"
 #include "core/thread_pool.h"
@@ -65,8 +66,8 @@ struct FfnRows {
 
 // Clears the accumulators; block-format bundles: quantizes the input xn (T, d_model) into s.xq.
 void ffn_begin(ThreadPool& pool, const float* xn, int T, int d_model, const BundleFormat& bf, const FfnScratch& s);
-void ffn_accumulate(ThreadPool& pool, const float* xn, int T, int d_model, const BundleFormat& bf, const FfnRows& r,
-                    int lo, int hi, const FfnScratch& s);
+void ffn_accumulate(ThreadPool& pool, const float* xn, int T, int d_model, const BundleFormat& bf, Activation act,
+                    const FfnRows& r, int lo, int hi, const FfnScratch& s);
 void ffn_end(ThreadPool& pool, float* out, int T, int d_model, const FfnScratch& s);  // out (T, d_model) += sum of acc
 
 }  // namespace fm

@@ -7,7 +7,8 @@
 
 namespace fm {
 
-void Predictor::init(int n_layers, int d_ff, int d_model, int t_max) {
+void Predictor::init(int n_layers, int d_ff, int d_model, int t_max, Activation act) {
+    act_ = act;
     layers_.clear();
     layers_.resize(n_layers);
     d_ff_ = d_ff, d_model_ = d_model, t_max_ = t_max;
@@ -73,10 +74,6 @@ Buffer& Predictor::tensor(int layer, const std::string& kind, std::vector<int64_
     return kind == "gate_col" ? L.gate_col : L.up_col;
 }
 
-namespace {
-inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
-}  // namespace
-
 void Predictor::check_outlier_dims(int l, const std::string& path) const {
     const int32_t* dims = layers_[l].outlier_dims.data<int32_t>();
     for (int j = 0; j < outlier_dims(); ++j)
@@ -121,7 +118,7 @@ void Predictor::scores(ThreadPool& pool, int l, const float* xn, int T, float* o
                 float g = gr * (2.0f * K.bit_sum(gs, zg, d_model) - sums[2 * t]);
                 float u = ur * (2.0f * K.bit_sum(us, zg + d_model, d_model) - sums[2 * t + 1]);
                 for (int j = 0; j < M; ++j) g += float(q[j]) * zo[j], u += float(q[M + j]) * zo[M + j];
-                out[size_t(t) * d_ff_ + i] = std::fabs(silu(g) * u);
+                out[size_t(t) * d_ff_ + i] = std::fabs(activate(act_, g) * u);
             }
         }
     });
@@ -143,7 +140,9 @@ void predictor_scores_ref(const PredictorRef& p, const float* x, int d_model, in
             g += double(p.outlier_weight[size_t(i) * 2 * M + j]) * p.outlier_scale[j] * xo;
             u += double(p.outlier_weight[size_t(i) * 2 * M + M + j]) * p.outlier_scale[M + j] * xo;
         }
-        out[i] = float(std::fabs(g / (1.0 + std::exp(-g)) * u));
+        const double a = p.act == Activation::SiLU ? g / (1.0 + std::exp(-g))
+                                                   : 0.5 * g * (1.0 + std::tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)));
+        out[i] = float(std::fabs(a * u));
     }
 }
 

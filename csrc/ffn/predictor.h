@@ -1,5 +1,5 @@
 // Sparsity predictor, one per layer, fitted by `flashmem calibrate`: it estimates each neuron's
-// contribution |silu(gate_i . x) * (up_i . x)| from 1-bit copies of the gate and up matrices plus
+// contribution |act(gate_i . x) * (up_i . x)| (act: the FFN's silu or gelu) from 1-bit copies of the gate and up matrices plus
 // int8 copies of their columns for the few input dims that carry most of x's energy:
 //   gate_i . x  ~  row_i * sum_k sign(W_ik) * col_k * x_k  +  sum_j q_ij * scale_j * x_{dim_j}
 // (signs packed 8 per byte; |W| approximated by the rank-1 product row col^T, row refitted on
@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "core/activation.h"
 #include "core/buffer.h"
 #include "core/thread_pool.h"
 
@@ -30,7 +31,7 @@ constexpr int kOutlierDims = 8;
 
 class Predictor {
   public:
-    void init(int n_layers, int d_ff, int d_model, int t_max);
+    void init(int n_layers, int d_ff, int d_model, int t_max, Activation act);
     bool loaded() const;  // every layer has its nine tensors
     size_t bytes() const;
     int sign_row_bytes() const { return (d_model_ + 7) / 8; }
@@ -46,6 +47,7 @@ class Predictor {
 
   private:
     int d_ff_ = 0, d_model_ = 0, t_max_ = 0;
+    Activation act_ = Activation::SiLU;
     std::vector<PredictorLayer> layers_;
     Buffer z_;  // (t_max, 2, d_model + M) col * x for gate and up, then scale * x on the outlier dims
 };
@@ -58,6 +60,7 @@ struct PredictorRef {
     const int8_t* outlier_weight;
     const float* outlier_scale;
     int M;
+    Activation act;
 };
 void predictor_scores_ref(const PredictorRef& p, const float* x, int d_model, int d_ff, float* out);
 

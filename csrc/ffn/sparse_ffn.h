@@ -68,7 +68,7 @@ class SparseFfn {
     enum class Source { Resident, Flash };
     // resident: the layers' bundle matrices (d_ff, bundle bytes, unpadded) when source is Resident.
     // opt and layout are validated (SparseOptions::validate, FileLayout::validate) by the caller.
-    SparseFfn(Source source, int n_layers, int d_ff, int d_model, const BundleFormat& bf, int t_max,
+    SparseFfn(Source source, int n_layers, int d_ff, int d_model, const BundleFormat& bf, Activation act, int t_max,
               const SparseOptions& opt, const FileLayout* layout, std::vector<const void*> resident);
 
     // DRAM this class owns (neuron caches, buffers, index), excluding the predictor.
@@ -110,6 +110,7 @@ class SparseFfn {
     Source source_;
     int n_layers_, d_ff_, d_model_, t_max_;
     BundleFormat bf_;
+    Activation act_;
     SparseOptions opt_;
     Predictor predictor_;
     std::vector<const void*> resident_;

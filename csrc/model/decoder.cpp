@@ -29,13 +29,26 @@ void Config::validate() const {
     FM_ARG(int(rope_inv_freq.size()) == head_dim / 2, "config: rope_inv_freq has ", rope_inv_freq.size(),
            " entries, expected head_dim/2 = ", head_dim / 2);
     FM_ARG(kv_dtype == DType::F32 || kv_dtype == DType::F16, "kv_dtype must be f32 or f16, got ", dtype_name(kv_dtype));
+    FM_ARG(std::isfinite(embed_scale) && embed_scale > 0, "config: embed_scale must be positive, got ", embed_scale);
+    FM_ARG(std::isfinite(attn_scale) && attn_scale >= 0, "config: attn_scale must be >= 0 (0: 1/sqrt(head_dim)), got ",
+           attn_scale);
+    FM_ARG(layer_window.empty() || int(layer_window.size()) == n_layers, "config: layer_window has ",
+           layer_window.size(), " entries, expected one per layer (", n_layers, ") or none");
+    for (size_t l = 0; l < layer_window.size(); ++l)
+        FM_ARG(layer_window[l] >= 0, "config: layer_window[", l, "] must be >= 0 (0: no window), got ", layer_window[l]);
+    FM_ARG(rope_inv_freq_local.empty() || int(rope_inv_freq_local.size()) == head_dim / 2,
+           "config: rope_inv_freq_local has ", rope_inv_freq_local.size(), " entries, expected head_dim/2 = ",
+           head_dim / 2, " or none");
     ffn_bundle.validate(d_model);
 }
 
 std::vector<int64_t> Config::tensor_shape(const std::string& kind) const {
     const int64_t d = d_model, q = q_dim(), kv = kv_dim();
     if (kind == "embed" || kind == "lm_head") return {vocab_size, d};
-    if (kind == "final_norm" || kind == "attn_norm" || kind == "ffn_norm") return {d};
+    if (kind == "final_norm" || kind == "attn_norm" || kind == "ffn_norm" || kind == "attn_post_norm" ||
+        kind == "ffn_post_norm")
+        return {d};
+    if (kind == "q_norm" || kind == "k_norm") return {head_dim};
     if (kind == "wq") return {q, d};
     if (kind == "wk" || kind == "wv") return {kv, d};
     if (kind == "wo") return {d, q};
@@ -49,7 +62,9 @@ std::vector<int64_t> Config::tensor_shape(const std::string& kind) const {
 }
 
 namespace {
-// kind -> name in a converted folder, after "model.layers.{l}." for the per-layer kinds
+// kind -> name in a converted folder, after "model.layers.{l}." for the per-layer kinds: HF Llama's
+// names; Gemma's extra norms as HF Gemma names them, but its norm on the attention output (HF
+// "post_attention_layernorm", the FFN's input norm in Llama) is "self_attn.post_norm".
 constexpr std::pair<const char*, const char*> kGlobalNames[] = {
     {"embed", "model.embed_tokens.weight"}, {"final_norm", "model.norm.weight"}, {"lm_head", "lm_head.weight"}};
 constexpr std::pair<const char*, const char*> kLayerNames[] = {
@@ -59,7 +74,9 @@ constexpr std::pair<const char*, const char*> kLayerNames[] = {
     {"bk", "self_attn.k_proj.bias"},            {"bv", "self_attn.v_proj.bias"},
     {"ffn_norm", "post_attention_layernorm.weight"}, {"ffn_bundles", "mlp.bundles"},
     {"ffn_gate", "mlp.gate_proj.weight"},       {"ffn_up", "mlp.up_proj.weight"},
-    {"ffn_down", "mlp.down_proj.weight"}};
+    {"ffn_down", "mlp.down_proj.weight"},       {"q_norm", "self_attn.q_norm.weight"},
+    {"k_norm", "self_attn.k_norm.weight"},      {"attn_post_norm", "self_attn.post_norm.weight"},
+    {"ffn_post_norm", "post_feedforward_layernorm.weight"}};
 constexpr const char* kLayerPrefix = "model.layers.";
 }  // namespace
 
@@ -105,6 +122,10 @@ std::vector<TensorSpec> Config::schema(const std::string& ffn) const {
         for (const char* k : {"attn_norm", "wq", "wk", "wv", "wo", "ffn_norm"}) add(k, l);
         if (qkv_bias)
             for (const char* k : {"bq", "bk", "bv"}) add(k, l);
+        if (qk_norm)
+            for (const char* k : {"q_norm", "k_norm"}) add(k, l);
+        if (post_norms)
+            for (const char* k : {"attn_post_norm", "ffn_post_norm"}) add(k, l);
         if (ffn == "bundles") add("ffn_bundles", l);
         if (ffn == "matrices")
             for (const char* k : {"ffn_gate", "ffn_up", "ffn_down"}) add(k, l);
@@ -135,19 +156,49 @@ Model::Model(Config cfg, int n_threads) : cfg_(std::move(cfg)), pool_(n_threads)
     if (c.ffn_bundle.is_float())
         ffn_block_.allocate(size_t(nt) * kNeuronBlock * c.ffn_bundle.bytes(c.d_model));
     ffn_rows_.allocate(sizeof(void*) * c.d_ff);
-    const int half = c.head_dim / 2;
-    rope_cos_.allocate(f * size_t(c.max_context) * half);
-    rope_sin_.allocate(f * size_t(c.max_context) * half);
-    for (int p = 0; p < c.max_context; ++p)
-        for (int i = 0; i < half; ++i) {
-            float angle = float(p) * c.rope_inv_freq[i];  // f32 product, as HF computes it
-            rope_cos_.data<float>()[size_t(p) * half + i] = float(std::cos(double(angle))) * c.rope_attention_scaling;
-            rope_sin_.data<float>()[size_t(p) * half + i] = float(std::sin(double(angle))) * c.rope_attention_scaling;
-        }
+    rope_cos_.allocate(f * 2 * size_t(chunk_) * (c.head_dim / 2));
+    rope_sin_.allocate(f * 2 * size_t(chunk_) * (c.head_dim / 2));
+    size_t kv_total = 0;
+    bool ring = false;
+    for (int l = 0; l < c.n_layers; ++l) {
+        const int w = c.window(l);
+        const int rows = w > 0 && int64_t(w) + chunk_ < c.max_context ? w + chunk_ : c.max_context;
+        ring |= rows < c.max_context;
+        kv_first_.push_back(kv_total);
+        kv_rows_.push_back(rows);
+        kv_total += size_t(rows);
+    }
     const size_t kv_esz = dtype_size(c.kv_dtype);
-    kv_keys_.allocate(kv_esz * size_t(c.n_layers) * c.max_context * c.kv_dim());
-    kv_values_.allocate(kv_esz * size_t(c.n_layers) * c.max_context * c.kv_dim());
-    if (c.kv_dtype != DType::F32) kv_new_.allocate(f * 2 * size_t(chunk_) * c.kv_dim());
+    kv_keys_.allocate(kv_esz * kv_total * c.kv_dim());
+    kv_values_.allocate(kv_esz * kv_total * c.kv_dim());
+    if (c.kv_dtype != DType::F32 || ring) kv_new_.allocate(f * 2 * size_t(chunk_) * c.kv_dim());
+}
+
+void Model::fill_rope(int start_pos, int T) {
+    const Config& c = cfg_;
+    const int half = c.head_dim / 2;
+    for (int set = 0; set < (c.rope_inv_freq_local.empty() ? 1 : 2); ++set) {
+        const float* inv = set ? c.rope_inv_freq_local.data() : c.rope_inv_freq.data();
+        const float scale = set ? 1.0f : c.rope_attention_scaling;
+        float* cs = rope_cos_.data<float>() + size_t(set) * chunk_ * half;
+        float* sn = rope_sin_.data<float>() + size_t(set) * chunk_ * half;
+        for (int t = 0; t < T; ++t)
+            for (int i = 0; i < half; ++i) {
+                const float angle = float(start_pos + t) * inv[i];  // f32 product, as HF computes it
+                cs[size_t(t) * half + i] = float(std::cos(double(angle))) * scale;
+                sn[size_t(t) * half + i] = float(std::sin(double(angle))) * scale;
+            }
+    }
+}
+
+int Model::earliest_restart() const {
+    // a ring of R rows for a window of W holds positions [kv_length - R, kv_length); restarting at
+    // s needs positions from s - W + 1 on
+    int earliest = 0;
+    for (int l = 0; l < cfg_.n_layers; ++l)
+        if (kv_rows_[l] < cfg_.max_context)
+            earliest = std::max(earliest, kv_length_ - kv_rows_[l] + cfg_.window(l) - 1);
+    return earliest;
 }
 
 size_t Model::weight_bytes() const {
@@ -175,11 +226,14 @@ size_t Model::expected_weight_bytes(bool ffn_resident) const {
     const Config& c = cfg_;
     FM_ARG(c.ffn_bundle.is_float(), "expected_weight_bytes: the weights' formats are known only from their file; ",
            "give the resident bytes to configure_sparse");
-    auto buf = [](size_t n) { return (n + 63) / 64 * 64; };  // as Buffer rounds
+    auto buf = [](size_t n) { return Buffer::footprint(n); };  // vectors and bundles
+    auto mat = [](size_t n) { return Tensor::footprint(n); };    // matrices
     const size_t esz = dtype_size(c.ffn_bundle.float_type()), d = c.d_model, q = c.q_dim(), kv = c.kv_dim();
-    size_t n = buf(esz * c.vocab_size * d) * (c.tied_embeddings ? 1 : 2) + buf(4 * d);
-    size_t layer = 2 * buf(4 * d) + buf(esz * q * d) + 2 * buf(esz * kv * d) + buf(esz * d * q);
+    size_t n = mat(esz * c.vocab_size * d) * (c.tied_embeddings ? 1 : 2) + buf(4 * d);
+    size_t layer = 2 * buf(4 * d) + mat(esz * q * d) + 2 * mat(esz * kv * d) + mat(esz * d * q);
     if (c.qkv_bias) layer += buf(4 * q) + 2 * buf(4 * kv);
+    if (c.qk_norm) layer += 2 * buf(4 * size_t(c.head_dim));
+    if (c.post_norms) layer += 2 * buf(4 * d);
     if (ffn_resident) layer += buf(esz * c.d_ff * 3 * d);
     return n + layer * c.n_layers;
 }
@@ -235,8 +289,8 @@ void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const 
     }
     std::vector<const void*> resident;
     if (!flash) resident.resize(c.n_layers, nullptr);  // filled once the bundles are loaded
-    sparse_ = std::make_unique<SparseFfn>(source, c.n_layers, c.d_ff, c.d_model, c.ffn_bundle, chunk_, opt, layout,
-                                          resident);
+    sparse_ = std::make_unique<SparseFfn>(source, c.n_layers, c.d_ff, c.d_model, c.ffn_bundle, c.activation, chunk_,
+                                          opt, layout, resident);
 }
 
 void Model::load_tensor(const std::string& kind, int layer, const std::string& path, uint64_t offset,
@@ -279,6 +333,10 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
     else if (kind == "bq") vec = &L->bq;
     else if (kind == "bk") vec = &L->bk;
     else if (kind == "bv") vec = &L->bv;
+    else if (kind == "q_norm") vec = &L->q_norm;
+    else if (kind == "k_norm") vec = &L->k_norm;
+    else if (kind == "attn_post_norm") vec = &L->attn_post_norm;
+    else if (kind == "ffn_post_norm") vec = &L->ffn_post_norm;
     else if (kind == "ffn_bundles") vec = &L->ffn_bundles;
     else if (kind == "ffn_gate") matrix = &L->ffn_gate;
     else if (kind == "ffn_up") matrix = &L->ffn_up;
@@ -356,6 +414,9 @@ void Model::check_loaded() {
         if (sparse_ && !flash) sparse_->set_resident(l, L.ffn_bundles.data());
         FM_IO(!c.qkv_bias || (L.bq.size() && L.bk.size() && L.bv.size()), "model is missing q/k/v biases of layer ",
               l);
+        FM_IO(!c.qk_norm || (L.q_norm.size() && L.k_norm.size()), "model is missing the q/k norms of layer ", l);
+        FM_IO(!c.post_norms || (L.attn_post_norm.size() && L.ffn_post_norm.size()),
+              "model is missing the attention/FFN output norms of layer ", l);
         matrices |= !L.ffn_bundles.size() && ffn_matrices;
         float_down |= !L.ffn_bundles.size() && ffn_matrices && !is_block_format(L.ffn_down.format);
         for (const Tensor* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.ffn_gate, &L.ffn_up, &L.ffn_down})
@@ -383,13 +444,16 @@ void Model::check_positions(int T, int start_pos) const {
            "] (positions before it must already be in the KV cache)");
     FM_ARG(int64_t(start_pos) + T <= cfg_.max_context, "context overflow: ", start_pos, " cached + ", T,
            " new positions > max_context ", cfg_.max_context);
+    FM_ARG(start_pos == 0 || start_pos >= earliest_restart(), "start_pos ", start_pos, " is too far back: the ",
+           "sliding-window layers' KV rings hold only their last positions; restart at 0 or at ", earliest_restart(),
+           " or later");
 }
 
 // Y (T, N) = X (T, K) W^T for each projection, all in one parallel region (q, k and v: one
 // dispatch, not three); each thread takes its share of every matrix's rows. Matrices in a block
 // format take X quantized to int8 blocks (16-bit when precise), once for all of them.
 void Model::linear(const float* X, int T, int K, std::initializer_list<Projection> projections, bool precise,
-                   bool swiglu) {
+                   bool gated) {
     const Kernels& k = kernels();
     const quant::QuantKernels& qk = quant::quant_kernels();
     const size_t cs = convert_.size() / sizeof(float) / pool_.size();
@@ -406,8 +470,8 @@ void Model::linear(const float* X, int T, int K, std::initializer_list<Projectio
     };
     if (quantized && T < 2 * pool_.size()) quantize_rows(0, size_t(T), 0);  // a dispatch costs more
     else if (quantized) pool_.parallel_for(size_t(T), 1, quantize_rows);
-    FM_ARG(!swiglu || (projections.size() == 2 && projections.begin()[0].N == projections.begin()[1].N),
-           "linear: swiglu takes gate and up projections of the same size");
+    FM_ARG(!gated || (projections.size() == 2 && projections.begin()[0].N == projections.begin()[1].N),
+           "linear: gated takes gate and up projections of the same size");
     pool_.run([&](int tid, int nt) {
         for (const Projection& p : projections) {
             auto [n0, n1] = ThreadPool::chunk(p.N, tid, nt, 16);
@@ -422,11 +486,11 @@ void Model::linear(const float* X, int T, int K, std::initializer_list<Projectio
                 k.gemm[int(W.format)](p.Y + n0, p.ldy, X, K, T, rows, K, K, int(n1 - n0),
                                       convert_.data<float>() + tid * cs);
         }
-        if (!swiglu) return;
+        if (!gated) return;
         const Projection &gate = projections.begin()[0], &up = projections.begin()[1];
         auto [n0, n1] = ThreadPool::chunk(gate.N, tid, nt, 16);
         for (int t = 0; t < T && n0 < n1; ++t)
-            fm::swiglu(gate.Y + t * gate.ldy + n0, up.Y + t * up.ldy + n0, int(n1 - n0));
+            fm::gated(cfg_.activation, gate.Y + t * gate.ldy + n0, up.Y + t * up.ldy + n0, int(n1 - n0));
     });
 }
 
@@ -447,6 +511,8 @@ void Model::gather_embeddings(const int32_t* tokens, int T, float* out) const {
         }
         if (is_block_format(E.format)) quant::dequantize(E.format, row, o, E.cols);
         else kernels().to_f32[int(E.format)](o, row, int(E.cols));
+        if (cfg_.embed_scale != 1.0f)
+            for (size_t k = 0; k < E.cols; ++k) o[k] *= cfg_.embed_scale;
     }
 }
 
@@ -526,6 +592,7 @@ void Model::forward(int T, int start_pos, float* out, Output what, Fill&& fill) 
         const int n = T - t0 < chunk_ ? T - t0 : chunk_;
         float* x = x_.data<float>();
         fill(t0, n, x);
+        fill_rope(start_pos + t0, n);
         capture_t0_ = t0;
         for (int l = 0; l < c.n_layers; ++l) layer_forward(l, n, start_pos + t0);
         kv_length_ = start_pos + t0 + n;
@@ -567,29 +634,51 @@ void Model::compute_logits(const float* x, int T, float* logits) {
     }
 }
 
+void Model::store_kv(int l, const float* k, const float* v, int T, int start_pos) {
+    const size_t kv_dim = cfg_.kv_dim(), esz = dtype_size(cfg_.kv_dtype);
+    const int rows = kv_rows_[l];
+    for (int t0 = 0; t0 < T;) {  // up to two runs of rows: the ring may wrap
+        const int r = (start_pos + t0) % rows, n = std::min(T - t0, rows - r);
+        const size_t at = (kv_first_[l] + r) * kv_dim, count = size_t(n) * kv_dim;
+        if (cfg_.kv_dtype == DType::F32) {
+            std::memcpy(kv_keys_.data<float>() + at, k + size_t(t0) * kv_dim, count * esz);
+            std::memcpy(kv_values_.data<float>() + at, v + size_t(t0) * kv_dim, count * esz);
+        } else {
+            kernels().to_f16(kv_keys_.data<uint16_t>() + at, k + size_t(t0) * kv_dim, int(count));
+            kernels().to_f16(kv_values_.data<uint16_t>() + at, v + size_t(t0) * kv_dim, int(count));
+        }
+        t0 += n;
+    }
+}
+
 void Model::layer_forward(int l, int T, int start_pos) {
     const Config& c = cfg_;
     const LayerWeights& L = w_.layers[l];
     float* x = x_.data<float>();
     float* xn = xn_.data<float>();
-    const size_t kv_dim = c.kv_dim(), q_dim = c.q_dim();
-    // the new keys and values (T, kv_dim): straight into an f32 cache, else f32 rows stored as f16 below
-    const size_t kv_at = (size_t(l) * c.max_context + start_pos) * kv_dim;
-    const bool f32_cache = c.kv_dtype == DType::F32;
-    float* kc = f32_cache ? kv_keys_.data<float>() + kv_at : kv_new_.data<float>();
-    float* vc = f32_cache ? kv_values_.data<float>() + kv_at : kv_new_.data<float>() + size_t(chunk_) * kv_dim;
+    float* proj = proj_.data<float>();
+    const size_t kv_dim = c.kv_dim(), q_dim = c.q_dim(), d = c.d_model;
+    // the new keys and values (T, kv_dim): straight into an f32 cache where their rows do not wrap
+    // around a ring, else into kv_new_, then stored (store_kv)
+    const int kv_row = start_pos % kv_rows_[l];
+    const bool in_place = c.kv_dtype == DType::F32 && kv_row + T <= kv_rows_[l];
+    const size_t kv_at = (kv_first_[l] + kv_row) * kv_dim;
+    float* kc = in_place ? kv_keys_.data<float>() + kv_at : kv_new_.data<float>();
+    float* vc = in_place ? kv_values_.data<float>() + kv_at : kv_new_.data<float>() + size_t(chunk_) * kv_dim;
 
-    // attention block: q, k, v, rope, attention, output projection
+    // attention block: q, k, v, (q/k norms), rope, attention, output projection, (its norm)
     for (int t = 0; t < T; ++t)
-        rmsnorm(xn + size_t(t) * c.d_model, x + size_t(t) * c.d_model, L.attn_norm.data<float>(), c.d_model,
-                c.norm_eps);
+        rmsnorm(xn + size_t(t) * d, x + size_t(t) * d, L.attn_norm.data<float>(), int(d), c.norm_eps);
     mark(Profile::kNorms);
     const char* qkv[3] = {};  // streamed: the layer's q, k and v matrices, read in one batch
     if (L.wq.streamed) stage({&L.wq, &L.wk, &L.wv}, qkv, "the attention matrices");
-    linear(xn, T, c.d_model,
+    linear(xn, T, int(d),
            {{q_.data<float>(), q_dim, &L.wq, q_dim, qkv[0]}, {kc, kv_dim, &L.wk, kv_dim, qkv[1]}, {vc, kv_dim, &L.wv, kv_dim, qkv[2]}});
     mark(Profile::kQkv);
-    const int half = c.head_dim / 2;
+    const int half = c.head_dim / 2, hd = c.head_dim;
+    const bool local_rope = c.window(l) > 0 && !c.rope_inv_freq_local.empty();
+    const float* rope_cos = rope_cos_.data<float>() + (local_rope ? size_t(chunk_) * half : 0);
+    const float* rope_sin = rope_sin_.data<float>() + (local_rope ? size_t(chunk_) * half : 0);
     for (int t = 0; t < T; ++t) {
         float* q = q_.data<float>() + t * q_dim;
         float* k = kc + t * kv_dim;
@@ -597,78 +686,99 @@ void Model::layer_forward(int l, int T, int start_pos) {
             for (size_t i = 0; i < q_dim; ++i) q[i] += L.bq.data<float>()[i];
             for (size_t i = 0; i < kv_dim; ++i) k[i] += L.bk.data<float>()[i], vc[t * kv_dim + i] += L.bv.data<float>()[i];
         }
-        const float* cs = rope_cos_.data<float>() + size_t(start_pos + t) * half;
-        const float* sn = rope_sin_.data<float>() + size_t(start_pos + t) * half;
-        rope(q, c.n_heads, c.head_dim, cs, sn);
-        rope(k, c.n_kv_heads, c.head_dim, cs, sn);
+        if (c.qk_norm) {
+            for (int h = 0; h < c.n_heads; ++h) rmsnorm(q + h * hd, q + h * hd, L.q_norm.data<float>(), hd, c.norm_eps);
+            for (int h = 0; h < c.n_kv_heads; ++h) rmsnorm(k + h * hd, k + h * hd, L.k_norm.data<float>(), hd, c.norm_eps);
+        }
+        rope(q, c.n_heads, hd, rope_cos + size_t(t) * half, rope_sin + size_t(t) * half);
+        rope(k, c.n_kv_heads, hd, rope_cos + size_t(t) * half, rope_sin + size_t(t) * half);
     }
-    if (!f32_cache) {
-        kernels().to_f16(kv_keys_.data<uint16_t>() + kv_at, kc, int(size_t(T) * kv_dim));
-        kernels().to_f16(kv_values_.data<uint16_t>() + kv_at, vc, int(size_t(T) * kv_dim));
-    }
+    if (!in_place) store_kv(l, kc, vc, T, start_pos);
     mark(Profile::kNorms);
     attention(l, T, start_pos);
     mark(Profile::kAttention);
     const char* wo = nullptr;
     if (L.wo.streamed) stage({&L.wo}, &wo, "the attention output matrix");
-    linear(att_out_.data<float>(), T, int(q_dim), {{proj_.data<float>(), size_t(c.d_model), &L.wo, size_t(c.d_model), wo}});
-    for (size_t i = 0; i < size_t(T) * c.d_model; ++i) x[i] += proj_.data<float>()[i];
+    linear(att_out_.data<float>(), T, int(q_dim), {{proj, d, &L.wo, d, wo}});
+    if (c.post_norms)
+        for (int t = 0; t < T; ++t) rmsnorm(proj + t * d, proj + t * d, L.attn_post_norm.data<float>(), int(d), c.norm_eps);
+    for (size_t i = 0; i < size_t(T) * d; ++i) x[i] += proj[i];
 
-    // FFN block
+    // FFN block: its output is added to x, or with post norms put in proj, normed, then added
     mark(Profile::kOutProj);
     for (int t = 0; t < T; ++t)
-        rmsnorm(xn + size_t(t) * c.d_model, x + size_t(t) * c.d_model, L.ffn_norm.data<float>(), c.d_model, c.norm_eps);
+        rmsnorm(xn + size_t(t) * d, x + size_t(t) * d, L.ffn_norm.data<float>(), int(d), c.norm_eps);
     mark(Profile::kNorms);
     if (capture_)
-        std::memcpy(capture_ + (size_t(l) * capture_T_ + capture_t0_) * c.d_model, xn,
-                    sizeof(float) * size_t(T) * c.d_model);
+        std::memcpy(capture_ + (size_t(l) * capture_T_ + capture_t0_) * d, xn, sizeof(float) * size_t(T) * d);
+    float* out = x;
+    if (c.post_norms) {
+        out = proj;
+        std::memset(out, 0, sizeof(float) * size_t(T) * d);
+    }
     const int nt = pool_.size();
     FfnScratch s{ffn_acc_.data<float>(), ffn_hu_.data<float>(), convert_.data<float>(),
                  convert_.size() / sizeof(float) / nt, ffn_block_.data<char>(), act_.data<quant::ActBlock>(),
                  chunk_};
     if (sparse_) {
-        sparse_->forward(pool_, l, x, xn, T, s);
-    } else if (!L.ffn_bundles.size()) {  // the three matrices: down(silu(gate x) * up x)
+        sparse_->forward(pool_, l, out, xn, T, s);
+    } else if (!L.ffn_bundles.size()) {  // the three matrices: down(act(gate x) * up x)
         float* g = ffn_gate_out_.data<float>();
         float* u = ffn_up_out_.data<float>();
         const size_t ff = c.d_ff;
-        linear(xn, T, c.d_model, {{g, ff, &L.ffn_gate, ff}, {u, ff, &L.ffn_up, ff}}, false, /*swiglu=*/true);
-        linear(g, T, c.d_ff, {{proj_.data<float>(), size_t(c.d_model), &L.ffn_down, size_t(c.d_model)}});
-        for (size_t i = 0; i < size_t(T) * c.d_model; ++i) x[i] += proj_.data<float>()[i];
+        linear(xn, T, int(d), {{g, ff, &L.ffn_gate, ff}, {u, ff, &L.ffn_up, ff}}, false, /*gated=*/true);
+        if (out == x) {
+            linear(g, T, c.d_ff, {{proj, d, &L.ffn_down, d}});
+            for (size_t i = 0; i < size_t(T) * d; ++i) x[i] += proj[i];
+        } else {
+            linear(g, T, c.d_ff, {{out, d, &L.ffn_down, d}});
+        }
     } else {  // dense: every bundle, in place
         const void** rows = ffn_rows_.data<const void*>();
         const size_t row = c.ffn_bundle.bytes(c.d_model);
         for (int i = 0; i < c.d_ff; ++i) rows[i] = L.ffn_bundles.data<char>() + i * row;
         ffn_begin(pool_, xn, T, c.d_model, c.ffn_bundle, s);
-        ffn_accumulate(pool_, xn, T, c.d_model, c.ffn_bundle, {rows, c.d_ff, nullptr}, 0, c.d_ff, s);
-        ffn_end(pool_, x, T, c.d_model, s);
+        ffn_accumulate(pool_, xn, T, c.d_model, c.ffn_bundle, c.activation, {rows, c.d_ff, nullptr}, 0, c.d_ff, s);
+        ffn_end(pool_, out, T, c.d_model, s);
+    }
+    if (c.post_norms) {
+        for (int t = 0; t < T; ++t) rmsnorm(proj + t * d, proj + t * d, L.ffn_post_norm.data<float>(), int(d), c.norm_eps);
+        for (size_t i = 0; i < size_t(T) * d; ++i) x[i] += proj[i];
     }
     mark(Profile::kFfn);
 }
 
-// Causal GQA attention of T new queries over positions [0, start_pos + t]: per (token, head),
-// scores = K q (a GEMV over the cached keys), softmax, out = V^T scores (an accumulate over the
-// cached values). Work items are dealt out round-robin, which balances the growing causal lengths.
+// Causal GQA attention of T new queries: the query at position p attends to positions
+// [p - window + 1, p] (a layer with a window) or [0, p]. Per (token, head), scores = K q (a GEMV
+// over the cached keys), softmax, out = V^T scores (an accumulate over the cached values); the
+// positions lie in up to two runs of cache rows (a ring wraps). Work items are dealt out
+// round-robin, which balances the growing causal lengths.
 void Model::attention(int l, int T, int start_pos) {
     const Config& c = cfg_;
     const Kernels& k = kernels();
     const int kvt = int(c.kv_dtype);
     const size_t kv_dim = c.kv_dim(), q_dim = c.q_dim(), esz = dtype_size(c.kv_dtype);
-    const char* kc = kv_keys_.data<char>() + size_t(l) * c.max_context * kv_dim * esz;  // (max_context, kv_dim)
-    const char* vc = kv_values_.data<char>() + size_t(l) * c.max_context * kv_dim * esz;
-    const int group = c.n_heads / c.n_kv_heads, hd = c.head_dim;
-    const float scale = 1.0f / std::sqrt(float(hd));
+    const char* kc = kv_keys_.data<char>() + kv_first_[l] * kv_dim * esz;  // (kv_rows_[l], kv_dim)
+    const char* vc = kv_values_.data<char>() + kv_first_[l] * kv_dim * esz;
+    const int group = c.n_heads / c.n_kv_heads, hd = c.head_dim, window = c.window(l), rows = kv_rows_[l];
+    const float scale = c.attn_scale > 0 ? c.attn_scale : 1.0f / std::sqrt(float(hd));
     pool_.run([&](int tid, int nt) {
         float* sc = scores_.data<float>() + size_t(tid) * c.max_context;
         for (int item = tid; item < T * c.n_heads; item += nt) {
             const int t = item / c.n_heads, h = item % c.n_heads, kvh = h / group;
-            const int n_pos = start_pos + t + 1;
+            const int p = start_pos + t, first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+            const int n_pos = p - first + 1, r0 = first % rows;
+            const int n1 = std::min(n_pos, rows - r0), n2 = n_pos - n1;  // rows [r0, r0 + n1), then [0, n2)
             const float* q = q_.data<float>() + t * q_dim + h * hd;
-            k.gemm[kvt](sc, n_pos, q, hd, 1, kc + kvh * hd * esz, kv_dim, hd, n_pos, nullptr);
+            const char* k1 = kc + (size_t(r0) * kv_dim + kvh * hd) * esz;
+            const char* v1 = vc + (size_t(r0) * kv_dim + kvh * hd) * esz;
+            k.gemm[kvt](sc, n_pos, q, hd, 1, k1, kv_dim, hd, n1, nullptr);
+            if (n2) k.gemm[kvt](sc + n1, n_pos, q, hd, 1, kc + kvh * hd * esz, kv_dim, hd, n2, nullptr);
             k.softmax(sc, n_pos, scale);
             float* out = att_out_.data<float>() + t * q_dim + h * hd;
             std::memset(out, 0, sizeof(float) * hd);
-            k.accumulate[kvt](out, hd, sc, n_pos, 1, vc + kvh * hd * esz, kv_dim, hd, n_pos, nullptr);
+            k.accumulate[kvt](out, hd, sc, n_pos, 1, v1, kv_dim, hd, n1, nullptr);
+            if (n2) k.accumulate[kvt](out, hd, sc + n1, n_pos, 1, vc + kvh * hd * esz, kv_dim, hd, n2, nullptr);
         }
     });
 }

@@ -1,5 +1,8 @@
-// Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2): config, weights, run state and
-// the forward pass (batched prefill and single-token decode share one code path).
+// Decoder-only transformers of the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) and Gemma 3:
+// config, weights, run state and the forward pass (batched prefill and single-token decode share
+// one code path). What differs between them is in Config: the FFN's activation, norms on q/k and
+// on the block outputs, the embedding scale, and per-layer sliding-window attention (a layer with
+// a window keeps only the last positions in its KV cache, as a ring) with its own rope.
 #pragma once
 #include <array>
 #include <chrono>
@@ -10,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/activation.h"
 #include "core/buffer.h"
 #include "core/dtype.h"
 #include "core/tensor.h"
@@ -47,6 +51,16 @@ struct Config {
     float norm_eps = 1e-5f;
     bool tied_embeddings = false;
     bool qkv_bias = false;  // Qwen2
+    Activation activation = Activation::SiLU;  // the FFN's gate: SwiGLU (silu) or GeGLU (gelu_tanh, Gemma)
+    bool qk_norm = false;     // RMSNorm over each head of q and of k before rope (Gemma 3): q_norm, k_norm
+    bool post_norms = false;  // RMSNorm on the attention and FFN outputs before their residual adds
+                              // (Gemma 2/3): attn_post_norm, ffn_post_norm
+    float embed_scale = 1.0f; // token embeddings are multiplied by this (Gemma: sqrt(d_model))
+    float attn_scale = 0.0f;  // attention scores' scale (0: 1/sqrt(head_dim); Gemma: query_pre_attn_scalar^-0.5)
+    // Sliding-window attention: layer l attends to its last layer_window[l] positions (itself
+    // included), 0: to all. Empty: every layer attends to all (Mistral: every entry the same).
+    std::vector<int> layer_window;
+    std::vector<float> rope_inv_freq_local;  // the rope of the layers with a window (empty: rope_inv_freq)
     // formats of the FFN's neuron bundles (each matrix has its own format; norms and biases are f32)
     BundleFormat ffn_bundle;
     std::vector<float> rope_inv_freq;  // (head_dim/2), scaling already applied (computed in Python)
@@ -58,6 +72,7 @@ struct Config {
     std::vector<int64_t> tensor_shape(const std::string& kind) const;
     std::vector<TensorSpec> schema(const std::string& ffn) const;
 
+    int window(int layer) const { return layer_window.empty() ? 0 : layer_window[layer]; }
     int q_dim() const { return n_heads * head_dim; }
     int kv_dim() const { return n_kv_heads * head_dim; }
     void validate() const;
@@ -69,6 +84,8 @@ struct LayerWeights {
     Tensor wk, wv;       // (kv_dim, d_model)
     Tensor wo;           // (d_model, q_dim)
     Buffer bq, bk, bv;   // (q_dim), (kv_dim), (kv_dim) f32, only with qkv_bias
+    Buffer q_norm, k_norm;                 // (head_dim) f32, only with qk_norm
+    Buffer attn_post_norm, ffn_post_norm;  // (d_model) f32, only with post_norms
     Buffer ffn_norm;     // (d_model) f32
     // The FFN in DRAM is one of: neuron bundles (float formats; what flash streaming reads), or
     // the three matrices as a checkpoint stores them (any format; block formats are kept so).
@@ -142,6 +159,9 @@ class Model {
                      const std::string& dtype, const std::vector<int64_t>& shape, bool stream = false);
     // Throws naming the first missing tensor; then sizes the run state the weights' formats need.
     void check_loaded();
+    // The earliest start_pos > 0 a forward pass may restart from (rewinding the KV cache): a layer
+    // with a sliding window keeps only its last positions; 0 (a new sequence) always works.
+    int earliest_restart() const;
 
     // Runs T tokens (or T input embeddings of width d_model) at positions [start_pos, start_pos+T).
     // Positions before start_pos must already be in the KV cache. Writes logits (vocab) for the
@@ -179,7 +199,9 @@ class Model {
     void linear(const float* X, int T, int K, std::initializer_list<Projection> projections, bool precise = false,
                 bool swiglu = false);
     void check_tokens(const int32_t* tokens, int T) const;                    // ids in [0, vocab)
-    void gather_embeddings(const int32_t* tokens, int T, float* out) const;  // unchecked
+    void gather_embeddings(const int32_t* tokens, int T, float* out) const;  // unchecked; times embed_scale
+    void fill_rope(int start_pos, int T);  // the cos/sin tables of positions [start_pos, start_pos + T)
+    void store_kv(int l, const float* k, const float* v, int T, int start_pos);  // into the layer's (ring) rows
     // Reads streamed matrices (up to 4) into the weight stream's staging buffer: out[i] = rows of tensor i.
     void stage(std::initializer_list<const Tensor*> tensors, const char** out, const char* what) const;
     void compute_logits(const float* x, int T, float* logits);
@@ -223,9 +245,14 @@ class Model {
     size_t minimum_budget_ = 0;
     float* capture_ = nullptr;  // ffn_inputs(): (n_layers, capture_T_, d_model)
     int capture_T_ = 0, capture_t0_ = 0;
-    Buffer rope_cos_, rope_sin_;  // (max_context, head_dim/2)
-    Buffer kv_keys_, kv_values_;  // (n_layers, max_context, kv_dim) in kv_dtype
-    Buffer kv_new_;               // (2, chunk, kv_dim) f32 new keys and values, when the cache is f16
+    Buffer rope_cos_, rope_sin_;  // (2, chunk, head_dim/2) this chunk's positions: global, then local rope
+    // KV cache: layer l's keys (and values) are kv_rows_[l] rows of kv_dim from row kv_first_[l]:
+    // max_context rows, or for a layer with a window a ring of window + chunk rows (position p in
+    // row p % kv_rows_[l]), which a chunk of new positions never overwrites while still needed.
+    Buffer kv_keys_, kv_values_;  // (sum of kv_rows_, kv_dim) in kv_dtype
+    std::vector<size_t> kv_first_;
+    std::vector<int> kv_rows_;
+    Buffer kv_new_;               // (2, chunk, kv_dim) f32 new keys and values, when not written in place
 };
 
 }  // namespace fm

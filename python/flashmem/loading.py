@@ -9,9 +9,11 @@ import dataclasses
 import json
 import os
 
+import numpy as np
+
 from . import _core
 from .checkpoints import safetensors_io as st
-from .checkpoints.config import model_dims, read_json, rope_inv_freq
+from .checkpoints.config import GEMMA_TYPES, layer_windows, model_dims, read_json, rope_inv_freq
 from .checkpoints.convert import ALL_DTYPES, DTYPES, FORMAT_VERSION, READABLE_VERSIONS, RESIDENT_FILE
 from .checkpoints.default_model import default_gguf
 from .checkpoints.store import converted_folder, is_converted
@@ -19,12 +21,14 @@ from .flash import streaming
 from .model import Model
 from .tokenizer import Tokenizer
 
+DEFAULT_MAX_CONTEXT = 8192  # the KV cache's length unless max_context says otherwise (or the model's, if shorter)
 SMALL_BUDGET = 256 << 20  # below this dram_budget, prompts go through in chunks of 64 tokens (32 below a quarter)
 
 
 def load(path: str | None = None, dtype: str | None = None, threads: int | None = None,
          max_context: int | None = None, offload: str | None = None, dram_budget=None, sparsity: float = 0.0,
-         window: int = 5, kv_dtype: str | None = None, **flash_options) -> Model:
+         window: int = 5, kv_dtype: str | None = None, prefill_chunk: int | None = None,
+         **flash_options) -> Model:
     """Loads a model: a flashmem folder, a HF folder or a GGUF file (the latter two converted once
     into the store); with no path, the default model. The README's "Python API" and "Flash
     offloading" sections describe every argument; flash_options: ffn_layout, queue_depth,
@@ -42,12 +46,13 @@ def load(path: str | None = None, dtype: str | None = None, threads: int | None 
     else:
         path = converted_folder(path, dtype)
     return open_model(path, threads=threads, max_context=max_context, offload=offload, dram_budget=dram_budget,
-                      sparsity=sparsity, window=window, kv_dtype=kv_dtype, **flash_options)
+                      sparsity=sparsity, window=window, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk,
+                      **flash_options)
 
 
 def open_model(folder: str, threads: int | None = None, max_context: int | None = None, offload=None,
                dram_budget=None, sparsity: float = 0.0, window: int = 5, kv_dtype: str | None = None,
-               **flash_options) -> Model:
+               prefill_chunk: int | None = None, **flash_options) -> Model:
     """The model of a converted folder: engine configured, FFN placed, weights loaded, checked."""
     cfg_path = os.path.join(folder, "config.json")
     config = read_json(cfg_path)
@@ -69,6 +74,10 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
     # a smaller run state leaves more of a small budget to the neuron cache
     if budget_bytes and budget_bytes < SMALL_BUDGET:
         c.prefill_chunk = 64 if budget_bytes >= SMALL_BUDGET // 4 else 32
+    if prefill_chunk is not None:
+        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk <= 0:
+            raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+        c.prefill_chunk = prefill_chunk
     engine = _core.Model(c, threads)
     # the FFN: streamed from flash, neuron bundles in DRAM (sparsity), or dense (bundles or matrices);
     # with offload="all" the attention matrices, embeddings and LM head are read when needed too
@@ -109,7 +118,7 @@ def engine_config(config: dict, where: str, max_context: int | None, kv_dtype: s
     max_position_embeddings; kv_dtype: default f16 for a model kept in its GGUF formats, f32 else)."""
     dims = model_dims(config, where)
     if max_context is None:
-        max_context = int(config.get("max_position_embeddings") or 2048)
+        max_context = min(int(config.get("max_position_embeddings") or 2048), DEFAULT_MAX_CONTEXT)
     if not isinstance(max_context, int) or isinstance(max_context, bool) or max_context <= 0:
         raise ValueError(f"max_context must be a positive integer, got {max_context!r}")
     c = _core.Config()
@@ -129,7 +138,30 @@ def engine_config(config: dict, where: str, max_context: int | None, kv_dtype: s
     c.kv_dtype = kv_dtype
     inv, scale = rope_inv_freq(config, c.head_dim)
     c.rope_inv_freq, c.rope_attention_scaling = inv.tolist(), scale
+    architecture_options(c, config, where)
     return c
+
+
+def architecture_options(c: _core.Config, config: dict, where: str) -> None:
+    """What sets a model family apart, from its config: the FFN's activation, Gemma's q/k norms,
+    output norms, embedding scale and attention scale, and sliding windows with their own rope."""
+    gemma = config.get("model_type") in GEMMA_TYPES
+    act = config.get("hidden_activation") or config.get("hidden_act") or "silu"
+    try:
+        c.activation = act
+    except ValueError:
+        raise ValueError(f"{where}: activation {act!r} is not supported (supported: silu, gelu_pytorch_tanh)") from None
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if config.get(key) is not None:
+            raise ValueError(f"{where}: config field '{key}' = {config[key]!r}: logit soft-capping is not supported")
+    c.qk_norm = c.post_norms = gemma
+    if gemma:
+        c.embed_scale = float(np.float32(config["hidden_size"] ** 0.5))  # as HF computes it, in f32
+        scalar = config.get("query_pre_attn_scalar") or c.head_dim
+        c.attn_scale = float(scalar) ** -0.5
+    c.layer_window = layer_windows(config, c.n_layers, where)
+    if gemma and c.layer_window:
+        c.rope_inv_freq_local = rope_inv_freq(config, c.head_dim, "sliding_attention")[0].tolist()
 
 
 @dataclasses.dataclass
@@ -228,13 +260,16 @@ def weights_to_load(folder: str, config: dict, ffn: str = "dense", stream_matric
             elif info.tag != "f32" and len(shape) == 1:  # norms and biases become f32
                 nbytes = shape[0] * 4
             streamed = stream_matrices and kind in STREAMED_KINDS and fname == RESIDENT_FILE
-            out.append(WeightFile(kind, layer, path, info.offset, fmt, shape,
-                                  0 if streamed else (nbytes + 63) // 64 * 64, streamed, info.nbytes))
+            matrix = len(shape) == 2 and kind != "ffn_bundles"
+            owned = _core.tensor_footprint(nbytes) if matrix else (nbytes + 63) // 64 * 64  # as Buffer rounds
+            out.append(WeightFile(kind, layer, path, info.offset, fmt, shape, 0 if streamed else owned, streamed,
+                                  info.nbytes))
     return out
 
 
 def eos_token_ids(folder: str, tokenizer: Tokenizer) -> list[int]:
-    """The ids that end generation: generation_config.json's eos_token_id and the tokenizer's EOS."""
+    """The ids that end generation: generation_config.json's eos_token_id, the tokenizer's EOS and
+    its other end-of-turn tokens."""
     ids = []
     gen = os.path.join(folder, "generation_config.json")
     if os.path.isfile(gen):
@@ -242,4 +277,5 @@ def eos_token_ids(folder: str, tokenizer: Tokenizer) -> list[int]:
         ids += e if isinstance(e, list) else [e] if e is not None else []
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
+    ids += tokenizer.stop_token_ids
     return sorted(set(ids))

@@ -155,6 +155,8 @@ class Model:
         inputs.assemble_s = time.perf_counter() - t0
         self._check_fits(len(inputs.src))
         start = min(self._kv.reusable(inputs.keys), len(inputs.src) - 1) if reuse_cache else 0
+        if start < self._engine.earliest_restart:  # sliding-window layers no longer hold what it needs
+            start = 0
         run = Generation(self._engine, self.tokenizer, self._kv, self.max_context, inputs, start, max_new_tokens,
                          sampler, stop, set(eos), lambda tokens: streaming.summarize(self._engine, self.config, tokens))
         if stream:

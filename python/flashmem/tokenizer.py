@@ -36,6 +36,9 @@ class Tokenizer:
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        # tokens that end a turn besides EOS (Gemma's <end_of_turn>), written by the GGUF reader
+        stops = [self._tok.token_to_id(t) for t in cfg.get("flashmem_stop_tokens") or []]
+        self.stop_token_ids = [i for i in stops if i is not None]
         self.vocab_size = self._tok.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "core/activation.h"
 #include "core/dtype.h"
 
 namespace fm {
@@ -33,9 +34,9 @@ struct Kernels {
     float (*l2sq)(const float* a, const float* b, int n);    // sum (a-b)^2
     // sum of z[k] for the k < n whose bit is set (bit k = bits[k/8] >> (k%8) & 1)
     float (*bit_sum)(const uint8_t* bits, const float* z, int n);
-    // Decode SwiGLU FFN over n neuron bundles, rows[i] = [gate_i | up_i | down_i] (each d_model long):
-    // y (d_model) += sum_i silu(gate_i . x) * (up_i . x) * down_i.
-    void (*ffn_decode[3])(float* y, const float* x, const void* const* rows, int d_model, int n);
+    // Decode gated FFN over n neuron bundles, rows[i] = [gate_i | up_i | down_i] (each d_model long):
+    // y (d_model) += sum_i act(gate_i . x) * (up_i . x) * down_i.
+    void (*ffn_decode[3])(float* y, const float* x, const void* const* rows, int d_model, int n, Activation act);
 };
 
 const Kernels& kernels();  // the best for this CPU
@@ -45,7 +46,7 @@ const Kernels* kernels_avx512();  // nullptr where the CPU lacks AVX-512
 // Scalar references (double accumulation), for tests.
 void gemm_ref(float* Y, size_t ldy, const float* X, size_t ldx, int T, const void* W, DType dt, size_t ldw,
               int K, int N);
-void ffn_decode_ref(float* y, const float* x, const void* const* rows, DType dt, int d_model, int n);
+void ffn_decode_ref(float* y, const float* x, const void* const* rows, DType dt, int d_model, int n, Activation act);
 void softmax_ref(float* x, int n, float scale);
 float bit_sum_ref(const uint8_t* bits, const float* z, int n);
 void accumulate_ref(float* Y, size_t ldy, const float* A, size_t lda, int T, const void* B, DType dt,

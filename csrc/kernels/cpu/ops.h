@@ -27,9 +27,5 @@ inline void rope(float* v, int n_heads, int hd, const float* cs, const float* sn
     }
 }
 
-// SwiGLU: h = silu(g) * u
-inline void swiglu(float* h, const float* u, int n) {
-    for (int i = 0; i < n; ++i) h[i] = h[i] / (1.0f + std::exp(-h[i])) * u[i];
-}
 
 }  // namespace fm

