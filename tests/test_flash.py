@@ -378,3 +378,19 @@ def test_auto_budget_in_a_memory_cgroup(folder):
     assert "cgroup" in r["how"] and r["left"] < limit
     assert r["owned"] <= r["left"] and r["rows"] > 0 and r["read"] > 0
     assert peak <= limit
+
+
+def test_flash_reads_untied_embedding_rows(tmp_path, monkeypatch):
+    """offload="flash" with an LM head of its own: the embedding table stays in the file and the
+    rows of the tokens in use are read (a tied table is the LM head and stays in DRAM)."""
+    from conftest import make_tiny_hf
+
+    monkeypatch.setenv("FLASHMEM_CACHE", str(tmp_path / "cache"))
+    folder = str(tmp_path / "hf")
+    make_tiny_hf(folder, tied=False, vocab=211)
+    ids = list(range(5, 40))
+    dense = flashmem.load(folder, dtype="f32", threads=2, max_context=64)
+    flash = flashmem.load(folder, dtype="f32", threads=2, max_context=64, offload="flash")
+    np.testing.assert_array_equal(flash.logits(ids), dense.logits(ids))
+    assert flash._engine.weight_bytes < dense._engine.weight_bytes - 211 * 40 * 4 + 4096
+    assert flash._engine.stream_bytes_read >= len(ids) * 40 * 4

@@ -115,9 +115,10 @@ def test_file_formats_close_to_hf(gguf_path, hf, text_ids):
     assert abs(perplexity(got, text_ids) / perplexity(ref, text_ids) - 1) < 0.01
     # flash streaming with every neuron (bundles: the down columns requantized to q8_0 along d_model)
     f = flashmem.load(gguf_path, threads=2, max_context=1024, offload="flash")
-    flash = f.logits(text_ids)
-    assert (ref.argmax(1) == flash.argmax(1)).mean() > 0.95
-    assert abs(perplexity(flash, text_ids) / perplexity(ref, text_ids) - 1) < 0.01
+    ids = text_ids[:512]
+    flash = f.logits(ids)
+    assert (ref[:512].argmax(1) == flash.argmax(1)).mean() > 0.95
+    assert abs(perplexity(flash, ids) / perplexity(ref[:512], ids) - 1) < 0.01
     # with the tied embeddings and LM head read from the file too: the same computation
     a = flashmem.load(gguf_path, threads=2, max_context=1024, offload="all")
     np.testing.assert_allclose(a.logits(text_ids[:64]), flash[:64], rtol=0, atol=1e-4)

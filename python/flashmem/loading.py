@@ -80,11 +80,15 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
         c.prefill_chunk = prefill_chunk
     engine = _core.Model(c, threads)
     # the FFN: streamed from flash, neuron bundles in DRAM (sparsity), or dense (bundles or matrices);
-    # with offload="all" the attention matrices, embeddings and LM head are read when needed too
+    # with offload="all" the attention matrices, embeddings and LM head are read when needed too;
+    # with offload="flash" and an LM head of its own, the embedding rows of the tokens in use (a
+    # tied table is the LM head, which needs every row at every token: it stays in DRAM)
     ffn = "streamed" if offload in ("flash", "all") else "bundles" if sparsity else "dense"
-    weights = weights_to_load(folder, config, ffn, stream_matrices=offload == "all")
+    untied = not config.get("tie_word_embeddings", False)
+    stream = STREAMED_KINDS if offload == "all" else ("embed",) if offload == "flash" and untied else ()
+    weights = weights_to_load(folder, config, ffn, stream=stream)
     check_schema(c, weights, ffn, config)
-    if offload == "all":
+    if any(w.streamed for w in weights):
         engine.configure_stream(os.path.join(folder, RESIDENT_FILE), stream_staging_bytes(weights),
                                 queue_depth=flash_options.get("queue_depth", 32),
                                 direct=flash_options.get("direct_io", True))
@@ -183,15 +187,17 @@ LM_HEAD_CHUNK = 1 << 20  # bytes of LM head rows a streamed logits pass reads at
 
 
 def stream_staging_bytes(weights: list[WeightFile]) -> int:
-    """The staging buffer offload="all" needs: the largest of a layer's q, k and v matrices
-    together, its output matrix, and a chunk of the LM head (an embedding row fits in any)."""
-    from . import _core
-
+    """The staging buffer streamed matrices need: the largest of a layer's q, k and v matrices
+    together, its output matrix, a chunk of the LM head, an embedding row."""
     per_layer: dict = {}
+    need = [4 * 4096]
+    head = next((w for w in weights if w.kind == "lm_head"), None)  # else the tied embeddings
     for w in weights:
         if w.streamed and w.layer >= 0:
             per_layer.setdefault(w.layer, {})[w.kind] = w.nbytes
-    need = [LM_HEAD_CHUNK + 2 * 4096]
+        elif w.streamed:
+            as_head = w.kind == "lm_head" or (w.kind == "embed" and head is None)
+            need.append(LM_HEAD_CHUNK + 2 * 4096 if as_head else w.nbytes // w.shape[0] + 2 * 4096)
     for kinds in per_layer.values():
         need.append(_core.stream_staging_for([kinds.get(k, 0) for k in ("wq", "wk", "wv")]))
         need.append(_core.stream_staging_for([kinds.get("wo", 0)]))
@@ -212,13 +218,13 @@ def check_schema(c: _core.Config, weights: list[WeightFile], ffn: str, config: d
                              f"(shape {tuple(shape)}) is missing from {', '.join(files)}")
 
 
-def weights_to_load(folder: str, config: dict, ffn: str = "dense", stream_matrices: bool = False) -> list[WeightFile]:
+def weights_to_load(folder: str, config: dict, ffn: str = "dense", stream: tuple = ()) -> list[WeightFile]:
     """The tensors the engine loads from a converted folder, in file order. ffn: "dense" (the FFN
     in DRAM: neuron bundles, or a "gguf" folder's three matrices), "bundles" (the neuron bundles,
     for sparsity in DRAM) or "streamed" (no FFN weights: flash streaming reads them). A matrix in a
     block format is stored as the bytes of its rows; the file's metadata "formats" names its format
     (checkpoints/convert.py); block-format bundles are U8 rows, their formats in "bundle_format".
-    stream_matrices: the attention matrices, embeddings and LM head are streamed (engine_bytes 0)."""
+    stream: the kinds (of STREAMED_KINDS) left in the file and read when needed (engine_bytes 0)."""
     section = config["flashmem"]["ffn"]
     ffn_file = section.get("file")
     matrices = section.get("layout") == "matrices"  # model.safetensors holds gate, up and down
@@ -259,7 +265,7 @@ def weights_to_load(folder: str, config: dict, ffn: str = "dense", stream_matric
                 shape[1] = shape[1] // block_bytes * block
             elif info.tag != "f32" and len(shape) == 1:  # norms and biases become f32
                 nbytes = shape[0] * 4
-            streamed = stream_matrices and kind in STREAMED_KINDS and fname == RESIDENT_FILE
+            streamed = kind in stream and kind in STREAMED_KINDS and fname == RESIDENT_FILE
             matrix = len(shape) == 2 and kind != "ffn_bundles"
             owned = _core.tensor_footprint(nbytes) if matrix else (nbytes + 63) // 64 * 64  # as Buffer rounds
             out.append(WeightFile(kind, layer, path, info.offset, fmt, shape, 0 if streamed else owned, streamed,
