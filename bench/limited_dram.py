@@ -401,7 +401,8 @@ def main():
     ap.add_argument("--timeout", type=float, default=None, help="seconds per run (default 300, 120 with --quick)")
     ap.add_argument("--skip-above-footprint", action="store_true",
                     help="do not run limits at or above a mode's unlimited peak cgroup usage")
-    ap.add_argument("--model", default=None, help="GGUF file (default: the shipped SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--model", default=None, help="GGUF file, or 'gemma3' for Gemma 3 270M Q4_K_M "
+                    "(default: the shipped SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--quick", action="store_true", help=f"smoke test: limits {QUICK_LIMITS}, 16 new tokens")
     ap.add_argument("--name", default="limited_dram", help="results file name under bench/results/")
     a = ap.parse_args()
@@ -420,7 +421,9 @@ def main():
 
     from common import ROOT
 
-    gguf = a.model or os.path.join(os.path.expanduser("~/.cache/flashmem/default"), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    from flashmem.checkpoints.default_model import default_gguf, gemma3_270m_gguf
+
+    gguf = gemma3_270m_gguf() if a.model == "gemma3" else a.model or default_gguf()
     if not os.path.isfile(gguf):
         raise SystemExit(f"model not found: {gguf}")
     shared_text = os.path.join(os.environ.get("FLASHMEM_SHARED", str(ROOT.parent / "shared")), "data",
@@ -509,7 +512,7 @@ def main():
     md = table(results, columns, all_limits)
     try:
         plot(results, columns, all_limits, RESULTS / f"{a.name}.png",
-             f"SmolLM2-135M-Instruct Q4_1 (flash modes: dtype {a.flash_dtype}), {a.threads} threads, "
+             f"{os.path.basename(gguf)} (flash modes: dtype {a.flash_dtype}), {a.threads} threads, "
              f"{len(prep['prompt'])}-token prompt, {new_tokens} new tokens, median of {a.repeats}; "
              f"each run a fresh process in its own memory cgroup, page cache dropped before it")
     except Exception as e:  # noqa: BLE001 - the JSON is written already

@@ -142,3 +142,34 @@ def test_gemma3_config_errors(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=match):
             flashmem.load(folder, dtype="f32", threads=1, max_context=32)
         monkeypatch.setenv("FLASHMEM_CACHE", str(tmp_path / f"cache-{key}"))
+
+
+def test_gemma3_config_of_transformers_4():
+    """An HF Gemma 3 config.json as transformers 4 wrote it (google/gemma-3-270m's keys): the
+    window pattern, the local rope base and the query scale come out as from transformers 5's."""
+    from flashmem.checkpoints.config import rope_inv_freq
+    from flashmem.loading import engine_config
+
+    cfg = {"model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640, "intermediate_size": 2048,
+           "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+           "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6,
+           "rope_local_base_freq": 10000.0, "rope_theta": 1000000.0, "rope_scaling": None, "sliding_window": 512,
+           "_sliding_window_pattern": 6, "max_position_embeddings": 32768, "tie_word_embeddings": True,
+           "flashmem": {"dtype": "f32", "ffn": {}}}
+    c = engine_config(cfg, "config.json", 1024)
+    assert c.layer_window == [0 if (i + 1) % 6 == 0 else 512 for i in range(18)]
+    assert c.activation == "gelu_tanh" and c.qk_norm and c.post_norms
+    assert c.attn_scale == pytest.approx(1 / 16) and c.embed_scale == pytest.approx(640 ** 0.5)
+    local = np.float32(1) / np.power(np.float32(10000), np.arange(0, 256, 2, dtype=np.float32) / np.float32(256))
+    np.testing.assert_array_equal(np.asarray(c.rope_inv_freq_local, np.float32), local)
+    np.testing.assert_array_equal(np.asarray(c.rope_inv_freq, np.float32), rope_inv_freq(cfg, 256)[0])
+    assert c.rope_inv_freq[1] < c.rope_inv_freq_local[1]  # base 1M: slower than the local 10k
+    # the same with transformers 5's keys
+    cfg5 = dict(cfg, layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)],
+                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    for k in ("rope_local_base_freq", "rope_theta", "rope_scaling", "_sliding_window_pattern"):
+        cfg5.pop(k)
+    c5 = engine_config(cfg5, "config.json", 1024)
+    assert c5.layer_window == c.layer_window and c5.rope_inv_freq_local == c.rope_inv_freq_local
+    assert c5.rope_inv_freq == c.rope_inv_freq
