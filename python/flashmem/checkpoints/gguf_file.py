@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from .gguf_tokenizer import bytes_to_unicode, tokenizer_from_gguf  # noqa: F401  (bytes_to_unicode: re-exported)
+from .gguf_tokenizer import bytes_to_unicode, save_compact, tokenizer_from_gguf  # noqa: F401  (bytes_to_unicode: re-exported)
 
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 _GGUF_LAYER = {
@@ -219,6 +219,6 @@ class GGUFSource:
     def write_tokenizer(self, out: str) -> None:
         fields = {k: self._field(k) for k in self._reader.fields if k.startswith("tokenizer.")}
         tok, tok_config = tokenizer_from_gguf(fields, self.path, self._field("general.architecture"))
-        tok.save(os.path.join(out, "tokenizer.json"))
+        save_compact(tok, os.path.join(out, "tokenizer.json"))
         with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
             json.dump(tok_config, f, indent=1)

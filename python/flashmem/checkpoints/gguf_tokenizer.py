@@ -268,3 +268,19 @@ def _set_post_processor(tok: Tokenizer, bos: tuple | None, eos: tuple | None) ->
     special = dict(s for s in (bos, eos) if s is not None)
     tok.post_processor = processors.TemplateProcessing(single=seq("A", 0), pair=f"{seq('A', 0)} {seq('B', 1)}",
                                                        special_tokens=[(t, int(i)) for t, i in special.items()])
+
+
+def save_compact(tok: Tokenizer, path: str) -> None:
+    """Writes tok as tokenizer.json with its BPE merges as "a b" strings where no merged piece
+    holds a space (else as `tokenizers` writes them, pairs): loading Gemma 3's 514,906 merges
+    then peaks at 179 MB of memory instead of 371 MB (the file: 13 MB instead of 33), which counts
+    against a memory limit as much as the weights do. The ids are the same."""
+    import json
+
+    data = json.loads(tok.to_str())
+    model = data.get("model") or {}
+    merges = model.get("merges")
+    if merges and all(isinstance(m, list) and " " not in m[0] and " " not in m[1] for m in merges):
+        model["merges"] = [f"{a} {b}" for a, b in merges]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, separators=(",", ":"))
