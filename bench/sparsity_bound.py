@@ -92,7 +92,10 @@ def main():
     n_layers, d_ff = cfg["num_hidden_layers"], cfg["intermediate_size"]
     if not os.path.isfile(os.path.join(folder, PREDICTOR_FILE)):
         calibrate(dense, text, tokens=8192, progress=False)
-    ids = np.asarray(dense.tokenizer.encode(text[-40000:])[-(args.tokens + 1):], np.int32)
+    # the text's last tokens, after the BOS a model expects at position 0 (Gemma's; SmolLM2 adds none)
+    bos = dense.tokenizer.encode("")
+    ids = np.asarray(bos + dense.tokenizer.encode(text[-40000:], add_special_tokens=False)[-(args.tokens + 1 - len(bos)):],
+                     np.int32)
     dense_ppl = perplexity(dense._engine.forward(ids[:-1], 0, True), ids)
     X = dense.ffn_inputs(list(ids[:-1]))  # (layers, T, d_model): the dense model's FFN inputs
     contrib, weighted = [], []
