@@ -82,16 +82,17 @@ def test_softmax_matches_reference(n, isa):
     assert abs(got.sum() - 1) < 1e-5
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("D,n,pad", [(40, 7, 0), (17, 4, 3), (576, 37, 320), (64, 1, 0), (33, 9, 5)])
-def test_ffn_decode_matches_reference(D, n, pad, dtype, isa):
+def test_ffn_decode_matches_reference(D, n, pad, dtype, isa, activation):
     rng = np.random.default_rng(D + n + pad)
     x = rng.standard_normal(D).astype(np.float32)
     y0 = rng.standard_normal(D).astype(np.float32)
     b = from_f32(rng.standard_normal((n, 3 * D + pad)).astype(np.float32) * 0.3, dtype)
-    ref = _core.ffn_decode(y0, x, b, dtype, reference=True)
-    got = _core.ffn_decode(y0, x, b, dtype, isa=isa)
+    ref = _core.ffn_decode(y0, x, b, dtype, reference=True, activation=activation)
+    got = _core.ffn_decode(y0, x, b, dtype, isa=isa, activation=activation)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.sqrt(n * D))
 
 

@@ -19,6 +19,12 @@ inline float gelu_tanh(float g) {
 
 inline float activate(Activation a, float g) { return a == Activation::SiLU ? silu(g) : gelu_tanh(g); }
 
+// The same in double precision, for the scalar references the kernels are tested against.
+inline double activate_ref(Activation a, double g) {
+    if (a == Activation::SiLU) return g / (1.0 + std::exp(-g));
+    return 0.5 * g * (1.0 + std::tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)));
+}
+
 // h = act(h) * u, in place (h: the gate's outputs)
 inline void gated(Activation a, float* h, const float* u, int n) {
     if (a == Activation::SiLU)

@@ -140,9 +140,7 @@ void predictor_scores_ref(const PredictorRef& p, const float* x, int d_model, in
             g += double(p.outlier_weight[size_t(i) * 2 * M + j]) * p.outlier_scale[j] * xo;
             u += double(p.outlier_weight[size_t(i) * 2 * M + M + j]) * p.outlier_scale[M + j] * xo;
         }
-        const double a = p.act == Activation::SiLU ? g / (1.0 + std::exp(-g))
-                                                   : 0.5 * g * (1.0 + std::tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)));
-        out[i] = float(std::fabs(a * u));
+        out[i] = float(std::fabs(activate_ref(p.act, g) * u));
     }
 }
 

@@ -24,9 +24,7 @@ void ffn_decode_ref(float* y, const float* x, const void* const* rows, DType dt,
             g += double(x[k]) * load_as_f32(rows[i], dt, k);
             u += double(x[k]) * load_as_f32(rows[i], dt, d_model + k);
         }
-        const double a = (act == Activation::SiLU ? g / (1.0 + std::exp(-g))
-                                                  : 0.5 * g * (1.0 + std::tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))) *
-                         u;
+        const double a = activate_ref(act, g) * u;
         for (int d = 0; d < d_model; ++d) acc[d] += a * load_as_f32(rows[i], dt, 2 * d_model + d);
     }
     for (int d = 0; d < d_model; ++d) y[d] = float(acc[d]);
