@@ -121,6 +121,7 @@ void bind_memory(nb::module_& m) {
             },
             "queries"_a, "k"_a, "allow"_a.none())
         .def("metadata_all", &mem::MemoryBank::metadata_all, "(id, metadata JSON) of every entry")
+        .def("texts_all", &mem::MemoryBank::texts_all, "(id, text) of every entry")
         .def("set_param", &mem::MemoryBank::set_param, nb::call_guard<nb::gil_scoped_release>())
         .def("get_param", &mem::MemoryBank::get_param)
         .def_prop_ro("memory_bytes", &mem::MemoryBank::memory_bytes)

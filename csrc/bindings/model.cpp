@@ -193,6 +193,29 @@ void bind_model(nb::module_& m) {
             },
             "tokens"_a, "FFN inputs (after the FFN norm) of every layer, (n_layers, T, d_model), from position 0.")
         .def(
+            "sequence_state",
+            [](fm::Model& self, I32Vector tokens, int layer, int at) {
+                const int T = int(tokens.shape(0));
+                auto out = numpy_owned<float>({size_t(self.config().d_model)});
+                nb::gil_scoped_release nogil;
+                self.sequence_state(tokens.data(), T, layer, at, out.data());
+                return out;
+            },
+            "tokens"_a, "layer"_a, "at"_a = 0,
+            "The FFN input of `layer` at the last token, the tokens run as their own sequence in KV rows "
+            "[at, at + T) (the cached sequence before `at` stays usable), (d_model,).")
+        .def(
+            "sequence_logits",
+            [](fm::Model& self, I32Vector tokens, int at) {
+                const int T = int(tokens.shape(0));
+                auto out = numpy_owned<float>({size_t(T), size_t(self.config().vocab_size)});
+                nb::gil_scoped_release nogil;
+                self.sequence_logits(tokens.data(), T, at, out.data());
+                return out;
+            },
+            "tokens"_a, "at"_a = 0,
+            "Logits (T, vocab) of the tokens run as their own sequence in KV rows [at, at + T).")
+        .def(
             "profile",
             [](const fm::Model& self) {
                 nb::dict d;

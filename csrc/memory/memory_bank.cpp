@@ -56,6 +56,14 @@ std::vector<std::pair<int64_t, std::string>> MemoryBank::metadata_all() const {
     return out;
 }
 
+std::vector<std::pair<int64_t, std::string>> MemoryBank::texts_all() const {
+    std::shared_lock lk(mu_);
+    std::vector<std::pair<int64_t, std::string>> out;
+    for (uint32_t s = 0; s < store_.high_water(); ++s)
+        if (store_.live(s)) out.emplace_back(store_.id(s), entries_[s].text);
+    return out;
+}
+
 uint32_t MemoryBank::slot_of(int64_t id) const {
     auto it = slot_.find(id);
     FM_ARG(it != slot_.end(), "unknown memory id ", id);

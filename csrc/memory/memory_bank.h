@@ -45,6 +45,7 @@ class MemoryBank {
     bool contains(int64_t id) const;
     std::vector<int64_t> ids() const;  // in slot order
     std::vector<std::pair<int64_t, std::string>> metadata_all() const;
+    std::vector<std::pair<int64_t, std::string>> texts_all() const;
 
     // Adds n entries. ids: explicit (must be new and distinct) or nullptr for fresh ones.
     // Everything is validated before the bank changes. Returns the ids.

@@ -553,6 +553,44 @@ void Model::ffn_inputs(const int32_t* tokens, int T, float* out) {
     capture_ = nullptr;
 }
 
+template <typename Run>
+void Model::own_sequence(int T, int at, const char* what, Run&& run) {
+    const Config& c = cfg_;
+    FM_ARG(T > 0 && at >= 0 && int64_t(at) + T <= c.max_context, what, ": positions [", at, ", ", int64_t(at) + T,
+           ") do not fit in max_context ", c.max_context);
+    bool windows = false;
+    for (int l = 0; l < c.n_layers; ++l) windows |= c.window(l) > 0;
+    FM_ARG(at == 0 || !windows, what, ": a model with sliding-window layers runs it at position 0");
+    const int kept = kv_length_;
+    kv_length_ = at;  // the sequence starts at `at`: nothing before it is read
+    attend_from_ = at;
+    try {
+        run();
+    } catch (...) {
+        attend_from_ = 0, last_layer_ = -1, capture_last_ = nullptr;
+        kv_length_ = at == 0 ? 0 : std::min(kept, at);
+        throw;
+    }
+    attend_from_ = 0, last_layer_ = -1, capture_last_ = nullptr;
+    kv_length_ = at == 0 ? 0 : std::min(kept, at);  // at 0 the cached sequence is gone
+}
+
+void Model::sequence_state(const int32_t* tokens, int T, int layer, int at, float* out) {
+    FM_ARG(layer >= 0 && layer < cfg_.n_layers, "layer ", layer, " out of range [0, ", cfg_.n_layers, ")");
+    check_tokens(tokens, T);
+    own_sequence(T, at, "sequence_state", [&] {
+        last_layer_ = layer, capture_last_ = out;
+        forward(T, at, nullptr, Output::None, [&](int t0, int n, float* x) { gather_embeddings(tokens + t0, n, x); });
+    });
+}
+
+void Model::sequence_logits(const int32_t* tokens, int T, int at, float* out) {
+    check_tokens(tokens, T);
+    own_sequence(T, at, "sequence_logits", [&] {
+        forward(T, at, out, Output::AllLogits, [&](int t0, int n, float* x) { gather_embeddings(tokens + t0, n, x); });
+    });
+}
+
 void Model::forward_inputs(const int32_t* src, int T, const float* embeds, int n_embeds, int start_pos,
                            float* logits, bool all_logits) {
     const Config& c = cfg_;
@@ -594,7 +632,10 @@ void Model::forward(int T, int start_pos, float* out, Output what, Fill&& fill) 
         fill(t0, n, x);
         fill_rope(start_pos + t0, n);
         capture_t0_ = t0;
-        for (int l = 0; l < c.n_layers; ++l) layer_forward(l, n, start_pos + t0);
+        for (int l = 0; l < c.n_layers; ++l) {
+            layer_forward(l, n, start_pos + t0);
+            if (l == last_layer_) break;
+        }
         kv_length_ = start_pos + t0 + n;
         if (what == Output::AllLogits) {
             compute_logits(x, n, out + size_t(t0) * c.vocab_size);
@@ -711,6 +752,10 @@ void Model::layer_forward(int l, int T, int start_pos) {
     mark(Profile::kNorms);
     if (capture_)
         std::memcpy(capture_ + (size_t(l) * capture_T_ + capture_t0_) * d, xn, sizeof(float) * size_t(T) * d);
+    if (capture_last_ && l == last_layer_) {  // sequence_state(): only the last position matters
+        std::memcpy(capture_last_, xn + size_t(T - 1) * d, sizeof(float) * d);
+        return;
+    }
     float* out = x;
     if (c.post_norms) {
         out = proj;
@@ -766,7 +811,7 @@ void Model::attention(int l, int T, int start_pos) {
         float* sc = scores_.data<float>() + size_t(tid) * c.max_context;
         for (int item = tid; item < T * c.n_heads; item += nt) {
             const int t = item / c.n_heads, h = item % c.n_heads, kvh = h / group;
-            const int p = start_pos + t, first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+            const int p = start_pos + t, first = std::max(attend_from_, window > 0 ? p - window + 1 : 0);
             const int n_pos = p - first + 1, r0 = first % rows;
             const int n1 = std::min(n_pos, rows - r0), n2 = n_pos - n1;  // rows [r0, r0 + n1), then [0, n2)
             const float* q = q_.data<float>() + t * q_dim + h * hd;

@@ -173,6 +173,15 @@ class Model {
                         bool all_logits);
     // Final hidden states (after the final norm) of every token: out (T, d_model).
     void hidden_states(const int32_t* tokens, int T, int start_pos, float* out);
+    // The FFN input (after the FFN norm) of `layer` at the last of T tokens run as a sequence of
+    // their own, out (d_model): layers 0..layer only, attention reading only these T positions. Its
+    // keys and values go to rows [at, at + T) of the KV cache, which otherwise stays as it was: with
+    // at >= the cached length, the cached sequence can go on (the memory key encoder runs between
+    // generations this way). Layers with a sliding window need at = 0 (their rings would wrap).
+    void sequence_state(const int32_t* tokens, int T, int layer, int at, float* out);
+    // Logits (T, vocab) of every one of T tokens run as a sequence of their own in KV rows
+    // [at, at + T), as sequence_state() (the memory relevance check runs this way).
+    void sequence_logits(const int32_t* tokens, int T, int at, float* out);
     const Profile& profile() const { return prof_; }
     void reset_profile() { prof_ = Profile{}; }
 
@@ -184,6 +193,10 @@ class Model {
     template <typename Fill>
     void forward(int T, int start_pos, float* out, Output what, Fill&& fill);
     void check_positions(int T, int start_pos) const;
+    // Runs `run` with attention reading only positions from `at` on (a sequence of its own in KV
+    // rows [at, at + T)); the cached sequence before `at` stays usable.
+    template <typename Run>
+    void own_sequence(int T, int at, const char* what, Run&& run);
     void layer_forward(int l, int T, int start_pos);
     void attention(int l, int T, int start_pos);
     struct Projection {
@@ -245,6 +258,9 @@ class Model {
     size_t minimum_budget_ = 0;
     float* capture_ = nullptr;  // ffn_inputs(): (n_layers, capture_T_, d_model)
     int capture_T_ = 0, capture_t0_ = 0;
+    int attend_from_ = 0;        // the first position attention reads (sequence_state(): its own start)
+    int last_layer_ = -1;        // sequence_state(): the forward pass stops after this layer
+    float* capture_last_ = nullptr;  // sequence_state(): the last position's FFN input of last_layer_
     Buffer rope_cos_, rope_sin_;  // (2, chunk, head_dim/2) this chunk's positions: global, then local rope
     // KV cache: layer l's keys (and values) are kv_rows_[l] rows of kv_dim from row kv_first_[l]:
     // max_context rows, or for a layer with a window a ring of window + chunk rows (position p in

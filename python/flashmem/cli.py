@@ -79,6 +79,12 @@ def cmd_generate(a) -> None:
 
 def cmd_chat(a) -> None:
     model = _load(a)
+    memory = None
+    if a.memory:  # long-term memory: what was said is stored in the bank file and retrieved later
+        from .memory.conversation import ChatMemory
+
+        memory = ChatMemory(model, a.memory, system=a.system)
+        print(f"flashmem chat: {len(memory.bank)} memories in {a.memory}", file=sys.stderr)
     messages = [{"role": "system", "content": a.system}] if a.system else []
     print("flashmem chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
@@ -88,13 +94,19 @@ def cmd_chat(a) -> None:
             break
         if not user.strip():
             break
-        messages.append({"role": "user", "content": user})
-        run = model.generate(messages, stream=True, **_sampling(a))
+        if memory is not None:
+            run = memory.send(user, stream=True, **_sampling(a))
+        else:
+            messages.append({"role": "user", "content": user})
+            run = model.generate(messages, stream=True, **_sampling(a))
+        text = ""
         for piece in run:
+            text += piece
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": run.result.text})
+        if memory is None:
+            messages.append({"role": "assistant", "content": text})
 
 
 def cmd_convert(a) -> None:
@@ -164,6 +176,9 @@ def main(argv=None) -> int:
     c = sub.add_parser("chat", help="interactive chat loop")
     _model_args(c)
     c.add_argument("--system", default=None)
+    c.add_argument("--memory", default=None, metavar="FILE",
+                   help="long-term memory: a bank file (created if missing) that stores what you say and "
+                        "retrieves it on later turns and runs")
     _sampling_args(c)
     c.set_defaults(fn=cmd_chat)
     v = sub.add_parser("convert", help="convert a HF folder or GGUF file to a flashmem folder")

@@ -103,6 +103,7 @@ class Generation:
             decode_tokens_per_s=decode_steps / (t_end - t_first) if decode_steps else 0.0,
             prefill_tokens_per_s=(n_in - start) / (t_first - t0),
             cached_tokens=start, memories=inp.memories,
-            timings={"retrieval_s": inp.retrieval_s, "assemble_s": inp.assemble_s, "prefill_s": t_first - t0,
+            timings={"retrieval_s": inp.retrieval_s, "assemble_s": inp.assemble_s,
+                     "memories_dropped": inp.memories_dropped, "prefill_s": t_first - t0,
                      "decode_s": t_end - t_first, "total_s": t_end - t0 + inp.assemble_s},
             flash=self.flash_summary(decode_steps))

@@ -8,7 +8,8 @@ import numpy as np
 
 from .flash import streaming
 from .generation import Generation, KvPositions
-from .memory import encoders, injection
+from .checkpoints.config import layer_windows
+from .memory import encoders, injection, retrieval
 from .sampling import Sampler
 
 
@@ -23,8 +24,11 @@ class Model:
         self.eos_token_ids = eos_token_ids
         self.offload, self.dram_budget, self.sparsity, self.window = offload, dram_budget, sparsity, window
         self._kv = KvPositions()  # what the engine's KV cache holds
-        self._key_encoder = encoders.KeyEncoder(tokenizer, engine.embed, self.hidden_states, self.vocab_size,
-                                                self.d_model)
+        self._windowed = bool(layer_windows(config, config["num_hidden_layers"], path))
+        self._key_encoder = encoders.KeyEncoder(tokenizer, engine.embed, self.hidden_states, self._sequence_state,
+                                                self.vocab_size, self.d_model, config["num_hidden_layers"],
+                                                max_context)
+        self._relevance = retrieval.Relevance(tokenizer, self._token_logprobs, max_context)
 
     @property
     def owned_bytes(self) -> int:
@@ -110,11 +114,40 @@ class Model:
             n += len(window) - 1
         return float(math.exp(nll / n))
 
+    # --- sequences of their own (memory keys and relevance) -------------------------------------
+    def _own_rows(self, n: int) -> int:
+        """Where a side sequence of n tokens runs in the KV cache: its last rows, past what the
+        cached conversation holds (which stays reusable), or else from 0 (the cache is given up)."""
+        self._check_fits(n)
+        at = self.max_context - n
+        if self._windowed or at < len(self._kv.positions):
+            self._kv.forget()
+            return 0
+        return at
+
+    def _sequence_state(self, ids, layer: int) -> np.ndarray:
+        ids = self._ids(ids)
+        return self._engine.sequence_state(ids, layer, self._own_rows(len(ids)))
+
+    def _token_logprobs(self, ids, first: int) -> np.ndarray:
+        """log p(ids[t] | ids[:t]) for t in [first, len(ids)), the tokens run on their own."""
+        ids = self._ids(ids)
+        lg = self._engine.sequence_logits(ids, self._own_rows(len(ids)))[first - 1:-1].astype(np.float64)
+        top = lg.max(axis=1)
+        return lg[np.arange(len(lg)), ids[first:]] - top - np.log(np.exp(lg - top[:, None]).sum(axis=1))
+
     # --- memory encoders ------------------------------------------------------------------------
-    def embed_key(self, text: str, pooling: str = "embedding") -> np.ndarray:
+    def embed_key(self, text: str, pooling: str = "prompt") -> np.ndarray:
         """A unit-norm key (d_model,) for a MemoryBank, from the model itself (memory/encoders.py):
-        pooling="embedding" (default) runs no layer; "hidden" averages final hidden states."""
+        pooling="prompt" (default) is the model's reading of the text's meaning; "embedding" runs no
+        layer (matches words); "hidden" averages final hidden states. A bank's keys and its queries
+        must come from the same model and pooling."""
         return self._key_encoder(text, pooling)
+
+    def memory_relevance(self, memory_text: str, query: str) -> float:
+        """How much reading `memory_text` makes `query` more predictable to the model, in nats per
+        query token (memory/retrieval.py); generate() injects memories that reach memory_min_score."""
+        return self._relevance(memory_text, query)
 
     def embed_memory(self, text: str, slots: int | None = None) -> np.ndarray:
         """Value embeddings (n, d_model) of a memory: the text's token embeddings (lossless), or with
@@ -125,21 +158,25 @@ class Model:
     def generate(self, prompt=None, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: list[str] | None = None, eos_token_id: int | list[int] | None = None, stream: bool = False,
-                 inputs_embeds=None, memory=None, memory_k: int = 4, memory_position: str = "prefix",
-                 memory_placeholder: str = "<memory>", memory_query: str | None = None, reuse_cache: bool = True):
+                 inputs_embeds=None, memory=None, memory_k: int = 1, memory_position: str = "context",
+                 memory_placeholder: str = "<memory>", memory_query: str | None = None,
+                 memory_min_score: float | None = retrieval.MIN_SCORE, reuse_cache: bool = True):
         """Generates from text, token ids or chat messages, and/or input embeddings. Returns a
         GenerationResult, or with stream=True an iterator of text pieces (its `.result` holds the
         GenerationResult at the end).
 
         inputs_embeds (T, d_model): input embeddings placed before the prompt's tokens (alone they
         are the whole prompt, as HF's generate(inputs_embeds=...)). memory: a MemoryBank whose
-        values are input embeddings (bank.add_text); the query's key (embed_key) retrieves the
-        memory_k best entries, injected in id order before everything else ("prefix", CoMEM's
-        layout) or where `memory_placeholder` occurs in the (chat-formatted) prompt
-        ("placeholder"); see memory/injection.py. memory_query: the text to retrieve with
+        values are input embeddings (bank.add_text). The query's key (embed_key) and BM25 over the
+        memories' texts find candidates; of the best memory_k, those whose relevance to the query
+        (memory_relevance, nats per token) reaches memory_min_score are injected (None: the best
+        memory_k, unchecked). memory_position: "context" (default: in the last user message before
+        the question, or before a text prompt), "prefix" (CoMEM's layout, before everything) or
+        "placeholder" (where `memory_placeholder` occurs in the (chat-formatted) prompt); see
+        memory/injection.py and memory/retrieval.py. memory_query: the text to retrieve with
         (default: the text prompt, or the last user message without the placeholder). An empty
-        bank injects nothing. reuse_cache: positions equal to the start of the previous
-        generation's sequence keep their KV-cache entries."""
+        bank, or no relevant memory, injects nothing. reuse_cache: positions equal to the start of
+        the previous generation's sequence keep their KV-cache entries."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed)
@@ -151,7 +188,9 @@ class Model:
         t0 = time.perf_counter()
         inputs = injection.assemble(prompt, inputs_embeds, self.tokenizer, self.encode_prompt, self.d_model,
                                     memory=memory, memory_k=memory_k, position=memory_position,
-                                    placeholder=memory_placeholder, query=memory_query, embed_key=self.embed_key)
+                                    placeholder=memory_placeholder, query=memory_query, embed_key=self.embed_key,
+                                    min_score=memory_min_score, relevance=self.memory_relevance,
+                                    max_positions=self.max_context - 1)
         inputs.assemble_s = time.perf_counter() - t0
         self._check_fits(len(inputs.src))
         start = min(self._kv.reusable(inputs.keys), len(inputs.src) - 1) if reuse_cache else 0

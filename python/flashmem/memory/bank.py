@@ -74,12 +74,20 @@ class MemoryBank:
                 raise ValueError(f"index parameter {k} must be a number, got {v!r}")
             params[k] = float(v)
         self._bank = _core.MemoryBank(int(dim), metric, index, params)
+        self._init_text_index()
+
+    def _init_text_index(self) -> None:
+        from .retrieval import LexicalIndex
+
+        self.version = 0  # counts changes: the BM25 index over the texts is rebuilt when it moves
+        self._lexical = LexicalIndex()
 
     @classmethod
     def load(cls, path: str, mmap: bool = False) -> "MemoryBank":
         """Loads a bank saved with save(); with mmap=True the keys stay in a private file mapping."""
         self = cls.__new__(cls)
         self._bank = _core.MemoryBank.load(str(path), mmap)
+        self._init_text_index()
         return self
 
     def save(self, path: str) -> None:
@@ -143,10 +151,11 @@ class MemoryBank:
             raise ValueError("texts must be strings")
         mds = [_json(m, f"metadata[{i}]") for i, m in enumerate(per_entry(metadata, "metadata"))]
         id_arr = None if ids is None else np.ascontiguousarray(np.asarray(ids, dtype=np.int64).ravel())
+        self.version += 1
         return self._bank.add(k, id_arr, vals, txts, mds)
 
     def add_text(self, model, text: str, metadata: dict | None = None, slots: int | None = None,
-                 id: int | None = None, pooling: str = "embedding") -> int:
+                 id: int | None = None, pooling: str = "prompt") -> int:
         """Adds a memory from text with the model's own encoders: key model.embed_key(text), value
         model.embed_memory(text, slots) (stored in the model's dtype, f16 or f32, exactly).
         Returns its id."""
@@ -170,11 +179,13 @@ class MemoryBank:
 
     def update(self, id: int, key=None, value=None, text: str | None = None, metadata: dict | None = None) -> None:
         k = None if key is None else self._keys(key, "key")[0]
+        self.version += 1
         self._bank.update(int(id), k, _value_arg(value, "value"), text,
                           None if metadata is None else _json(metadata, "metadata"))
 
     def remove(self, ids) -> None:
         """Forgets entries; unknown ids raise ValueError and nothing is removed."""
+        self.version += 1
         self._bank.remove(np.ascontiguousarray(np.atleast_1d(np.asarray(ids, dtype=np.int64))))
 
     def merge(self, ids, key=None, value=None, text: str | None = None, metadata: dict | None = None,
@@ -199,6 +210,7 @@ class MemoryBank:
             metadata = {}
             for p in parts:
                 metadata.update(p.metadata)
+        self.version += 1
         return self._bank.replace(np.asarray(ids, np.int64), self._keys(key, "key")[0], id,
                                   _value_arg(value, "value"), text, _json(metadata, "metadata"))
 

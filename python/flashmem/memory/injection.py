@@ -2,10 +2,11 @@
 input sequence (the prompt's tokens, caller-given input embeddings and the memories' value
 embeddings), and the input assembly the engine runs.
 
-Layouts: "prefix" (CoMEM's) puts the memories at positions 0..M-1, after a leading BOS, then any
-inputs_embeds, then the prompt; "placeholder" splices them where the placeholder text stands in
-the text prompt or the chat-formatted messages. Memories go in id order, so the same set lands at
-the same positions whatever the query and its KV-cache entries can be reused.
+Layouts: "context" (the default) puts the memories where an instruct model reads context: in the
+last user message, one per line, before the question (CONTEXT_TEMPLATE); before a text prompt.
+"prefix" (CoMEM's) puts them at positions 0..M-1, after a leading BOS, then any inputs_embeds,
+then the prompt; "placeholder" splices them where the placeholder text stands in the text prompt
+or the chat-formatted messages. When no memory is relevant, the input is exactly the prompt's.
 
 The engine receives `src` (int32, one per position: a token id, or -(row+1) for row `row` of
 `embeds`) and `embeds` (rows, d_model) float32, and builds the forward pass's input buffer from
@@ -24,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import retrieval
 from .bank import MemoryBank
 
 
@@ -36,6 +38,7 @@ class Inputs:
     memories: list[dict] = field(default_factory=list)
     retrieval_s: float = 0.0       # bank search inside generate()
     assemble_s: float = 0.0        # everything before the forward pass (retrieval, tokenization)
+    memories_dropped: int = 0      # retrieved memories left out: the input would not fit
 
 
 class InputBuilder:
@@ -75,9 +78,9 @@ class InputBuilder:
         self.rows.append(a)
         self.n_rows += len(a)
 
-    def build(self, memories=None, retrieval_s: float = 0.0) -> Inputs:
+    def build(self, memories=None) -> Inputs:
         embeds = np.concatenate(self.rows) if self.rows else None
-        return Inputs(np.asarray(self.src, np.int32), embeds, self.keys, self.token_ids, memories or [], retrieval_s)
+        return Inputs(np.asarray(self.src, np.int32), embeds, self.keys, self.token_ids, memories or [])
 
 
 def chat_text(prompt) -> bool:
@@ -97,76 +100,140 @@ def default_query(prompt, placeholder: str) -> str:
     return query.replace(placeholder, " ").strip() or query
 
 
-def retrieve(bank, k, query: Callable[[], str], embed_key: Callable, d_model: int):
-    """The k memories of `bank` closest to embed_key(query()): their value rows and descriptions
-    (id, score, text, slots), in id order. An empty bank gives none (and asks for no query)."""
+def retrieve(bank, k, query: Callable[[], str], embed_key: Callable, d_model: int, min_score: float | None = None,
+             relevance: Callable[[str, str], float] | None = None, order_by: str = "best_last"):
+    """The memories of `bank` to inject for query(): up to k of the best candidates (dense key and
+    BM25, fused) whose relevance reaches min_score (memory/retrieval.py); their value rows and
+    descriptions (id, score, relevance, text, slots), in order_by's MEMORY_ORDER. An empty bank gives none
+    (and asks for no query)."""
     if not isinstance(bank, MemoryBank):
         raise TypeError(f"memory must be a flashmem.MemoryBank, got {type(bank).__name__}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"memory_k must be a positive integer, got {k!r}")
+    if min_score is not None and (isinstance(min_score, bool) or not isinstance(min_score, (int, float))
+                                  or not np.isfinite(min_score)):
+        raise ValueError(f"memory_min_score must be a finite number or None, got {min_score!r}")
     if bank.dim != d_model:
         raise ValueError(f"memory bank keys have dimension {bank.dim}, the model's embed_key gives {d_model}")
     if len(bank) == 0:
         return [], []  # documented fallback: nothing to inject
-    ids, scores = bank.search(embed_key(query())[None], k=k)
+    text = query()
+    chosen = retrieval.select(bank, text, embed_key(text), k, min_score, relevance)
     rows, memories = [], []
-    for i, sc in zip(ids[0], scores[0]):
-        if i < 0:
-            continue
-        m = bank.get(int(i))
+    for c in chosen:
+        m = bank.get(c.id)
         if m.value is None:
-            raise ValueError(f"memory {int(i)} has no value embeddings to inject (add it with bank.add_text)")
+            raise ValueError(f"memory {c.id} has no value embeddings to inject (add it with bank.add_text)")
         rows.append(np.asarray(m.value, np.float32))
-        memories.append({"id": int(i), "score": float(sc), "text": m.text, "slots": int(m.value.shape[0])})
-    # injected in id order: the same set of memories lands at the same positions whatever the
-    # query, so its KV-cache entries can be reused (prefix caching)
-    order = sorted(range(len(memories)), key=lambda j: memories[j]["id"])
+        memories.append({"id": c.id, "score": c.score, "relevance": c.relevance, "text": m.text,
+                         "slots": int(m.value.shape[0])})
+    order = sorted(range(len(memories)), key=MEMORY_ORDER[order_by](memories))
     return [rows[j] for j in order], [memories[j] for j in order]
 
 
+# The order of the injected memories. "id" (the "prefix" layout): the same set lands at the same
+# positions whatever the query, so its KV-cache entries can be reused; "best_last" ("context",
+# "placeholder"): the most relevant next to the question.
+MEMORY_ORDER = {"id": lambda ms: lambda j: ms[j]["id"], "best_last": lambda ms: lambda j: ms[j]["score"]}
+# The "context" layout of a chat prompt: the last user message becomes this, the memories (one per
+# line) standing for {memories}.
+CONTEXT_TEMPLATE = "{memories}\n\n{question}"
+_SLOT = "\ue000memories\ue000"  # stands for the memories in the text until it is tokenized
+POSITIONS = ("context", "prefix", "placeholder")
+
+
+def _context_messages(messages: list[dict]) -> list[dict] | None:
+    """The chat messages with _SLOT before the last user message's content (None: no user message)."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if last is None:
+        return None
+    out = [dict(m) for m in messages]
+    out[last]["content"] = CONTEXT_TEMPLATE.format(memories=_SLOT, question=str(out[last].get("content", "")))
+    return out
+
+
+def _add_memories(b: InputBuilder, rows, memories, sep: list[int]) -> None:
+    """The memories' value rows as positions, each followed by the separator tokens."""
+    for r, m in zip(rows, memories):
+        m["position"] = len(b)
+        b.embeddings(r, f"value of memory {m['id']}")
+        b.tokens(sep)
+
+
 def assemble(prompt, inputs_embeds, tokenizer, encode_prompt: Callable, d_model: int, memory=None, memory_k=4,
-             position="prefix", placeholder="<memory>", query=None, embed_key: Callable | None = None) -> Inputs:
+             position="context", placeholder="<memory>", query=None, embed_key: Callable | None = None,
+             min_score: float | None = None, relevance: Callable | None = None,
+             max_positions: int | None = None) -> Inputs:
     """The input sequence of a generate() call. encode_prompt: text, ids or chat messages -> checked
-    token ids; embed_key: text -> a key for the bank."""
+    token ids; embed_key: text -> a key for the bank; relevance: (memory text, query) -> nats.
+    Memories that would make the input longer than max_positions are left out, the least relevant
+    first (Inputs.memories_dropped counts them)."""
     if prompt is None and inputs_embeds is None:
         raise ValueError("generate needs a prompt, inputs_embeds, or both")
-    b = InputBuilder(d_model)
     memories, rows = [], []
     t0 = time.perf_counter()
     if memory is not None:
-        if position not in ("prefix", "placeholder"):
-            raise ValueError(f"memory_position must be 'prefix' or 'placeholder', got {position!r}")
+        if position not in POSITIONS:
+            raise ValueError(f"memory_position must be one of {POSITIONS}, got {position!r}")
         ask = (lambda: default_query(prompt, placeholder)) if query is None else (lambda: query)
-        rows, memories = retrieve(memory, memory_k, ask, embed_key, d_model)
+        rows, memories = retrieve(memory, memory_k, ask, embed_key, d_model, min_score, relevance,
+                                  "id" if position == "prefix" else "best_last")
     retrieval_s = time.perf_counter() - t0
-    if position == "placeholder" and memory is not None:
+    dropped = 0
+    while True:
+        inputs = _layout(prompt, inputs_embeds, tokenizer, encode_prompt, d_model, memory is not None, rows,
+                         [dict(m) for m in memories], position, placeholder)
+        if max_positions is None or len(inputs.src) <= max_positions or not memories:
+            break
+        worst = min(range(len(memories)), key=lambda j: memories[j]["score"])
+        del rows[worst], memories[worst]
+        dropped += 1
+    inputs.retrieval_s, inputs.memories_dropped = retrieval_s, dropped
+    return inputs
+
+
+def _layout(prompt, inputs_embeds, tokenizer, encode_prompt, d_model, with_memory, rows, memories, position,
+            placeholder) -> Inputs:
+    b = InputBuilder(d_model)
+    sep = tokenizer.encode("\n", add_special_tokens=False)
+    if position == "placeholder" and with_memory:
         if prompt is None:
             raise ValueError("memory_position='placeholder' needs a prompt holding the placeholder")
         text = tokenizer.apply_chat_template(prompt) if chat_text(prompt) else prompt
         if not isinstance(text, str) or text.count(placeholder) != 1:
             raise ValueError(f"memory_position='placeholder' needs the text prompt or chat messages to hold "
                              f"{placeholder!r} exactly once")
-        before, after = text.split(placeholder)
-        is_chat = not isinstance(prompt, str)
-        if inputs_embeds is not None:
-            b.embeddings(inputs_embeds, "inputs_embeds")
-        b.tokens(tokenizer.encode(before, add_special_tokens=not is_chat) if before else [])
-        for r, m in zip(rows, memories):
-            m["position"] = len(b)
-            b.embeddings(r, f"value of memory {m['id']}")
-        b.tokens(tokenizer.encode(after, add_special_tokens=False) if after else [])
-        return b.build(memories, retrieval_s)
+        return _split_at(b, text, placeholder, not isinstance(prompt, str), tokenizer, inputs_embeds, rows, memories,
+                         sep)
+    if position == "context" and rows and chat_text(prompt):
+        messages = _context_messages(prompt)
+        if messages is not None:
+            text = tokenizer.apply_chat_template(messages)
+            return _split_at(b, text, _SLOT, True, tokenizer, inputs_embeds, rows, memories, sep)
+    # "prefix", and "context" for a text prompt: the memories first (after a leading BOS), one per line
     ids = encode_prompt(prompt) if prompt is not None else []
     bos = tokenizer.bos_token_id
     if rows and ids and bos is not None and ids[0] == bos:  # memories go after a leading BOS
         b.tokens(ids[:1])
         ids = ids[1:]
-    for r, m in zip(rows, memories):
-        m["position"] = len(b)
-        b.embeddings(r, f"value of memory {m['id']}")
+    _add_memories(b, rows, memories, sep if position == "context" else [])
     if inputs_embeds is not None:
         b.embeddings(inputs_embeds, "inputs_embeds")
         if not len(np.asarray(inputs_embeds)) and not ids:
             raise ValueError("inputs_embeds is empty")
     b.tokens(ids)
-    return b.build(memories, retrieval_s)
+    return b.build(memories)
+
+
+def _split_at(b: InputBuilder, text: str, slot: str, is_chat: bool, tokenizer, inputs_embeds, rows, memories,
+              sep) -> Inputs:
+    """The text around `slot` as tokens, the memories where it stood (each followed by sep but the last)."""
+    before, after = text.split(slot)
+    if inputs_embeds is not None:
+        b.embeddings(inputs_embeds, "inputs_embeds")
+    b.tokens(tokenizer.encode(before, add_special_tokens=not is_chat) if before else [])
+    _add_memories(b, rows, memories, sep)
+    if sep and memories:  # the template's own text follows the last memory
+        del b.src[-len(sep):], b.keys[-len(sep):], b.token_ids[-len(sep):]
+    b.tokens(tokenizer.encode(after, add_special_tokens=False) if after else [])
+    return b.build(memories)
