@@ -48,19 +48,11 @@ std::vector<int64_t> MemoryBank::ids() const {
     return out;
 }
 
-std::vector<std::pair<int64_t, std::string>> MemoryBank::metadata_all() const {
+std::vector<std::pair<int64_t, std::string>> MemoryBank::field_all(std::string Entry::*field) const {
     std::shared_lock lk(mu_);
     std::vector<std::pair<int64_t, std::string>> out;
     for (uint32_t s = 0; s < store_.high_water(); ++s)
-        if (store_.live(s)) out.emplace_back(store_.id(s), entries_[s].metadata);
-    return out;
-}
-
-std::vector<std::pair<int64_t, std::string>> MemoryBank::texts_all() const {
-    std::shared_lock lk(mu_);
-    std::vector<std::pair<int64_t, std::string>> out;
-    for (uint32_t s = 0; s < store_.high_water(); ++s)
-        if (store_.live(s)) out.emplace_back(store_.id(s), entries_[s].text);
+        if (store_.live(s)) out.emplace_back(store_.id(s), entries_[s].*field);
     return out;
 }
 

@@ -44,8 +44,8 @@ class MemoryBank {
     size_t size() const;
     bool contains(int64_t id) const;
     std::vector<int64_t> ids() const;  // in slot order
-    std::vector<std::pair<int64_t, std::string>> metadata_all() const;
-    std::vector<std::pair<int64_t, std::string>> texts_all() const;
+    std::vector<std::pair<int64_t, std::string>> metadata_all() const { return field_all(&Entry::metadata); }
+    std::vector<std::pair<int64_t, std::string>> texts_all() const { return field_all(&Entry::text); }
 
     // Adds n entries. ids: explicit (must be new and distinct) or nullptr for fresh ones.
     // Everything is validated before the bank changes. Returns the ids.
@@ -72,6 +72,8 @@ class MemoryBank {
     static std::unique_ptr<MemoryBank> load(const std::string& path, bool mmap);
 
   private:
+    // (id, entry.*field) of every live entry, in slot order
+    std::vector<std::pair<int64_t, std::string>> field_all(std::string Entry::*field) const;
     MemoryBank(int dim, Metric metric);
     uint32_t slot_of(int64_t id) const;
     void check_key(const float* key, size_t row, const char* what) const;

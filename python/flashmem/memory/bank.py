@@ -79,7 +79,7 @@ class MemoryBank:
     def _init_text_index(self) -> None:
         from .retrieval import LexicalIndex
 
-        self.version = 0  # counts changes: the BM25 index over the texts is rebuilt when it moves
+        self.version = 0  # counts changes to the texts: the BM25 index over them is rebuilt when it moves
         self._lexical = LexicalIndex()
 
     @classmethod
@@ -179,7 +179,7 @@ class MemoryBank:
 
     def update(self, id: int, key=None, value=None, text: str | None = None, metadata: dict | None = None) -> None:
         k = None if key is None else self._keys(key, "key")[0]
-        self.version += 1
+        self.version += text is not None
         self._bank.update(int(id), k, _value_arg(value, "value"), text,
                           None if metadata is None else _json(metadata, "metadata"))
 

@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from .bank import MemoryBank
+from .retrieval import stemmer
 
 MERGE_JACCARD = 0.8
 SUPERSEDE_COSINE = 0.4
@@ -44,9 +45,7 @@ def words(text: str) -> list[str]:
 
 
 def content_words(text: str) -> set[str]:
-    import Stemmer
-
-    return set(Stemmer.Stemmer("english").stemWords([w for w in words(text) if w not in STOPWORDS]))
+    return set(stemmer().stemWords([w for w in words(text) if w not in STOPWORDS]))
 
 
 def jaccard(a: set, b: set) -> float:

@@ -104,8 +104,8 @@ def retrieve(bank, k, query: Callable[[], str], embed_key: Callable, d_model: in
              relevance: Callable[[str, str], float] | None = None, order_by: str = "best_last"):
     """The memories of `bank` to inject for query(): up to k of the best candidates (dense key and
     BM25, fused) whose relevance reaches min_score (memory/retrieval.py); their value rows and
-    descriptions (id, score, relevance, text, slots), in order_by's MEMORY_ORDER. An empty bank gives none
-    (and asks for no query)."""
+    descriptions (id, score, relevance, text, slots), in order_by's order. An empty bank gives none (and
+    asks for no query)."""
     if not isinstance(bank, MemoryBank):
         raise TypeError(f"memory must be a flashmem.MemoryBank, got {type(bank).__name__}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -120,21 +120,20 @@ def retrieve(bank, k, query: Callable[[], str], embed_key: Callable, d_model: in
     text = query()
     chosen = retrieval.select(bank, text, embed_key(text), k, min_score, relevance)
     rows, memories = [], []
-    for c in chosen:
-        m = bank.get(c.id)
+    for c, m in chosen:
         if m.value is None:
             raise ValueError(f"memory {c.id} has no value embeddings to inject (add it with bank.add_text)")
         rows.append(np.asarray(m.value, np.float32))
         memories.append({"id": c.id, "score": c.score, "relevance": c.relevance, "text": m.text,
                          "slots": int(m.value.shape[0])})
-    order = sorted(range(len(memories)), key=MEMORY_ORDER[order_by](memories))
+    # "id" (the "prefix" layout): the same set lands at the same positions whatever the query, so
+    # its KV-cache entries can be reused; "best_last" ("context", "placeholder"): the most relevant
+    # next to the question
+    field = {"id": "id", "best_last": "score"}[order_by]
+    order = sorted(range(len(memories)), key=lambda j: memories[j][field])
     return [rows[j] for j in order], [memories[j] for j in order]
 
 
-# The order of the injected memories. "id" (the "prefix" layout): the same set lands at the same
-# positions whatever the query, so its KV-cache entries can be reused; "best_last" ("context",
-# "placeholder"): the most relevant next to the question.
-MEMORY_ORDER = {"id": lambda ms: lambda j: ms[j]["id"], "best_last": lambda ms: lambda j: ms[j]["score"]}
 # The "context" layout of a chat prompt: the last user message becomes this, the memories (one per
 # line) standing for {memories}.
 CONTEXT_TEMPLATE = "{memories}\n\n{question}"

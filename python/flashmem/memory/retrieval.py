@@ -17,6 +17,7 @@ conversation (and its prefix reuse) stays.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import numpy as np
@@ -38,23 +39,26 @@ class Candidate:
     relevance: float = float("nan")  # nats per query token (relevance check)
 
 
+@lru_cache(maxsize=1)
+def stemmer():
+    """The English stemmer of BM25's words (and of ChatMemory's content words)."""
+    import Stemmer
+
+    return Stemmer.Stemmer("english")
+
+
 class LexicalIndex:
-    """BM25 over a bank's texts, rebuilt when the bank has changed since (bank.version)."""
+    """BM25 over a bank's texts, rebuilt when they have changed since (bank.version)."""
 
     def __init__(self):
         self.version = None
         self.ids = np.zeros(0, np.int64)
         self.bm25 = None
 
-    def _stemmer(self):
-        import Stemmer
-
-        return Stemmer.Stemmer("english")
-
     def tokenize(self, texts):
         import bm25s
 
-        return bm25s.tokenize(texts, stemmer=self._stemmer(), show_progress=False, return_ids=False)
+        return bm25s.tokenize(texts, stemmer=stemmer(), show_progress=False, return_ids=False)
 
     def refresh(self, bank) -> None:
         if self.version == bank.version:
@@ -125,17 +129,19 @@ class Relevance:
 
 
 def select(bank, query: str, key: np.ndarray, k: int, min_score: float | None,
-           relevance: Callable[[str, str], float]) -> list[Candidate]:
-    """The up to k memories to inject: the best k candidates whose relevance reaches min_score
-    (None: no relevance check, the best k). When the best candidate is not relevant, none is
-    checked further (the common case of a question no memory is about costs one check)."""
+           relevance: Callable[[str, str], float]) -> list:
+    """The up to k memories to inject, as (Candidate, bank Memory): the best k candidates whose
+    relevance reaches min_score (None: no relevance check, the best k). When the best candidate is
+    not relevant, none is checked further (the common case of a question no memory is about costs
+    one check)."""
     chosen = []
     for j, c in enumerate(candidates(bank, query, key, max(CANDIDATES, k))[:k]):
+        m = bank.get(c.id)
         if min_score is not None:
-            c.relevance = relevance(bank.get(c.id).text, query)
+            c.relevance = relevance(m.text, query)
             if not c.relevance >= min_score:
                 if j == 0:
                     break
                 continue
-        chosen.append(c)
+        chosen.append((c, m))
     return chosen
