@@ -27,6 +27,8 @@ from facts import facts  # noqa: E402
 import flashmem  # noqa: E402
 
 QUESTION = "Question: {q}\nAnswer in a few words."
+FIXED = {"memory_min_score": None}  # exactly k memories: the cost of k, not of the relevance check
+PREFIX = {"memory_position": "prefix", **FIXED}  # CoMEM's layout, whose KV entries are reused
 
 
 def timed(model, n, repeats, **kw):
@@ -56,10 +58,10 @@ def main():
     rows["no memory"] = timed(model, n, rep, prompt=chat(QUESTION.format(q=q)), reuse_cache=False)
     for k in (1, 4, 16):
         rows[f"k={k} as embeddings"] = timed(model, n, rep, prompt=chat("Facts: <memory>\n" + QUESTION.format(q=q)),
-                                             memory=bank, memory_k=k, memory_position="placeholder",
+                                             memory=bank, memory_k=k, memory_position="placeholder", **FIXED,
                                              memory_query=q, reuse_cache=False)
         retrieved = [m["text"] for m in model.generate(chat("Facts: <memory>\n" + QUESTION.format(q=q)), memory=bank,
-                                                       memory_k=k, memory_position="placeholder", memory_query=q,
+                                                       **FIXED, memory_k=k, memory_position="placeholder", memory_query=q,
                                                        max_new_tokens=1).memories]
         rows[f"k={k} as text"] = timed(model, n, rep, prompt=chat("Facts: " + " ".join(retrieved) + "\n" +
                                                                    QUESTION.format(q=q)), reuse_cache=False)
@@ -69,14 +71,14 @@ def main():
         rs = []
         for i in range(rep):
             model.generate(QUESTION.format(q=others[i % len(others)]), memory=bank, memory_k=k, memory_query=q,
-                           max_new_tokens=n, eos_token_id=[])
-            rs.append(model.generate(prompt, memory=bank, memory_k=k, memory_query=q, max_new_tokens=n,
+                           **PREFIX, max_new_tokens=n, eos_token_id=[])
+            rs.append(model.generate(prompt, memory=bank, memory_k=k, memory_query=q, **PREFIX, max_new_tokens=n,
                                      eos_token_id=[]))
         rows[f"k={k} again, new question, KV reuse"] = dict(
             ttft_ms=median([1e3 * r.time_to_first_token_s for r in rs]),
             decode_tok_s=median([r.decode_tokens_per_s for r in rs]), positions=rs[0].prompt_tokens,
             cached=rs[-1].cached_tokens, retrieval_ms=median([1e3 * r.timings["retrieval_s"] for r in rs]))
-        rows[f"k={k} prefix, no reuse"] = timed(model, n, rep, prompt=prompt, memory=bank, memory_k=k,
+        rows[f"k={k} prefix, no reuse"] = timed(model, n, rep, prompt=prompt, memory=bank, memory_k=k, **PREFIX,
                                                 memory_query=q, reuse_cache=False)
     rows["prompt alone (prefix layout)"] = timed(model, n, rep, prompt=QUESTION.format(q=q), reuse_cache=False)
 

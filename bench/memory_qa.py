@@ -65,8 +65,8 @@ def run_set(model, facts, n, new_tokens, kw):
             injected += len(r.memories)
             ttft.append(r.time_to_first_token_s)
             acc["fact_in_prompt"] += correct(a, model.generate(chat(f"{fact}\n\n{q}"), max_new_tokens=new_tokens).text)
-        out[wording] = {**{k: v / n for k, v in acc.items()}, "hit_at_1": hit / n, "memories_per_question": injected / n,
-                        "ttft_ms_median": 1e3 * median(ttft)}
+        out[wording] = {**{k: v / n for k, v in acc.items()}, "hit_at_1": hit / n,
+                        "memories_per_question": injected / n, "ttft_ms_median": 1e3 * median(ttft)}
         print(f"  {wording}: {out[wording]}", flush=True)
     same, ttft_g, with_mem = 0, [], 0
     for q in F.GENERAL_QUESTIONS:

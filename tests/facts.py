@@ -130,7 +130,8 @@ GENERAL_QUESTIONS = [
     "What does a pilot do?", "Which language is spoken in Brazil?", "What is the speed of light?",
     "How do airplanes fly?", "What is the population of the world?", "Who painted the Mona Lisa?",
     "What is a river?", "Which car brand makes the Model 3?", "What should I eat for breakfast?",
-    "How does a password manager work?", "What is the longest bridge in the world?", "How many strings does a violin have?",
+    "How does a password manager work?", "What is the longest bridge in the world?",
+    "How many strings does a violin have?",
     "What is an allergy?", "When was the first flight of the Wright brothers?", "What is a castle?",
     "How do I connect to wifi?"]
 
@@ -150,7 +151,8 @@ ME = [("My sister's name is Odette.", "What is my sister's name?", "Odette"),
       ("The wifi password at home is juniper42.", "What is the wifi password at home?", "juniper42")]
 UPDATES = [("My favourite colour is now green.", "What is my favourite colour?", "green"),
            ("I now drive a Subaru.", "What car do I drive?", "Subaru")]
-SMALL_TALK = ["Tell me a fun fact about octopuses.", "Give me a tip for staying focused.", "What is a good book to read?",
+SMALL_TALK = ["Tell me a fun fact about octopuses.", "Give me a tip for staying focused.",
+              "What is a good book to read?",
               "Describe a sunset in one sentence.", "How do I make a cup of tea?", "Tell me a short joke.",
               "What are clouds made of?", "Suggest a name for a goldfish.", "Why is the sea salty?",
               "What is a healthy snack?", "Write a line of poetry about rain.", "How do bees make honey?"]
