@@ -11,7 +11,12 @@ Accuracy: the answer appears in the reply. Also: retrieval hit@1 (the injected m
 asked fact), how many general questions (which need no memory) keep their exact greedy reply with
 the bank attached, and TTFT. Writes bench/results/memory_qa[_MODEL].json and .png.
 
-    python bench/memory_qa.py [--model smollm2|gemma3] [--questions 20] [--threads 2]
+With --conversation: the scripted conversation of tests/facts.py (104 user turns: 12 facts
+stated at the start, small talk, two facts updated midway, every fact asked at the end), answered
+by ChatMemory and by the whole conversation as plain chat history in a 512-token context that,
+when full, discards its oldest half (llama.cpp's context shift). Writes memory_conversation.json.
+
+    python bench/memory_qa.py [--model smollm2|gemma3] [--questions 20] [--threads 2] [--conversation]
 """
 from __future__ import annotations
 
@@ -81,6 +86,40 @@ def run_set(model, facts, n, new_tokens, kw):
     return out
 
 
+def conversation(model_name: str, threads: int, new_tokens: int, recent_turns: int) -> dict:
+    from flashmem.memory import ChatMemory
+
+    model = load(model_name, threads)
+    small = flashmem.load(model.path, dtype="f32", threads=threads, max_context=512)
+    msgs, questions = F.conversation_script(104)
+    asked = {i: a for i, _, a in questions}
+    cm = ChatMemory(small, None, recent_turns=recent_turns)
+    history, right, answers = [], {"memory": 0, "history": 0}, []
+
+    def n_tokens(h):
+        return len(small.tokenizer.encode(small.tokenizer.apply_chat_template(h), add_special_tokens=False))
+
+    t0 = time.perf_counter()
+    for i, m in enumerate(msgs):
+        r = cm.send(m, max_new_tokens=new_tokens)
+        history.append({"role": "user", "content": m})
+        if n_tokens(history) > 512 - new_tokens:
+            history = history[len(history) // 2 // 2 * 2:]  # the newer half, whole exchanges
+        h = small.generate(history, max_new_tokens=new_tokens)
+        history.append({"role": "assistant", "content": h.text})
+        if i in asked:
+            right["memory"] += correct(asked[i], r.text)
+            right["history"] += correct(asked[i], h.text)
+            answers.append({"question": m, "answer": asked[i], "memory": r.text, "history": h.text,
+                            "injected": [x["text"] for x in r.memories]})
+            print(answers[-1], flush=True)
+    out = {"turns": len(msgs), "questions": len(questions), "context": 512, "new_tokens": new_tokens,
+           "recent_turns": recent_turns, "correct": right, "memories_at_end": len(cm.bank),
+           "seconds": time.perf_counter() - t0, "answers": answers}
+    print({k: v for k, v in out.items() if k != "answers"})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
@@ -89,7 +128,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--kw", default="", help="extra generate() arguments, e.g. memory_k=1,memory_min_score=1.0")
+    ap.add_argument("--conversation", action="store_true", help="the 104-turn conversation instead")
+    ap.add_argument("--recent-turns", type=int, default=1, help="ChatMemory's plain history (exchanges)")
     args = ap.parse_args()
+    if args.conversation:
+        save("memory_conversation", {"machine": machine(), "model": args.model, **conversation(
+            args.model, args.threads, args.new_tokens, args.recent_turns)})
+        return
     kw = {k: eval(v) for k, v in (p.split("=") for p in args.kw.split(",") if p)}  # noqa: S307 (a bench flag)
     model = load(args.model, args.threads)
     results = {"machine": machine(), "model": args.model, "questions": args.questions,

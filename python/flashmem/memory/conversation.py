@@ -5,8 +5,8 @@
     ...                                                      # hundreds of turns later
     chat.send("What is my favourite colour?").text           # the memory is retrieved and injected
 
-Each turn is answered from the system prompt, the last `recent_turns` exchanges as plain chat
-history, and the memories retrieved for the new message (generate(memory=bank), with its
+Each turn is answered from the system prompt, the last `recent_turns` exchanges (default 1) as
+plain chat history, and the memories retrieved for the new message (generate(memory=bank), with its
 defaults: the relevance check, the "context" layout). Then the exchange is stored:
 - what is stored is the user's message (what the user states is what later questions ask
   about); the assistant's reply goes in the memory's metadata, not in its text. Questions (a
@@ -20,6 +20,10 @@ defaults: the relevance check, the "context" layout). Then the exchange is store
 - forget (TiM): beyond `capacity` memories, the least useful goes: the fewest uses (times it was
   injected), then the oldest.
 The bank is saved (atomically) after every stored turn.
+
+recent_turns: in the 104-turn conversation of bench/memory_qa.py (SmolLM2-135M) the last 2
+exchanges made the model repeat its earlier replies to every later question (0 of 12 facts); 1
+exchange gave 3 and 0 gave 4, while the retrieved memory was the right one in 9 of 12.
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ def jaccard(a: set, b: set) -> float:
 
 class ChatMemory:
     def __init__(self, model, path: str | None = None, system: str | None = None, capacity: int = 10_000,
-                 recent_turns: int = 2, index: str = "flat"):
+                 recent_turns: int = 1, index: str = "flat"):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
         if isinstance(recent_turns, bool) or not isinstance(recent_turns, int) or recent_turns < 0:
