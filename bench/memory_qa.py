@@ -132,8 +132,10 @@ def main():
     ap.add_argument("--recent-turns", type=int, default=1, help="ChatMemory's plain history (exchanges)")
     args = ap.parse_args()
     if args.conversation:
-        save("memory_conversation", {"machine": machine(), "model": args.model, **conversation(
-            args.model, args.threads, args.new_tokens, args.recent_turns)})
+        results = {"machine": machine(), "model": args.model, **conversation(
+            args.model, args.threads, args.new_tokens, args.recent_turns)}
+        save("memory_conversation", results)
+        plot_conversation(results, os.path.join(RESULTS, "memory_conversation.png"))
         return
     kw = {k: eval(v) for k, v in (p.split("=") for p in args.kw.split(",") if p)}  # noqa: S307 (a bench flag)
     model = load(args.model, args.threads)
@@ -167,6 +169,23 @@ def plot(results, path):
     ax.set_title(f"{results['model']}: fact questions (greedy); general questions unchanged with the bank: {gen}",
                  fontsize=9)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_conversation(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    names = ["ChatMemory", "plain history,\ncontext shift"]
+    ax.bar(names, [results["correct"]["memory"], results["correct"]["history"]], color=["C1", "C0"])
+    ax.set_ylim(0, results["questions"])
+    ax.set_ylabel(f"facts answered (of {results['questions']})")
+    ax.set_title(f"{results['model']}: {results['turns']}-turn conversation, {results['context']}-token context",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
