@@ -129,7 +129,7 @@ def main():
     ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--kw", default="", help="extra generate() arguments, e.g. memory_k=1,memory_min_score=1.0")
     ap.add_argument("--conversation", action="store_true", help="the 104-turn conversation instead")
-    ap.add_argument("--recent-turns", type=int, default=1, help="ChatMemory's plain history (exchanges)")
+    ap.add_argument("--recent-turns", type=int, default=0, help="ChatMemory's plain history (exchanges)")
     args = ap.parse_args()
     if args.conversation:
         results = {"machine": machine(), "model": args.model, **conversation(

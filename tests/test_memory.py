@@ -70,14 +70,79 @@ def real_truth(real_vectors):
     return flat.search(queries, 10)[0]
 
 
-@pytest.mark.parametrize("index, floor", [("ivf", 0.95), ("hnsw", 0.95), ("lsh", 0.9)])
-def test_recall_on_real_model_vectors(real_vectors, real_truth, index, floor):
+def perturbed(x, n, scale, seed):
+    """n rows of x moved by Gaussian noise of `scale` times their norm: queries near or far."""
+    rng = np.random.default_rng(seed)
+    rows = x[rng.choice(len(x), n, replace=False)]
+    g = rng.standard_normal(rows.shape).astype(np.float32)
+    return rows + g * (scale * np.linalg.norm(rows, axis=1, keepdims=True) / np.linalg.norm(g, axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("index, target", [("ivf", 0.95), ("hnsw", 0.95), ("lsh", 0.9)])
+def test_tuned_defaults_hold_recall_on_new_and_noisy_queries(real_vectors, real_truth, index, target):
+    """The bank tunes its search settings on a sample of its own keys: held-out vectors, and
+    noisy copies of stored ones near or far, get the default target's recall (less the sample's
+    noise; queries at the far end of the sampled noise get less)."""
     base, queries = real_vectors
     bank = MemoryBank(576, "cosine", index)
     bank.add(base)
+    assert bank.get_param("target_recall") == target and bank.get_param("tuned_at") == len(base)
+    print(f"{index}: tuned recall {bank.get_param('tuned_recall'):.3f}, exact {bank.get_param('tuned_exact')}")
     got = recall(bank.search(queries, 10)[0], real_truth)
-    print(f"{index} recall@10 on real vectors: {got:.3f}")
-    assert got >= floor
+    print(f"{index} recall@10 on held-out vectors: {got:.3f}")
+    assert got >= target - 0.02
+    flat = MemoryBank(576, "cosine", "flat")
+    flat.add(base)
+    for scale, slack in ((0.25, 0.02), (0.5, 0.02), (1.0, 0.05)):
+        q = perturbed(base, 300, scale, seed=int(scale * 10))
+        got = recall(bank.search(q, 10)[0], flat.search(q, 10)[0])
+        print(f"{index} recall@10, queries at noise {scale}: {got:.3f}")
+        assert got >= target - slack
+
+
+def test_target_recall_option_and_retuning_as_the_bank_grows(tmp_path):
+    x = clustered(9000, 48, seed=11)
+    low = MemoryBank(48, "cosine", "hnsw", target_recall=0.6)
+    high = MemoryBank(48, "cosine", "hnsw", target_recall=0.99)
+    for b in (low, high):
+        b.add(x[:1000])
+        assert b.get_param("tuned_at") == 0  # below 1024 entries: nothing to tune yet
+        b.add(x[1000:1100])
+        assert b.get_param("tuned_at") == 1100
+        b.add(x[1100:2100])
+        assert b.get_param("tuned_at") == 1100  # not doubled yet
+        b.add(x[2100:])
+        assert b.get_param("tuned_at") == 9000
+    assert low.get_param("ef_search") < high.get_param("ef_search") or high.get_param("tuned_exact") == 1
+    q = perturbed(x, 200, 0.5, seed=1)
+    truth, _ = exact(x, q, 10)
+    assert recall(high.search(q, 10)[0], truth) >= 0.97
+    assert recall(low.search(q, 10)[0], truth) >= 0.55
+
+    # the tuning and its settings survive save/load
+    path = tmp_path / "b.fmb"
+    high.save(path)
+    loaded = MemoryBank.load(path)
+    for key in ("target_recall", "tuned_recall", "tuned_exact", "tuned_at", "ef_search"):
+        assert loaded.get_param(key) == high.get_param(key), key
+    np.testing.assert_array_equal(loaded.search(q, 10)[0], high.search(q, 10)[0])
+
+    # a search setting given by hand stands, and turns tuning off
+    high.set_params(ef_search=12)
+    assert high.get_param("target_recall") == 0 and high.get_param("ef_search") == 12
+    high.add(x[:9000] + 0.01)
+    assert high.get_param("ef_search") == 12
+    high.save(path)
+    assert MemoryBank.load(path).get_param("ef_search") == 12
+    # and setting a target again retunes now
+    high.set_params(target_recall=0.9)
+    assert high.get_param("tuned_at") == 18000 and high.get_param("tuned_recall") >= 0.9
+    with pytest.raises(ValueError, match="target_recall or"):
+        MemoryBank(48, "cosine", "hnsw", ef_search=20, target_recall=0.9)
+    with pytest.raises(ValueError, match="target_recall must be in"):
+        MemoryBank(48, "cosine", "ivf", target_recall=1.5)
+    with pytest.raises(ValueError, match="target_recall must be in"):
+        high.set_params(target_recall=-0.1)
 
 
 def test_flat_matches_numpy_on_real_vectors(real_vectors, real_truth):
@@ -373,6 +438,35 @@ def test_hostile_file_with_valid_checksum(tmp_path):
         (tmp_path / "forged.fmb").write_bytes(bytes(forged + p))
         with pytest.raises(ValueError, match="hostile|truncated|corrupt"):
             MemoryBank.load(tmp_path / "forged.fmb")
+
+
+def test_version_1_files_load_and_future_versions_are_refused(tmp_path):
+    """Version 1 had no tuning record after the index state (50 bytes when no setting is kept)."""
+    import struct
+
+    from flashmem import _core
+
+    bank = MemoryBank(16, "cosine", "hnsw")
+    x = clustered(300, 16)
+    bank.add(x, texts=[str(i) for i in range(300)])
+    path = tmp_path / "bank.fmb"
+    bank.save(path)
+    raw = path.read_bytes()
+    assert struct.unpack_from("<I", raw, 8)[0] == 2
+
+    def rewrite(version, payload):
+        head = bytearray(raw[:64])
+        struct.pack_into("<I", head, 8, version)
+        struct.pack_into("<Q", head, 16, len(payload))
+        struct.pack_into("<Q", head, 24, _core.bank_checksum(bytes(payload)))
+        (tmp_path / "v.fmb").write_bytes(bytes(head) + bytes(payload))
+        return tmp_path / "v.fmb"
+
+    old = MemoryBank.load(rewrite(1, raw[64:-50]))
+    assert bank_state(old) == bank_state(bank) and old.get_param("target_recall") == 0.95
+    np.testing.assert_array_equal(old.search(x[:20], 5)[0], bank.search(x[:20], 5)[0])
+    with pytest.raises(ValueError, match="unsupported version 3.*newer flashmem"):
+        MemoryBank.load(rewrite(3, raw[64:]))
 
 
 def test_missing_file(tmp_path):

@@ -131,10 +131,14 @@ def test_chat_memory_merge_supersede_forget_persist(model, tmp_path):
     texts = sorted(cm.bank.get(i).text for i in cm.bank.ids())
     assert texts == ["I drive a Volvo.", "My favourite colour is now green."]
     assert cm.remember("What is my favourite colour?") is None  # questions state nothing
+    assert cm.remember("Tell me a joke about cats.") is None  # nor do requests
+    assert cm.remember("Can you write a poem") is None
     again = ChatMemory(model, path)  # persisted
     assert sorted(again.bank.get(i).text for i in again.bank.ids()) == texts
     r = again.send("What is my favourite colour?", max_new_tokens=12)
     assert [m["text"] for m in r.memories] == ["My favourite colour is now green."]
+    cm.remember("Remember that the gate code is 4471.")  # stored as the statement itself
+    assert "The gate code is 4471." in [cm.bank.get(i).text for i in cm.bank.ids()]
     small = ChatMemory(model, None, capacity=2)
     for s in ["I play the oboe.", "My dog is called Pixel.", "I was born in Riga."]:
         small.remember(s)
@@ -148,3 +152,34 @@ def test_chat_memory_bank_of_another_model(model, tmp_path):
     flashmem.MemoryBank(64).save(path)
     with pytest.raises(ValueError, match="dimension 64"):
         ChatMemory(model, path)
+
+
+def test_long_conversation_beats_truncated_history(model):
+    """The 104-turn conversation of tests/facts.py (facts stated in the first turns, small talk,
+    two facts updated midway, all 12 asked at the end) through ChatMemory with its defaults,
+    against the same conversation kept as plain history truncated to the 512-token context (as
+    llama.cpp's context shift keeps the newer half). Small-talk replies are cut to 4 tokens to
+    keep the test short; the history holds those same replies."""
+    small = flashmem.load(model.path, dtype="f32", threads=2, max_context=512)
+    msgs, questions = F.conversation_script(104)
+    asked = {i: a for i, _, a in questions}
+    cm = ChatMemory(small, None)
+    history, by_memory, by_history = [], 0, 0
+
+    def n_tokens(h):
+        return len(small.tokenizer.encode(small.tokenizer.apply_chat_template(h), add_special_tokens=False))
+
+    for i, m in enumerate(msgs):
+        r = cm.send(m, max_new_tokens=16 if i in asked else 4)
+        history.append({"role": "user", "content": m})
+        while n_tokens(history) > 512 - 16:
+            history = history[len(history) // 2 // 2 * 2:]  # the newer half, whole exchanges
+        if i in asked:
+            h = small.generate(history, max_new_tokens=16)
+            by_memory += correct(asked[i], r.text)
+            by_history += correct(asked[i], h.text)
+            history.append({"role": "assistant", "content": h.text})
+        else:
+            history.append({"role": "assistant", "content": r.text})
+    print(f"facts recalled: ChatMemory {by_memory}/12, truncated history {by_history}/12")
+    assert by_memory >= 5 and by_memory >= by_history + 3

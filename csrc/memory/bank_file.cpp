@@ -15,7 +15,7 @@ namespace fm::memory {
 
 namespace {
 constexpr char kMagic[8] = {'F', 'M', 'B', 'A', 'N', 'K', 0, 0};
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;  // 1: without the tuning record (still read)
 constexpr size_t kPreamble = 64;
 
 }  // namespace
@@ -109,6 +109,18 @@ void MemoryBank::save(const std::string& path) const {
             w.put<double>(e.updated);
         }
         index_->save(w);
+        w.put<double>(tuning_.target);
+        w.put<uint64_t>(tuning_.tuned_at);
+        w.put<double>(tuning_.recall);
+        w.put<double>(tuning_.us_per_query);
+        w.put<double>(tuning_.exact_us_per_query);
+        w.put<uint8_t>(tuning_.exact);
+        w.put<uint8_t>(tuning_.untrained);
+        w.put<uint64_t>(search_params_.size());
+        for (const auto& [key, value] : search_params_) {
+            w.str(key);
+            w.put<double>(value);
+        }
     }
     write_atomic(path, w.buf);
 }
@@ -134,7 +146,9 @@ std::unique_ptr<MemoryBank> MemoryBank::load(const std::string& path, bool use_m
     std::memcpy(&sum, base + 24, 8);
     std::string why;
     if (std::memcmp(base, kMagic, 8) != 0) why = "not a memory bank (bad magic)";
-    else if (version != kVersion) why = "unsupported version " + std::to_string(version);
+    else if (version < 1 || version > kVersion)
+        why = "unsupported version " + std::to_string(version) + " (this flashmem reads versions 1 to " +
+              std::to_string(kVersion) + "; a newer flashmem wrote it?)";
     else if (len != size - kPreamble) why = "truncated or padded: header says " + std::to_string(len) +
                                             " payload bytes, file has " + std::to_string(size - kPreamble);
     else if (checksum64(base + kPreamble, len) != sum) why = "checksum mismatch (corrupted)";
@@ -143,12 +157,12 @@ std::unique_ptr<MemoryBank> MemoryBank::load(const std::string& path, bool use_m
     const uint32_t dim = r.get<uint32_t>("dim"), metric = r.get<uint32_t>("metric");
     if (dim == 0 || dim > uint32_t(kMaxDim) || metric > 2) r.fail("bad dim or metric");
     std::unique_ptr<MemoryBank> bank(new MemoryBank(int(dim), Metric(metric)));
-    bank->parse(r, base + kPreamble, use_mmap);
+    bank->parse(r, base + kPreamble, use_mmap, version);
     if (use_mmap) bank->mapping_ = std::move(mapping);
     return bank;
 }
 
-void MemoryBank::parse(Reader& r, uint8_t* payload, bool borrow_keys) {
+void MemoryBank::parse(Reader& r, uint8_t* payload, bool borrow_keys, uint32_t version) {
     const std::string index = r.str("index name");
     if (!is_index_name(index)) r.fail("unknown index " + index);
     next_id_ = r.get<int64_t>("next id");
@@ -181,6 +195,31 @@ void MemoryBank::parse(Reader& r, uint8_t* payload, bool borrow_keys) {
     }
     index_ = make_index(index, store_, {});
     index_->load(r);
+    tuning_ = Tuning{};
+    tuning_.target = default_target(index);  // version 1: tuned at the next add
+    if (version >= 2) {
+        tuning_.target = r.get<double>("tuning target");
+        tuning_.tuned_at = r.get<uint64_t>("tuning size");
+        tuning_.recall = r.get<double>("tuned recall");
+        tuning_.us_per_query = r.get<double>("tuned time");
+        tuning_.exact_us_per_query = r.get<double>("exact time");
+        tuning_.exact = r.get<uint8_t>("tuned exact") != 0;
+        tuning_.untrained = r.get<uint8_t>("tuned untrained") != 0;
+        if (!(tuning_.target >= 0 && tuning_.target <= 1)) r.fail("bad tuning target");
+        const uint64_t n_params = r.get<uint64_t>("search settings");
+        if (n_params > 16) r.fail("too many search settings");
+        for (uint64_t i = 0; i < n_params; ++i) {
+            const std::string key = r.str("search setting name");
+            const double value = r.get<double>("search setting");
+            if (!is_tuned_param(key)) r.fail("unknown search setting " + key);
+            try {
+                index_->set_param(key, value);
+            } catch (const std::exception& e) {
+                r.fail(std::string("bad search setting: ") + e.what());
+            }
+            search_params_[key] = value;
+        }
+    }
     if (r.remaining() != 0) r.fail(std::to_string(r.remaining()) + " unexpected trailing bytes");
 }
 

@@ -32,6 +32,13 @@ void HnswIndex::set_param(const std::string& key, double value) {
     }
 }
 
+std::vector<Params> HnswIndex::ladder() const {
+    std::vector<Params> out;
+    for (int ef : {10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048})
+        out.push_back({{"ef_search", ef}});
+    return out;
+}
+
 double HnswIndex::get_param(const std::string& key) const {
     if (key == "M") return M_;
     if (key == "ef_search") return ef_search_;

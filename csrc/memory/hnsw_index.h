@@ -26,6 +26,7 @@ class HnswIndex final : public Index {
     size_t memory_bytes() const override;
     void set_param(const std::string& key, double value) override;
     double get_param(const std::string& key) const override;
+    std::vector<Params> ladder() const override;
 
   private:
     using Scored = std::pair<float, uint32_t>;

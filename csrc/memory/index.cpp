@@ -13,7 +13,7 @@ namespace fm::memory {
 std::unique_ptr<Index> make_index(const std::string& name, const KeyStore& store, const Params& params) {
     static const std::map<std::string, std::vector<std::string>> known = {
         {"flat", {}},
-        {"lsh", {"tables", "bits", "probes", "rerank", "seed"}},
+        {"lsh", {"tables", "bits", "probes", "rerank", "rerank_per_k", "seed"}},
         {"ivf", {"nlist", "nprobe", "train_size", "kmeans_iters", "retrain_growth", "seed"}},
         {"hnsw", {"M", "ef_construction", "ef_search", "seed"}},
     };

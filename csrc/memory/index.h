@@ -91,6 +91,9 @@ class Index {
     virtual size_t memory_bytes() const = 0;
     virtual void set_param(const std::string& key, double value) = 0;
     virtual double get_param(const std::string& key) const = 0;
+    // Search settings to try when tuning for a recall target (tuning.h), cheapest first, recall
+    // growing along the list. Empty: nothing to tune (flat, an ivf not yet trained).
+    virtual std::vector<Params> ladder() const { return {}; }
 };
 
 // The index `name` (flat, lsh, ivf or hnsw) over `store`; unknown names and parameters raise.

@@ -30,6 +30,14 @@ void IvfIndex::set_param(const std::string& key, double value) {
     }
 }
 
+std::vector<Params> IvfIndex::ladder() const {
+    std::vector<Params> out;
+    if (nlist_ == 0) return out;  // untrained: answers exactly
+    for (double np = 1; np < nlist_; np = std::max(np + 1, std::round(np * 1.5))) out.push_back({{"nprobe", np}});
+    out.push_back({{"nprobe", double(nlist_)}});
+    return out;
+}
+
 double IvfIndex::get_param(const std::string& key) const {
     if (key == "nprobe") return effective_nprobe();
     if (key == "nlist") return nlist_;

@@ -24,6 +24,7 @@ class IvfIndex final : public Index {
     size_t memory_bytes() const override;
     void set_param(const std::string& key, double value) override;
     double get_param(const std::string& key) const override;
+    std::vector<Params> ladder() const override;
     void train();  // k-means over the current entries, then assigns them all
 
   private:

@@ -16,11 +16,13 @@ LshIndex::LshIndex(const KeyStore& store, const Params& p) : store_(store) {
     bits_param_ = int(param_or(p, "bits", 0));
     probes_ = int(param_or(p, "probes", 128));
     rerank_ = int(param_or(p, "rerank", 0));
+    rerank_per_k_ = int(param_or(p, "rerank_per_k", 128));
     seed_ = uint64_t(param_or(p, "seed", 1234));
     FM_ARG(tables_ >= 1 && tables_ <= 64, "lsh: tables must be in [1, 64], got ", tables_);
     FM_ARG(bits_param_ >= 0 && bits_param_ <= kMaxBits, "lsh: bits must be in [0, ", kMaxBits, "] (0 = auto)");
     FM_ARG(probes_ >= 1 && probes_ <= 4096, "lsh: probes must be in [1, 4096], got ", probes_);
-    FM_ARG(rerank_ >= 0, "lsh: rerank must be >= 0 (0 = 128 * k)");
+    FM_ARG(rerank_ >= 0, "lsh: rerank must be >= 0 (0 = rerank_per_k * k)");
+    FM_ARG(rerank_per_k_ >= 1, "lsh: rerank_per_k must be >= 1");
     bits_ = bits_param_ ? bits_param_ : auto_bits(0);
     make_planes();
     buckets_.assign(tables_, {});
@@ -47,16 +49,27 @@ void LshIndex::set_param(const std::string& key, double value) {
         FM_ARG(value >= 1 && value <= 4096, "lsh: probes must be in [1, 4096]");
         probes_ = int(value);
     } else if (key == "rerank") {
-        FM_ARG(value >= 0, "lsh: rerank must be >= 0 (0 = 128 * k)");
+        FM_ARG(value >= 0, "lsh: rerank must be >= 0 (0 = rerank_per_k * k)");
         rerank_ = int(value);
+    } else if (key == "rerank_per_k") {
+        FM_ARG(value >= 1 && value <= 1e6, "lsh: rerank_per_k must be in [1, 1e6]");
+        rerank_per_k_ = int(value);
     } else if (key == "bits") {
         FM_ARG(value >= 0 && value <= kMaxBits, "lsh: bits must be in [0, ", kMaxBits, "] (0 = auto)");
         bits_param_ = int(value);
         bits_ = bits_param_ ? bits_param_ : auto_bits(store_.size());
         rebucket();
     } else {
-        FM_ARG(false, "lsh: parameter '", key, "' cannot be set after creation (settable: probes, rerank, bits)");
+        FM_ARG(false, "lsh: parameter '", key, "' cannot be set after creation (settable: probes, rerank, rerank_per_k, bits)");
     }
+}
+
+std::vector<Params> LshIndex::ladder() const {
+    std::vector<Params> out;
+    for (auto [probes, per_k] : {std::pair{8, 32}, {16, 32}, {32, 64}, {64, 64}, {64, 128}, {128, 128}, {128, 256},
+                                 {299, 256}, {299, 512}, {299, 1024}, {299, 2048}})
+        out.push_back({{"probes", probes}, {"rerank_per_k", per_k}, {"rerank", 0}});
+    return out;
 }
 
 double LshIndex::get_param(const std::string& key) const {
@@ -64,8 +77,9 @@ double LshIndex::get_param(const std::string& key) const {
     if (key == "bits") return bits_;
     if (key == "probes") return probes_;
     if (key == "rerank") return rerank_;
+    if (key == "rerank_per_k") return rerank_per_k_;
     if (key == "candidates_per_query") return stat_queries_ ? double(stat_candidates_) / double(stat_queries_) : 0.0;
-    FM_ARG(false, "lsh: unknown parameter '", key, "' (tables, bits, probes, rerank)");
+    FM_ARG(false, "lsh: unknown parameter '", key, "' (tables, bits, probes, rerank, rerank_per_k)");
 }
 
 size_t LshIndex::memory_bytes() const {
@@ -220,7 +234,7 @@ void LshIndex::search(const float* q, const AllowMask* allow, TopK& out) const {
     }
     stat_queries_ += 1;
     stat_candidates_ += cands.size();
-    const size_t keep = std::min(cands.size(), size_t(rerank_ > 0 ? rerank_ : 128 * out.k()));
+    const size_t keep = std::min(cands.size(), size_t(rerank_ > 0 ? rerank_ : rerank_per_k_ * out.k()));
     std::nth_element(cands.begin(), cands.begin() + keep, cands.end());
     if (keep) store_.prefetch(cands[0].second);
     for (size_t i = 0; i < keep; ++i) {

@@ -4,7 +4,8 @@
 // of the candidates in two stages: first by the Hamming distance between 512-bit SimHash
 // sketches of the candidate and the query (8 popcounts, an estimate of the angle), then
 // exactly for the best `rerank` of them. Parameters: tables, bits (0: chosen from the bank size, re-bucketed as it
-// grows), probes (buckets visited per table), rerank (0: 128 * k), seed. Every slot keeps a 24-bit code per table
+// grows), probes (buckets visited per table), rerank (0: rerank_per_k * k),
+// rerank_per_k (128), seed. Every slot keeps a 24-bit code per table
 // (the signs of 24 projections); a table's bucket key is its first `bits` bits, so changing
 // `bits` needs no new projections.
 //
@@ -36,6 +37,7 @@ class LshIndex final : public Index {
     size_t memory_bytes() const override;
     void set_param(const std::string& key, double value) override;
     double get_param(const std::string& key) const override;
+    std::vector<Params> ladder() const override;
 
   private:
     void make_planes();
@@ -49,7 +51,7 @@ class LshIndex final : public Index {
     void recenter();  // mean of the live keys, then every code anew
 
     const KeyStore& store_;
-    int tables_, bits_param_, probes_, rerank_;
+    int tables_, bits_param_, probes_, rerank_, rerank_per_k_;
     uint64_t seed_;
     int bits_ = 1;
     std::vector<float> planes_;                  // (n_planes, dim): table planes, then sketch planes

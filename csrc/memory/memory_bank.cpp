@@ -26,7 +26,25 @@ MemoryBank::MemoryBank(int dim, Metric metric) : store_(dim, metric) {}
 MemoryBank::MemoryBank(int dim, const std::string& metric, const std::string& index, const Params& params)
     : store_(dim, metric_from_name(metric)) {
     FM_ARG(dim > 0 && dim <= kMaxDim, "dim must be in [1, ", kMaxDim, "], got ", dim);
-    index_ = make_index(index, store_, params);
+    Params index_params = params;
+    index_params.erase("target_recall");
+    index_ = make_index(index, store_, index_params);
+    for (const auto& [key, value] : index_params)
+        if (is_tuned_param(key)) search_params_[key] = value;
+    tuning_.target = search_params_.empty() ? default_target(index) : 0;
+    if (auto it = params.find("target_recall"); it != params.end()) {
+        FM_ARG(search_params_.empty(), "give target_recall or the search settings it tunes (",
+               search_params_.begin()->first, "), not both");
+        FM_ARG(it->second >= 0 && it->second <= 1, "target_recall must be in [0, 1] (0: off), got ", it->second);
+        tuning_.target = index == "flat" ? 0 : it->second;
+    }
+}
+
+void MemoryBank::maybe_tune_locked() {
+    if (tuning_.due(store_.size()) || (tuning_.target > 0 && tuning_.untrained && !index_->ladder().empty())) {
+        Params chosen = tune(*index_, store_, tuning_);
+        for (const auto& [key, value] : chosen) search_params_[key] = value;
+    }
 }
 
 size_t MemoryBank::size() const {
@@ -113,6 +131,7 @@ std::vector<int64_t> MemoryBank::add(const float* keys, size_t n, const int64_t*
         insert_locked(out[i], keys + i * dim(), std::move(e));
         if (out[i] >= next_id_) next_id_ = out[i] + 1;
     }
+    maybe_tune_locked();
     return out;
 }
 
@@ -171,6 +190,7 @@ int64_t MemoryBank::replace(const int64_t* ids, size_t n, const float* key, std:
     entry.updated = now();
     insert_locked(id, key, std::move(entry));
     if (id >= next_id_) next_id_ = id + 1;
+    maybe_tune_locked();
     return id;
 }
 
@@ -191,7 +211,7 @@ void MemoryBank::search(const float* queries, size_t nq, int k, const std::vecto
     // A selective filter is answered exactly over the allowed entries; a broad one through the
     // index, falling back to exact search when the index finds fewer than k allowed entries.
     const bool exact = (allow && n_allowed <= std::max<size_t>(size_t(k) * 64, store_.size() / 16)) ||
-                       index_->name() == std::string("flat");
+                       index_->name() == std::string("flat") || tuning_.exact;
     std::vector<float> prepared(nq * dim());
     for (size_t i = 0; i < nq; ++i) store_.prepare(queries + i * dim(), &prepared[i * dim()]);
     std::vector<TopK> tops(nq, TopK(k));
@@ -216,11 +236,31 @@ void MemoryBank::search(const float* queries, size_t nq, int k, const std::vecto
 
 void MemoryBank::set_param(const std::string& key, double value) {
     std::unique_lock lk(mu_);
+    if (key == "target_recall") {
+        FM_ARG(value >= 0 && value <= 1, "target_recall must be in [0, 1] (0: off), got ", value);
+        tuning_ = Tuning{};
+        tuning_.target = index_->name() == std::string("flat") ? 0 : value;
+        maybe_tune_locked();
+        return;
+    }
     index_->set_param(key, value);
+    if (is_tuned_param(key)) {  // by hand: the user's setting stands
+        search_params_[key] = value;
+        tuning_.target = 0, tuning_.exact = false;
+    } else if (key == "train" || key == "bits") {  // a new structure needs new settings
+        tuning_.tuned_at = 0;
+        maybe_tune_locked();
+    }
 }
 
 double MemoryBank::get_param(const std::string& key) const {
     std::shared_lock lk(mu_);
+    if (key == "target_recall") return tuning_.target;
+    if (key == "tuned_recall") return tuning_.recall;
+    if (key == "tuned_exact") return tuning_.exact;
+    if (key == "tuned_at") return double(tuning_.tuned_at);
+    if (key == "tuned_us_per_query") return tuning_.us_per_query;
+    if (key == "exact_us_per_query") return tuning_.exact_us_per_query;
     return index_->get_param(key);
 }
 

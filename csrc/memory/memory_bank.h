@@ -18,6 +18,7 @@
 #include "io/file.h"
 #include "memory/index.h"
 #include "memory/key_store.h"
+#include "memory/tuning.h"
 
 namespace fm::memory {
 
@@ -62,6 +63,9 @@ class MemoryBank {
     void search(const float* queries, size_t nq, int k, const std::vector<int64_t>* allow, int64_t* out_ids,
                 float* out_scores) const;
 
+    // Index parameters, and the bank's own: target_recall (settable; 0 turns tuning off, and
+    // setting a tuned search parameter by hand does too), tuned_recall, tuned_exact, tuned_at,
+    // tuned_us_per_query, exact_us_per_query (read-only; see tuning.h).
     void set_param(const std::string& key, double value);
     double get_param(const std::string& key) const;
     size_t memory_bytes() const;
@@ -79,12 +83,15 @@ class MemoryBank {
     void check_key(const float* key, size_t row, const char* what) const;
     void insert_locked(int64_t id, const float* key, Entry entry);
     void remove_locked(int64_t id);
-    void parse(Reader& r, uint8_t* payload_base, bool borrow_keys);
+    void parse(Reader& r, uint8_t* payload_base, bool borrow_keys, uint32_t version);
+    void maybe_tune_locked();  // tunes the search settings when the bank has grown enough
 
     FileMapping mapping_;  // the file the keys are borrowed from (load with mmap); outlives the store
     mutable std::shared_mutex mu_;
     KeyStore store_;
     std::unique_ptr<Index> index_;
+    Tuning tuning_;
+    Params search_params_;  // the tuned search settings as last set (by the tuner or by hand); saved
     std::vector<Entry> entries_;  // by slot
     std::unordered_map<int64_t, uint32_t> slot_;
     int64_t next_id_ = 0;

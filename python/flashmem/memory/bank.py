@@ -6,6 +6,13 @@
 
 Scores are "larger is closer": cosine similarity, inner product, or minus the squared L2 distance.
 Missing results (fewer entries than k) come back as id -1 with score -inf.
+
+Recall that holds on new data: the approximate indexes tune their own search settings (ef_search,
+nprobe, probes and rerank_per_k) for `target_recall` (recall@10; default 0.95 for hnsw and ivf,
+0.9 for lsh) on a sample of the bank's keys, when the bank first reaches 1024 entries and each
+time it doubles. Where exact search is as fast as any setting that reaches the target, the bank
+searches exactly (get_param("tuned_exact")). Giving a search setting by hand turns tuning off;
+target_recall=0 does too. See csrc/memory/tuning.h.
 """
 from __future__ import annotations
 
@@ -113,7 +120,8 @@ class MemoryBank:
         return self._bank.get_param(name)
 
     def set_params(self, **params) -> None:
-        """Search-time parameters: ef_search (hnsw), nprobe (ivf), probes and bits (lsh)."""
+        """Search-time parameters: ef_search (hnsw), nprobe (ivf), probes, rerank_per_k and bits
+        (lsh), which turn the bank's own tuning off; or target_recall, which retunes now."""
         for k, v in params.items():
             self._bank.set_param(k, float(v))
 
