@@ -133,8 +133,10 @@ class ChatMemory:
     def remember(self, text: str, reply: str | None = None) -> int | None:
         """Stores a statement as a memory (merging, superseding and forgetting as the module's text
         says); returns its id, or None for a question or request (not stored)."""
-        text = REMEMBER.sub("", " ".join(text.split()), count=1)
-        text = text[:1].upper() + text[1:]
+        said = " ".join(text.split())
+        text = REMEMBER.sub("", said, count=1)
+        if text != said:  # "remember that the code is 4471" -> "The code is 4471"
+            text = text[:1].upper() + text[1:]
         if is_request(text):
             return None
         key = self.model.embed_key(text)
