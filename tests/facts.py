@@ -136,6 +136,47 @@ GENERAL_QUESTIONS = [
     "How do I connect to wifi?"]
 
 
+# --- held out from the tests: the relevance check's calibration (bench/memory_relevance.py) ---------
+# Everyday facts of other shapes (fact, question, paraphrase, answer), and general questions that
+# share words with them (wifi, dentist, penicillin, rent...) but are about something else.
+EVERYDAY = [
+ ("The wifi password at the Elm Street office is bluefinch42.", "What is the wifi password at the Elm Street office?", "How do I get online at the Elm Street office?", "bluefinch42"),
+ ("Marta's dentist appointment is on Thursday at 3 pm.", "When is Marta's dentist appointment?", "What day does Marta see the dentist?", "Thursday"),
+ ("The spare key to the cabin is under the blue flowerpot.", "Where is the spare key to the cabin?", "How can I get into the cabin if I lost my key?", "flowerpot"),
+ ("Tobias is allergic to penicillin.", "What is Tobias allergic to?", "Which medicine must Tobias avoid?", "penicillin"),
+ ("The project deadline for Orion is March 14.", "When is the Orion project deadline?", "By what date must Orion be finished?", "March 14"),
+ ("Our landlord is called Mr. Abernathy.", "What is our landlord's name?", "Who owns the flat we rent?", "Abernathy"),
+ ("The book club meets at the Linden Café.", "Where does the book club meet?", "Which café hosts the reading group?", "Linden"),
+ ("Priya's flight to Montreal leaves from gate B22.", "Which gate does Priya's flight leave from?", "Where should Priya board for Montreal?", "B22"),
+ ("The garage door code is 7719.", "What is the garage door code?", "How do I open the garage?", "7719"),
+ ("Farouk drives a green Lancia.", "What car does Farouk drive?", "Which vehicle belongs to Farouk?", "Lancia"),
+ ("The village of Pellwick is famous for its copper bells.", "What is Pellwick famous for?", "Why do people know the village of Pellwick?", "bells"),
+ ("Sven's favourite film is Solaris.", "What is Sven's favourite film?", "Which movie does Sven like most?", "Solaris"),
+ ("The tallest tower in Karvossa is 212 metres high.", "How tall is the tallest tower in Karvossa?", "What is the height of Karvossa's highest tower?", "212"),
+ ("Ilse teaches chemistry at Northgate school.", "What does Ilse teach?", "Which subject is Ilse's job?", "chemistry"),
+ ("The monthly rent for the studio is 640 euros.", "What is the monthly rent for the studio?", "How much does the studio cost per month?", "640"),
+ ("Dario's cat is named Pistachio.", "What is the name of Dario's cat?", "What did Dario call his cat?", "Pistachio"),
+ ("The festival in Ombria takes place every August.", "When is the festival in Ombria?", "In which month does Ombria celebrate its festival?", "August"),
+ ("Noor's bicycle lock combination is 3-8-1.", "What is Noor's bicycle lock combination?", "How does Noor unlock her bike?", "3-8-1"),
+ ("The water heater was last serviced in 2021.", "When was the water heater last serviced?", "What year did the boiler get its last check?", "2021"),
+ ("Lukas speaks fluent Icelandic.", "Which language does Lukas speak fluently?", "What foreign tongue has Lukas mastered?", "Icelandic"),
+]
+GENERAL_QUESTIONS_2 = [
+ "What is the wifi standard used by most routers?", "How do I change a flat tyre on a bicycle?", "What is a good gift for a teacher?",
+ "How far is the Moon from Earth?", "What is penicillin?", "Explain what a landlord is.", "Recommend a classic science fiction film.",
+ "What does a dentist do?", "How many minutes are in a day?", "What is copper used for?", "Who invented the telephone?",
+ "How do I make a cup of tea?", "What is the capital of Canada?", "What is a combination lock?", "Why is the sea salty?",
+ "What are the primary colours?", "How do vaccines work?", "What is the rent-to-income ratio?", "Name a famous festival in Brazil.",
+ "What languages are spoken in Switzerland?", "How tall is Mount Everest?", "What is the largest desert?",
+ "Suggest a name for a book club.", "What is chemistry?", "How do I reset a forgotten password?", "What is a gate at an airport?",
+ "What is the square root of 81?", "Give me a recipe for pancakes.", "Why do leaves change colour in autumn?",
+ "What is the difference between weather and climate?", "How does a water heater work?", "What is the fastest land animal?",
+ "Who was the first person on the Moon?", "What is inflation?", "How do I learn a new language quickly?",
+ "What is a deadline?", "Which instrument has 88 keys?", "What does a garage door opener do?", "Tell me a joke about cats.",
+ "What is the main ingredient of guacamole?",
+]
+
+
 # --- a scripted conversation for ChatMemory (tests/test_memory_qa.py) ----------------------------
 ME = [("My sister's name is Odette.", "What is my sister's name?", "Odette"),
       ("I drive a Volvo.", "What car do I drive?", "Volvo"),

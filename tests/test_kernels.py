@@ -140,3 +140,14 @@ def test_f32_to_f16_rounds_as_numpy(reference, isa):
     for n in (len(x), 13):  # a tail shorter than a vector
         np.testing.assert_array_equal(_core.to_f16(x[:n], reference, isa), want[:n])
     assert _core.to_f16(np.float32([np.nan]), reference, isa)[0] & 0x7C00 == 0x7C00
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("n,align", [(1, 1), (7, 16), (1000, 16), (4097, 1), (123, 7)])
+def test_thread_pool_dynamic_chunks_cover_every_index_once(n, align, threads):
+    """parallel_dynamic over [0, n): every index covered exactly once per job, chunk edges on
+    multiples of align, over 50 jobs alternating with run() jobs on one pool; a thread that stalls
+    in its first chunk (as a descheduled one) delays nothing else."""
+    counts, misaligned = _core.pool_cover(n, align, threads, jobs=50, stall_us=200 if threads > 1 else 0)
+    np.testing.assert_array_equal(counts, np.full(n, 50))
+    assert misaligned == 0

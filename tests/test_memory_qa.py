@@ -67,6 +67,34 @@ def test_paraphrases_find_their_facts(model, household):
     assert hits >= 0.7 * len(asked)
 
 
+def test_relevance_is_two_way_pmi(model):
+    """memory_relevance against a plain reference: log-softmax of each sequence's full logits
+    (model.logits, an empty cache), forward PMI over the query's tokens and backward PMI over the
+    memory's, averaged. Also the order of magnitude that MIN_SCORE assumes: a fact passes for its
+    question, and a general question on the same topic stays below it."""
+    tok = model.tokenizer
+
+    def logp(context, scored):
+        ctx = tok.encode(context)
+        lg = model.logits(ctx + scored).astype(np.float64)
+        lg -= lg.max(1, keepdims=True)
+        lp = lg - np.log(np.exp(lg).sum(1, keepdims=True))
+        return lp[np.arange(len(ctx) - 1, len(ctx) + len(scored) - 1), scored]
+
+    def reference(memory, query):
+        q = tok.encode(" " + query, add_special_tokens=False)
+        m = tok.encode(" " + memory, add_special_tokens=False)
+        fwd = logp(f"Context: {memory}\nQuestion:", q) - logp("Context: none\nQuestion:", q)
+        bwd = logp(f"Question: {query}\nFact:", m) - logp("Question: none\nFact:", m)
+        return (fwd.mean() + bwd.mean()) / 2
+
+    fact, question, general = "Jana lives in Kyoto.", "Where does Jana live?", "Which city is the capital of Japan?"
+    for memory, query in ((fact, question), (fact, general)):
+        assert model.memory_relevance(memory, query) == pytest.approx(reference(memory, query), abs=2e-3)
+    assert model.memory_relevance(fact, question) >= retrieval.MIN_SCORE > model.memory_relevance(fact, general)
+    assert model.memory_relevance("", question) == float("-inf")
+
+
 def test_general_questions_keep_their_reply(model, household):
     _, bank = household
     same = sum(model.generate(chat(q), memory=bank, max_new_tokens=16).text ==

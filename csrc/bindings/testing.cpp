@@ -1,8 +1,13 @@
 // Entry points for tests and benchmarks: each SIMD kernel (the best ISA or a named one) beside its
 // scalar reference, the predictor's reference scores, the CUDA GEMV, and the disk's raw
 // random-read bandwidth through the engine's own reader.
+#include <atomic>
+#include <chrono>
+#include <thread>
+
 #include "bindings/common.h"
 #include "core/buffer.h"
+#include "core/thread_pool.h"
 #include "ffn/predictor.h"
 #include "io/direct_reader.h"
 #include "kernels/cpu/kernels.h"
@@ -137,6 +142,36 @@ std::vector<const void*> row_pointers(U8Matrix w, nb::ndarray<const int64_t, nb:
 }  // namespace
 
 void bind_testing(nb::module_& m) {
+    m.def(
+        "pool_cover",
+        [](size_t n, size_t align, int threads, int jobs, int stall_us) {
+            // `jobs` parallel_dynamic jobs over [0, n), alternating with run() jobs, on one pool; a
+            // thread other than the caller sleeps stall_us in its first chunk of every job (a
+            // descheduled thread). Returns, per index, how many times a chunk covered it, summed
+            // over the jobs, and the number of chunks whose edges were not multiples of align.
+            auto counts = numpy_owned<int32_t>({n});
+            std::vector<std::atomic<int32_t>> c(n);
+            std::atomic<int64_t> misaligned{0}, statics{0};
+            {
+                nb::gil_scoped_release nogil;
+                fm::ThreadPool pool(threads);
+                for (int j = 0; j < jobs; ++j) {
+                    std::atomic<bool> stalled{false};
+                    pool.parallel_dynamic(n, align, [&](size_t b, size_t e, int tid) {
+                        if (tid != 0 && stall_us > 0 && !stalled.exchange(true))
+                            std::this_thread::sleep_for(std::chrono::microseconds(stall_us));
+                        if (b % align || (e % align && e != n)) misaligned++;
+                        for (size_t i = b; i < e; ++i) c[i]++;
+                    });
+                    pool.run([&](int, int) { statics++; });
+                }
+            }
+            for (size_t i = 0; i < n; ++i) counts.data()[i] = c[i].load();
+            FM_ARG(statics.load() == int64_t(jobs) * threads, "run(): ", statics.load(), " calls for ", jobs, " jobs");
+            return std::make_pair(counts, misaligned.load());
+        },
+        "n"_a, "align"_a, "threads"_a, "jobs"_a = 1, "stall_us"_a = 0,
+        "ThreadPool::parallel_dynamic's coverage of [0, n): (times each index was covered, misaligned chunks)");
     m.def(
         "quant_dot_ptrs",
         [](U8Matrix act, U8Matrix w, const std::string& format, int K, size_t offset,

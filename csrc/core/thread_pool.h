@@ -1,11 +1,20 @@
-// A fixed pool of threads that run one job at a time, all threads together (the caller is
-// thread 0). Decode dispatches a few hundred parallel regions per token, so idle workers spin
-// briefly before sleeping on a condition variable: a wake-up through the kernel costs tens of
-// microseconds, a spin hand-off well under one.
+// A fixed pool of threads (the caller is thread 0) that runs one job at a time, in one of two ways:
+// - run(f): f(tid, n_threads) on every thread, each its own share; it returns when all have run.
+//   For work whose result depends on which thread does what (per-thread accumulators summed in
+//   a fixed order, so results are the same run to run).
+// - parallel_dynamic(n, align, f): [0, n) cut into chunks that every thread, the caller
+//   included, takes from a shared counter until none is left. A thread that the OS has
+//   descheduled (another process wants the core) delays only the chunk it holds, and a thread
+//   that wakes late finds the work done. For work whose chunks write disjoint outputs.
+// Decode dispatches a few hundred parallel regions per token, so idle threads spin briefly before
+// sleeping on a condition variable (a wake-up through the kernel costs tens of microseconds, a
+// spin hand-off well under one); spinning threads yield their core every few hundred pauses, so
+// that on a busy machine a thread with work runs instead.
 #pragma once
 #include <atomic>
 #include <condition_variable>
 #include <cstddef>
+#include <cstdint>
 #include <mutex>
 #include <thread>
 #include <utility>
@@ -25,8 +34,10 @@ class ThreadPool {
     // Calls f(tid, n_threads) once on every thread and returns when all have finished.
     template <typename F>
     void run(F&& f) {
-        auto trampoline = [](const void* ctx, int tid, int n) { (*static_cast<const F*>(ctx))(tid, n); };
-        dispatch(trampoline, &f);
+        auto trampoline = [](const void* ctx, size_t tid, size_t n) {
+            (*static_cast<const F*>(ctx))(int(tid), int(n));
+        };
+        dispatch(trampoline, &f, 0);
     }
 
     // Splits [0, n) into contiguous chunks, one per thread, chunk edges rounded to `align`.
@@ -38,23 +49,59 @@ class ThreadPool {
         });
     }
 
+    // f(b, e, tid) over chunks of [0, n) (edges multiples of `align`, about kChunksPerThread per
+    // thread), each taken by whichever thread is free; tid is the thread running it (its scratch).
+    template <typename F>
+    void parallel_dynamic(size_t n, size_t align, F&& f) {
+        if (n == 0) return;
+        const size_t units = (n + align - 1) / align;
+        const size_t per = (units + size_t(n_) * kChunksPerThread - 1) / (size_t(n_) * kChunksPerThread);
+        const size_t step = per * align, n_chunks = (n + step - 1) / step;
+        if (n_ == 1 || n_chunks == 1) {
+            f(size_t(0), n, 0);
+            return;
+        }
+        struct Ctx {
+            F* f;
+            size_t n, step;
+        } ctx{&f, n, step};
+        auto trampoline = [](const void* c, size_t chunk, size_t tid) {
+            const Ctx& x = *static_cast<const Ctx*>(c);
+            const size_t b = chunk * x.step, e = b + x.step < x.n ? b + x.step : x.n;
+            (*x.f)(b, e, int(tid));
+        };
+        dispatch(trampoline, &ctx, n_chunks);
+    }
+
     static std::pair<size_t, size_t> chunk(size_t n, int tid, int nt, size_t align) {
         size_t units = (n + align - 1) / align;
         size_t b = units * tid / nt * align, e = units * (tid + 1) / nt * align;
         return {b < n ? b : n, e < n ? e : n};
     }
 
+    static constexpr size_t kChunksPerThread = 4;
+
   private:
-    using Job = void (*)(const void*, int, int);
-    void dispatch(Job job, const void* ctx);
+    // A job: job(ctx, tid, n_threads) per thread (n_chunks 0), or job(ctx, chunk, tid) per chunk.
+    using Job = void (*)(const void*, size_t, size_t);
+    void dispatch(Job job, const void* ctx, size_t n_chunks);
+    void help(int tid);  // runs chunks of the current dynamic job while any is left to take
     void worker(int tid);
 
     int n_;
     std::vector<std::thread> threads_;
     Job job_ = nullptr;
     const void* ctx_ = nullptr;
+    // Bumped by 2 per job; its low bit says the job is dynamic, so that a thread knows what the
+    // job it woke for is from the one word it read.
     std::atomic<uint64_t> generation_{0};
-    std::atomic<int> pending_{0};
+    std::atomic<int> pending_{0};  // run(): threads that have not finished their share
+    // parallel_dynamic(): the job's chunk count (high 32 bits) and the next chunk to take (low 32)
+    // in one word. A thread takes a chunk with a compare-exchange and only then reads job_ and
+    // ctx_: the job cannot end (nor be replaced) while a chunk of it is taken and not done, so a
+    // late thread takes a chunk of the job that is current, or none.
+    std::atomic<uint64_t> claim_{0};
+    std::atomic<size_t> chunks_done_{0};
     std::atomic<bool> stop_{false};
     std::mutex mu_;
     std::condition_variable cv_;

@@ -1,9 +1,12 @@
 #include "memory/bank_file.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -36,6 +39,21 @@ uint64_t checksum64(const uint8_t* p, size_t n) {
 
 namespace {
 
+// Removes the temporary files "<path>.tmp-<pid>-<thread>" of saves whose process is gone (killed
+// mid-save): each would otherwise stay beside the bank for good.
+void remove_abandoned(const std::string& dir, const std::string& name) {
+    DIR* d = ::opendir(dir.c_str());
+    if (!d) return;
+    const std::string prefix = name + ".tmp-";
+    while (const dirent* e = ::readdir(d)) {
+        const std::string entry = e->d_name;
+        if (entry.compare(0, prefix.size(), prefix) != 0) continue;
+        const long pid = std::strtol(entry.c_str() + prefix.size(), nullptr, 10);
+        if (pid > 0 && ::kill(pid_t(pid), 0) != 0 && errno == ESRCH) ::unlink((dir + entry).c_str());
+    }
+    ::closedir(d);
+}
+
 // Writes the preamble and `payload` to a temporary file beside `path`, fsyncs it, renames it
 // over `path` and fsyncs the folder.
 void write_atomic(const std::string& path, const std::vector<uint8_t>& payload) {
@@ -46,6 +64,9 @@ void write_atomic(const std::string& path, const std::vector<uint8_t>& payload) 
     std::memcpy(pre + 16, &len, 8);
     std::memcpy(pre + 24, &sum, 8);
 
+    const size_t slash = path.rfind('/');
+    const std::string dir = slash == std::string::npos ? "./" : path.substr(0, slash + 1);
+    remove_abandoned(dir, slash == std::string::npos ? path : path.substr(slash + 1));
     const std::string tmp = path + ".tmp-" + std::to_string(::getpid()) + "-" +
                             std::to_string(std::hash<std::thread::id>()(std::this_thread::get_id()));
     int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -74,7 +95,6 @@ void write_atomic(const std::string& path, const std::vector<uint8_t>& payload) 
         ::unlink(tmp.c_str());
         FM_IO(false, "cannot rename '", tmp, "' to '", path, "': ", std::strerror(e));
     }
-    std::string dir = path.find('/') == std::string::npos ? "." : path.substr(0, path.rfind('/') + 1);
     int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd >= 0) {
         ::fsync(dfd);

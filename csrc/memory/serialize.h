@@ -61,7 +61,8 @@ class Reader {
     std::vector<T> vec(const char* what) {
         uint64_t n = count(sizeof(T), what);
         std::vector<T> v(n);
-        std::memcpy(v.data(), bytes(n * sizeof(T), what), n * sizeof(T));
+        const uint8_t* src = bytes(n * sizeof(T), what);
+        if (n) std::memcpy(v.data(), src, n * sizeof(T));  // an empty vector's data() may be null
         return v;
     }
     void align(size_t a) { off_ = (off_ + a - 1) / a * a; FM_ARG(off_ <= n_, where_, ": truncated at alignment"); }

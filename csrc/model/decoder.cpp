@@ -472,25 +472,37 @@ void Model::linear(const float* X, int T, int K, std::initializer_list<Projectio
     else if (quantized) pool_.parallel_for(size_t(T), 1, quantize_rows);
     FM_ARG(!gated || (projections.size() == 2 && projections.begin()[0].N == projections.begin()[1].N),
            "linear: gated takes gate and up projections of the same size");
-    pool_.run([&](int tid, int nt) {
-        for (const Projection& p : projections) {
-            auto [n0, n1] = ThreadPool::chunk(p.N, tid, nt, 16);
-            if (n0 >= n1) continue;
-            const Tensor& W = *p.W;
-            const char* rows = (p.data ? p.data : W.data()) + size_t(n0) * W.row_bytes;
-            if (is_block_format(W.format) && precise)
-                qk.matmul16[int(W.format)](p.Y + n0, p.ldy, act16, T, rows, W.row_bytes, K, int(n1 - n0));
-            else if (is_block_format(W.format))
-                qk.matmul[int(W.format)](p.Y + n0, p.ldy, act, T, rows, W.row_bytes, K, int(n1 - n0));
-            else
-                k.gemm[int(W.format)](p.Y + n0, p.ldy, X, K, T, rows, K, K, int(n1 - n0),
-                                      convert_.data<float>() + tid * cs);
-        }
-        if (!gated) return;
+    auto rows = [&](const Projection& p, size_t n0, size_t n1, int tid) {  // output rows [n0, n1) of p
+        const Tensor& W = *p.W;
+        const char* w = (p.data ? p.data : W.data()) + n0 * W.row_bytes;
+        if (is_block_format(W.format) && precise)
+            qk.matmul16[int(W.format)](p.Y + n0, p.ldy, act16, T, w, W.row_bytes, K, int(n1 - n0));
+        else if (is_block_format(W.format))
+            qk.matmul[int(W.format)](p.Y + n0, p.ldy, act, T, w, W.row_bytes, K, int(n1 - n0));
+        else
+            k.gemm[int(W.format)](p.Y + n0, p.ldy, X, K, T, w, K, K, int(n1 - n0), convert_.data<float>() + tid * cs);
+    };
+    // Blocks of 16 output rows, taken by whichever thread is free (ThreadPool::parallel_dynamic).
+    if (gated) {  // a block: its gate rows, its up rows, then the activation over them
         const Projection &gate = projections.begin()[0], &up = projections.begin()[1];
-        auto [n0, n1] = ThreadPool::chunk(gate.N, tid, nt, 16);
-        for (int t = 0; t < T && n0 < n1; ++t)
-            fm::gated(cfg_.activation, gate.Y + t * gate.ldy + n0, up.Y + t * up.ldy + n0, int(n1 - n0));
+        pool_.parallel_dynamic(gate.N, 16, [&](size_t n0, size_t n1, int tid) {
+            rows(gate, n0, n1, tid);
+            rows(up, n0, n1, tid);
+            for (int t = 0; t < T; ++t)
+                fm::gated(cfg_.activation, gate.Y + t * gate.ldy + n0, up.Y + t * up.ldy + n0, int(n1 - n0));
+        });
+        return;
+    }
+    size_t blocks = 0;  // every projection's blocks, one after another
+    for (const Projection& p : projections) blocks += (p.N + 15) / 16;
+    pool_.parallel_dynamic(blocks, 1, [&](size_t b0, size_t b1, int tid) {
+        size_t first = 0;
+        for (const Projection& p : projections) {
+            const size_t n_blocks = (p.N + 15) / 16;
+            const size_t a = std::max(b0, first), b = std::min(b1, first + n_blocks);
+            if (a < b) rows(p, (a - first) * 16, std::min(p.N, (b - first) * 16), tid);
+            first += n_blocks;
+        }
     });
 }
 
@@ -796,8 +808,8 @@ void Model::layer_forward(int l, int T, int start_pos) {
 // Causal GQA attention of T new queries: the query at position p attends to positions
 // [p - window + 1, p] (a layer with a window) or [0, p]. Per (token, head), scores = K q (a GEMV
 // over the cached keys), softmax, out = V^T scores (an accumulate over the cached values); the
-// positions lie in up to two runs of cache rows (a ring wraps). Work items are dealt out
-// round-robin, which balances the growing causal lengths.
+// positions lie in up to two runs of cache rows (a ring wraps). Work items are taken in small
+// chunks by whichever thread is free, which also balances the growing causal lengths.
 void Model::attention(int l, int T, int start_pos) {
     const Config& c = cfg_;
     const Kernels& k = kernels();
@@ -807,9 +819,9 @@ void Model::attention(int l, int T, int start_pos) {
     const char* vc = kv_values_.data<char>() + kv_first_[l] * kv_dim * esz;
     const int group = c.n_heads / c.n_kv_heads, hd = c.head_dim, window = c.window(l), rows = kv_rows_[l];
     const float scale = c.attn_scale > 0 ? c.attn_scale : 1.0f / std::sqrt(float(hd));
-    pool_.run([&](int tid, int nt) {
+    pool_.parallel_dynamic(size_t(T) * c.n_heads, 1, [&](size_t i0, size_t i1, int tid) {
         float* sc = scores_.data<float>() + size_t(tid) * c.max_context;
-        for (int item = tid; item < T * c.n_heads; item += nt) {
+        for (int item = int(i0); item < int(i1); ++item) {
             const int t = item / c.n_heads, h = item % c.n_heads, kvh = h / group;
             const int p = start_pos + t, first = std::max(attend_from_, window > 0 ? p - window + 1 : 0);
             const int n_pos = p - first + 1, r0 = first % rows;

@@ -207,8 +207,8 @@ class Model {
         const char* data = nullptr;  // W's rows where they are not W's own bytes (streamed, staged)
     };
     // precise: matrices in a block format take 16-bit activations, not 8-bit (the LM head's logits).
-    // swiglu: the two projections are gate and up (same N); each thread turns its share of the
-    // gate's outputs into silu(gate) * up in the same parallel region.
+    // swiglu: the two projections are gate and up (same N); each block of 16 rows is computed for
+    // both and turned into act(gate) * up by the thread that took it, in the same parallel region.
     void linear(const float* X, int T, int K, std::initializer_list<Projection> projections, bool precise = false,
                 bool swiglu = false);
     void check_tokens(const int32_t* tokens, int T) const;                    // ids in [0, vocab)

@@ -1,6 +1,7 @@
 """Generation: the decode loop and its result, and what the KV cache holds between calls."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -48,20 +49,29 @@ class KvPositions:
 
 class Generation:
     """One generation, iterable as text pieces (its `result` is set at the end). The loop: prefill
-    the inputs from position `start` (the positions before it are reused from the KV cache), then
+    the inputs from the first position the KV cache does not hold already (with reuse_cache), then
     one token at a time until an EOS token, a stop string, max_new_tokens or max_context."""
 
-    def __init__(self, engine, tokenizer, kv: KvPositions, max_context: int, inputs: Inputs, start: int,
+    def __init__(self, engine, tokenizer, kv: KvPositions, max_context: int, inputs: Inputs, reuse_cache: bool,
                  max_new_tokens: int, sampler, stop: list[str], eos: set[int], flash_summary: Callable[[int], dict]):
         self.engine, self.tok, self.kv, self.max_context = engine, tokenizer, kv, max_context
-        self.inputs, self.start, self.max_new, self.sampler, self.stop, self.eos = (
-            inputs, start, max_new_tokens, sampler, stop, eos)
+        self.inputs, self.reuse_cache, self.max_new, self.sampler, self.stop, self.eos = (
+            inputs, reuse_cache, max_new_tokens, sampler, stop, eos)
         self.flash_summary = flash_summary
+        self.hold = contextlib.nullcontext  # the model's EngineLock, for a stream
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
-        inp, start, engine, tok, kv = self.inputs, self.start, self.engine, self.tok, self.kv
+        with self.hold():
+            yield from self.steps()
+
+    def steps(self) -> Iterator[str]:
+        inp, engine, tok, kv = self.inputs, self.engine, self.tok, self.kv
         n_in = len(inp.src)
+        # what the KV cache holds now (another call may have run since generate() returned a stream)
+        start = min(kv.reusable(inp.keys), n_in - 1) if self.reuse_cache else 0
+        if start < engine.earliest_restart:  # sliding-window layers no longer hold what it needs
+            start = 0
         prompt = inp.token_ids  # for the repetition penalty: the token positions
         budget = min(self.max_new, self.max_context - n_in)
         kv.forget()  # the KV cache is being rewritten from `start`; set again once this succeeds

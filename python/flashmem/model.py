@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -13,8 +15,34 @@ from .memory import encoders, injection, retrieval
 from .sampling import Sampler
 
 
+class EngineLock:
+    """One call at a time on a model's engine: its KV cache, scratch buffers, neuron cache and the
+    caches of its memory encoders are shared state. Other threads wait their turn, so each call
+    gets the result it would get alone. A thread that calls the model while it holds it already
+    (an unfinished generate(stream=True) iterated in the same thread) gets an error, not a deadlock."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._holder: int | None = None
+
+    @contextmanager
+    def __call__(self):
+        me = threading.get_ident()
+        if self._holder == me:
+            raise RuntimeError("this thread is using the model already: an unfinished generate(stream=True) holds "
+                               "it; iterate the stream to its end or close() it first")
+        with self._lock:
+            self._holder = me
+            try:
+                yield
+            finally:
+                self._holder = None
+
+
 class Model:
-    """A Llama-family model in the native engine. Use `flashmem.load()` to make one."""
+    """A Llama-family model in the native engine. Use `flashmem.load()` to make one. Safe to share
+    between threads: calls run one at a time (EngineLock); a stream holds the model from its first
+    piece to its end."""
 
     def __init__(self, engine, tokenizer, path: str, config: dict, max_context: int, eos_token_ids: list[int],
                  offload: str | None = None, dram_budget: int | None = None, sparsity: float = 0.0, window: int = 5):
@@ -24,8 +52,9 @@ class Model:
         self.eos_token_ids = eos_token_ids
         self.offload, self.dram_budget, self.sparsity, self.window = offload, dram_budget, sparsity, window
         self._kv = KvPositions()  # what the engine's KV cache holds
+        self._use = EngineLock()
         self._windowed = bool(layer_windows(config, config["num_hidden_layers"], path))
-        self._key_encoder = encoders.KeyEncoder(tokenizer, engine.embed, self.hidden_states, self._sequence_state,
+        self._key_encoder = encoders.KeyEncoder(tokenizer, engine.embed, self._hidden_states, self._sequence_state,
                                                 self.vocab_size, self.d_model, config["num_hidden_layers"],
                                                 max_context)
         self._relevance = retrieval.Relevance(tokenizer, self._token_logprobs, max_context)
@@ -37,7 +66,8 @@ class Model:
 
     def flash_stats(self) -> dict:
         """Raw sparse FFN counters since the last reset (empty for the dense engine)."""
-        return dict(self._engine.sparse_stats())
+        with self._use():
+            return dict(self._engine.sparse_stats())
 
     # --- inputs ---------------------------------------------------------------------------
     def encode_prompt(self, prompt) -> list[int]:
@@ -70,15 +100,22 @@ class Model:
         """Logits (T, vocab) of every position of `ids`, from an empty KV cache."""
         ids = self._ids(ids)
         self._check_fits(len(ids))
-        self._kv.forget()
-        return self._engine.forward(ids, 0, True)
+        with self._use():
+            self._kv.forget()
+            return self._engine.forward(ids, 0, True)
 
     def input_embeddings(self, ids) -> np.ndarray:
         """The token-embedding rows of ids (what the first layer sees), (T, d_model) float32."""
-        return self._engine.embed(self._ids(ids))
+        ids = self._ids(ids)
+        with self._use():
+            return self._engine.embed(ids)
 
     def hidden_states(self, ids) -> np.ndarray:
         """Final hidden states (after the last norm, what the LM head sees), (T, d_model)."""
+        with self._use():
+            return self._hidden_states(ids)
+
+    def _hidden_states(self, ids) -> np.ndarray:
         ids = self._ids(ids)
         self._check_fits(len(ids))
         self._kv.forget()
@@ -89,8 +126,9 @@ class Model:
         predictor sees (flashmem calibrate fits on them)."""
         ids = self._ids(ids)
         self._check_fits(len(ids))
-        self._kv.forget()
-        return self._engine.ffn_inputs(ids)
+        with self._use():
+            self._kv.forget()
+            return self._engine.ffn_inputs(ids)
 
     def perplexity(self, text, max_tokens: int | None = None, stepwise: bool = False) -> float:
         """exp(mean next-token NLL) over `text` or token ids (first max_tokens tokens, windows of
@@ -99,6 +137,10 @@ class Model:
         ids = (self.tokenizer.encode(text) if isinstance(text, str) else [int(t) for t in text])[:max_tokens]
         if len(ids) < 2:
             raise ValueError("perplexity needs at least 2 tokens of text")
+        with self._use():
+            return self._perplexity(ids, stepwise)
+
+    def _perplexity(self, ids: list[int], stepwise: bool) -> float:
         nll, n = 0.0, 0
         self._kv.forget()
         for s in range(0, len(ids) - 1, self.max_context):
@@ -142,17 +184,20 @@ class Model:
         pooling="prompt" (default) is the model's reading of the text's meaning; "embedding" runs no
         layer (matches words); "hidden" averages final hidden states. A bank's keys and its queries
         must come from the same model and pooling."""
-        return self._key_encoder(text, pooling)
+        with self._use():
+            return self._key_encoder(text, pooling)
 
     def memory_relevance(self, memory_text: str, query: str) -> float:
         """How much reading `memory_text` makes `query` more predictable to the model, in nats per
         query token (memory/retrieval.py); generate() injects memories that reach memory_min_score."""
-        return self._relevance(memory_text, query)
+        with self._use():
+            return self._relevance(memory_text, query)
 
     def embed_memory(self, text: str, slots: int | None = None) -> np.ndarray:
         """Value embeddings (n, d_model) of a memory: the text's token embeddings (lossless), or with
         slots=m the means of m contiguous chunks of them (compressed, lossy)."""
-        return encoders.memory_value(self.tokenizer, self._engine.embed, text, slots)
+        with self._use():
+            return encoders.memory_value(self.tokenizer, self._engine.embed, text, slots)
 
     # --- generation -------------------------------------------------------------------------
     def generate(self, prompt=None, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
@@ -186,20 +231,20 @@ class Model:
         eos = self.eos_token_ids if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         t0 = time.perf_counter()
-        inputs = injection.assemble(prompt, inputs_embeds, self.tokenizer, self.encode_prompt, self.d_model,
-                                    memory=memory, memory_k=memory_k, position=memory_position,
-                                    placeholder=memory_placeholder, query=memory_query, embed_key=self.embed_key,
-                                    min_score=memory_min_score, relevance=self.memory_relevance,
-                                    max_positions=self.max_context - 1)
-        inputs.assemble_s = time.perf_counter() - t0
-        self._check_fits(len(inputs.src))
-        start = min(self._kv.reusable(inputs.keys), len(inputs.src) - 1) if reuse_cache else 0
-        if start < self._engine.earliest_restart:  # sliding-window layers no longer hold what it needs
-            start = 0
-        run = Generation(self._engine, self.tokenizer, self._kv, self.max_context, inputs, start, max_new_tokens,
-                         sampler, stop, set(eos), lambda tokens: streaming.summarize(self._engine, self.config, tokens))
-        if stream:
-            return run
-        for _ in run:
-            pass
-        return run.result
+        with self._use():
+            inputs = injection.assemble(prompt, inputs_embeds, self.tokenizer, self.encode_prompt, self.d_model,
+                                        memory=memory, memory_k=memory_k, position=memory_position,
+                                        placeholder=memory_placeholder, query=memory_query,
+                                        embed_key=self._key_encoder, min_score=memory_min_score,
+                                        relevance=self._relevance, max_positions=self.max_context - 1)
+            inputs.assemble_s = time.perf_counter() - t0
+            self._check_fits(len(inputs.src))
+            run = Generation(self._engine, self.tokenizer, self._kv, self.max_context, inputs, reuse_cache,
+                             max_new_tokens, sampler, stop, set(eos),
+                             lambda tokens: streaming.summarize(self._engine, self.config, tokens))
+            if not stream:
+                for _ in run.steps():
+                    pass
+                return run.result
+        run.hold = self._use  # a stream holds the model while it is iterated
+        return run

@@ -147,7 +147,8 @@ def convert(src: str, out: str, dtype: str | None = None, align: int = 4096, pro
     out = os.path.abspath(out)
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"output folder {out} exists and is not empty")
-    tmp = f"{out}.tmp-{os.getpid()}"
+    _remove_abandoned(out)
+    tmp = f"{out}.tmp-{os.getpid()}"  # written whole, then renamed to `out`: a killed convert leaves no `out`
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
@@ -169,10 +170,36 @@ def convert(src: str, out: str, dtype: str | None = None, align: int = 4096, pro
         if os.path.isdir(out):
             os.rmdir(out)
         os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is None:  # a failed write (a full disk) names no file
+            raise OSError(e.errno, f"convert {src} -> {out}: {e.strerror} (writing into {tmp}, now removed)") from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _remove_abandoned(out: str) -> None:
+    """Removes the temporary folders of earlier converts to `out` whose process is gone (killed)."""
+    folder, name = os.path.split(out)
+    if not os.path.isdir(folder):
+        return
+    for entry in os.listdir(folder):
+        pid = entry[len(name) + len(".tmp-"):]
+        if entry.startswith(name + ".tmp-") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _resident_shapes(cfg: dict, dims: dict, with_ffn: bool) -> list[tuple[str, tuple]]:

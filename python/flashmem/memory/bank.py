@@ -17,6 +17,7 @@ target_recall=0 does too. See csrc/memory/tuning.h.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -87,7 +88,13 @@ class MemoryBank:
         from .retrieval import LexicalIndex
 
         self.version = 0  # counts changes to the texts: the BM25 index over them is rebuilt when it moves
+        self._version_lock = threading.Lock()
         self._lexical = LexicalIndex()
+
+    def _texts_changed(self) -> None:
+        """After a change to the texts (not before: a BM25 refresh in between then rebuilds again)."""
+        with self._version_lock:
+            self.version += 1
 
     @classmethod
     def load(cls, path: str, mmap: bool = False) -> "MemoryBank":
@@ -159,8 +166,9 @@ class MemoryBank:
             raise ValueError("texts must be strings")
         mds = [_json(m, f"metadata[{i}]") for i, m in enumerate(per_entry(metadata, "metadata"))]
         id_arr = None if ids is None else np.ascontiguousarray(np.asarray(ids, dtype=np.int64).ravel())
-        self.version += 1
-        return self._bank.add(k, id_arr, vals, txts, mds)
+        out = self._bank.add(k, id_arr, vals, txts, mds)
+        self._texts_changed()
+        return out
 
     def add_text(self, model, text: str, metadata: dict | None = None, slots: int | None = None,
                  id: int | None = None, pooling: str = "prompt") -> int:
@@ -187,14 +195,15 @@ class MemoryBank:
 
     def update(self, id: int, key=None, value=None, text: str | None = None, metadata: dict | None = None) -> None:
         k = None if key is None else self._keys(key, "key")[0]
-        self.version += text is not None
         self._bank.update(int(id), k, _value_arg(value, "value"), text,
                           None if metadata is None else _json(metadata, "metadata"))
+        if text is not None:
+            self._texts_changed()
 
     def remove(self, ids) -> None:
         """Forgets entries; unknown ids raise ValueError and nothing is removed."""
-        self.version += 1
         self._bank.remove(np.ascontiguousarray(np.atleast_1d(np.asarray(ids, dtype=np.int64))))
+        self._texts_changed()
 
     def merge(self, ids, key=None, value=None, text: str | None = None, metadata: dict | None = None,
               id: int | None = None) -> int:
@@ -218,9 +227,10 @@ class MemoryBank:
             metadata = {}
             for p in parts:
                 metadata.update(p.metadata)
-        self.version += 1
-        return self._bank.replace(np.asarray(ids, np.int64), self._keys(key, "key")[0], id,
-                                  _value_arg(value, "value"), text, _json(metadata, "metadata"))
+        out = self._bank.replace(np.asarray(ids, np.int64), self._keys(key, "key")[0], id,
+                                 _value_arg(value, "value"), text, _json(metadata, "metadata"))
+        self._texts_changed()
+        return out
 
     # --- search ------------------------------------------------------------------------------
     def search(self, queries, k: int = 10, filter: Callable[[dict], bool] | Iterable[int] | None = None):

@@ -5,29 +5,39 @@
    words). Scores are fused: dense score + LEXICAL_WEIGHT * BM25 / (the best BM25 score), so
    that a query that shares no word still ranks by meaning, and a name decides between
    memories that mean much the same.
-2. Relevance: the model itself judges each of the best `k` candidates. A memory is relevant to
-   a query when reading it makes the query more predictable: its relevance is the mean over the
-   query's tokens of log p(token | "Context: memory") - log p(token | "Context: none"), in nats
-   (pointwise mutual information). Candidates below `min_score` are dropped, so a question that
-   no memory is about is asked exactly as without a bank.
+2. Relevance: the model itself judges each of the best `k` candidates, as pointwise mutual
+   information in both directions, in nats per token:
+   - forward: how much reading the memory makes the query more predictable, the mean over the
+     query's tokens of log p(token | "Context: memory\nQuestion:") - log p(token | "Context: none\nQuestion:");
+   - backward: how much the query makes the memory more predictable, the mean over the memory's
+     tokens of log p(token | "Question: query\nFact:") - log p(token | "Question: none\nFact:").
+   The relevance is their mean. Forward alone lets a general question pass on a memory that
+   shares its topic ("Name three musical instruments." and "Hollis plays the banjo."): the
+   memory makes the question's words likely, but the question does not ask for the memory.
+   Candidates below `min_score` are dropped, so a question that no memory is about is asked
+   exactly as without a bank.
 
 The relevance passes run as sequences of their own in the KV cache's last rows, so the cached
 conversation (and its prefix reuse) stays.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable
 
 import numpy as np
 
 LEXICAL_WEIGHT = 0.5
-# Calibrated on three fact sets (bench/memory_qa.py): with this threshold 95% of general
-# questions get no memory while the memory a fact question needs passes.
-MIN_SCORE = 1.4
+# Calibrated on SmolLM2 and Gemma 3 over four fact sets (three of tests/facts.py and one held
+# out) and 80 general questions (bench/memory_qa.py, bench/README.md): the memory a fact question
+# needs passes (0.98 of them), a general question's best candidate rarely does (2.5%).
+MIN_SCORE = 1.3
 CANDIDATES = 32  # per retriever, before fusion
-RELEVANCE_CONTEXT = "Context: {}\nQuestion:"
+FORWARD_CONTEXT = "Context: {}\nQuestion:"   # then the query's tokens
+BACKWARD_CONTEXT = "Question: {}\nFact:"     # then the memory's tokens
+NONE = "none"  # stands for the memory or the query in the passes without it
+BASE_CACHE = 4096  # memories whose backward pass without a query is kept
 
 
 @dataclass
@@ -39,21 +49,28 @@ class Candidate:
     relevance: float = float("nan")  # nats per query token (relevance check)
 
 
-@lru_cache(maxsize=1)
-def stemmer():
-    """The English stemmer of BM25's words (and of ChatMemory's content words)."""
-    import Stemmer
+_per_thread = threading.local()
 
-    return Stemmer.Stemmer("english")
+
+def stemmer():
+    """The English stemmer of BM25's words (and of ChatMemory's content words), one per thread
+    (PyStemmer's are not thread-safe)."""
+    if not hasattr(_per_thread, "stemmer"):
+        import Stemmer
+
+        _per_thread.stemmer = Stemmer.Stemmer("english")
+    return _per_thread.stemmer
 
 
 class LexicalIndex:
-    """BM25 over a bank's texts, rebuilt when they have changed since (bank.version)."""
+    """BM25 over a bank's texts, rebuilt when they have changed since (bank.version). One search or
+    rebuild at a time (a lock), as the bank is shared between threads."""
 
     def __init__(self):
         self.version = None
         self.ids = np.zeros(0, np.int64)
         self.bm25 = None
+        self._lock = threading.Lock()
 
     def tokenize(self, texts):
         import bm25s
@@ -61,7 +78,8 @@ class LexicalIndex:
         return bm25s.tokenize(texts, stemmer=stemmer(), show_progress=False, return_ids=False)
 
     def refresh(self, bank) -> None:
-        if self.version == bank.version:
+        version = bank.version  # read before the texts: changes bump it after they are made
+        if self.version == version:
             return
         import bm25s
 
@@ -71,19 +89,18 @@ class LexicalIndex:
         if pairs:
             self.bm25 = bm25s.BM25()
             self.bm25.index(self.tokenize([t for _, t in pairs]), show_progress=False)
-        self.version = bank.version
+        self.version = version
 
     def search(self, bank, query: str, n: int) -> dict[int, float]:
         """id -> BM25 score of the n best memories that share a word with the query."""
-        self.refresh(bank)
-        if self.bm25 is None:
-            return {}
         words = self.tokenize([query])[0]
-        if not words:
-            return {}
-        s = self.bm25.get_scores(words)
-        best = np.argsort(-s)[:n]
-        return {int(self.ids[j]): float(s[j]) for j in best if s[j] > 0}
+        with self._lock:
+            self.refresh(bank)
+            if self.bm25 is None or not words:
+                return {}
+            s = self.bm25.get_scores(words)
+            best = np.argsort(-s)[:n]
+            return {int(self.ids[j]): float(s[j]) for j in best if s[j] > 0}
 
 
 def candidates(bank, query: str, key: np.ndarray, n: int = CANDIDATES) -> list[Candidate]:
@@ -101,31 +118,48 @@ def candidates(bank, query: str, key: np.ndarray, n: int = CANDIDATES) -> list[C
 
 
 class Relevance:
-    """relevance(memory_text, query) in nats per query token; the query-only pass is computed once
-    per query. logprobs(ids, first) -> log p(ids[t] | ids[:t]) for t >= first (a sequence run on
-    its own)."""
+    """relevance(memory_text, query) in nats per token, the mean of forward and backward PMI. The
+    passes without the memory (per query) and without the query (per memory) are computed once.
+    logprobs(ids, first) -> log p(ids[t] | ids[:t]) for t >= first (a sequence run on its own)."""
 
     def __init__(self, tokenizer, logprobs: Callable[[list[int], int], np.ndarray], max_tokens: int):
         self.tokenizer, self.logprobs, self.max_tokens = tokenizer, logprobs, max_tokens
-        self._base: tuple[str, np.ndarray] | None = None
+        self._query_base: tuple[str, np.ndarray] | None = None
+        self._memory_base: dict[str, np.ndarray] = {}
 
-    def _query_logp(self, context: str, query_ids: list[int]) -> np.ndarray:
-        ctx = self.tokenizer.encode(RELEVANCE_CONTEXT.format(context))
-        over = len(ctx) + len(query_ids) - self.max_tokens
-        if over > 0:  # a memory longer than the context: its beginning stands for it
-            words = self.tokenizer.encode(context, add_special_tokens=False)
-            ctx = self.tokenizer.encode(RELEVANCE_CONTEXT.format(
+    def _tokens(self, text: str) -> list[int]:
+        """The scored tokens of a query or memory: at most half the context."""
+        words = " ".join(text.split())
+        return self.tokenizer.encode(" " + words, add_special_tokens=False)[:self.max_tokens // 2] if words else []
+
+    def _logp(self, template: str, given: str, scored: list[int]) -> np.ndarray:
+        """log p of the `scored` tokens after template.format(given)."""
+        ctx = self.tokenizer.encode(template.format(given))
+        over = len(ctx) + len(scored) - self.max_tokens
+        if over > 0:  # a text longer than the context: its beginning stands for it
+            words = self.tokenizer.encode(given, add_special_tokens=False)
+            ctx = self.tokenizer.encode(template.format(
                 self.tokenizer.decode(words[:max(0, len(words) - over - 2)])))
-        return self.logprobs(ctx + query_ids, len(ctx))
+        return self.logprobs(ctx + scored, len(ctx))
+
+    def parts(self, memory_text: str, query: str) -> tuple[float, float]:
+        """(forward, backward) PMI in nats per token; -inf for an empty text."""
+        q, m = self._tokens(query), self._tokens(memory_text)
+        if not q or not m:
+            return float("-inf"), float("-inf")
+        query, memory = " ".join(query.split()), " ".join(memory_text.split())
+        if self._query_base is None or self._query_base[0] != query:
+            self._query_base = (query, self._logp(FORWARD_CONTEXT, NONE, q))
+        if memory not in self._memory_base:
+            if len(self._memory_base) >= BASE_CACHE:
+                self._memory_base.pop(next(iter(self._memory_base)))
+            self._memory_base[memory] = self._logp(BACKWARD_CONTEXT, NONE, m)
+        forward = np.mean(self._logp(FORWARD_CONTEXT, memory, q) - self._query_base[1])
+        backward = np.mean(self._logp(BACKWARD_CONTEXT, query, m) - self._memory_base[memory])
+        return float(forward), float(backward)
 
     def __call__(self, memory_text: str, query: str) -> float:
-        q = self.tokenizer.encode(" " + query.strip(), add_special_tokens=False)[:self.max_tokens // 2]
-        if not q:
-            return float("-inf")
-        if self._base is None or self._base[0] != query:
-            self._base = (query, self._query_logp("none", q))
-        one_line = " ".join(memory_text.split())
-        return float(np.mean(self._query_logp(one_line, q) - self._base[1]))
+        return sum(self.parts(memory_text, query)) / 2
 
 
 def select(bank, query: str, key: np.ndarray, k: int, min_score: float | None,
