@@ -94,6 +94,34 @@ def test_a_stream_holds_the_model_until_it_ends(model):
     assert other == [model.generate(PROMPTS[3], max_new_tokens=10).token_ids] and rest is not None
 
 
+def test_8_threads_sharing_a_model_and_banks(model):
+    """8 threads at once, each asking its question with memory injected from one shared bank and
+    adding its own memory to another shared bank (model.embed_key and embed_memory under way in
+    other threads): every reply and every injected memory equal the sequential run's, and every
+    added key equals the one of a bank built one memory after another."""
+    facts = [f"{n} lives in {c}." for n, c in zip(["Jana", "Omar", "Lena", "Ravi", "Ines", "Kofi", "Mila", "Taro"],
+                                                  ["Kyoto", "Quito", "Oslo", "Lima", "Perth", "Accra", "Riga", "Hanoi"])]
+    asked = [[{"role": "user", "content": f"Where does {f.split()[0]} live?"}] for f in facts]
+    notes = [f"The locker code of office {i} is {1000 + 37 * i}." for i in range(8)]
+    read = flashmem.MemoryBank(model.d_model)
+    for f in facts:
+        read.add_text(model, f)
+    alone = [model.generate(q, memory=read, max_new_tokens=6) for q in asked]
+    sequential = flashmem.MemoryBank(model.d_model)
+    keys_alone = [sequential.get(sequential.add_text(model, t)).key for t in notes]
+    written = flashmem.MemoryBank(model.d_model)
+
+    def work(i):
+        r = model.generate(asked[i], memory=read, max_new_tokens=6)
+        return r, written.add_text(model, notes[i])
+
+    for i, (r, new_id) in enumerate(run_threads(work, 8)):
+        assert r.token_ids == alone[i].token_ids
+        assert [m["text"] for m in r.memories] == [m["text"] for m in alone[i].memories] == [facts[i]]
+        got = written.get(new_id)
+        assert got.text == notes[i] and np.array_equal(got.key, keys_alone[i])
+
+
 def test_bank_under_mixed_add_search_remove_save_from_8_threads(tmp_path):
     """8 threads add, search, remove and save one bank at once (flat and hnsw, the BM25 text index
     too). Every search returns ids that were in the bank; afterwards the bank equals what the
