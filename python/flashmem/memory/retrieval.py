@@ -30,7 +30,7 @@ import numpy as np
 
 LEXICAL_WEIGHT = 0.5
 # Calibrated on SmolLM2 and Gemma 3 over four fact sets (three of tests/facts.py and one held
-# out) and 80 general questions (bench/memory_qa.py, bench/README.md): the memory a fact question
+# out) and 80 general questions (bench/memory_relevance.py, bench/README.md): the memory a fact question
 # needs passes (0.98 of them), a general question's best candidate rarely does (2.5%).
 MIN_SCORE = 1.3
 CANDIDATES = 32  # per retriever, before fusion
@@ -127,10 +127,11 @@ class Relevance:
         self._query_base: tuple[str, np.ndarray] | None = None
         self._memory_base: dict[str, np.ndarray] = {}
 
-    def _tokens(self, text: str) -> list[int]:
-        """The scored tokens of a query or memory: at most half the context."""
-        words = " ".join(text.split())
-        return self.tokenizer.encode(" " + words, add_special_tokens=False)[:self.max_tokens // 2] if words else []
+    def _tokens(self, one_line: str) -> list[int]:
+        """The scored tokens of a query or memory (on one line): at most half the context."""
+        if not one_line:
+            return []
+        return self.tokenizer.encode(" " + one_line, add_special_tokens=False)[:self.max_tokens // 2]
 
     def _logp(self, template: str, given: str, scored: list[int]) -> np.ndarray:
         """log p of the `scored` tokens after template.format(given)."""
@@ -144,10 +145,10 @@ class Relevance:
 
     def parts(self, memory_text: str, query: str) -> tuple[float, float]:
         """(forward, backward) PMI in nats per token; -inf for an empty text."""
-        q, m = self._tokens(query), self._tokens(memory_text)
+        query, memory = " ".join(query.split()), " ".join(memory_text.split())
+        q, m = self._tokens(query), self._tokens(memory)
         if not q or not m:
             return float("-inf"), float("-inf")
-        query, memory = " ".join(query.split()), " ".join(memory_text.split())
         if self._query_base is None or self._query_base[0] != query:
             self._query_base = (query, self._logp(FORWARD_CONTEXT, NONE, q))
         if memory not in self._memory_base:
