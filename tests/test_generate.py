@@ -46,6 +46,53 @@ def test_seeded_sampling_is_reproducible(smollm2_f32):
     assert a.token_ids != c.token_ids
 
 
+@pytest.mark.parametrize("vocab", [1, 7, 50, 1001])
+@pytest.mark.parametrize("params", [dict(temperature=0.0), dict(temperature=0.0, repetition_penalty=1.8),
+                                    dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.9),
+                                    dict(temperature=1.0, min_p=0.1), dict(temperature=2.0, top_k=40, top_p=0.6, min_p=0.02,
+                                                                           repetition_penalty=1.3)])
+def test_core_sampler_matches_the_reference(vocab, params):
+    """The engine's sampler (csrc/model/sampler.cpp) against the numpy reference: greedy picks the
+    same token; sampling draws only tokens the reference allows, at its frequencies (4,000 draws;
+    the flat 1,001-token case makes top-p sort past its first prefixes)."""
+    from flashmem.sampling import core_sampler
+
+    rng = np.random.default_rng(vocab)
+    logits = (rng.standard_normal(vocab) * (0.3 if vocab == 1001 else 2.0)).astype(np.float32)
+    history = rng.integers(0, vocab, 4).tolist()
+    ref = Sampler(**params)
+    core = core_sampler(**params, seed=11)
+    core.begin(np.asarray(history, np.int32), vocab)
+    if params["temperature"] == 0.0:
+        assert core.sample(logits) == ref(logits, history)
+        return
+    p = ref.probs(logits, history)
+    draws = []
+    for _ in range(4000):
+        core.begin(np.asarray(history, np.int32), vocab)  # the same history for every draw
+        draws.append(core.sample(logits))
+    freq = np.bincount(draws, minlength=vocab) / len(draws)
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(p))
+    assert np.abs(freq - p).max() < 4 * np.sqrt(p.max() / len(draws)) + 1e-9
+
+
+def test_core_sampler_seeds_and_errors():
+    from flashmem.sampling import core_sampler
+
+    logits = np.random.default_rng(0).standard_normal(300).astype(np.float32)
+    draw = lambda seed: [core_sampler(temperature=1.0, seed=seed).sample(logits) for _ in range(1)] + \
+        [s.sample(logits) for s in [core_sampler(temperature=1.0, seed=seed)] for _ in range(20)]
+    assert draw(5) == draw(5) and draw(5) != draw(6)
+    for bad, match in ((dict(temperature=-1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(min_p=1.0), "min_p"),
+                       (dict(top_k=-2), "top_k"), (dict(repetition_penalty=0), "repetition_penalty"),
+                       (dict(seed=-3), "seed"), (dict(temperature=float("nan")), "temperature")):
+        with pytest.raises(ValueError, match=match):
+            core_sampler(**bad)
+    s = core_sampler(repetition_penalty=1.5)
+    with pytest.raises(ValueError, match="history token 300 out of range"):
+        s.begin(np.asarray([1, 300], np.int32), 300)
+
+
 def test_sampler_filters():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     draws = lambda s: {s(logits, []) for _ in range(300)}

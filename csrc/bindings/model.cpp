@@ -6,6 +6,7 @@
 
 #include "ffn/sparse_ffn.h"
 #include "model/decoder.h"
+#include "model/sampler.h"
 
 namespace fm::bindings {
 
@@ -60,6 +61,7 @@ void bind_model(nb::module_& m) {
         .def_rw("head_dim", &fm::Config::head_dim)
         .def_rw("max_context", &fm::Config::max_context)
         .def_rw("prefill_chunk", &fm::Config::prefill_chunk)
+        .def_rw("max_batch", &fm::Config::max_batch)
         .def_rw("norm_eps", &fm::Config::norm_eps)
         .def_rw("tied_embeddings", &fm::Config::tied_embeddings)
         .def_rw("qkv_bias", &fm::Config::qkv_bias)
@@ -104,13 +106,45 @@ void bind_model(nb::module_& m) {
             "kv_dtype", [](const fm::Config& c) { return std::string(fm::dtype_name(c.kv_dtype)); },
             [](fm::Config& c, const std::string& s) { c.kv_dtype = fm::dtype_from_name(s); });
 
+    using F32Vector = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+    nb::class_<fm::Sampler>(m, "Sampler")
+        .def(
+            "__init__",
+            [](fm::Sampler* self, float temperature, int top_k, float top_p, float min_p, float repetition_penalty,
+               int64_t seed) {
+                new (self) fm::Sampler({temperature, top_k, top_p, min_p, repetition_penalty}, seed);
+            },
+            "temperature"_a = 0.0f, "top_k"_a = 0, "top_p"_a = 1.0f, "min_p"_a = 0.0f, "repetition_penalty"_a = 1.0f,
+            "seed"_a = -1, "Token sampling (model/sampler.h); seed < 0: a random one.")
+        .def_prop_ro("temperature", [](const fm::Sampler& s) { return s.params().temperature; })
+        .def_prop_ro("repetition_penalty", [](const fm::Sampler& s) { return s.params().repetition_penalty; })
+        .def(
+            "begin", [](fm::Sampler& s, I32Vector history, int vocab) { s.begin(history.data(), int(history.shape(0)), vocab); },
+            "history"_a, "vocab"_a, "A new sequence: the repetition penalty applies to these tokens and the sampled ones.")
+        .def(
+            "sample", [](fm::Sampler& s, F32Vector logits) { return s.sample(logits.data(), int(logits.shape(0))); },
+            "logits"_a, "One token from logits (vocab,); it joins the history.")
+        .def("uniform", &fm::Sampler::uniform);
+
     nb::class_<fm::Model>(m, "Model")
         .def(nb::init<fm::Config, int>(), "config"_a, "threads"_a)
         .def_prop_ro("n_threads", &fm::Model::n_threads)
-        .def_prop_ro("kv_length", &fm::Model::kv_length, "positions held in the KV cache")
-        .def_prop_ro("earliest_restart", &fm::Model::earliest_restart,
+        .def_prop_ro("kv_length", [](const fm::Model& m) { return m.kv_length(0); },
+                     "positions held in the KV cache (slot 0)")
+        .def("slot_length", &fm::Model::kv_length, "slot"_a, "positions held in a KV-cache slot")
+        .def(
+            "reusable",
+            [](const fm::Model& self, nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> ids, int slot) {
+                return self.reusable(slot, ids.data(), int(ids.shape(0)));
+            },
+            "ids"_a, "slot"_a = 0,
+            "How many leading positions of ids (token ids >= 0, input-embedding identities <= -2) the slot's KV "
+            "cache holds.")
+        .def_prop_ro("slots", &fm::Model::slots, "KV-cache slots (sequences held at once: max_batch)")
+        .def_prop_ro("earliest_restart", [](const fm::Model& m) { return m.earliest_restart(0); },
                      "the earliest start_pos > 0 a forward pass may restart from (sliding-window layers keep only "
-                     "their last positions); 0 always works")
+                     "their last positions); 0 always works (slot 0)")
+        .def("slot_earliest_restart", &fm::Model::earliest_restart, "slot"_a, "earliest_restart of a slot")
         .def_prop_ro("weight_bytes", &fm::Model::weight_bytes)
         .def_prop_ro("state_bytes", &fm::Model::state_bytes)
         .def("load_tensor", &fm::Model::load_tensor, "kind"_a, "layer"_a, "path"_a, "offset"_a, "dtype"_a, "shape"_a,
@@ -194,26 +228,26 @@ void bind_model(nb::module_& m) {
             "tokens"_a, "FFN inputs (after the FFN norm) of every layer, (n_layers, T, d_model), from position 0.")
         .def(
             "sequence_state",
-            [](fm::Model& self, I32Vector tokens, int layer, int at) {
+            [](fm::Model& self, I32Vector tokens, int layer, int at, int slot) {
                 const int T = int(tokens.shape(0));
                 auto out = numpy_owned<float>({size_t(self.config().d_model)});
                 nb::gil_scoped_release nogil;
-                self.sequence_state(tokens.data(), T, layer, at, out.data());
+                self.sequence_state(tokens.data(), T, layer, at, out.data(), slot);
                 return out;
             },
-            "tokens"_a, "layer"_a, "at"_a = 0,
+            "tokens"_a, "layer"_a, "at"_a = 0, "slot"_a = 0,
             "The FFN input of `layer` at the last token, the tokens run as their own sequence in KV rows "
             "[at, at + T) (the cached sequence before `at` stays usable), (d_model,).")
         .def(
             "sequence_logits",
-            [](fm::Model& self, I32Vector tokens, int at) {
+            [](fm::Model& self, I32Vector tokens, int at, int slot) {
                 const int T = int(tokens.shape(0));
                 auto out = numpy_owned<float>({size_t(T), size_t(self.config().vocab_size)});
                 nb::gil_scoped_release nogil;
-                self.sequence_logits(tokens.data(), T, at, out.data());
+                self.sequence_logits(tokens.data(), T, at, out.data(), slot);
                 return out;
             },
-            "tokens"_a, "at"_a = 0,
+            "tokens"_a, "at"_a = 0, "slot"_a = 0,
             "Logits (T, vocab) of the tokens run as their own sequence in KV rows [at, at + T).")
         .def(
             "profile",
@@ -229,48 +263,92 @@ void bind_model(nb::module_& m) {
         .def(
             "forward",
             [](fm::Model& self, I32Vector tokens,
-               int start_pos, bool all_logits) {
+               int start_pos, bool all_logits, int slot) {
                 const int T = int(tokens.shape(0));
                 const size_t V = self.config().vocab_size;
                 auto out = numpy_owned<float>(all_logits ? std::vector<size_t>{size_t(T), V} : std::vector<size_t>{V});
                 nb::gil_scoped_release nogil;
-                self.forward_tokens(tokens.data(), T, start_pos, out.data(), all_logits);
+                self.forward_tokens(tokens.data(), T, start_pos, out.data(), all_logits, slot);
                 return out;
             },
-            "tokens"_a, "start_pos"_a, "all_logits"_a = false,
-            "Runs tokens at positions [start_pos, start_pos+T); returns logits of the last (or every) token.")
+            "tokens"_a, "start_pos"_a, "all_logits"_a = false, "slot"_a = 0,
+            "Runs tokens at positions [start_pos, start_pos+T) of the sequence in KV slot `slot`; returns logits "
+            "of the last (or every) token.")
+        .def(
+            "decode_step",
+            [](fm::Model& self, I32Vector tokens, I32Vector slots, I32Vector positions, std::vector<fm::Sampler*> samplers) {
+                const size_t B = tokens.shape(0), V = self.config().vocab_size;
+                FM_ARG(slots.shape(0) == B && positions.shape(0) == B && samplers.size() == B,
+                       "decode_step: tokens, slots, positions and samplers must have the same length (", B, ", ",
+                       slots.shape(0), ", ", positions.shape(0), ", ", samplers.size(), ")");
+                for (size_t b = 0; b < B; ++b) FM_ARG(samplers[b], "decode_step: sampler ", b, " is None");
+                auto out = numpy_owned<int32_t>({B});
+                {
+                    nb::gil_scoped_release nogil;
+                    std::vector<float> logits(B * V);
+                    self.forward_batch(tokens.data(), slots.data(), positions.data(), int(B), logits.data());
+                    for (size_t b = 0; b < B; ++b) out.data()[b] = samplers[b]->sample(logits.data() + b * V, int(V));
+                }
+                return out;
+            },
+            "tokens"_a, "slots"_a, "positions"_a, "samplers"_a,
+            "forward_batch, then each sequence's next token from its own Sampler: one call per decode step.")
+        .def(
+            "forward_batch",
+            [](fm::Model& self, I32Vector tokens, I32Vector slots, I32Vector positions) {
+                const int B = int(tokens.shape(0));
+                FM_ARG(slots.shape(0) == tokens.shape(0) && positions.shape(0) == tokens.shape(0),
+                       "forward_batch: tokens, slots and positions must have the same length (", tokens.shape(0),
+                       ", ", slots.shape(0), ", ", positions.shape(0), ")");
+                auto out = numpy_owned<float>({size_t(B), size_t(self.config().vocab_size)});
+                nb::gil_scoped_release nogil;
+                self.forward_batch(tokens.data(), slots.data(), positions.data(), B, out.data());
+                return out;
+            },
+            "tokens"_a, "slots"_a, "positions"_a,
+            "One decode step of several sequences: token b at positions[b] of the sequence in KV slot slots[b] "
+            "(distinct slots); one pass over the weights for all. Logits (B, vocab).")
         .def(
             "forward_inputs",
             [](fm::Model& self, I32Vector src,
                std::optional<nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>> embeds,
-               int start_pos, bool all_logits) {
+               int start_pos, bool all_logits, int slot,
+               std::optional<nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>> embed_ids) {
                 const int T = int(src.shape(0));
                 int n_embeds = 0;
                 const float* e = nullptr;
+                const int64_t* ids = nullptr;
                 if (embeds && embeds->shape(0)) {
                     FM_ARG(int(embeds->shape(1)) == self.config().d_model, "inputs_embeds must have width ",
                            self.config().d_model, " (d_model), got ", embeds->shape(1));
                     n_embeds = int(embeds->shape(0)), e = embeds->data();
+                    if (embed_ids) {
+                        FM_ARG(embed_ids->shape(0) == embeds->shape(0), "embed_ids must have one entry per embedding ",
+                               "row (", embeds->shape(0), "), got ", embed_ids->shape(0));
+                        ids = embed_ids->data();
+                        for (int i = 0; i < n_embeds; ++i)
+                            FM_ARG(ids[i] <= -2, "embed_ids[", i, "] = ", ids[i], ": an embedding's identity is <= -2");
+                    }
                 }
                 const size_t V = self.config().vocab_size;
                 auto out = numpy_owned<float>(all_logits ? std::vector<size_t>{size_t(T), V} : std::vector<size_t>{V});
                 nb::gil_scoped_release nogil;
-                self.forward_inputs(src.data(), T, e, n_embeds, start_pos, out.data(), all_logits);
+                self.forward_inputs(src.data(), T, e, n_embeds, start_pos, out.data(), all_logits, slot, ids);
                 return out;
             },
-            "src"_a, "embeds"_a.none(), "start_pos"_a, "all_logits"_a = false,
+            "src"_a, "embeds"_a.none(), "start_pos"_a, "all_logits"_a = false, "slot"_a = 0, "embed_ids"_a = nb::none(),
             "Runs mixed inputs: src[t] >= 0 is a token id, src[t] < 0 is row -src[t]-1 of embeds (n, d_model).")
         .def(
             "hidden_states",
             [](fm::Model& self, I32Vector tokens,
-               int start_pos) {
+               int start_pos, int slot) {
                 const int T = int(tokens.shape(0));
                 auto out = numpy_owned<float>({size_t(T), size_t(self.config().d_model)});
                 nb::gil_scoped_release nogil;
-                self.hidden_states(tokens.data(), T, start_pos, out.data());
+                self.hidden_states(tokens.data(), T, start_pos, out.data(), slot);
                 return out;
             },
-            "tokens"_a, "start_pos"_a = 0, "Final hidden states (after the final norm), (T, d_model).")
+            "tokens"_a, "start_pos"_a = 0, "slot"_a = 0, "Final hidden states (after the final norm), (T, d_model).")
         .def(
             "embed",
             [](fm::Model& self, I32Vector tokens) {

@@ -26,6 +26,7 @@ void Config::validate() const {
     FM_ARG(head_dim > 0 && head_dim % 2 == 0, "config: head_dim must be positive and even, got ", head_dim);
     FM_ARG(max_context > 0, "max_context must be positive, got ", max_context);
     FM_ARG(prefill_chunk >= 0, "prefill_chunk must be >= 0, got ", prefill_chunk);
+    FM_ARG(max_batch >= 1 && max_batch <= 4096, "max_batch must be in [1, 4096], got ", max_batch);
     FM_ARG(int(rope_inv_freq.size()) == head_dim / 2, "config: rope_inv_freq has ", rope_inv_freq.size(),
            " entries, expected head_dim/2 = ", head_dim / 2);
     FM_ARG(kv_dtype == DType::F32 || kv_dtype == DType::F16, "kv_dtype must be f32 or f16, got ", dtype_name(kv_dtype));
@@ -158,23 +159,19 @@ Model::Model(Config cfg, int n_threads) : cfg_(std::move(cfg)), pool_(n_threads)
     ffn_rows_.allocate(sizeof(void*) * c.d_ff);
     rope_cos_.allocate(f * 2 * size_t(chunk_) * (c.head_dim / 2));
     rope_sin_.allocate(f * 2 * size_t(chunk_) * (c.head_dim / 2));
-    size_t kv_total = 0;
-    bool ring = false;
+    std::vector<int> rows;
     for (int l = 0; l < c.n_layers; ++l) {
         const int w = c.window(l);
-        const int rows = w > 0 && int64_t(w) + chunk_ < c.max_context ? w + chunk_ : c.max_context;
-        ring |= rows < c.max_context;
-        kv_first_.push_back(kv_total);
-        kv_rows_.push_back(rows);
-        kv_total += size_t(rows);
+        windows_.push_back(w);
+        rows.push_back(w > 0 && int64_t(w) + chunk_ < c.max_context ? w + chunk_ : c.max_context);
     }
-    const size_t kv_esz = dtype_size(c.kv_dtype);
-    kv_keys_.allocate(kv_esz * kv_total * c.kv_dim());
-    kv_values_.allocate(kv_esz * kv_total * c.kv_dim());
-    if (c.kv_dtype != DType::F32 || ring) kv_new_.allocate(f * 2 * size_t(chunk_) * c.kv_dim());
+    kv_.allocate(std::move(rows), c.max_context, c.max_batch, c.kv_dim(), c.kv_dtype);
+    kv_new_.allocate(f * 2 * size_t(chunk_) * c.kv_dim());
+    tok_pos_.assign(chunk_, 0);
+    tok_slot_.assign(chunk_, 0);
 }
 
-void Model::fill_rope(int start_pos, int T) {
+void Model::fill_rope(int T) {
     const Config& c = cfg_;
     const int half = c.head_dim / 2;
     for (int set = 0; set < (c.rope_inv_freq_local.empty() ? 1 : 2); ++set) {
@@ -184,21 +181,19 @@ void Model::fill_rope(int start_pos, int T) {
         float* sn = rope_sin_.data<float>() + size_t(set) * chunk_ * half;
         for (int t = 0; t < T; ++t)
             for (int i = 0; i < half; ++i) {
-                const float angle = float(start_pos + t) * inv[i];  // f32 product, as HF computes it
+                const float angle = float(tok_pos_[t]) * inv[i];  // f32 product, as HF computes it
                 cs[size_t(t) * half + i] = float(std::cos(double(angle))) * scale;
                 sn[size_t(t) * half + i] = float(std::sin(double(angle))) * scale;
             }
     }
 }
 
-int Model::earliest_restart() const {
-    // a ring of R rows for a window of W holds positions [kv_length - R, kv_length); restarting at
-    // s needs positions from s - W + 1 on
-    int earliest = 0;
-    for (int l = 0; l < cfg_.n_layers; ++l)
-        if (kv_rows_[l] < cfg_.max_context)
-            earliest = std::max(earliest, kv_length_ - kv_rows_[l] + cfg_.window(l) - 1);
-    return earliest;
+int Model::earliest_restart(int slot) const { return kv_.earliest_restart(check_slot(slot), windows_); }
+
+int Model::check_slot(int slot) const {
+    FM_ARG(slot >= 0 && slot < kv_.slots(), "KV-cache slot ", slot, " out of range [0, ", kv_.slots(),
+           ") (load with max_batch to hold more sequences)");
+    return slot;
 }
 
 size_t Model::weight_bytes() const {
@@ -213,8 +208,8 @@ size_t Model::weight_bytes() const {
 size_t Model::state_bytes() const {
     return x_.size() + xn_.size() + q_.size() + att_out_.size() + proj_.size() + scores_.size() + ffn_acc_.size() +
            ffn_hu_.size() + convert_.size() + ffn_block_.size() + ffn_rows_.size() + act_.size() + act16_.size() +
-           ffn_gate_out_.size() + ffn_up_out_.size() + rope_cos_.size() + rope_sin_.size() + kv_keys_.size() +
-           kv_values_.size() + kv_new_.size() + (stream_ ? stream_->bytes() : 0);
+           ffn_gate_out_.size() + ffn_up_out_.size() + rope_cos_.size() + rope_sin_.size() + kv_.bytes() +
+           kv_new_.size() + (stream_ ? stream_->bytes() : 0);
 }
 
 void Model::configure_stream(const std::string& path, size_t staging_bytes, int queue_depth, bool direct) {
@@ -437,15 +432,16 @@ void Model::check_loaded() {
     loaded_ = true;
 }
 
-void Model::check_positions(int T, int start_pos) const {
+void Model::check_positions(int T, int start_pos, int slot) const {
     FM_ARG(loaded_, "the model's weights are not loaded and checked (check_loaded) yet");
     FM_ARG(T > 0, "no input positions (T = ", T, ")");
-    FM_ARG(start_pos >= 0 && start_pos <= kv_length_, "start_pos ", start_pos, " must lie in [0, ", kv_length_,
+    const int length = kv_.length(check_slot(slot));
+    FM_ARG(start_pos >= 0 && start_pos <= length, "start_pos ", start_pos, " must lie in [0, ", length,
            "] (positions before it must already be in the KV cache)");
     FM_ARG(int64_t(start_pos) + T <= cfg_.max_context, "context overflow: ", start_pos, " cached + ", T,
            " new positions > max_context ", cfg_.max_context);
-    FM_ARG(start_pos == 0 || start_pos >= earliest_restart(), "start_pos ", start_pos, " is too far back: the ",
-           "sliding-window layers' KV rings hold only their last positions; restart at 0 or at ", earliest_restart(),
+    FM_ARG(start_pos == 0 || start_pos >= earliest_restart(slot), "start_pos ", start_pos, " is too far back: the ",
+           "sliding-window layers' KV rings hold only their last positions; restart at 0 or at ", earliest_restart(slot),
            " or later");
 }
 
@@ -542,22 +538,24 @@ void Model::embed(const int32_t* tokens, int T, float* out) {
     gather_embeddings(tokens, T, out);
 }
 
-void Model::forward_tokens(const int32_t* tokens, int T, int start_pos, float* logits, bool all_logits) {
+void Model::forward_tokens(const int32_t* tokens, int T, int start_pos, float* logits, bool all_logits, int slot) {
     check_tokens(tokens, T);  // all ids before touching the cache
-    forward(T, start_pos, logits, all_logits ? Output::AllLogits : Output::LastLogits,
-            [&](int t0, int n, float* x) { gather_embeddings(tokens + t0, n, x); });
+    forward(T, start_pos, slot, logits, all_logits ? Output::AllLogits : Output::LastLogits,
+            [&](int t0, int n, float* x) { gather_embeddings(tokens + t0, n, x); }, [&](int t) { return tokens[t]; });
 }
 
-void Model::hidden_states(const int32_t* tokens, int T, int start_pos, float* out) {
+void Model::hidden_states(const int32_t* tokens, int T, int start_pos, float* out, int slot) {
     check_tokens(tokens, T);
-    forward(T, start_pos, out, Output::Hidden, [&](int t0, int n, float* x) { gather_embeddings(tokens + t0, n, x); });
+    forward(T, start_pos, slot, out, Output::Hidden, [&](int t0, int n, float* x) { gather_embeddings(tokens + t0, n, x); },
+            [&](int t) { return tokens[t]; });
 }
 
 void Model::ffn_inputs(const int32_t* tokens, int T, float* out) {
     check_tokens(tokens, T);
     capture_ = out, capture_T_ = T;
     try {
-        forward(T, 0, nullptr, Output::None, [&](int t0, int n, float* x) { gather_embeddings(tokens + t0, n, x); });
+        forward(T, 0, 0, nullptr, Output::None, [&](int t0, int n, float* x) { gather_embeddings(tokens + t0, n, x); },
+                [&](int t) { return tokens[t]; });
     } catch (...) {
         capture_ = nullptr;
         throw;
@@ -566,45 +564,47 @@ void Model::ffn_inputs(const int32_t* tokens, int T, float* out) {
 }
 
 template <typename Run>
-void Model::own_sequence(int T, int at, const char* what, Run&& run) {
+void Model::own_sequence(int T, int at, int slot, const char* what, Run&& run) {
     const Config& c = cfg_;
     FM_ARG(T > 0 && at >= 0 && int64_t(at) + T <= c.max_context, what, ": positions [", at, ", ", int64_t(at) + T,
            ") do not fit in max_context ", c.max_context);
     bool windows = false;
     for (int l = 0; l < c.n_layers; ++l) windows |= c.window(l) > 0;
     FM_ARG(at == 0 || !windows, what, ": a model with sliding-window layers runs it at position 0");
-    const int kept = kv_length_;
-    kv_length_ = at;  // the sequence starts at `at`: nothing before it is read
+    const int kept = kv_.length(check_slot(slot));
+    kv_.set_length(slot, at);  // the sequence starts at `at`: nothing before it is read
     attend_from_ = at;
     try {
         run();
     } catch (...) {
         attend_from_ = 0, last_layer_ = -1, capture_last_ = nullptr;
-        kv_length_ = at == 0 ? 0 : std::min(kept, at);
+        kv_.set_length(slot, at == 0 ? 0 : std::min(kept, at));
         throw;
     }
     attend_from_ = 0, last_layer_ = -1, capture_last_ = nullptr;
-    kv_length_ = at == 0 ? 0 : std::min(kept, at);  // at 0 the cached sequence is gone
+    kv_.set_length(slot, at == 0 ? 0 : std::min(kept, at));  // at 0 the cached sequence is gone
 }
 
-void Model::sequence_state(const int32_t* tokens, int T, int layer, int at, float* out) {
+void Model::sequence_state(const int32_t* tokens, int T, int layer, int at, float* out, int slot) {
     FM_ARG(layer >= 0 && layer < cfg_.n_layers, "layer ", layer, " out of range [0, ", cfg_.n_layers, ")");
     check_tokens(tokens, T);
-    own_sequence(T, at, "sequence_state", [&] {
+    own_sequence(T, at, slot, "sequence_state", [&] {
         last_layer_ = layer, capture_last_ = out;
-        forward(T, at, nullptr, Output::None, [&](int t0, int n, float* x) { gather_embeddings(tokens + t0, n, x); });
+        forward(T, at, slot, nullptr, Output::None, [&](int t0, int n, float* x) { gather_embeddings(tokens + t0, n, x); },
+                [&](int t) { return tokens[t]; });
     });
 }
 
-void Model::sequence_logits(const int32_t* tokens, int T, int at, float* out) {
+void Model::sequence_logits(const int32_t* tokens, int T, int at, float* out, int slot) {
     check_tokens(tokens, T);
-    own_sequence(T, at, "sequence_logits", [&] {
-        forward(T, at, out, Output::AllLogits, [&](int t0, int n, float* x) { gather_embeddings(tokens + t0, n, x); });
+    own_sequence(T, at, slot, "sequence_logits", [&] {
+        forward(T, at, slot, out, Output::AllLogits, [&](int t0, int n, float* x) { gather_embeddings(tokens + t0, n, x); },
+                [&](int t) { return tokens[t]; });
     });
 }
 
 void Model::forward_inputs(const int32_t* src, int T, const float* embeds, int n_embeds, int start_pos,
-                           float* logits, bool all_logits) {
+                           float* logits, bool all_logits, int slot, const int64_t* embed_ids) {
     const Config& c = cfg_;
     const size_t d = c.d_model;
     for (int t = 0; t < T; ++t) {  // every input checked before the cache is touched
@@ -621,20 +621,20 @@ void Model::forward_inputs(const int32_t* src, int T, const float* embeds, int n
     }
     // the input buffer is assembled here, chunk by chunk: token rows from the embedding table,
     // embedding rows copied in
-    forward(T, start_pos, logits, all_logits ? Output::AllLogits : Output::LastLogits, [&](int t0, int n, float* x) {
+    forward(T, start_pos, slot, logits, all_logits ? Output::AllLogits : Output::LastLogits, [&](int t0, int n, float* x) {
         for (int t = 0; t < n; ++t) {
             const int32_t s = src[t0 + t];
             if (s >= 0) gather_embeddings(&s, 1, x + size_t(t) * d);
             else std::memcpy(x + size_t(t) * d, embeds + (-int64_t(s) - 1) * d, sizeof(float) * d);
         }
-    });
+    }, [&](int t) { return src[t] >= 0 ? int64_t(src[t]) : embed_ids ? embed_ids[-int64_t(src[t]) - 1] : int64_t(-1); });
 }
 
-template <typename Fill>
-void Model::forward(int T, int start_pos, float* out, Output what, Fill&& fill) {
-    check_positions(T, start_pos);
+template <typename Fill, typename Ident>
+void Model::forward(int T, int start_pos, int slot, float* out, Output what, Fill&& fill, Ident&& ident) {
+    check_positions(T, start_pos, slot);
     const Config& c = cfg_;
-    kv_length_ = start_pos;  // positions past this are overwritten now
+    kv_.set_length(slot, start_pos);  // positions past this are overwritten now
     if (sparse_ && start_pos == 0) sparse_->begin_sequence();
     last_mark_ = std::chrono::steady_clock::now();
     prof_.tokens += T;
@@ -642,13 +642,12 @@ void Model::forward(int T, int start_pos, float* out, Output what, Fill&& fill) 
         const int n = T - t0 < chunk_ ? T - t0 : chunk_;
         float* x = x_.data<float>();
         fill(t0, n, x);
-        fill_rope(start_pos + t0, n);
+        for (int t = 0; t < n; ++t) tok_pos_[t] = start_pos + t0 + t, tok_slot_[t] = slot;
+        one_run_ = true;
         capture_t0_ = t0;
-        for (int l = 0; l < c.n_layers; ++l) {
-            layer_forward(l, n, start_pos + t0);
-            if (l == last_layer_) break;
-        }
-        kv_length_ = start_pos + t0 + n;
+        run_layers(n);
+        kv_.set_length(slot, start_pos + t0 + n);
+        for (int t = 0; t < n; ++t) kv_.set_identity(slot, start_pos + t0 + t, ident(t0 + t));
         if (what == Output::AllLogits) {
             compute_logits(x, n, out + size_t(t0) * c.vocab_size);
         } else if (what == Output::LastLogits && t0 + n == T) {
@@ -661,6 +660,53 @@ void Model::forward(int T, int start_pos, float* out, Output what, Fill&& fill) 
         }
         mark(Profile::kLogits);
     }
+}
+
+void Model::run_layers(int T) {
+    fill_rope(T);
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+        layer_forward(l, T);
+        if (l == last_layer_) break;
+    }
+}
+
+void Model::forward_batch(const int32_t* tokens, const int32_t* slots, const int32_t* positions, int B,
+                          float* logits) {
+    const Config& c = cfg_;
+    FM_ARG(loaded_, "the model's weights are not loaded and checked (check_loaded) yet");
+    FM_ARG(B >= 1 && B <= chunk_, "forward_batch: ", B, " sequences; it runs 1 to ", chunk_, " at once");
+    FM_ARG(last_layer_ < 0 && !capture_ && attend_from_ == 0, "forward_batch inside another forward pass");
+    check_tokens(tokens, B);
+    std::vector<char> taken(kv_.slots(), 0);
+    for (int b = 0; b < B; ++b) {  // every input checked before the cache is touched
+        const int slot = check_slot(slots[b]), p = positions[b], length = kv_.length(slot);
+        FM_ARG(!taken[slot], "forward_batch: slot ", slot, " appears twice (one token per sequence)");
+        taken[slot] = 1;
+        FM_ARG(p >= 0 && p <= length, "forward_batch: position ", p, " of slot ", slot, " must lie in [0, ", length,
+               "] (positions before it must already be in the KV cache)");
+        FM_ARG(p < c.max_context, "context overflow: slot ", slot, " position ", p, " >= max_context ",
+               c.max_context);
+        FM_ARG(p == 0 || p >= earliest_restart(slot), "forward_batch: position ", p, " of slot ", slot,
+               " is too far back for the sliding-window layers' KV rings");
+    }
+    last_mark_ = std::chrono::steady_clock::now();
+    prof_.tokens += B;
+    gather_embeddings(tokens, B, x_.data<float>());
+    for (int b = 0; b < B; ++b) tok_pos_[b] = positions[b], tok_slot_[b] = slots[b];
+    one_run_ = B == 1;
+    capture_t0_ = 0;
+    try {
+        run_layers(B);
+    } catch (...) {  // the layers stored some of these positions' keys: they are held up to before them
+        for (int b = 0; b < B; ++b) kv_.set_length(slots[b], positions[b]);
+        throw;
+    }
+    for (int b = 0; b < B; ++b) {
+        kv_.set_length(slots[b], positions[b] + 1);
+        kv_.set_identity(slots[b], positions[b], tokens[b]);
+    }
+    compute_logits(x_.data<float>(), B, logits);
+    mark(Profile::kLogits);
 }
 
 void Model::compute_logits(const float* x, int T, float* logits) {
@@ -687,37 +733,21 @@ void Model::compute_logits(const float* x, int T, float* logits) {
     }
 }
 
-void Model::store_kv(int l, const float* k, const float* v, int T, int start_pos) {
-    const size_t kv_dim = cfg_.kv_dim(), esz = dtype_size(cfg_.kv_dtype);
-    const int rows = kv_rows_[l];
-    for (int t0 = 0; t0 < T;) {  // up to two runs of rows: the ring may wrap
-        const int r = (start_pos + t0) % rows, n = std::min(T - t0, rows - r);
-        const size_t at = (kv_first_[l] + r) * kv_dim, count = size_t(n) * kv_dim;
-        if (cfg_.kv_dtype == DType::F32) {
-            std::memcpy(kv_keys_.data<float>() + at, k + size_t(t0) * kv_dim, count * esz);
-            std::memcpy(kv_values_.data<float>() + at, v + size_t(t0) * kv_dim, count * esz);
-        } else {
-            kernels().to_f16(kv_keys_.data<uint16_t>() + at, k + size_t(t0) * kv_dim, int(count));
-            kernels().to_f16(kv_values_.data<uint16_t>() + at, v + size_t(t0) * kv_dim, int(count));
-        }
-        t0 += n;
-    }
-}
-
-void Model::layer_forward(int l, int T, int start_pos) {
+void Model::layer_forward(int l, int T) {
     const Config& c = cfg_;
     const LayerWeights& L = w_.layers[l];
     float* x = x_.data<float>();
     float* xn = xn_.data<float>();
     float* proj = proj_.data<float>();
     const size_t kv_dim = c.kv_dim(), q_dim = c.q_dim(), d = c.d_model;
-    // the new keys and values (T, kv_dim): straight into an f32 cache where their rows do not wrap
-    // around a ring, else into kv_new_, then stored (store_kv)
-    const int kv_row = start_pos % kv_rows_[l];
-    const bool in_place = c.kv_dtype == DType::F32 && kv_row + T <= kv_rows_[l];
-    const size_t kv_at = (kv_first_[l] + kv_row) * kv_dim;
-    float* kc = in_place ? kv_keys_.data<float>() + kv_at : kv_new_.data<float>();
-    float* vc = in_place ? kv_values_.data<float>() + kv_at : kv_new_.data<float>() + size_t(chunk_) * kv_dim;
+    // the new keys and values (T, kv_dim): straight into an f32 cache where they are one slot's
+    // consecutive positions whose rows do not wrap around a ring, else into kv_new_, then stored
+    const int slot0 = tok_slot_[0], kv_row = tok_pos_[0] % kv_.rows(l);
+    const bool in_place = c.kv_dtype == DType::F32 && one_run_ && kv_row + T <= kv_.rows(l);
+    const size_t kv_at = size_t(kv_row) * kv_dim;
+    float* kc = in_place ? reinterpret_cast<float*>(kv_.keys(l, slot0)) + kv_at : kv_new_.data<float>();
+    float* vc = in_place ? reinterpret_cast<float*>(kv_.values(l, slot0)) + kv_at
+                         : kv_new_.data<float>() + size_t(chunk_) * kv_dim;
 
     // attention block: q, k, v, (q/k norms), rope, attention, output projection, (its norm)
     for (int t = 0; t < T; ++t)
@@ -746,9 +776,14 @@ void Model::layer_forward(int l, int T, int start_pos) {
         rope(q, c.n_heads, hd, rope_cos + size_t(t) * half, rope_sin + size_t(t) * half);
         rope(k, c.n_kv_heads, hd, rope_cos + size_t(t) * half, rope_sin + size_t(t) * half);
     }
-    if (!in_place) store_kv(l, kc, vc, T, start_pos);
+    if (!in_place && one_run_) {
+        kv_.store(l, slot0, tok_pos_[0], T, kc, vc);
+    } else if (!in_place) {
+        for (int t = 0; t < T; ++t)
+            kv_.store(l, tok_slot_[t], tok_pos_[t], 1, kc + size_t(t) * kv_dim, vc + size_t(t) * kv_dim);
+    }
     mark(Profile::kNorms);
-    attention(l, T, start_pos);
+    attention(l, T);
     mark(Profile::kAttention);
     const char* wo = nullptr;
     if (L.wo.streamed) stage({&L.wo}, &wo, "the attention output matrix");
@@ -810,20 +845,20 @@ void Model::layer_forward(int l, int T, int start_pos) {
 // over the cached keys), softmax, out = V^T scores (an accumulate over the cached values); the
 // positions lie in up to two runs of cache rows (a ring wraps). Work items are taken in small
 // chunks by whichever thread is free, which also balances the growing causal lengths.
-void Model::attention(int l, int T, int start_pos) {
+void Model::attention(int l, int T) {
     const Config& c = cfg_;
     const Kernels& k = kernels();
     const int kvt = int(c.kv_dtype);
     const size_t kv_dim = c.kv_dim(), q_dim = c.q_dim(), esz = dtype_size(c.kv_dtype);
-    const char* kc = kv_keys_.data<char>() + kv_first_[l] * kv_dim * esz;  // (kv_rows_[l], kv_dim)
-    const char* vc = kv_values_.data<char>() + kv_first_[l] * kv_dim * esz;
-    const int group = c.n_heads / c.n_kv_heads, hd = c.head_dim, window = c.window(l), rows = kv_rows_[l];
+    const int group = c.n_heads / c.n_kv_heads, hd = c.head_dim, window = c.window(l), rows = kv_.rows(l);
     const float scale = c.attn_scale > 0 ? c.attn_scale : 1.0f / std::sqrt(float(hd));
     pool_.parallel_dynamic(size_t(T) * c.n_heads, 1, [&](size_t i0, size_t i1, int tid) {
         float* sc = scores_.data<float>() + size_t(tid) * c.max_context;
         for (int item = int(i0); item < int(i1); ++item) {
             const int t = item / c.n_heads, h = item % c.n_heads, kvh = h / group;
-            const int p = start_pos + t, first = std::max(attend_from_, window > 0 ? p - window + 1 : 0);
+            const char* kc = kv_.keys(l, tok_slot_[t]);  // (rows, kv_dim): this token's sequence
+            const char* vc = kv_.values(l, tok_slot_[t]);
+            const int p = tok_pos_[t], first = std::max(attend_from_, window > 0 ? p - window + 1 : 0);
             const int n_pos = p - first + 1, r0 = first % rows;
             const int n1 = std::min(n_pos, rows - r0), n2 = n_pos - n1;  // rows [r0, r0 + n1), then [0, n2)
             const float* q = q_.data<float>() + t * q_dim + h * hd;

@@ -19,6 +19,7 @@
 #include "core/tensor.h"
 #include "core/thread_pool.h"
 #include "ffn/sparse_ffn.h"
+#include "model/kv_cache.h"
 #include "model/weight_stream.h"
 
 namespace fm {
@@ -46,7 +47,8 @@ struct Config {
     int n_heads = 0;
     int n_kv_heads = 0;
     int head_dim = 0;
-    int max_context = 0;  // KV cache length
+    int max_context = 0;  // KV cache length (per sequence)
+    int max_batch = 1;    // KV-cache slots: sequences held, and decoded together (forward_batch), at once
     int prefill_chunk = 0;  // prompt tokens per forward pass (0: 256); the run state scales with it
     float norm_eps = 1e-5f;
     bool tied_embeddings = false;
@@ -115,7 +117,11 @@ class Model {
 
     const Config& config() const { return cfg_; }
     int n_threads() const { return pool_.size(); }
-    int kv_length() const { return kv_length_; }
+    int kv_length(int slot = 0) const { return kv_.length(check_slot(slot)); }
+    // How many leading positions of ids (n position identities: KvCache::set_identity) the slot's
+    // KV cache holds: a new sequence with these inputs can start from there.
+    int reusable(int slot, const int64_t* ids, int n) const { return kv_.reusable(check_slot(slot), ids, n); }
+    int slots() const { return kv_.slots(); }
     size_t weight_bytes() const;
     size_t state_bytes() const;
     // Bytes the resident weights will take once loaded (with or without the FFN bundles), for a
@@ -159,29 +165,39 @@ class Model {
                      const std::string& dtype, const std::vector<int64_t>& shape, bool stream = false);
     // Throws naming the first missing tensor; then sizes the run state the weights' formats need.
     void check_loaded();
-    // The earliest start_pos > 0 a forward pass may restart from (rewinding the KV cache): a layer
-    // with a sliding window keeps only its last positions; 0 (a new sequence) always works.
-    int earliest_restart() const;
+    // The earliest start_pos > 0 a forward pass of the slot's sequence may restart from (rewinding
+    // the KV cache): a layer with a sliding window keeps only its last positions; 0 (a new
+    // sequence) always works.
+    int earliest_restart(int slot = 0) const;
 
+    // Every call below runs one sequence, held in KV-cache slot `slot` (in [0, max_batch)), except
+    // forward_batch, which runs one token of each of several.
+    //
     // Runs T tokens (or T input embeddings of width d_model) at positions [start_pos, start_pos+T).
     // Positions before start_pos must already be in the KV cache. Writes logits (vocab) for the
     // last token, or for every token when all_logits ((T, vocab)).
-    void forward_tokens(const int32_t* tokens, int T, int start_pos, float* logits, bool all_logits);
+    void forward_tokens(const int32_t* tokens, int T, int start_pos, float* logits, bool all_logits, int slot = 0);
     // Mixed inputs: position t is token src[t] when src[t] >= 0, else row -src[t]-1 of embeds
-    // (n_embeds, d_model), e.g. memory slots spliced into a prompt.
+    // (n_embeds, d_model), e.g. memory slots spliced into a prompt. embed_ids (n_embeds, or null):
+    // each row's identity (<= -2) for prefix reuse; a token position's identity is its id.
     void forward_inputs(const int32_t* src, int T, const float* embeds, int n_embeds, int start_pos, float* logits,
-                        bool all_logits);
+                        bool all_logits, int slot = 0, const int64_t* embed_ids = nullptr);
+    // One decode step of B sequences (B <= the prefill chunk): token b at position positions[b] of
+    // the sequence in slot slots[b] (slots distinct; positions[b] <= that slot's length, which
+    // becomes positions[b] + 1). One pass over the weights for all of them: each matrix multiplies
+    // the B rows at once, and the sparse FFN reads the union of their neurons once. logits (B, vocab).
+    void forward_batch(const int32_t* tokens, const int32_t* slots, const int32_t* positions, int B, float* logits);
     // Final hidden states (after the final norm) of every token: out (T, d_model).
-    void hidden_states(const int32_t* tokens, int T, int start_pos, float* out);
+    void hidden_states(const int32_t* tokens, int T, int start_pos, float* out, int slot = 0);
     // The FFN input (after the FFN norm) of `layer` at the last of T tokens run as a sequence of
     // their own, out (d_model): layers 0..layer only, attention reading only these T positions. Its
     // keys and values go to rows [at, at + T) of the KV cache, which otherwise stays as it was: with
     // at >= the cached length, the cached sequence can go on (the memory key encoder runs between
     // generations this way). Layers with a sliding window need at = 0 (their rings would wrap).
-    void sequence_state(const int32_t* tokens, int T, int layer, int at, float* out);
+    void sequence_state(const int32_t* tokens, int T, int layer, int at, float* out, int slot = 0);
     // Logits (T, vocab) of every one of T tokens run as a sequence of their own in KV rows
     // [at, at + T), as sequence_state() (the memory relevance check runs this way).
-    void sequence_logits(const int32_t* tokens, int T, int at, float* out);
+    void sequence_logits(const int32_t* tokens, int T, int at, float* out, int slot = 0);
     const Profile& profile() const { return prof_; }
     void reset_profile() { prof_ = Profile{}; }
 
@@ -190,15 +206,19 @@ class Model {
 
   private:
     enum class Output { LastLogits, AllLogits, Hidden, None };
-    template <typename Fill>
-    void forward(int T, int start_pos, float* out, Output what, Fill&& fill);
-    void check_positions(int T, int start_pos) const;
+    // fill(t0, n, x): the inputs of positions [t0, t0 + n) into x; ident(t): position t's identity.
+    template <typename Fill, typename Ident>
+    void forward(int T, int start_pos, int slot, float* out, Output what, Fill&& fill, Ident&& ident);
+    int check_slot(int slot) const;  // slot, or an exception
+    void check_positions(int T, int start_pos, int slot) const;
     // Runs `run` with attention reading only positions from `at` on (a sequence of its own in KV
-    // rows [at, at + T)); the cached sequence before `at` stays usable.
+    // rows [at, at + T) of the slot); the cached sequence before `at` stays usable.
     template <typename Run>
-    void own_sequence(int T, int at, const char* what, Run&& run);
-    void layer_forward(int l, int T, int start_pos);
-    void attention(int l, int T, int start_pos);
+    void own_sequence(int T, int at, int slot, const char* what, Run&& run);
+    // The T tokens in x_ through the layers, at the positions and slots of tok_pos_ and tok_slot_.
+    void run_layers(int T);
+    void layer_forward(int l, int T);
+    void attention(int l, int T);
     struct Projection {
         float* Y;          // (T, ldy) output, N columns written
         size_t ldy;
@@ -213,8 +233,7 @@ class Model {
                 bool swiglu = false);
     void check_tokens(const int32_t* tokens, int T) const;                    // ids in [0, vocab)
     void gather_embeddings(const int32_t* tokens, int T, float* out) const;  // unchecked; times embed_scale
-    void fill_rope(int start_pos, int T);  // the cos/sin tables of positions [start_pos, start_pos + T)
-    void store_kv(int l, const float* k, const float* v, int T, int start_pos);  // into the layer's (ring) rows
+    void fill_rope(int T);  // the cos/sin tables of the T tokens' positions (tok_pos_)
     // Reads streamed matrices (up to 4) into the weight stream's staging buffer: out[i] = rows of tensor i.
     void stage(std::initializer_list<const Tensor*> tensors, const char** out, const char* what) const;
     void compute_logits(const float* x, int T, float* logits);
@@ -231,7 +250,6 @@ class Model {
     Profile prof_;
     std::chrono::steady_clock::time_point last_mark_;
     Weights w_;
-    int kv_length_ = 0;
     int chunk_;  // tokens per prefill chunk
     bool loaded_ = false;  // check_loaded() passed: every tensor and the run state it needs are there
 
@@ -262,13 +280,12 @@ class Model {
     int last_layer_ = -1;        // sequence_state(): the forward pass stops after this layer
     float* capture_last_ = nullptr;  // sequence_state(): the last position's FFN input of last_layer_
     Buffer rope_cos_, rope_sin_;  // (2, chunk, head_dim/2) this chunk's positions: global, then local rope
-    // KV cache: layer l's keys (and values) are kv_rows_[l] rows of kv_dim from row kv_first_[l]:
-    // max_context rows, or for a layer with a window a ring of window + chunk rows (position p in
-    // row p % kv_rows_[l]), which a chunk of new positions never overwrites while still needed.
-    Buffer kv_keys_, kv_values_;  // (sum of kv_rows_, kv_dim) in kv_dtype
-    std::vector<size_t> kv_first_;
-    std::vector<int> kv_rows_;
+    KvCache kv_;
+    std::vector<int> windows_;    // per layer: its sliding window (0: none)
     Buffer kv_new_;               // (2, chunk, kv_dim) f32 new keys and values, when not written in place
+    // The tokens of the chunk being run: position, KV slot; one_run_: one slot, consecutive positions.
+    std::vector<int> tok_pos_, tok_slot_;
+    bool one_run_ = true;
 };
 
 }  // namespace fm

@@ -164,6 +164,16 @@ def cmd_eval_ppl(a) -> None:
     print(json.dumps(out))
 
 
+def cmd_serve(a) -> None:
+    try:
+        from .serving import serve
+    except ImportError as e:  # the optional extra is missing: its message says what to install
+        raise RuntimeError(str(e)) from None
+    serve(a.model, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue, model_name=a.model_name,
+          dtype=a.dtype, threads=a.threads, max_context=a.max_context, offload=a.offload, dram_budget=a.dram_budget,
+          sparsity=a.sparsity, window=a.window, eviction=a.eviction, kv_dtype=a.kv_dtype)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="flashmem", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -208,6 +218,16 @@ def main(argv=None) -> int:
                    help="one token at a time, exactly as generation runs (slower; with --offload flash the "
                         "neuron cache evolves as when decoding)")
     e.set_defaults(fn=cmd_eval_ppl)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions), "
+                                     "continuous batching; needs pip install \"flashmem[server]\"")
+    _model_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed once listening)")
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache slots)")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting or running at most; more are refused with 503 (default 64)")
+    s.add_argument("--model-name", default=None, help="the model id clients use (default: the file or folder name)")
+    s.set_defaults(fn=cmd_serve)
     a = p.parse_args(argv)
     try:
         a.fn(a)

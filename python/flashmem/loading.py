@@ -27,7 +27,7 @@ SMALL_BUDGET = 256 << 20  # below this dram_budget, prompts go through in chunks
 
 def load(path: str | None = None, dtype: str | None = None, threads: int | None = None,
          max_context: int | None = None, offload: str | None = None, dram_budget=None, sparsity: float = 0.0,
-         window: int = 5, kv_dtype: str | None = None, prefill_chunk: int | None = None,
+         window: int = 5, kv_dtype: str | None = None, prefill_chunk: int | None = None, max_batch: int = 1,
          **flash_options) -> Model:
     """Loads a model: a flashmem folder, a HF folder or a GGUF file (the latter two converted once
     into the store); with no path, the default model. The README's "Python API" and "Flash
@@ -47,12 +47,12 @@ def load(path: str | None = None, dtype: str | None = None, threads: int | None 
         path = converted_folder(path, dtype)
     return open_model(path, threads=threads, max_context=max_context, offload=offload, dram_budget=dram_budget,
                       sparsity=sparsity, window=window, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk,
-                      **flash_options)
+                      max_batch=max_batch, **flash_options)
 
 
 def open_model(folder: str, threads: int | None = None, max_context: int | None = None, offload=None,
                dram_budget=None, sparsity: float = 0.0, window: int = 5, kv_dtype: str | None = None,
-               prefill_chunk: int | None = None, **flash_options) -> Model:
+               prefill_chunk: int | None = None, max_batch: int = 1, **flash_options) -> Model:
     """The model of a converted folder: engine configured, FFN placed, weights loaded, checked."""
     cfg_path = os.path.join(folder, "config.json")
     config = read_json(cfg_path)
@@ -78,6 +78,9 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
         if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
         c.prefill_chunk = prefill_chunk
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or not 1 <= max_batch <= 4096:
+        raise ValueError(f"max_batch must be an integer in [1, 4096], got {max_batch!r}")
+    c.max_batch = max_batch  # KV-cache slots: every one is allocated now (and counted in dram_budget)
     engine = _core.Model(c, threads)
     # the FFN: streamed from flash, neuron bundles in DRAM (sparsity), or dense (bundles or matrices);
     # with offload="all" the attention matrices, embeddings and LM head are read when needed too;

@@ -9,10 +9,17 @@ from contextlib import contextmanager
 import numpy as np
 
 from .flash import streaming
-from .generation import Generation, KvPositions
+from .generation import Generation
 from .checkpoints.config import layer_windows
 from .memory import encoders, injection, retrieval
-from .sampling import Sampler
+from .sampling import core_sampler
+
+
+def is_prompt_list(prompt) -> bool:
+    """A list of prompts (texts, token-id lists or chats), not one prompt (a text, token ids, or a
+    chat: a list of message dicts)."""
+    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
+            and all(isinstance(p, str) or (isinstance(p, (list, tuple)) and not isinstance(p, str)) for p in prompt))
 
 
 class EngineLock:
@@ -42,7 +49,11 @@ class EngineLock:
 class Model:
     """A Llama-family model in the native engine. Use `flashmem.load()` to make one. Safe to share
     between threads: calls run one at a time (EngineLock); a stream holds the model from its first
-    piece to its end."""
+    piece to its end.
+
+    The engine's KV cache has `max_batch` slots (flashmem.load(max_batch=)), one sequence each. A
+    call runs in the lowest slot no BatchRunner holds (generate() with a list of prompts, and the
+    server, decode several slots together; see batching.py)."""
 
     def __init__(self, engine, tokenizer, path: str, config: dict, max_context: int, eos_token_ids: list[int],
                  offload: str | None = None, dram_budget: int | None = None, sparsity: float = 0.0, window: int = 5):
@@ -51,13 +62,26 @@ class Model:
         self.vocab_size, self.d_model, self.max_context = config["vocab_size"], config["hidden_size"], max_context
         self.eos_token_ids = eos_token_ids
         self.offload, self.dram_budget, self.sparsity, self.window = offload, dram_budget, sparsity, window
-        self._kv = KvPositions()  # what the engine's KV cache holds
+        self.max_batch = engine.slots
+        self._held: set[int] = set()  # slots a BatchRunner holds sequences in
+        self._slot = 0  # the slot this call runs in (set under the lock by _single)
         self._use = EngineLock()
         self._windowed = bool(layer_windows(config, config["num_hidden_layers"], path))
         self._key_encoder = encoders.KeyEncoder(tokenizer, engine.embed, self._hidden_states, self._sequence_state,
                                                 self.vocab_size, self.d_model, config["num_hidden_layers"],
                                                 max_context)
         self._relevance = retrieval.Relevance(tokenizer, self._token_logprobs, max_context)
+
+    @contextmanager
+    def _single(self):
+        """The engine for one call (EngineLock), in the lowest KV slot no BatchRunner holds."""
+        with self._use():
+            free = [s for s in range(self.max_batch) if s not in self._held]
+            if not free:
+                raise RuntimeError(f"all {self.max_batch} KV-cache slots hold a BatchRunner's sequences; wait for "
+                                   "them, or load the model with a larger max_batch")
+            self._slot = free[0]
+            yield
 
     @property
     def owned_bytes(self) -> int:
@@ -100,9 +124,8 @@ class Model:
         """Logits (T, vocab) of every position of `ids`, from an empty KV cache."""
         ids = self._ids(ids)
         self._check_fits(len(ids))
-        with self._use():
-            self._kv.forget()
-            return self._engine.forward(ids, 0, True)
+        with self._single():
+            return self._engine.forward(ids, 0, True, self._slot)
 
     def input_embeddings(self, ids) -> np.ndarray:
         """The token-embedding rows of ids (what the first layer sees), (T, d_model) float32."""
@@ -112,22 +135,22 @@ class Model:
 
     def hidden_states(self, ids) -> np.ndarray:
         """Final hidden states (after the last norm, what the LM head sees), (T, d_model)."""
-        with self._use():
+        with self._single():
             return self._hidden_states(ids)
 
     def _hidden_states(self, ids) -> np.ndarray:
         ids = self._ids(ids)
         self._check_fits(len(ids))
-        self._kv.forget()
-        return self._engine.hidden_states(ids, 0)
+        return self._engine.hidden_states(ids, 0, self._slot)
 
     def ffn_inputs(self, ids) -> np.ndarray:
         """Every layer's FFN inputs (after the FFN norm), (n_layers, T, d_model): what the sparsity
         predictor sees (flashmem calibrate fits on them)."""
         ids = self._ids(ids)
         self._check_fits(len(ids))
-        with self._use():
-            self._kv.forget()
+        with self._single():
+            if self._slot != 0:
+                raise RuntimeError("ffn_inputs runs in KV slot 0, which a BatchRunner holds; wait for it to finish")
             return self._engine.ffn_inputs(ids)
 
     def perplexity(self, text, max_tokens: int | None = None, stepwise: bool = False) -> float:
@@ -137,19 +160,18 @@ class Model:
         ids = (self.tokenizer.encode(text) if isinstance(text, str) else [int(t) for t in text])[:max_tokens]
         if len(ids) < 2:
             raise ValueError("perplexity needs at least 2 tokens of text")
-        with self._use():
+        with self._single():
             return self._perplexity(ids, stepwise)
 
     def _perplexity(self, ids: list[int], stepwise: bool) -> float:
         nll, n = 0.0, 0
-        self._kv.forget()
         for s in range(0, len(ids) - 1, self.max_context):
             window = np.asarray(ids[s:s + self.max_context + 1], np.int32)
             if stepwise:
-                lg = np.stack([self._engine.forward(window[t:t + 1], t, False)
+                lg = np.stack([self._engine.forward(window[t:t + 1], t, False, self._slot)
                                for t in range(len(window) - 1)]).astype(np.float64)
             else:
-                lg = self._engine.forward(np.ascontiguousarray(window[:-1]), 0, True).astype(np.float64)
+                lg = self._engine.forward(np.ascontiguousarray(window[:-1]), 0, True, self._slot).astype(np.float64)
             lg -= lg.max(axis=1, keepdims=True)
             logp = lg - np.log(np.exp(lg).sum(axis=1, keepdims=True))
             nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
@@ -162,19 +184,18 @@ class Model:
         cached conversation holds (which stays reusable), or else from 0 (the cache is given up)."""
         self._check_fits(n)
         at = self.max_context - n
-        if self._windowed or at < len(self._kv.positions):
-            self._kv.forget()
+        if self._windowed or at < self._engine.slot_length(self._slot):
             return 0
         return at
 
     def _sequence_state(self, ids, layer: int) -> np.ndarray:
         ids = self._ids(ids)
-        return self._engine.sequence_state(ids, layer, self._own_rows(len(ids)))
+        return self._engine.sequence_state(ids, layer, self._own_rows(len(ids)), self._slot)
 
     def _token_logprobs(self, ids, first: int) -> np.ndarray:
         """log p(ids[t] | ids[:t]) for t in [first, len(ids)), the tokens run on their own."""
         ids = self._ids(ids)
-        lg = self._engine.sequence_logits(ids, self._own_rows(len(ids)))[first - 1:-1].astype(np.float64)
+        lg = self._engine.sequence_logits(ids, self._own_rows(len(ids)), self._slot)[first - 1:-1].astype(np.float64)
         top = lg.max(axis=1)
         return lg[np.arange(len(lg)), ids[first:]] - top - np.log(np.exp(lg - top[:, None]).sum(axis=1))
 
@@ -184,13 +205,13 @@ class Model:
         pooling="prompt" (default) is the model's reading of the text's meaning; "embedding" runs no
         layer (matches words); "hidden" averages final hidden states. A bank's keys and its queries
         must come from the same model and pooling."""
-        with self._use():
+        with self._single():
             return self._key_encoder(text, pooling)
 
     def memory_relevance(self, memory_text: str, query: str) -> float:
         """How much reading `memory_text` makes `query` more predictable to the model, in nats per
         query token (memory/retrieval.py); generate() injects memories that reach memory_min_score."""
-        with self._use():
+        with self._single():
             return self._relevance(memory_text, query)
 
     def embed_memory(self, text: str, slots: int | None = None) -> np.ndarray:
@@ -210,6 +231,12 @@ class Model:
         GenerationResult, or with stream=True an iterator of text pieces (its `.result` holds the
         GenerationResult at the end).
 
+        A list of prompts (texts, token-id lists or chats) is decoded as a batch (batching.py: up to
+        max_batch at once, one pass over the weights per step for all; the rest join as others
+        finish). It returns a list of GenerationResults in prompt order, or with stream=True an
+        iterator of (prompt index, text piece) whose `.results` holds them at the end. Each prompt
+        has its own sampler (seed + its index, with a seed), stop conditions and memories.
+
         inputs_embeds (T, d_model): input embeddings placed before the prompt's tokens (alone they
         are the whole prompt, as HF's generate(inputs_embeds=...)). memory: a MemoryBank whose
         values are input embeddings (bank.add_text). The query's key (embed_key) and BM25 over the
@@ -222,16 +249,29 @@ class Model:
         (default: the text prompt, or the last user message without the placeholder). An empty
         bank, or no relevant memory, injects nothing. reuse_cache: positions equal to the start of
         the previous generation's sequence keep their KV-cache entries."""
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise ValueError("stop must be a list of non-empty strings")
-        eos = self.eos_token_ids if eos_token_id is None else (
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        if is_prompt_list(prompt):
+            if inputs_embeds is not None:
+                raise ValueError("inputs_embeds goes with one prompt, not a list of prompts")
+            from .batching import BatchRunner, BatchStream
+
+            runner = BatchRunner(self)
+            requests = [runner.submit(p, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                      seed=None if seed is None else seed + i, stop=stop, eos_token_id=eos_token_id,
+                                      memory=memory, memory_k=memory_k, memory_position=memory_position,
+                                      memory_placeholder=memory_placeholder, memory_query=memory_query,
+                                      memory_min_score=memory_min_score, reuse_cache=reuse_cache)
+                        for i, p in enumerate(prompt)]
+            batch = BatchStream(runner, requests)
+            if stream:
+                return batch
+            for _ in batch:
+                pass
+            return batch.results
+        sampler, stop, eos = self._generation_options(max_new_tokens, temperature, top_k, top_p, min_p,
+                                                      repetition_penalty, seed, stop, eos_token_id)
         t0 = time.perf_counter()
-        with self._use():
+        with self._single():
             inputs = injection.assemble(prompt, inputs_embeds, self.tokenizer, self.encode_prompt, self.d_model,
                                         memory=memory, memory_k=memory_k, position=memory_position,
                                         placeholder=memory_placeholder, query=memory_query,
@@ -239,12 +279,36 @@ class Model:
                                         relevance=self._relevance, max_positions=self.max_context - 1)
             inputs.assemble_s = time.perf_counter() - t0
             self._check_fits(len(inputs.src))
-            run = Generation(self._engine, self.tokenizer, self._kv, self.max_context, inputs, reuse_cache,
-                             max_new_tokens, sampler, stop, set(eos),
+            run = Generation(self._engine, self.tokenizer, self.vocab_size, self._slot, self.max_context, inputs,
+                             reuse_cache, max_new_tokens, sampler, stop, set(eos),
                              lambda tokens: streaming.summarize(self._engine, self.config, tokens))
             if not stream:
                 for _ in run.steps():
                     pass
                 return run.result
-        run.hold = self._use  # a stream holds the model while it is iterated
+        run.hold = lambda: self._holding(run.slot)  # a stream holds the model while it is iterated
         return run
+
+    def _generation_options(self, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,
+                            eos_token_id):
+        """generate()'s sampling and stopping arguments, checked: (Sampler, stop strings, EOS ids)."""
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        sampler = core_sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError("stop must be a list of non-empty strings")
+        eos = self.eos_token_ids if eos_token_id is None else (
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in eos):
+            raise ValueError(f"eos_token_id must be token ids in [0, {self.vocab_size}), got {eos_token_id!r}")
+        return sampler, stop, eos
+
+    @contextmanager
+    def _holding(self, slot: int):
+        """The engine for a stream that runs in `slot` (EngineLock), while no BatchRunner holds it."""
+        with self._use():
+            if slot in self._held:
+                raise RuntimeError(f"KV slot {slot}, where this stream runs, was taken by a BatchRunner before the "
+                                   "stream was read; read streams as they come")
+            yield

@@ -33,7 +33,9 @@ from .bank import MemoryBank
 class Inputs:
     src: np.ndarray                # (T,) int32
     embeds: np.ndarray | None      # (rows, d) float32
-    keys: list                     # (T,) position identities for prefix reuse
+    ids: np.ndarray                # (T,) int64 position identities for prefix reuse (KvCache): token ids,
+                                   # and <= -2 for embedding rows (their content's hash)
+    embed_ids: np.ndarray | None   # (rows,) int64 the identity of each row of embeds
     token_ids: list[int]           # the token positions' ids (for the repetition penalty)
     memories: list[dict] = field(default_factory=list)
     retrieval_s: float = 0.0       # bank search inside generate()
@@ -46,7 +48,8 @@ class InputBuilder:
         self.d = d_model
         self.src: list[int] = []
         self.rows: list[np.ndarray] = []
-        self.keys: list = []
+        self.ids: list[int] = []
+        self.row_ids: list[int] = []
         self.n_rows = 0
         self.token_ids: list[int] = []
 
@@ -56,7 +59,7 @@ class InputBuilder:
     def tokens(self, ids) -> None:
         ids = [int(t) for t in ids]
         self.src += ids
-        self.keys += ids
+        self.ids += ids
         self.token_ids += ids
 
     def embeddings(self, arr, what: str) -> None:
@@ -72,15 +75,18 @@ class InputBuilder:
             raise ValueError(f"{what} has a non-finite value at row {r}, column {c}")
         if not len(a):
             return
-        ident = hashlib.blake2b(a.tobytes(), digest_size=16).digest()
+        ident = int.from_bytes(hashlib.blake2b(a.tobytes(), digest_size=8).digest(), "little")
         self.src += range(-self.n_rows - 1, -self.n_rows - 1 - len(a), -1)
-        self.keys += [(ident, i) for i in range(len(a))]
+        rows = [-2 - ((ident + i * 0x9E3779B97F4A7C15) & (2**62 - 1)) for i in range(len(a))]  # <= -2: not a token
+        self.ids += rows
+        self.row_ids += rows
         self.rows.append(a)
         self.n_rows += len(a)
 
     def build(self, memories=None) -> Inputs:
         embeds = np.concatenate(self.rows) if self.rows else None
-        return Inputs(np.asarray(self.src, np.int32), embeds, self.keys, self.token_ids, memories or [])
+        return Inputs(np.asarray(self.src, np.int32), embeds, np.asarray(self.ids, np.int64),
+                      np.asarray(self.row_ids, np.int64) if self.rows else None, self.token_ids, memories or [])
 
 
 def chat_text(prompt) -> bool:
@@ -233,6 +239,6 @@ def _split_at(b: InputBuilder, text: str, slot: str, is_chat: bool, tokenizer, i
     b.tokens(tokenizer.encode(before, add_special_tokens=not is_chat) if before else [])
     _add_memories(b, rows, memories, sep)
     if sep and memories:  # the template's own text follows the last memory
-        del b.src[-len(sep):], b.keys[-len(sep):], b.token_ids[-len(sep):]
+        del b.src[-len(sep):], b.ids[-len(sep):], b.token_ids[-len(sep):]
     b.tokens(tokenizer.encode(after, add_special_tokens=False) if after else [])
     return b.build(memories)
