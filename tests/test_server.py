@@ -223,6 +223,7 @@ def test_concurrent_clients(server, expected):
 BAD_REQUESTS = [  # (endpoint, body, the field named in the error, words of the message)
     ("completions", b'{"prompt": "x", "max_tokens": ', None, "not valid JSON"),
     ("completions", b"[1, 2]", None, "JSON object"),
+    ("completions", b"", None, "empty"),
     ("completions", {"prompt": "x", "max_tokens": -1}, "max_tokens", ">= 1"),
     ("completions", {"prompt": "x", "max_tokens": "12"}, "max_tokens", "integer"),
     ("completions", {"prompt": "x", "temperature": "hot"}, "temperature", "number"),
@@ -281,6 +282,16 @@ def test_errors_through_the_client_and_server_keeps_serving(server, expected):
     assert server.health()["pending"] == 0
 
 
+def test_seeded_sampling_matches_generate(server, model):
+    """Sampling options reach the sampler: a seeded request samples what generate() samples."""
+    kw = dict(temperature=0.8, top_p=0.9, seed=7)
+    extensions = dict(top_k=40, min_p=0.05, repetition_penalty=1.2)
+    exp = model.generate(TEXT, max_new_tokens=MAX_TOKENS, **kw, **extensions)
+    r = server.client().completions.create(model=server.model, prompt=TEXT, max_tokens=MAX_TOKENS,
+                                           extra_body=extensions, **kw)
+    assert r.choices[0].text == exp.text
+
+
 def test_disconnect_frees_slot(server, expected):
     before = server.health()["finished"]
     body = {"model": server.model, "prompt": "Once upon a time", "stream": True, **LONG}
@@ -294,6 +305,12 @@ def test_disconnect_frees_slot(server, expected):
     after = server.wait_pending(0, timeout=10)["finished"]
     assert after["cancelled"] == before["cancelled"] + 1  # cancelled, not run to its 400 tokens
     assert after["length"] == before["length"]
+
+    # a client that gives up on a whole (not streamed) answer
+    with pytest.raises(httpx.ReadTimeout):
+        server.http.post("/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(60, read=1.0))
+    after = server.wait_pending(0, timeout=10)["finished"]
+    assert after["cancelled"] == before["cancelled"] + 2 and after["length"] == before["length"]
     r = server.client().completions.create(model=server.model, prompt=TEXT, max_tokens=MAX_TOKENS, temperature=0)
     assert r.choices[0].text == expected(TEXT).text
 

@@ -6,6 +6,7 @@
 Where each part lives:
     loading.py      load(): a path to a running model          model.py       Model: forward, generate()
     generation.py   the decode loop and GenerationResult       sampling.py    token sampling
+    batching.py     BatchRunner: continuous batching           serving/       the OpenAI-compatible server
     tokenizer.py    tokenizer and chat templates               cli.py         the `flashmem` command
     checkpoints/    HF and GGUF sources, conversion, the store of converted models
     flash/          flash-offloaded FFN streaming: options, statistics, predictor calibration

@@ -1,4 +1,4 @@
-"""The `flashmem` command: generate, chat, convert, info, calibrate, eval-ppl."""
+"""The `flashmem` command: generate, chat, convert, info, calibrate, eval-ppl, serve."""
 from __future__ import annotations
 
 import argparse

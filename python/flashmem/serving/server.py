@@ -1,5 +1,7 @@
 """The OpenAI-compatible HTTP server: POST /v1/completions and /v1/chat/completions (whole or
-streamed as server-sent events), GET /v1/models, /v1/models/{id} and /health.
+streamed as server-sent events), GET /v1/models, /v1/models/{id} and /health (JSON: status,
+pending = requests waiting or running, max_batch, max_queue, max_context, and finished = how
+many requests ended, by finish_reason: stop, length, cancelled, error).
 
 Threads: uvicorn's event loop reads requests and writes responses. ONE engine thread (Engine)
 calls BatchRunner.step() while there is work, and sleeps on a condition when there is none; a
@@ -20,9 +22,12 @@ Where this differs from OpenAI's API:
   until the end of the context (max_context); generation that reaches the end of the context
   ends with finish_reason "length" (a max_tokens beyond it is not an error);
 - a request naming another model than the served one gets 404 (model may be left out);
-- fields OpenAI does not know are rejected with 400, as OpenAI does (a few that only matter to
-  OpenAI's own service, such as user, store, metadata and service_tier, are accepted and ignored);
-- 503 with code "queue_full" when --max-queue requests are waiting or running.
+- unknown fields are rejected with 400, as OpenAI does (a few that only matter to OpenAI's own
+  service, such as user, store, metadata and service_tier, are accepted and ignored);
+- 503 with code "queue_full" when --max-queue requests are waiting or running;
+- a stream's response starts with its first token, so a failure before it (a prompt longer than
+  max_context) gets its HTTP status; a failure after it, or a shutdown, ends the stream with
+  an error event (data: {"error": {...}}, which OpenAI's client raises) instead of [DONE].
 """
 from __future__ import annotations
 
@@ -99,9 +104,6 @@ class Body:
         if unknown:
             raise bad(f"unrecognized request argument supplied: {unknown[0]}", unknown[0])
         self.data = data
-
-    def has(self, name: str) -> bool:
-        return self.data.get(name) is not None
 
     def integer(self, name: str, default: int | None, lo: int | None = None) -> int | None:
         v = self.data.get(name)
@@ -203,7 +205,7 @@ def _token_ids(v) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
 
 
-def parse_completion(data, max_context: int) -> Job:
+def parse_completion(data) -> Job:
     b = Body(data, COMPLETION_FIELDS)
     prompt = b.data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and (isinstance(prompt[0], str) or _token_ids(prompt[0])):
@@ -269,10 +271,9 @@ def parse_chat(data, max_context: int) -> Job:
     b.unsupported("function_call", ["none", "auto"], "function calls are not implemented")
     b.unsupported("response_format", [{"type": "text"}], "only plain text responses are implemented")
     b.unsupported("modalities", [["text"]], "only text output is implemented")
-    max_tokens = b.integer("max_completion_tokens", None, lo=1)  # OpenAI's newer name wins
-    if max_tokens is None:
-        max_tokens = b.integer("max_tokens", max_context, lo=1)  # default: until the end of the context
-    params, stream, usage = _sampling(b, max_tokens)
+    old = b.integer("max_tokens", None, lo=1)
+    max_tokens = b.integer("max_completion_tokens", old, lo=1)  # OpenAI's newer name wins
+    params, stream, usage = _sampling(b, max_tokens or max_context)  # default: until the end of the context
     return Job(b.string("model"), messages, params, stream, usage)
 
 
@@ -290,11 +291,13 @@ class Engine:
     step() while requests are waiting or active, and sleeps on a condition when none are."""
 
     def __init__(self, runner, max_queue: int):
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if not isinstance(max_queue, int) or max_queue < 1:
+            raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
         self.runner, self.max_queue = runner, max_queue
-        self._cv = threading.Condition()
+        self._submitting = threading.Lock()  # one submit at a time, so that the queue limit holds
+        self._cv = threading.Condition()  # guards what follows; the engine thread sleeps on it
         self._sinks: dict[object, Sink] = {}  # request id -> sink, until its done event is handed over
+        self._early: dict[object, list] = {}  # events of a request submitted but not registered yet
         self._thread = threading.Thread(target=self._run, name="flashmem-engine", daemon=True)
         self.stopping = False
         self.failure: BaseException | None = None  # what step() raised, if it did: the engine is unusable
@@ -305,8 +308,9 @@ class Engine:
             self._thread.start()
 
     def submit(self, job: Job, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
-        """Queues a request (call it off the event loop: submit tokenizes the prompt)."""
-        with self._cv:
+        """Queues a request; its events go to `queue` on `loop`. Call it off the event loop:
+        BatchRunner.submit tokenizes the prompt (the engine thread goes on meanwhile)."""
+        with self._submitting:
             if self.stopping:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
             if self.failure is not None:
@@ -319,10 +323,13 @@ class Engine:
                 req = self.runner.submit(job.prompt, **job.params)
             except (ValueError, TypeError) as e:
                 raise bad(str(e)) from e
-            # registered before the engine thread can see the request's first event: it hands events
-            # over under this lock
-            self._sinks[req.id] = Sink(req, loop, queue)
-            self._cv.notify()
+            with self._cv:
+                self._sinks[req.id] = Sink(req, loop, queue)
+                for event in self._early.pop(req.id, ()):  # what a step made of it before we got here
+                    self._hand_over(req.id, *event)
+                if self.stopping:  # stop() ran meanwhile and did not see it
+                    self.runner.cancel(req)
+                self._cv.notify()
         return req
 
     def cancel(self, req) -> None:
@@ -363,17 +370,13 @@ class Engine:
                 return
             with self._cv:
                 for req, piece, done in events:
-                    self._hand_over(req.id, piece, done)
-                # a cancelled request may end without an event of its own
-                for rid in [rid for rid, s in self._sinks.items() if s.req.finish_reason == "cancelled"]:
-                    self._hand_over(rid, "", True)
-            if not events:
-                time.sleep(0.001)  # work is pending but nothing came out (slots being freed): don't spin
+                    if req.id in self._sinks:
+                        self._hand_over(req.id, piece, done)
+                    else:  # submitted, not registered yet
+                        self._early.setdefault(req.id, []).append((piece, done))
 
     def _hand_over(self, rid, piece: str, done: bool, error: BaseException | None = None) -> None:
-        sink = self._sinks.pop(rid, None) if done else self._sinks.get(rid)
-        if sink is None:
-            return  # already ended (cancelled)
+        sink = self._sinks.pop(rid) if done else self._sinks[rid]
         if done:
             reason = "error" if error is not None else sink.req.finish_reason
             self.finished[reason] = self.finished.get(reason, 0) + 1
@@ -486,14 +489,16 @@ class Api:
             body += chunk
             if len(body) > MAX_BODY_BYTES:
                 raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
+        if not body.strip():
+            raise bad("the request body is empty: send a JSON object")
         try:
             return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise bad(f"the request body is not valid JSON: {e}") from None
 
     async def _generate(self, request: Request, chat: bool) -> Response:
         data = await self._read_json(request)
-        job = (parse_chat if chat else parse_completion)(data, self.max_context)
+        job = parse_chat(data, self.max_context) if chat else parse_completion(data)
         if job.model is not None and job.model != self.model_name:
             raise ApiError(404, f"the model {job.model!r} does not exist; this server serves {self.model_name!r}",
                            "model", "model_not_found")
