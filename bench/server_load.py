@@ -98,6 +98,8 @@ def chat_body(prompt: str, max_tokens: int, engine: str) -> dict:
             "stream": True}
     if engine == "flashmem":
         body["stream_options"] = {"include_usage": True}
+    else:  # llama-cpp-python's request default is 1.1; flashmem's (and OpenAI's) is none: plain greedy for both
+        body["repeat_penalty"] = 1.0
     return body
 
 
@@ -385,6 +387,8 @@ async def concurrency_sweep(srv: Server, a, plist, count) -> list[dict]:
                    "streamed_tok_s": streamed / wall, "req_s": len(good) / wall,
                    "e2e_p50_s": median([r["end"] - r["start"] for r in good]) if good else None,
                    **latency_stats(good)}
+            if not rows:  # what the engine wrote for the first prompts (both should write the same greedy text)
+                row["sample_answers"] = [r["text"] for r in recs[:3]]
             rows.append(row)
             print(f"{srv.engine:>9} C={conc:<3} {row['agg_tok_s']:7.1f} tok/s  TTFT p50 {fmt_ms(row['ttft_p50_s'])} "
                   f"p99 {fmt_ms(row['ttft_p99_s'])}  ITL p50 {fmt_ms(row['itl_p50_s'])} p99 {fmt_ms(row['itl_p99_s'])}"

@@ -63,7 +63,7 @@ def test_quantize_act_matches_reference(K, bits):
 
 @pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("fmt", TYPES)
-@pytest.mark.parametrize("T,K,N", [(1, 256, 1), (1, 768, 37), (3, 512, 9), (5, 2304, 17), (2, 1280, 64)])
+@pytest.mark.parametrize("T,K,N", [(1, 256, 1), (1, 768, 37), (3, 512, 9), (5, 2304, 17), (2, 1280, 64), (9, 768, 11)])
 def test_quant_matmul_matches_reference(fmt, T, K, N, bits):
     blk, _ = block_size(fmt)
     rng = np.random.default_rng(T * 31 + K + N + len(fmt))
@@ -77,6 +77,21 @@ def test_quant_matmul_matches_reference(fmt, T, K, N, bits):
     # and against the float product, within what 8-bit (or 16-bit) activations allow
     wf = quants.dequantize(w.ravel(), TYPES[fmt]).reshape(N, K)
     np.testing.assert_allclose(got, x @ wf.T, atol=(0.02 if bits == 8 else 2e-4) * scale)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("fmt", TYPES)
+def test_several_tokens_equal_one_at_a_time(fmt, bits):
+    """Tokens multiplied together (a batch of sequences: tiles of rows x tokens) give exactly what
+    each gives alone (the one-token path), so a sequence decodes the same in a batch or alone."""
+    blk, _ = block_size(fmt)
+    rng = np.random.default_rng(len(fmt) + bits)
+    K, N, T = 768, 13, 11
+    w = random_blocks(rng, fmt, N * K // blk, extreme=True).reshape(N, -1)
+    act = _core.quantize_act(rng.standard_normal((T, K)).astype(np.float32), bits=bits)
+    together = _core.quant_matmul(act, w, fmt, K, bits=bits)
+    for t in range(T):
+        np.testing.assert_array_equal(together[t], _core.quant_matmul(act[t:t + 1], w, fmt, K, bits=bits)[0])
 
 
 @pytest.mark.parametrize("fmt", TYPES)

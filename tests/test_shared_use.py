@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import os
 import sys
 import threading
 
@@ -173,8 +172,14 @@ def test_bank_under_mixed_add_search_remove_save_from_8_threads(tmp_path):
 
 
 def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    """Anonymous resident memory (RssAnon): what a leak would grow. File-backed pages (shared
+    libraries, mapped model files of other tests in the process) leave and come back with the
+    page cache's pressure, which resident memory as a whole would count."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    raise RuntimeError("no RssAnon in /proc/self/status")
 
 
 class _MallInfo2(ctypes.Structure):
@@ -196,8 +201,9 @@ def test_no_leaks_over_1000_generations_and_1000_bank_save_loads(model, tmp_path
     """Memory over 1,000 more generate() calls (with memory injection and streams among them), and over
     1,000 bank save/load cycles, after warm-up calls. A leak shows as steady growth, so the second 500
     calls are held to what a leak of a few hundred bytes per call would exceed: malloc'd bytes in use
-    grow under 0.25 MB and Python's live objects by under 2,000. Resident memory, which also holds the
-    allocator's slack (0.0 MB alone, 2-5 MB in the whole suite), stays within 8 MB in all."""
+    grow under 0.25 MB and Python's live objects by under 2,000. Anonymous resident memory, which also
+    holds the allocator's slack (0.0 MB alone, 2-5 MB in the whole suite), stays within 8 MB in all
+    (resident memory with file-backed pages moved by 36 MB once in CI, with the heap unchanged)."""
     bank = flashmem.MemoryBank(model.d_model)
     bank.add_text(model, "Jana lives in Kyoto.")
     chat = [{"role": "user", "content": "Where does Jana live?"}]
