@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "kernels/quant/quant.h"
 
@@ -347,36 +348,72 @@ inline __m256i unpack32(const uint8_t* p, float* d, float* c) {
     }
 }
 
-// Y[t][r] = row w[r] . token t's activation blocks a[t], for RR rows and RT tokens: each weight
-// block is unpacked once for the RT tokens, each activation block loaded once for the RR rows,
-// and the RR * RT sums stay in registers. Per row and token, the same operations in the same
-// order as dot_rows: the results are bit-identical to one token at a time (a batch of sequences
-// decodes exactly as each alone).
+// The activation scales and sums of T tokens, block-major (nb, T) and padded by 4 floats, so that
+// a tile reads the RT tokens' values of a block with one load.
+template <typename Act>
+struct TokenScales {
+    std::vector<float> d, s;
+    int T = 0;
+    void fill(const Act* A, int T_, int nb) {
+        T = T_;
+        d.assign(size_t(nb) * T + 4, 0.0f), s.assign(size_t(nb) * T + 4, 0.0f);
+        for (int t = 0; t < T; ++t)
+            for (int b = 0; b < nb; ++b) d[size_t(b) * T + t] = A[size_t(t) * nb + b].d, s[size_t(b) * T + t] = A[size_t(t) * nb + b].s;
+    }
+};
+
+// Lane t of v in every lane.
+template <int t>
+inline __m256 lane(__m128 v) {
+    return _mm256_broadcastss_ps(t == 0 ? v : _mm_shuffle_ps(v, v, _MM_SHUFFLE(t, t, t, t)));
+}
+
+// Y[t][r] = row w[r] . token t's activation blocks a[t], for RR rows and RT <= 4 tokens (from
+// token t0 of `ts`): each weight block is unpacked once for the RT tokens, each activation block
+// loaded once per row, and the RR * RT sums stay in registers; the block scales d * a.d of the RT
+// tokens come from one vector product, and the offsets c * a.s are summed in a vector lane per
+// token. Per row and token these are the same operations in the same order as dot_rows: the
+// results are bit-identical to one token at a time (a batch of sequences decodes exactly as each
+// alone).
 template <Format F, int RR, int RT>
-inline void dot_tile(const uint8_t* const* w, const ActBlock* const* a, int K, float* Y, size_t ldy) {
+inline void dot_tile(const uint8_t* const* w, const ActBlock* const* a, const TokenScales<ActBlock>& ts, int t0, int K,
+                     float* Y, size_t ldy) {
     constexpr int bb = F == Format::Q8_0 ? 34 : F == Format::Q4_0 ? 18 : F == Format::Q4_1 ? 20
                      : F == Format::Q5_0 ? 22 : 24;
     __m256 acc[RT][RR];
-    float offset[RT][RR];
-    for (int t = 0; t < RT; ++t)
-        for (int r = 0; r < RR; ++r) acc[t][r] = _mm256_setzero_ps(), offset[t][r] = 0;
+    __m128 offset[RR];
+    for (int r = 0; r < RR; ++r) {
+        offset[r] = _mm_setzero_ps();
+        for (int t = 0; t < RT; ++t) acc[t][r] = _mm256_setzero_ps();
+    }
+    const float* td = ts.d.data() + t0;
+    const float* tsum = ts.s.data() + t0;
     for (int b = 0; b < K / 32; ++b) {
-        __m256i u[RR];
-        float d[RR], c[RR];
-        for (int r = 0; r < RR; ++r) u[r] = unpack32<F>(w[r] + b * bb, &d[r], &c[r]);
-        for (int t = 0; t < RT; ++t) {
-            const ActBlock& ab = a[t][b];
-            const __m256i x = load32(ab.qs);
-            for (int r = 0; r < RR; ++r) {
-                const __m256i p = F == Format::Q8_0 ? dot_u8s8(_mm256_sign_epi8(u[r], u[r]), _mm256_sign_epi8(x, u[r]))
-                                                    : dot_u8s8(u[r], x);
-                acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[r] * ab.d), acc[t][r]);
-                if constexpr (F != Format::Q8_0) offset[t][r] += c[r] * ab.s;
-            }
+        const __m128 ad = _mm_loadu_ps(td + size_t(b) * ts.T);
+        for (int r = 0; r < RR; ++r) {
+            float d, c;
+            const __m256i u = unpack32<F>(w[r] + b * bb, &d, &c);
+            const __m128 scale = _mm_mul_ps(ad, _mm_set1_ps(d));  // d * a.d of each token
+            if constexpr (F != Format::Q8_0)
+                offset[r] = _mm_add_ps(offset[r], _mm_mul_ps(_mm_set1_ps(c), _mm_loadu_ps(tsum + size_t(b) * ts.T)));
+            const __m256i us = F == Format::Q8_0 ? _mm256_sign_epi8(u, u) : u;
+            auto one = [&](auto tc) {
+                constexpr int t = decltype(tc)::value;
+                const __m256i x = load32(a[t][b].qs);
+                const __m256i p = F == Format::Q8_0 ? dot_u8s8(us, _mm256_sign_epi8(x, u)) : dot_u8s8(u, x);
+                acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), lane<t>(scale), acc[t][r]);
+            };
+            one(std::integral_constant<int, 0>{});
+            if constexpr (RT > 1) one(std::integral_constant<int, 1>{});
+            if constexpr (RT > 2) one(std::integral_constant<int, 2>{});
+            if constexpr (RT > 3) one(std::integral_constant<int, 3>{});
         }
     }
-    for (int t = 0; t < RT; ++t)
-        for (int r = 0; r < RR; ++r) Y[t * ldy + r] = hsum(acc[t][r]) + offset[t][r];
+    for (int r = 0; r < RR; ++r) {
+        alignas(16) float off[4];
+        _mm_store_ps(off, offset[r]);
+        for (int t = 0; t < RT; ++t) Y[t * ldy + r] = hsum(acc[t][r]) + off[t];
+    }
 }
 
 // As dot_tile, with 16-bit activations (the LM head's): each block's weights widened to int16
@@ -438,22 +475,22 @@ void matmul_tiled16(float* Y, size_t ldy, const ActBlock16* A, int T, const uint
 // Y (T, N) = W x for T >= 2 tokens in a 32-block format: rows in pairs (the pair two ahead asked
 // for from memory), tokens in tiles of 4 over each pair while it is in L1.
 template <Format F, int RR>
-inline void tile_rows(float* Y, size_t ldy, const ActBlock* A, int T, const uint8_t* w, size_t row_bytes, int K,
-                      int n) {
-    const int nb = K / kActBlock;
+inline void tile_rows(float* Y, size_t ldy, const ActBlock* A, const TokenScales<ActBlock>& ts, const uint8_t* w,
+                      size_t row_bytes, int K, int n) {
+    const int nb = K / kActBlock, T = ts.T;
     const uint8_t* rows[RR];
     for (int r = 0; r < RR; ++r) rows[r] = w + size_t(n + r) * row_bytes;
     const ActBlock* a[4];
     int t = 0;
     for (; t + 4 <= T; t += 4) {
         for (int i = 0; i < 4; ++i) a[i] = A + size_t(t + i) * nb;
-        dot_tile<F, RR, 4>(rows, a, K, Y + t * ldy + n, ldy);
+        dot_tile<F, RR, 4>(rows, a, ts, t, K, Y + t * ldy + n, ldy);
     }
     for (int i = 0; t + i < T; ++i) a[i] = A + size_t(t + i) * nb;
     switch (T - t) {
-        case 3: dot_tile<F, RR, 3>(rows, a, K, Y + t * ldy + n, ldy); break;
-        case 2: dot_tile<F, RR, 2>(rows, a, K, Y + t * ldy + n, ldy); break;
-        case 1: dot_tile<F, RR, 1>(rows, a, K, Y + t * ldy + n, ldy); break;
+        case 3: dot_tile<F, RR, 3>(rows, a, ts, t, K, Y + t * ldy + n, ldy); break;
+        case 2: dot_tile<F, RR, 2>(rows, a, ts, t, K, Y + t * ldy + n, ldy); break;
+        case 1: dot_tile<F, RR, 1>(rows, a, ts, t, K, Y + t * ldy + n, ldy); break;
         default: break;
     }
 }
@@ -461,6 +498,8 @@ inline void tile_rows(float* Y, size_t ldy, const ActBlock* A, int T, const uint
 template <Format F>
 void matmul_tiled(float* Y, size_t ldy, const ActBlock* A, int T, const uint8_t* w, size_t row_bytes, int K, int N) {
     constexpr int RR = 2, PF = 2;
+    thread_local TokenScales<ActBlock> ts;
+    ts.fill(A, T, K / kActBlock);
     int n = 0;
     for (; n + RR <= N; n += RR) {
         if (n + (PF + 1) * RR <= N) {
@@ -468,9 +507,9 @@ void matmul_tiled(float* Y, size_t ldy, const ActBlock* A, int T, const uint8_t*
             for (size_t off = 0; off < RR * row_bytes; off += 64)
                 _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
         }
-        tile_rows<F, RR>(Y, ldy, A, T, w, row_bytes, K, n);
+        tile_rows<F, RR>(Y, ldy, A, ts, w, row_bytes, K, n);
     }
-    for (; n < N; ++n) tile_rows<F, 1>(Y, ldy, A, T, w, row_bytes, K, n);
+    for (; n < N; ++n) tile_rows<F, 1>(Y, ldy, A, ts, w, row_bytes, K, n);
 }
 
 // Decode (one or a few tokens) streams the weights from DRAM once: one row at a time, the row
