@@ -94,6 +94,30 @@ def test_several_tokens_equal_one_at_a_time(fmt, bits):
         np.testing.assert_array_equal(together[t], _core.quant_matmul(act[t:t + 1], w, fmt, K, bits=bits)[0])
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("T,K,N", [(1, 256, 8), (3, 768, 24), (4, 1536, 16), (9, 96, 40)])
+def test_interleaved_rows_match_reference(fmt, T, K, N):
+    """A layer's q4_0/q4_1 matrices are held with 8 rows interleaved (repack_x8) for the kernel
+    whose float lanes are rows: against the reference on the original rows, and several tokens
+    bit-identical to one at a time."""
+    blk, _ = block_size(fmt)
+    rng = np.random.default_rng(T + K + N)
+    w = random_blocks(rng, fmt, N * K // blk, extreme=T == 3).reshape(N, -1)
+    packed = _core.repack_x8(w, fmt, K)
+    assert packed.shape == w.shape and not np.array_equal(packed, w)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    x[0, :32] *= 40  # activations of very different scales per block
+    act = _core.quantize_act(x)
+    got = _core.quant_matmul(act, packed, fmt, K, interleaved=True)
+    ref = _core.quant_matmul(act, w, fmt, K, reference=True)
+    scale = np.abs(quants.dequantize(w.ravel(), TYPES[fmt])).max() * np.abs(x).max() * np.sqrt(K)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * scale)
+    for t in range(T):
+        np.testing.assert_array_equal(got[t], _core.quant_matmul(act[t:t + 1], packed, fmt, K, interleaved=True)[0])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _core.repack_x8(w[:N - 1], fmt, K)
+
+
 @pytest.mark.parametrize("fmt", TYPES)
 @pytest.mark.parametrize("K,n", [(256, 1), (768, 7), (512, 13)])
 def test_bundle_kernels_match_reference(fmt, K, n):

@@ -1,6 +1,7 @@
 // Entry points for tests and benchmarks: each SIMD kernel (the best ISA or a named one) beside its
 // scalar reference, the predictor's reference scores, the CUDA GEMV, and the disk's raw
 // random-read bandwidth through the engine's own reader.
+#include <cstring>
 #include <atomic>
 #include <chrono>
 #include <thread>
@@ -100,7 +101,7 @@ nb::ndarray<nb::numpy, uint8_t> py_quantize_act(nb::ndarray<const float, nb::ndi
 
 // Y (T, N) = W (N rows of K weights in `format`) times the activation blocks (T, K/32 blocks).
 nb::ndarray<nb::numpy, float> py_quant_matmul(U8Matrix act, U8Matrix w, const std::string& format, int K,
-                                              bool reference, int bits) {
+                                              bool reference, int bits, bool interleaved) {
     const Format f = format_from_name(format);
     FM_ARG(is_block_format(f), "quant_matmul: ", format, " is not a block format");
     FM_ARG(bits == 8 || bits == 16, "bits must be 8 or 16, got ", bits);
@@ -113,7 +114,12 @@ nb::ndarray<nb::numpy, float> py_quant_matmul(U8Matrix act, U8Matrix w, const st
     const int T = int(act.shape(0)), N = int(w.shape(0));
     auto y = numpy_owned<float>({size_t(T), size_t(N)});
     const quant::QuantKernels& qk = quant::quant_kernels();
-    if (bits == 8) {
+    if (interleaved) {  // w as repack_x8 left it, through the kernel for that layout
+        FM_ARG(bits == 8 && !reference && quant::can_repack_x8(f, N), "quant_matmul: interleaved takes 8-bit ",
+               "activations and a q4_0 or q4_1 matrix of rows a multiple of 8");
+        const auto* A = reinterpret_cast<const quant::ActBlock*>(act.data());
+        qk.matmul_x8[int(f)](y.data(), N, A, T, w.data(), row_bytes, K, N);
+    } else if (bits == 8) {
         const auto* A = reinterpret_cast<const quant::ActBlock*>(act.data());
         if (reference) quant::matmul_ref(f, y.data(), N, A, T, w.data(), row_bytes, K, N);
         else qk.matmul[int(f)](y.data(), N, A, T, w.data(), row_bytes, K, N);
@@ -236,7 +242,23 @@ void bind_testing(nb::module_& m) {
     m.def("quantize_act", &py_quantize_act, "x"_a, "reference"_a = false, "bits"_a = 8,
           "Activations (T, K) quantized to 8- or 16-bit integer blocks of 32, as bytes (T, K/32 blocks).");
     m.def("quant_matmul", &py_quant_matmul, "act"_a, "w"_a, "format"_a, "K"_a, "reference"_a = false, "bits"_a = 8,
-          "Y (T, N) = W x for W (N, row bytes) in a block format and quantize_act's blocks (T, ...).");
+          "interleaved"_a = false,
+          "Y (T, N) = W x for W (N, row bytes) in a block format and quantize_act's blocks (T, ...); interleaved: "
+          "W as repack_x8 left it, through the kernel for that layout.");
+    m.def(
+        "repack_x8",
+        [](U8Matrix w, const std::string& format, int K) {
+            const Format f = format_from_name(format);
+            FM_ARG(quant::can_repack_x8(f, int64_t(w.shape(0))), "repack_x8: a q4_0 or q4_1 matrix of rows a multiple ",
+                   "of 8, got ", format, " with ", w.shape(0), " rows");
+            FM_ARG(K % 32 == 0 && w.shape(1) == format_row_bytes(f, K), "repack_x8: rows must be ",
+                   format_row_bytes(f, K), " bytes for K = ", K);
+            auto out = numpy_owned<uint8_t>({w.shape(0), w.shape(1)});
+            std::memcpy(out.data(), w.data(), w.shape(0) * w.shape(1));
+            quant::repack_x8(f, out.data(), int64_t(w.shape(0)), K);
+            return out;
+        },
+        "w"_a, "format"_a, "K"_a, "W (N, row bytes) with each group of 8 rows interleaved (quant.h: repack_x8).");
     m.def("gemm", &py_gemm, "x"_a, "w"_a, "dtype"_a, "reference"_a = false, "isa"_a = "best");
     m.def("accumulate", &py_accumulate, "y"_a, "a"_a, "b"_a, "dtype"_a, "reference"_a = false, "isa"_a = "best");
     m.def(

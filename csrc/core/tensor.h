@@ -17,6 +17,9 @@ struct Tensor {
     int64_t rows = 0, cols = 0;
     size_t row_bytes = 0;
     bool streamed = false;
+    // Each group of 8 rows interleaved for the q4_0/q4_1 kernel whose lanes are rows
+    // (quant::repack_x8): only linear() reads such a matrix, 8 rows at a time.
+    bool interleaved = false;
     uint64_t file_offset = 0;
 
     bool present() const { return bytes.size() > 0 || streamed; }

@@ -29,6 +29,17 @@ struct BlockQ4_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; };
 struct BlockQ5_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; };
 struct BlockQ6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; };
 
+// Block b of 8 rows of a q4_0 (Min false) or q4_1 matrix, interleaved (quant.h: repack_x8): the 8
+// rows' scales d, their mins m (q4_1), then 4 vectors of 32 bytes: byte 4r + i of vector v holds
+// weight 8v + i of row r in its low nibble and weight 8v + 4 + i in its high nibble. The same
+// bytes as the 8 rows' blocks (144 = 8 x 18, 160 = 8 x 20).
+template <bool Min>
+struct BlockQ4x8;
+template <>
+struct BlockQ4x8<false> { uint16_t d[8]; uint8_t qs[128]; };
+template <>
+struct BlockQ4x8<true> { uint16_t d[8], m[8]; uint8_t qs[128]; };
+static_assert(sizeof(BlockQ4x8<false>) == 144 && sizeof(BlockQ4x8<true>) == 160, "block size");
 static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20, "block size");
 static_assert(sizeof(BlockQ5_0) == 22 && sizeof(BlockQ5_1) == 24, "block size");
 static_assert(sizeof(BlockQ4_K) == 144 && sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210, "block size");

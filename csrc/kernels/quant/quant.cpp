@@ -1,8 +1,11 @@
 // Dequantization, bit-exact with ggml: compiled with -ffp-contract=off, so each multiply and
 // add rounds as ggml's reference code does. And the run-time choice of the kernel table.
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "core/dtype.h"
+#include "core/error.h"
 #include "kernels/quant/quant.h"
 
 namespace fm::quant {
@@ -114,6 +117,44 @@ const QuantKernels& quant_kernels() {
     const QuantKernels* k = quant_kernels_avx2();
     FM_ARG(k != nullptr, "this CPU lacks AVX2/FMA/F16C, which flashmem requires");
     return *k;
+}
+
+bool can_repack_x8(Format f, int64_t rows) { return (f == Format::Q4_0 || f == Format::Q4_1) && rows % 8 == 0; }
+
+namespace {
+template <bool Min>
+void repack_group(const uint8_t* rows, size_t row_bytes, int nb, BlockQ4x8<Min>* out) {
+    using Src = std::conditional_t<Min, BlockQ4_1, BlockQ4_0>;
+    for (int b = 0; b < nb; ++b) {
+        BlockQ4x8<Min>& o = out[b];
+        uint8_t w[8][32];  // the 8 rows' weights (0..15) of block b
+        for (int r = 0; r < 8; ++r) {
+            const Src& src = reinterpret_cast<const Src*>(rows + r * row_bytes)[b];
+            o.d[r] = src.d;
+            if constexpr (Min) o.m[r] = src.m;
+            for (int i = 0; i < 16; ++i) w[r][i] = src.qs[i] & 0x0F, w[r][i + 16] = src.qs[i] >> 4;
+        }
+        for (int v = 0; v < 4; ++v)
+            for (int r = 0; r < 8; ++r)
+                for (int i = 0; i < 4; ++i)
+                    o.qs[32 * v + 4 * r + i] = uint8_t(w[r][8 * v + i] | (w[r][8 * v + 4 + i] << 4));
+    }
+}
+}  // namespace
+
+void repack_x8(Format f, void* data, int64_t rows, int K) {
+    FM_ARG(can_repack_x8(f, rows), "repack_x8: needs a q4_0 or q4_1 matrix of rows a multiple of 8");
+    FM_ARG(K > 0 && K % 32 == 0, "repack_x8: K must be a positive multiple of 32, got ", K);
+    const size_t row_bytes = format_row_bytes(f, K), group = 8 * row_bytes;
+    const int nb = K / 32;
+    std::vector<uint8_t> tmp(group);
+    auto* bytes = static_cast<uint8_t*>(data);
+    for (int64_t g = 0; g < rows / 8; ++g) {
+        uint8_t* at = bytes + size_t(g) * group;
+        std::memcpy(tmp.data(), at, group);
+        if (f == Format::Q4_1) repack_group<true>(tmp.data(), row_bytes, nb, reinterpret_cast<BlockQ4x8<true>*>(at));
+        else repack_group<false>(tmp.data(), row_bytes, nb, reinterpret_cast<BlockQ4x8<false>*>(at));
+    }
 }
 
 }  // namespace fm::quant

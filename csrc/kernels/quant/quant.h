@@ -30,7 +30,19 @@ struct QuantKernels {
     void (*dot_ptrs[kFormats])(float* out, const ActBlock* a, const void* const* rows, size_t offset, int K, int n);
     // y (K) += sum_i c[i] * (rows[i] + offset), for i < n (down columns).
     void (*axpy_ptrs[kFormats])(float* y, const float* c, const void* const* rows, size_t offset, int K, int n);
+    // matmul for a q4_0 or q4_1 matrix whose rows repack_x8 interleaved (N a multiple of 8; W
+    // and Y at a group of 8 rows); nullptr for the other formats.
+    void (*matmul_x8[kFormats])(float* Y, size_t ldy, const ActBlock* A, int T, const void* W, size_t row_bytes,
+                                int K, int N);
 };
+
+// Whether repack_x8 takes matrices of format f (q4_0, q4_1) with `rows` rows.
+bool can_repack_x8(Format f, int64_t rows);
+// Interleaves each group of 8 rows of an (rows, K) q4_0 or q4_1 matrix in place, so that one
+// 32-byte vector holds 4 weights of each of the 8 rows and a kernel's 8 float lanes are the 8
+// rows (blocks.h: BlockQ4x8); the matrix keeps its size, and group g its bytes
+// [8g * row_bytes, 8(g + 1) * row_bytes).
+void repack_x8(Format f, void* data, int64_t rows, int K);
 
 const QuantKernels& quant_kernels();  // the best for this CPU
 const QuantKernels* quant_kernels_avx2();
