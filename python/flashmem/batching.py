@@ -41,6 +41,7 @@ class Request:
         self._cancel = False
         self._decoding: Decoding | None = None
         self._inputs = None
+        self._ids = None  # the prompt's token ids (int64), as submit() encoded them
         self._next = 0  # the token the next step runs, at position _position
         self._position = 0
         self._start = 0  # prefill: the first position run (the ones before came from the KV cache)
@@ -102,6 +103,7 @@ class BatchRunner:
                        memory_query=memory_query, memory_min_score=memory_min_score, reuse_cache=reuse_cache)
         with self._lock:
             req = Request(next(self._ids), prompt, options, len(ids))
+            req._ids = np.asarray(ids, np.int64)  # the prompt's own tokens: which slot holds most of them
             self._waiting.append(req)
         return req
 
@@ -151,11 +153,7 @@ class BatchRunner:
 
     def _best_slot(self, req: Request, free: list[int]) -> int:
         """The free slot whose KV cache holds the longest start of the prompt (ties: the lowest)."""
-        try:
-            ids = np.asarray(self.model.encode_prompt(req.prompt), np.int64)
-        except (TypeError, ValueError):
-            return free[0]
-        return max(free, key=lambda s: (self.model._engine.reusable(ids, s), -s))
+        return max(free, key=lambda s: (self.model._engine.reusable(req._ids, s), -s))
 
     def _admit(self, req: Request, slot: int, events: list) -> None:
         model, o = self.model, req.options
