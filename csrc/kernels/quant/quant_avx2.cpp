@@ -445,6 +445,25 @@ inline void dot_tile16(const uint8_t* w, const ActBlock16* const* a, int K, floa
     for (int t = 0; t < RT; ++t) Y[t * ldy] = hsum(acc[t]) + offset[t];
 }
 
+// Calls tile(std::integral_constant<int, RT>, a, t) for the T tokens of A (nb blocks each) in
+// tiles of RT = 4 tokens, then one tile of the 1-3 left: a[i] points at token t + i's blocks.
+template <typename Act, typename Tile>
+inline void for_token_tiles(const Act* A, int T, int nb, Tile&& tile) {
+    const Act* a[4];
+    int t = 0;
+    for (; t + 4 <= T; t += 4) {
+        for (int i = 0; i < 4; ++i) a[i] = A + size_t(t + i) * nb;
+        tile(std::integral_constant<int, 4>{}, a, t);
+    }
+    for (int i = 0; t + i < T; ++i) a[i] = A + size_t(t + i) * nb;
+    switch (T - t) {
+        case 3: tile(std::integral_constant<int, 3>{}, a, t); break;
+        case 2: tile(std::integral_constant<int, 2>{}, a, t); break;
+        case 1: tile(std::integral_constant<int, 1>{}, a, t); break;
+        default: break;
+    }
+}
+
 template <Format F>
 void matmul_tiled16(float* Y, size_t ldy, const ActBlock16* A, int T, const uint8_t* w, size_t row_bytes, int K,
                     int N) {
@@ -456,19 +475,9 @@ void matmul_tiled16(float* Y, size_t ldy, const ActBlock16* A, int T, const uint
                 _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
         }
         const uint8_t* row = w + size_t(n) * row_bytes;
-        const ActBlock16* a[4];
-        int t = 0;
-        for (; t + 4 <= T; t += 4) {
-            for (int i = 0; i < 4; ++i) a[i] = A + size_t(t + i) * nb;
-            dot_tile16<F, 4>(row, a, K, Y + t * ldy + n, ldy);
-        }
-        for (int i = 0; t + i < T; ++i) a[i] = A + size_t(t + i) * nb;
-        switch (T - t) {
-            case 3: dot_tile16<F, 3>(row, a, K, Y + t * ldy + n, ldy); break;
-            case 2: dot_tile16<F, 2>(row, a, K, Y + t * ldy + n, ldy); break;
-            case 1: dot_tile16<F, 1>(row, a, K, Y + t * ldy + n, ldy); break;
-            default: break;
-        }
+        for_token_tiles(A, T, nb, [&](auto rt, const ActBlock16* const* a, int t) {
+            dot_tile16<F, decltype(rt)::value>(row, a, K, Y + t * ldy + n, ldy);
+        });
     }
 }
 
@@ -480,19 +489,9 @@ inline void tile_rows(float* Y, size_t ldy, const ActBlock* A, const TokenScales
     const int nb = K / kActBlock, T = ts.T;
     const uint8_t* rows[RR];
     for (int r = 0; r < RR; ++r) rows[r] = w + size_t(n + r) * row_bytes;
-    const ActBlock* a[4];
-    int t = 0;
-    for (; t + 4 <= T; t += 4) {
-        for (int i = 0; i < 4; ++i) a[i] = A + size_t(t + i) * nb;
-        dot_tile<F, RR, 4>(rows, a, ts, t, K, Y + t * ldy + n, ldy);
-    }
-    for (int i = 0; t + i < T; ++i) a[i] = A + size_t(t + i) * nb;
-    switch (T - t) {
-        case 3: dot_tile<F, RR, 3>(rows, a, ts, t, K, Y + t * ldy + n, ldy); break;
-        case 2: dot_tile<F, RR, 2>(rows, a, ts, t, K, Y + t * ldy + n, ldy); break;
-        case 1: dot_tile<F, RR, 1>(rows, a, ts, t, K, Y + t * ldy + n, ldy); break;
-        default: break;
-    }
+    for_token_tiles(A, T, nb, [&](auto rt, const ActBlock* const* a, int t) {
+        dot_tile<F, RR, decltype(rt)::value>(rows, a, ts, t, K, Y + t * ldy + n, ldy);
+    });
 }
 
 template <Format F>
@@ -564,19 +563,9 @@ void matmul_x8(float* Y, size_t ldy, const ActBlock* A, int T, const void* W, si
         if (n + 16 < N)  // the group after next, asked for from memory
             for (size_t off = 0; off < group; off += 64)
                 _mm_prefetch(reinterpret_cast<const char*>(w) + size_t(n / 8 + 2) * group + off, _MM_HINT_T0);
-        const ActBlock* a[4];
-        int t = 0;
-        for (; t + 4 <= T; t += 4) {
-            for (int i = 0; i < 4; ++i) a[i] = A + size_t(t + i) * nb;
-            x8_tile<Min, 4>(g, a, nb, Y + t * ldy + n, ldy);
-        }
-        for (int i = 0; t + i < T; ++i) a[i] = A + size_t(t + i) * nb;
-        switch (T - t) {
-            case 3: x8_tile<Min, 3>(g, a, nb, Y + t * ldy + n, ldy); break;
-            case 2: x8_tile<Min, 2>(g, a, nb, Y + t * ldy + n, ldy); break;
-            case 1: x8_tile<Min, 1>(g, a, nb, Y + t * ldy + n, ldy); break;
-            default: break;
-        }
+        for_token_tiles(A, T, nb, [&](auto rt, const ActBlock* const* a, int t) {
+            x8_tile<Min, decltype(rt)::value>(g, a, nb, Y + t * ldy + n, ldy);
+        });
     }
 }
 
