@@ -8,6 +8,7 @@ from gguf import quants
 
 from flashmem import _core
 
+ISAS = _core.quant_isas()  # the block-format kernel tables this CPU runs: avx2, and avx512 (VNNI) where present
 TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
          "q4_1": gguf.GGMLQuantizationType.Q4_1, "q5_0": gguf.GGMLQuantizationType.Q5_0,
          "q5_1": gguf.GGMLQuantizationType.Q5_1, "q4_k": gguf.GGMLQuantizationType.Q4_K,
@@ -43,14 +44,15 @@ def test_dequantize_bit_exact_with_gguf(fmt, extreme):
     np.testing.assert_array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("K", [32, 96, 576, 1568])
-def test_quantize_act_matches_reference(K, bits):
+def test_quantize_act_matches_reference(K, bits, isa):
     rng = np.random.default_rng(K)
     x = (rng.standard_normal((4, K)) * rng.uniform(0.01, 100, (4, 1))).astype(np.float32)
     x[1] = 0  # an all-zero block: scale 0
     x[2, :32] = 1e-30
-    got, ref = _core.quantize_act(x, bits=bits), _core.quantize_act(x, reference=True, bits=bits)
+    got, ref = _core.quantize_act(x, bits=bits, isa=isa), _core.quantize_act(x, reference=True, bits=bits)
     np.testing.assert_array_equal(got, ref)
     qtype, qmax = (np.int8, 127) if bits == 8 else (np.int16, 32767)
     blocks = got.reshape(4, K // 32, 8 + 32 * bits // 8)
@@ -61,16 +63,17 @@ def test_quantize_act_matches_reference(K, bits):
     np.testing.assert_allclose(s, d * q.sum(-1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("fmt", TYPES)
 @pytest.mark.parametrize("T,K,N", [(1, 256, 1), (1, 768, 37), (3, 512, 9), (5, 2304, 17), (2, 1280, 64), (9, 768, 11)])
-def test_quant_matmul_matches_reference(fmt, T, K, N, bits):
+def test_quant_matmul_matches_reference(fmt, T, K, N, bits, isa):
     blk, _ = block_size(fmt)
     rng = np.random.default_rng(T * 31 + K + N + len(fmt))
     w = random_blocks(rng, fmt, N * K // blk, extreme=N % 2 == 1).reshape(N, -1)
     x = rng.standard_normal((T, K)).astype(np.float32)
     act = _core.quantize_act(x, bits=bits)
-    got = _core.quant_matmul(act, w, fmt, K, bits=bits)
+    got = _core.quant_matmul(act, w, fmt, K, bits=bits, isa=isa)
     ref = _core.quant_matmul(act, w, fmt, K, reference=True, bits=bits)
     scale = np.abs(quants.dequantize(w.ravel(), TYPES[fmt])).max() * np.abs(x).max() * np.sqrt(K)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * scale)
@@ -83,7 +86,8 @@ def test_quant_matmul_matches_reference(fmt, T, K, N, bits):
 @pytest.mark.parametrize("fmt", TYPES)
 def test_several_tokens_equal_one_at_a_time(fmt, bits):
     """Tokens multiplied together (a batch of sequences: tiles of rows x tokens) give exactly what
-    each gives alone (the one-token path), so a sequence decodes the same in a batch or alone."""
+    each gives alone (the one-token path), so a sequence decodes the same in a batch or alone; and
+    every ISA's kernels give the same bits (their integer sums are exact)."""
     blk, _ = block_size(fmt)
     rng = np.random.default_rng(len(fmt) + bits)
     K, N, T = 768, 13, 11
@@ -92,35 +96,66 @@ def test_several_tokens_equal_one_at_a_time(fmt, bits):
     together = _core.quant_matmul(act, w, fmt, K, bits=bits)
     for t in range(T):
         np.testing.assert_array_equal(together[t], _core.quant_matmul(act[t:t + 1], w, fmt, K, bits=bits)[0])
+    for isa in ISAS:
+        np.testing.assert_array_equal(together, _core.quant_matmul(act, w, fmt, K, bits=bits, isa=isa))
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
-@pytest.mark.parametrize("T,K,N", [(1, 256, 8), (3, 768, 24), (4, 1536, 16), (9, 96, 40)])
-def test_interleaved_rows_match_reference(fmt, T, K, N):
-    """A layer's q4_0/q4_1 matrices are held with 8 rows interleaved (repack_x8) for the kernel
-    whose float lanes are rows: against the reference on the original rows, and several tokens
-    bit-identical to one at a time."""
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt,bits", [("q4_0", 8), ("q4_1", 8), ("q8_0", 16)])
+@pytest.mark.parametrize("T,K,N", [(1, 256, 8), (2, 64, 8), (3, 768, 24), (4, 1536, 16), (9, 96, 40), (8, 576, 56)])
+def test_interleaved_rows_match_reference(fmt, bits, T, K, N, isa):
+    """A layer's q4_0/q4_1 matrices (8-bit activations) and a q8_0 LM head (16-bit ones) are held
+    with 8 rows interleaved (repack_x8) for the kernels whose float lanes are rows (AVX-512: two
+    groups of 8 at a time, and one alone where N / 8 is odd): against the reference on the
+    original rows, several tokens bit-identical to one at a time and to the other ISAs, and each
+    row recoverable as it was (row_from_x8, what an embedding lookup reads)."""
     blk, _ = block_size(fmt)
     rng = np.random.default_rng(T + K + N)
     w = random_blocks(rng, fmt, N * K // blk, extreme=T == 3).reshape(N, -1)
     packed = _core.repack_x8(w, fmt, K)
     assert packed.shape == w.shape and not np.array_equal(packed, w)
+    for r in range(N):
+        np.testing.assert_array_equal(_core.row_from_x8(packed, fmt, K, r), w[r])
     x = rng.standard_normal((T, K)).astype(np.float32)
     x[0, :32] *= 40  # activations of very different scales per block
-    act = _core.quantize_act(x)
-    got = _core.quant_matmul(act, packed, fmt, K, interleaved=True)
-    ref = _core.quant_matmul(act, w, fmt, K, reference=True)
+    act = _core.quantize_act(x, bits=bits)
+    got = _core.quant_matmul(act, packed, fmt, K, bits=bits, interleaved=True, isa=isa)
+    ref = _core.quant_matmul(act, w, fmt, K, bits=bits, reference=True)
     scale = np.abs(quants.dequantize(w.ravel(), TYPES[fmt])).max() * np.abs(x).max() * np.sqrt(K)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * scale)
     for t in range(T):
-        np.testing.assert_array_equal(got[t], _core.quant_matmul(act[t:t + 1], packed, fmt, K, interleaved=True)[0])
+        alone = _core.quant_matmul(act[t:t + 1], packed, fmt, K, bits=bits, interleaved=True, isa=isa)
+        np.testing.assert_array_equal(got[t], alone[0])
+    for other in ISAS:
+        np.testing.assert_array_equal(got, _core.quant_matmul(act, packed, fmt, K, bits=bits, interleaved=True,
+                                                              isa=other))
     with pytest.raises(ValueError, match="multiple of 8"):
         _core.repack_x8(w[:N - 1], fmt, K)
+    with pytest.raises(ValueError, match="row 99999 out of range"):
+        _core.row_from_x8(packed, fmt, K, 99999)
 
 
+def test_interleaved_kernel_takes_only_its_pairs():
+    """matmul_x8 pairs q4_0/q4_1 with 8-bit activations and the q8_0 one with 16-bit ones; any other
+    pairing (or a format repack_x8 does not take) is refused with the reason."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    q8 = _core.repack_x8(random_blocks(rng, "q8_0", 16).reshape(8, -1), "q8_0", 64)
+    with pytest.raises(ValueError, match="q8_0 matrix with 16-bit"):
+        _core.quant_matmul(_core.quantize_act(x), q8, "q8_0", 64, interleaved=True)
+    q4 = _core.repack_x8(random_blocks(rng, "q4_1", 16).reshape(8, -1), "q4_1", 64)
+    with pytest.raises(ValueError, match="q4_0 or q4_1 matrix with 8-bit"):
+        _core.quant_matmul(_core.quantize_act(x, bits=16), q4, "q4_1", 64, bits=16, interleaved=True)
+    with pytest.raises(ValueError, match="q4_0, q4_1 or q8_0 matrix"):
+        _core.repack_x8(random_blocks(rng, "q5_0", 16).reshape(8, -1), "q5_0", 64)
+    with pytest.raises(ValueError, match="unknown ISA 'sse9'"):
+        _core.quant_matmul(_core.quantize_act(x), q4, "q4_1", 64, interleaved=True, isa="sse9")
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", TYPES)
 @pytest.mark.parametrize("K,n", [(256, 1), (768, 7), (512, 13)])
-def test_bundle_kernels_match_reference(fmt, K, n):
+def test_bundle_kernels_match_reference(fmt, K, n, isa):
     """The neuron-bundle kernels (rows given as pointers, a piece at a byte offset inside each row):
     dot products for gate and up, and the down columns' weighted sum, against their references."""
     blk, nbytes = block_size(fmt)
@@ -133,7 +168,7 @@ def test_bundle_kernels_match_reference(fmt, K, n):
     rows = rng.integers(0, 20, n).astype(np.int64)  # any order, repeats allowed
     x = rng.standard_normal((1, K)).astype(np.float32)
     act = _core.quantize_act(x)
-    got = _core.quant_dot_ptrs(act, w, fmt, K, offset, rows)
+    got = _core.quant_dot_ptrs(act, w, fmt, K, offset, rows, isa=isa)
     ref = _core.quant_dot_ptrs(act, w, fmt, K, offset, rows, reference=True)
     wf = quants.dequantize(np.ascontiguousarray(w[:, offset:offset + piece]), TYPES[fmt]).reshape(20, K)
     scale = np.abs(wf).max() * np.abs(x).max() * np.sqrt(K)
@@ -142,7 +177,7 @@ def test_bundle_kernels_match_reference(fmt, K, n):
     y0 = rng.standard_normal(K).astype(np.float32)
     c = rng.standard_normal(n).astype(np.float32)
     c[0] = 0.0  # a neuron that contributes nothing
-    got = _core.quant_axpy_ptrs(y0, c, w, fmt, offset, rows)
+    got = _core.quant_axpy_ptrs(y0, c, w, fmt, offset, rows, isa=isa)
     ref = _core.quant_axpy_ptrs(y0, c, w, fmt, offset, rows, reference=True)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * (np.abs(wf).max() * np.abs(c).sum() + 1))
     np.testing.assert_allclose(ref, y0 + c @ wf[rows], rtol=1e-5, atol=1e-5)

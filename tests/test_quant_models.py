@@ -190,12 +190,14 @@ def shakespeare_1024(smollm2_f32):
     return ids, smollm2_f32.logits(ids), smollm2_f32.perplexity(ids)
 
 
-@pytest.mark.parametrize("kv_dtype, min_agree", [("f32", 0.97), ("f16", 0.96)])
-def test_smollm2_q4_1_as_shipped(smollm2_gguf, shakespeare_1024, kv_dtype, min_agree):
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_smollm2_q4_1_as_shipped(smollm2_gguf, shakespeare_1024, kv_dtype):
     """The shipped Q4_1 file with its blocks kept, against its dequantized f32 conversion (which
-    matches HF transformers): teacher-forced top-1 agreement over 1024 tokens of at least 97%
-    with an f32 KV cache (llama.cpp, whose cache is f16, agrees on 96.5% of them; our f16 cache
-    on 96.5% too), perplexity within 1%."""
+    matches HF transformers): teacher-forced top-1 agreement over 1024 tokens of at least 96%
+    (llama.cpp, whose cache is f16, agrees on 96.5% of them), perplexity within 1%. The figure
+    moves by about half a point between CPUs (96.2-97.3% seen: AVX2 or AVX-512 float kernels
+    for the f32 reference, 8-lane or 16-lane sums), from tokens whose top two logits nearly tie."""
+    min_agree = 0.96
     m = flashmem.load(smollm2_gguf, dtype="gguf", threads=2, max_context=1024, kv_dtype=kv_dtype)
     ids, ref_logits, ref_ppl = shakespeare_1024
     agree = float((m.logits(ids).argmax(1) == ref_logits.argmax(1)).mean())

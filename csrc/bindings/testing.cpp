@@ -74,14 +74,21 @@ nb::ndarray<nb::numpy, float> py_accumulate(CF32Array y0, CF32Array a, nb::ndarr
 
 using U8Matrix = nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 
+// The block-format kernel table named: best, avx2 or avx512.
+const quant::QuantKernels& pick_quant_isa(const std::string& isa) {
+    const quant::QuantKernels* k = quant::quant_kernels_for(isa);
+    FM_ARG(k != nullptr, "ISA ", isa, " not available on this CPU");
+    return *k;
+}
+
 // Activation blocks of x (T, K) as bytes (T, K/32 blocks of 8- or 16-bit activations), from the
 // kernel or its reference.
 template <typename Q>
-nb::ndarray<nb::numpy, uint8_t> quantize_act_as(const float* x, int T, int K, bool reference) {
+nb::ndarray<nb::numpy, uint8_t> quantize_act_as(const float* x, int T, int K, bool reference, const std::string& isa) {
     using Block = quant::ActBlockOf<Q>;
     const size_t row = size_t(K / quant::kActBlock) * sizeof(Block);
     auto out = numpy_owned<uint8_t>({size_t(T), row});
-    const quant::QuantKernels& qk = quant::quant_kernels();
+    const quant::QuantKernels& qk = pick_quant_isa(isa);
     for (int t = 0; t < T; ++t) {
         auto* dst = reinterpret_cast<Block*>(out.data() + t * row);
         if (reference) quant::quantize_act_ref(x + size_t(t) * K, dst, K);
@@ -92,16 +99,17 @@ nb::ndarray<nb::numpy, uint8_t> quantize_act_as(const float* x, int T, int K, bo
 }
 
 nb::ndarray<nb::numpy, uint8_t> py_quantize_act(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x,
-                                                bool reference, int bits) {
+                                                bool reference, int bits, const std::string& isa) {
     const int T = int(x.shape(0)), K = int(x.shape(1));
     FM_ARG(K % quant::kActBlock == 0, "x must have a multiple of ", quant::kActBlock, " columns, got ", K);
     FM_ARG(bits == 8 || bits == 16, "bits must be 8 or 16, got ", bits);
-    return bits == 8 ? quantize_act_as<int8_t>(x.data(), T, K, reference) : quantize_act_as<int16_t>(x.data(), T, K, reference);
+    return bits == 8 ? quantize_act_as<int8_t>(x.data(), T, K, reference, isa)
+                     : quantize_act_as<int16_t>(x.data(), T, K, reference, isa);
 }
 
 // Y (T, N) = W (N rows of K weights in `format`) times the activation blocks (T, K/32 blocks).
 nb::ndarray<nb::numpy, float> py_quant_matmul(U8Matrix act, U8Matrix w, const std::string& format, int K,
-                                              bool reference, int bits, bool interleaved) {
+                                              bool reference, int bits, bool interleaved, const std::string& isa) {
     const Format f = format_from_name(format);
     FM_ARG(is_block_format(f), "quant_matmul: ", format, " is not a block format");
     FM_ARG(bits == 8 || bits == 16, "bits must be 8 or 16, got ", bits);
@@ -113,12 +121,17 @@ nb::ndarray<nb::numpy, float> py_quant_matmul(U8Matrix act, U8Matrix w, const st
            w.shape(1));
     const int T = int(act.shape(0)), N = int(w.shape(0));
     auto y = numpy_owned<float>({size_t(T), size_t(N)});
-    const quant::QuantKernels& qk = quant::quant_kernels();
+    const quant::QuantKernels& qk = pick_quant_isa(isa);
     if (interleaved) {  // w as repack_x8 left it, through the kernel for that layout
-        FM_ARG(bits == 8 && !reference && quant::can_repack_x8(f, N), "quant_matmul: interleaved takes 8-bit ",
-               "activations and a q4_0 or q4_1 matrix of rows a multiple of 8");
-        const auto* A = reinterpret_cast<const quant::ActBlock*>(act.data());
-        qk.matmul_x8[int(f)](y.data(), N, A, T, w.data(), row_bytes, K, N);
+        FM_ARG(!reference && quant::can_repack_x8(f, N) && (bits == 8 ? qk.matmul_x8[int(f)] != nullptr : qk.matmul16_x8[int(f)] != nullptr),
+               "quant_matmul: interleaved takes a q4_0 or q4_1 matrix with 8-bit activations, or a q8_0 matrix with ",
+               "16-bit ones, of rows a multiple of 8");
+        if (bits == 8)
+            qk.matmul_x8[int(f)](y.data(), N, reinterpret_cast<const quant::ActBlock*>(act.data()), T, w.data(),
+                                 row_bytes, K, N);
+        else
+            qk.matmul16_x8[int(f)](y.data(), N, reinterpret_cast<const quant::ActBlock16*>(act.data()), T, w.data(),
+                                   row_bytes, K, N);
     } else if (bits == 8) {
         const auto* A = reinterpret_cast<const quant::ActBlock*>(act.data());
         if (reference) quant::matmul_ref(f, y.data(), N, A, T, w.data(), row_bytes, K, N);
@@ -181,7 +194,8 @@ void bind_testing(nb::module_& m) {
     m.def(
         "quant_dot_ptrs",
         [](U8Matrix act, U8Matrix w, const std::string& format, int K, size_t offset,
-           nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> rows, bool reference) {
+           nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> rows, bool reference,
+           const std::string& isa) {
             const Format f = format_from_name(format);
             FM_ARG(is_block_format(f), format, " is not a block format");
             FM_ARG(K % quant::kActBlock == 0 && act.shape(0) == 1 &&
@@ -191,15 +205,16 @@ void bind_testing(nb::module_& m) {
             const auto* A = reinterpret_cast<const quant::ActBlock*>(act.data());
             auto out = numpy_owned<float>({ptrs.size()});
             if (reference) quant::dot_ptrs_ref(f, out.data(), A, ptrs.data(), offset, K, int(ptrs.size()));
-            else quant::quant_kernels().dot_ptrs[int(f)](out.data(), A, ptrs.data(), offset, K, int(ptrs.size()));
+            else pick_quant_isa(isa).dot_ptrs[int(f)](out.data(), A, ptrs.data(), offset, K, int(ptrs.size()));
             return out;
         },
-        "act"_a, "w"_a, "format"_a, "K"_a, "offset"_a, "rows"_a, "reference"_a = false,
+        "act"_a, "w"_a, "format"_a, "K"_a, "offset"_a, "rows"_a, "reference"_a = false, "isa"_a = "best",
         "out[j] = row rows[j] of w (N, stride bytes), from byte `offset`, K weights in `format`, . act");
     m.def(
         "quant_axpy_ptrs",
         [](CF32Array y0, CF32Array c, U8Matrix w, const std::string& format, size_t offset,
-           nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> rows, bool reference) {
+           nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> rows, bool reference,
+           const std::string& isa) {
             const Format f = format_from_name(format);
             FM_ARG(is_block_format(f), format, " is not a block format");
             const int K = int(y0.size());
@@ -208,10 +223,10 @@ void bind_testing(nb::module_& m) {
             auto y = numpy_owned<float>({size_t(K)});
             std::copy(y0.data(), y0.data() + K, y.data());
             if (reference) quant::axpy_ptrs_ref(f, y.data(), c.data(), ptrs.data(), offset, K, int(ptrs.size()));
-            else quant::quant_kernels().axpy_ptrs[int(f)](y.data(), c.data(), ptrs.data(), offset, K, int(ptrs.size()));
+            else pick_quant_isa(isa).axpy_ptrs[int(f)](y.data(), c.data(), ptrs.data(), offset, K, int(ptrs.size()));
             return y;
         },
-        "y"_a, "c"_a, "w"_a, "format"_a, "offset"_a, "rows"_a, "reference"_a = false,
+        "y"_a, "c"_a, "w"_a, "format"_a, "offset"_a, "rows"_a, "reference"_a = false, "isa"_a = "best",
         "y + sum_j c[j] * row rows[j] of w (N, stride bytes) from byte `offset`, len(y) weights in `format`");
     m.def(
         "dequantize",
@@ -239,17 +254,17 @@ void bind_testing(nb::module_& m) {
             return out;
         },
         "x"_a, "reference"_a = false, "isa"_a = "best", "f16 bits of x, rounded to nearest even (the KV cache's).");
-    m.def("quantize_act", &py_quantize_act, "x"_a, "reference"_a = false, "bits"_a = 8,
+    m.def("quantize_act", &py_quantize_act, "x"_a, "reference"_a = false, "bits"_a = 8, "isa"_a = "best",
           "Activations (T, K) quantized to 8- or 16-bit integer blocks of 32, as bytes (T, K/32 blocks).");
     m.def("quant_matmul", &py_quant_matmul, "act"_a, "w"_a, "format"_a, "K"_a, "reference"_a = false, "bits"_a = 8,
-          "interleaved"_a = false,
+          "interleaved"_a = false, "isa"_a = "best",
           "Y (T, N) = W x for W (N, row bytes) in a block format and quantize_act's blocks (T, ...); interleaved: "
           "W as repack_x8 left it, through the kernel for that layout.");
     m.def(
         "repack_x8",
         [](U8Matrix w, const std::string& format, int K) {
             const Format f = format_from_name(format);
-            FM_ARG(quant::can_repack_x8(f, int64_t(w.shape(0))), "repack_x8: a q4_0 or q4_1 matrix of rows a multiple ",
+            FM_ARG(quant::can_repack_x8(f, int64_t(w.shape(0))), "repack_x8: a q4_0, q4_1 or q8_0 matrix of rows a multiple ",
                    "of 8, got ", format, " with ", w.shape(0), " rows");
             FM_ARG(K % 32 == 0 && w.shape(1) == format_row_bytes(f, K), "repack_x8: rows must be ",
                    format_row_bytes(f, K), " bytes for K = ", K);
@@ -259,6 +274,38 @@ void bind_testing(nb::module_& m) {
             return out;
         },
         "w"_a, "format"_a, "K"_a, "W (N, row bytes) with each group of 8 rows interleaved (quant.h: repack_x8).");
+    m.def(
+        "row_from_x8",
+        [](U8Matrix w, const std::string& format, int K, int64_t r) {
+            const Format f = format_from_name(format);
+            FM_ARG(quant::can_repack_x8(f, int64_t(w.shape(0))) && K % 32 == 0 && w.shape(1) == format_row_bytes(f, K),
+                   "row_from_x8: an interleaved q4_0, q4_1 or q8_0 matrix (N a multiple of 8, rows of K = ", K, ")");
+            FM_ARG(r >= 0 && r < int64_t(w.shape(0)), "row_from_x8: row ", r, " out of range [0, ", w.shape(0), ")");
+            auto out = numpy_owned<uint8_t>({w.shape(1)});
+            quant::row_from_x8(f, w.data(), r, K, out.data());
+            return out;
+        },
+        "w"_a, "format"_a, "K"_a, "r"_a, "Row r of a repack_x8 matrix, as its blocks were before.");
+    m.def("quant_isas", [] {
+        std::vector<std::string> out;
+        if (quant::quant_kernels_avx2()) out.push_back("avx2");
+        if (quant::quant_kernels_avx512()) out.push_back("avx512");
+        return out;
+    }, "The block-format kernel tables this CPU runs.");
+    m.def(
+        "gated",
+        [](CF32Array h, CF32Array u, const std::string& activation, bool reference, const std::string& isa) {
+            FM_ARG(h.size() == u.size(), "gated: h and u must have the same length, got ", h.size(), " and ", u.size());
+            Activation act;
+            FM_ARG(activation_from_name(activation, act), "unknown activation '", activation, "'");
+            auto out = numpy_owned<float>({h.size()});
+            std::copy(h.data(), h.data() + h.size(), out.data());
+            if (reference) gated(act, out.data(), u.data(), int(h.size()));
+            else pick_isa(isa)->gated(out.data(), u.data(), int(h.size()), act);
+            return out;
+        },
+        "h"_a, "u"_a, "activation"_a = "silu", "reference"_a = false, "isa"_a = "best",
+        "act(h) * u: the FFN's gating, from the kernel table or the scalar reference.");
     m.def("gemm", &py_gemm, "x"_a, "w"_a, "dtype"_a, "reference"_a = false, "isa"_a = "best");
     m.def("accumulate", &py_accumulate, "y"_a, "a"_a, "b"_a, "dtype"_a, "reference"_a = false, "isa"_a = "best");
     m.def(

@@ -63,7 +63,7 @@ void accumulate_blocks(ThreadPool& pool, int T, int d_model, const BundleFormat&
                 float* ht = h + t * kNeuronBlock;
                 gate(ht, s.xq + size_t(t) * nblk, r.rows + p, 0, d_model, nb);
                 up(u + t * kNeuronBlock, s.xq + size_t(t) * nblk, r.rows + p, up_at, d_model, nb);
-                gated(act, ht, u + t * kNeuronBlock, nb);
+                kernels().gated(ht, u + t * kNeuronBlock, nb, act);
                 if (r.mask)
                     for (int j = 0; j < nb; ++j)
                         if (!r.mask[size_t(t) * r.n + p + j]) ht[j] = 0.0f;
@@ -108,7 +108,7 @@ void ffn_accumulate(ThreadPool& pool, const float* xn, int T, int d_model, const
             K.gemm[di](h, kNeuronBlock, xn, d_model, T, b, ld, d_model, nb, conv);            // gate
             K.gemm[di](u, kNeuronBlock, xn, d_model, T, b + d_model * esz, ld, d_model, nb, conv);  // up
             for (int t = 0; t < T; ++t) {
-                gated(act, h + t * kNeuronBlock, u + t * kNeuronBlock, nb);
+                kernels().gated(h + t * kNeuronBlock, u + t * kNeuronBlock, nb, act);
                 if (r.mask)
                     for (int j = 0; j < nb; ++j)
                         if (!r.mask[size_t(t) * r.n + p + j]) h[t * kNeuronBlock + j] = 0.0f;

@@ -13,6 +13,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 constexpr int64_t kNever = INT64_MIN / 4;
+constexpr int32_t kNeverPos = INT32_MIN / 4;
 }  // namespace
 
 void SparseOptions::validate() const {
@@ -30,7 +31,7 @@ void SparseOptions::validate() const {
 
 size_t SparseFfn::row_bytes(int d_model, const BundleFormat& bf) { return (bf.bytes(d_model) + 63) / 64 * 64; }
 
-size_t SparseFfn::fixed_bytes(int n_layers, int d_ff, int d_model, const BundleFormat& bf, int t_max,
+size_t SparseFfn::fixed_bytes(int n_layers, int d_ff, int d_model, const BundleFormat& bf, int t_max, int n_slots,
                               const SparseOptions& opt, const FileLayout* layout) {
     size_t n = sizeof(float) * size_t(t_max) * d_ff  // scores
                + 4 * size_t(d_ff)                     // order
@@ -39,6 +40,8 @@ size_t SparseFfn::fixed_bytes(int n_layers, int d_ff, int d_model, const BundleF
                + size_t(t_max) * d_ff                 // list mask
                + sizeof(void*) * d_ff                 // rows
                + 8 * size_t(n_layers) * d_ff          // last pick per layer and neuron
+               + 4 * size_t(n_slots) * n_layers * d_ff  // and per sequence, its position
+               + 4 * size_t(n_slots)                  // each sequence's next position
                + 2 * size_t(d_ff);                    // in-list and picked-now flags
     if (layout) {
         n += FlashReads::bytes_for(*layout, row_bytes(d_model, bf), opt.staging_rows, opt.staging_bytes);
@@ -50,9 +53,11 @@ size_t SparseFfn::fixed_bytes(int n_layers, int d_ff, int d_model, const BundleF
 }
 
 SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, const BundleFormat& bf, Activation act,
-                     int t_max, const SparseOptions& opt, const FileLayout* layout, std::vector<const void*> resident)
-    : source_(source), n_layers_(n_layers), d_ff_(d_ff), d_model_(d_model), t_max_(t_max), bf_(bf), act_(act), opt_(opt),
-      resident_(std::move(resident)) {
+                     int t_max, int n_slots, const SparseOptions& opt, const FileLayout* layout,
+                     std::vector<const void*> resident)
+    : source_(source), n_layers_(n_layers), d_ff_(d_ff), d_model_(d_model), t_max_(t_max), n_slots_(n_slots), bf_(bf),
+      act_(act), opt_(opt), resident_(std::move(resident)) {
+    FM_ARG(n_slots >= 1, "SparseFfn: n_slots must be >= 1, got ", n_slots);
     bf.validate(d_model);
     predictor_.init(n_layers, d_ff, d_model, t_max, act);
     scores_.allocate(sizeof(float) * size_t(t_max) * d_ff);
@@ -65,6 +70,10 @@ SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, const B
     in_list_.allocate(d_ff);
     picked_now_.allocate(d_ff);
     std::fill(last_pick_.data<int64_t>(), last_pick_.data<int64_t>() + size_t(n_layers) * d_ff, kNever);
+    window_pick_.allocate(4 * size_t(n_slots) * n_layers * d_ff);
+    std::fill(window_pick_.data<int32_t>(), window_pick_.data<int32_t>() + size_t(n_slots) * n_layers * d_ff,
+              kNeverPos);
+    next_pos_.assign(n_slots, 0);
     std::memset(in_list_.data(), 0, in_list_.size());
     std::memset(picked_now_.data(), 0, picked_now_.size());
     step_.assign(n_layers, 0);
@@ -96,7 +105,7 @@ SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, const B
 
 size_t SparseFfn::bytes() const {
     size_t n = scores_.size() + order_.size() + uses_.size() + list_.size() + list_mask_.size() + rows_.size() +
-               last_pick_.size() + in_list_.size() + picked_now_.size() + reads_.bytes() + hotness_.size() +
+               last_pick_.size() + window_pick_.size() + next_pos_.capacity() * 4 + in_list_.size() + picked_now_.size() + reads_.bytes() + hotness_.size() +
                admit_ids_.capacity() * 4 + admit_rows_.capacity() * sizeof(void*);
     for (const auto& c : neuron_caches_) n += c.bytes();
     return n;
@@ -111,8 +120,19 @@ void SparseFfn::clear_neuron_cache() {
     for (auto& c : neuron_caches_) c.clear();
 }
 
-void SparseFfn::begin_sequence() {
-    std::fill(last_pick_.data<int64_t>(), last_pick_.data<int64_t>() + size_t(n_layers_) * d_ff_, kNever);
+// A sequence whose first token in this call is not where it left off restarted: its picks from
+// that position on belong to text it no longer holds.
+void SparseFfn::rewind(const int32_t* slots, const int32_t* positions, int T) {
+    for (int t = 0; t < T; ++t) {
+        const int slot = slots[t], p = positions[t];
+        FM_ARG(slot >= 0 && slot < n_slots_, "SparseFfn: slot ", slot, " out of range [0, ", n_slots_, ")");
+        if (p != next_pos_[slot] && (t == 0 || slots[t - 1] != slot)) {
+            int32_t* w = window_pick_.data<int32_t>() + size_t(slot) * n_layers_ * d_ff_;
+            for (size_t i = 0; i < size_t(n_layers_) * d_ff_; ++i)
+                if (w[i] >= p) w[i] = kNeverPos;
+        }
+        next_pos_[slot] = p + 1;
+    }
 }
 
 void SparseFfn::set_trace(std::vector<int32_t> ids, int n_steps, int k) {
@@ -124,9 +144,11 @@ void SparseFfn::set_trace(std::vector<int32_t> ids, int n_steps, int k) {
 }
 
 // Picks each token's neurons and builds the list of neurons this call computes with (ascending)
-// and its per-token mask. Token t computes with the neurons picked in the last `window` tokens
-// (itself included) when use_window is set; in flash mode, only with those in DRAM.
-void SparseFfn::select(ThreadPool& pool, int l, const float* xn, int T) {
+// and its per-token mask. Token t computes with the neurons its sequence picked in its last
+// `window` positions (itself included) when use_window is set; in flash mode, only with those in
+// DRAM.
+void SparseFfn::select(ThreadPool& pool, int l, const float* xn, int T, const int32_t* slots,
+                       const int32_t* positions) {
     const int n = d_ff_;
     const bool all = opt_.sparsity == 0.0 && trace_steps_ == 0;
     const int k = trace_steps_ ? trace_k_ : std::max(1, int((1.0 - opt_.sparsity) * n + 0.5));
@@ -142,12 +164,14 @@ void SparseFfn::select(ThreadPool& pool, int l, const float* xn, int T) {
     uint64_t computed = 0;
     for (int t = 0; t < T; ++t) {
         const int64_t tk = tok0 + t;
+        const int32_t pos = positions[t];
+        int32_t* wp = window_pick_.data<int32_t>() + (size_t(slots[t]) * n_layers_ + l) * n;  // its sequence's picks
         uint8_t* u = uses + size_t(t) * n;
         if (all) {
             for (int i = 0; i < n; ++i) last[i] = tk;
         } else if (trace_steps_) {
             const int32_t* ids = trace_.data() + (size_t(tk % trace_steps_) * n_layers_ + l) * k;
-            for (int j = 0; j < k; ++j) last[ids[j]] = tk;
+            for (int j = 0; j < k; ++j) last[ids[j]] = tk, wp[ids[j]] = pos;
         } else {
             float* sc = scores_.data<float>() + size_t(t) * n;
             if (cache && opt_.cache_bias != 0.0 && cache->capacity() > 0) {
@@ -157,10 +181,10 @@ void SparseFfn::select(ThreadPool& pool, int l, const float* xn, int T) {
             }
             std::iota(order, order + n, 0);
             std::nth_element(order, order + (k - 1), order + n, [&](int32_t a, int32_t b) { return sc[a] > sc[b]; });
-            for (int j = 0; j < k; ++j) last[order[j]] = tk;
+            for (int j = 0; j < k; ++j) last[order[j]] = tk, wp[order[j]] = pos;
         }
         for (int i = 0; i < n; ++i) {
-            u[i] = last[i] > tk - w;  // picked in the last w tokens
+            u[i] = all || wp[i] > pos - w;  // picked by its sequence in its last w positions
             picked_now[i] |= last[i] == tk;
         }
         if (opt_.hot) {
@@ -196,7 +220,8 @@ void SparseFfn::select(ThreadPool& pool, int l, const float* xn, int T) {
     step_[l] = tok0 + T;
 }
 
-void SparseFfn::forward(ThreadPool& pool, int l, float* out, const float* xn, int T, const FfnScratch& s) {
+void SparseFfn::forward(ThreadPool& pool, int l, float* out, const float* xn, int T, const FfnScratch& s,
+                        const int32_t* slots, const int32_t* positions) {
     FM_ARG(T <= t_max_, "too many tokens for the sparse FFN (", T, " > ", t_max_, ")");
     FM_ARG(opt_.sparsity == 0.0 || trace_steps_ || predictor_.loaded(),
            "sparsity > 0 needs the sparsity predictor: run `flashmem calibrate` on the model");
@@ -206,7 +231,8 @@ void SparseFfn::forward(ThreadPool& pool, int l, float* out, const float* xn, in
     std::memset(picked_now_.data(), 0, picked_now_.size());
     if (source_ == Source::Flash && opt_.window > 0 && opt_.expire)
         neuron_caches_[l].expire(step_[l] - opt_.window + 1);
-    select(pool, l, xn, T);
+    if (l == 0) rewind(slots, positions, T);
+    select(pool, l, xn, T, slots, positions);
     stats_.select_s += since(t0);
     stats_.steps += 1;
     stats_.tokens += T;

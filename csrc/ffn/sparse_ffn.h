@@ -5,8 +5,12 @@
 // the neuron cache for the next tokens.
 //
 // Words used here: a token *picks* the neurons the predictor selects for it; it *computes* with
-// the neurons it picked in the last `window` tokens (itself included), in flash mode only those
-// in DRAM; the *list* is the neurons some token of the call computes with, ascending.
+// the neurons its sequence picked in the last `window` tokens (itself included), in flash mode
+// only those in DRAM; the *list* is the neurons some token of the call computes with, ascending.
+// A call may hold tokens of several sequences (a batch decode step): each sequence (a KV-cache
+// slot) has its own window, counted in its own positions, so that a sequence computes with the
+// same neurons in a batch as alone (in flash mode the neuron cache, shared, decides which of
+// them are in DRAM).
 //
 // With source Resident the bundles stay in the model's DRAM matrix (no I/O, no cache): the same
 // selection and compute, used to evaluate quality quickly and as the all-in-DRAM sparse mode.
@@ -68,12 +72,13 @@ class SparseFfn {
     enum class Source { Resident, Flash };
     // resident: the layers' bundle matrices (d_ff, bundle bytes, unpadded) when source is Resident.
     // opt and layout are validated (SparseOptions::validate, FileLayout::validate) by the caller.
+    // n_slots: the sequences a call's tokens may belong to (Config.max_batch).
     SparseFfn(Source source, int n_layers, int d_ff, int d_model, const BundleFormat& bf, Activation act, int t_max,
-              const SparseOptions& opt, const FileLayout* layout, std::vector<const void*> resident);
+              int n_slots, const SparseOptions& opt, const FileLayout* layout, std::vector<const void*> resident);
 
     // DRAM this class owns (neuron caches, buffers, index), excluding the predictor.
     size_t bytes() const;
-    static size_t fixed_bytes(int n_layers, int d_ff, int d_model, const BundleFormat& bf, int t_max,
+    static size_t fixed_bytes(int n_layers, int d_ff, int d_model, const BundleFormat& bf, int t_max, int n_slots,
                               const SparseOptions& opt, const FileLayout* layout);
     static size_t row_bytes(int d_model, const BundleFormat& bf);  // one cached bundle (64-byte aligned)
     // Predictor scores (T, d_ff) of layer l (for tests against the reference).
@@ -95,20 +100,21 @@ class SparseFfn {
     // Replaces the predictor by fixed selections (for replaying traces): (n_steps, n_layers, k)
     // neuron ids; the t-th token a layer runs (counted since the model was made) uses row t % n_steps.
     void set_trace(std::vector<int32_t> ids, int n_steps, int k);
-    // A new sequence starts (position 0): the window forgets the previous one's picks; the
-    // neuron cache keeps its rows, which stay valid weights.
-    void begin_sequence();
-
-    // out (T, d_model) += FFN(xn (T, d_model)) of layer l.
-    void forward(ThreadPool& pool, int l, float* out, const float* xn, int T, const FfnScratch& s);
+    // out (T, d_model) += FFN(xn (T, d_model)) of layer l; token t is at position positions[t] of
+    // the sequence in slot slots[t]. A sequence that restarts before where it was (a new one at
+    // position 0, a shorter shared prefix) forgets its window's picks from there on; the neuron
+    // cache keeps its rows, which stay valid weights.
+    void forward(ThreadPool& pool, int l, float* out, const float* xn, int T, const FfnScratch& s,
+                 const int32_t* slots, const int32_t* positions);
 
   private:
-    void select(ThreadPool& pool, int l, const float* xn, int T);
+    void rewind(const int32_t* slots, const int32_t* positions, int T);
+    void select(ThreadPool& pool, int l, const float* xn, int T, const int32_t* slots, const int32_t* positions);
     void read_and_compute(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s);
     void compute_round(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s, int lo, int hi);
 
     Source source_;
-    int n_layers_, d_ff_, d_model_, t_max_;
+    int n_layers_, d_ff_, d_model_, t_max_, n_slots_;
     BundleFormat bf_;
     Activation act_;
     SparseOptions opt_;
@@ -130,7 +136,9 @@ class SparseFfn {
     Buffer scores_;     // (t_max, d_ff) f32 predictor scores
     Buffer order_;      // (d_ff) int32 candidate ids for top-k
     Buffer uses_;       // (t_max, d_ff) uint8: token t computes with neuron i
-    Buffer last_pick_;  // (n_layers, d_ff) int64: token count when the neuron was last picked
+    Buffer last_pick_;  // (n_layers, d_ff) int64: token count when the neuron was last picked (the cache's clock)
+    Buffer window_pick_;  // (n_slots, n_layers, d_ff) int32: position of the sequence's last pick
+    std::vector<int32_t> next_pos_;  // (n_slots) the position after each sequence's last token
     Buffer hotness_;    // (n_layers, d_ff) f32: picks decayed by kHotDecay per token (flash, hot only)
     Buffer in_list_;    // (d_ff) uint8: neuron i is in this call's list
     Buffer picked_now_; // (d_ff) uint8: some token of this call picked neuron i

@@ -267,7 +267,7 @@ void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const 
     const size_t act = sizeof(quant::ActBlock) * chunk_ * (std::max({c.d_model, c.q_dim(), c.d_ff}) / quant::kActBlock) +
                        sizeof(quant::ActBlock16) * chunk_ * (c.d_model / quant::kActBlock);
     const size_t fixed = weights + state_bytes() + act + predictor +
-                         SparseFfn::fixed_bytes(c.n_layers, c.d_ff, c.d_model, c.ffn_bundle, chunk_, sized,
+                         SparseFfn::fixed_bytes(c.n_layers, c.d_ff, c.d_model, c.ffn_bundle, chunk_, c.max_batch, sized,
                                                 flash ? layout : nullptr) + (size_t(1) << 16);
     minimum_budget_ = flash ? fixed : 0;
     if (flash) {
@@ -285,7 +285,7 @@ void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const 
     std::vector<const void*> resident;
     if (!flash) resident.resize(c.n_layers, nullptr);  // filled once the bundles are loaded
     sparse_ = std::make_unique<SparseFfn>(source, c.n_layers, c.d_ff, c.d_model, c.ffn_bundle, c.activation, chunk_,
-                                          opt, layout, resident);
+                                          c.max_batch, opt, layout, resident);
 }
 
 void Model::load_tensor(const std::string& kind, int layer, const std::string& path, uint64_t offset,
@@ -372,9 +372,12 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
     if (matrix) {
         matrix->allocate(f, expect[0], expect[1]);
         file.read_uncached(matrix->data(), matrix->nbytes(), offset, what);
-        // a layer's q4_0/q4_1 matrices: 8 rows interleaved, for the kernel whose lanes are rows
-        // (2-2.7x the one-row kernel's speed; the embeddings and LM head keep their rows)
-        if (kind != "embed" && kind != "lm_head" && quant::can_repack_x8(f, matrix->rows)) {
+        // 8 rows interleaved, for the kernels whose lanes are rows: a layer's q4_0/q4_1 matrices
+        // (2-2.7x the one-row kernel's speed), and a q8_0 LM head (tied embeddings included:
+        // a lookup takes its row back out, row_from_x8)
+        const bool head = kind == "lm_head" || (kind == "embed" && cfg_.tied_embeddings);
+        const bool x8 = head ? f == Format::Q8_0 : kind != "embed" && f != Format::Q8_0;
+        if (x8 && quant::can_repack_x8(f, matrix->rows)) {
             quant::repack_x8(f, matrix->data(), matrix->rows, int(matrix->cols));
             matrix->interleaved = true;
         }
@@ -477,7 +480,9 @@ void Model::linear(const float* X, int T, int K, std::initializer_list<Projectio
     auto rows = [&](const Projection& p, size_t n0, size_t n1, int tid) {  // output rows [n0, n1) of p
         const Tensor& W = *p.W;
         const char* w = (p.data ? p.data : W.data()) + n0 * W.row_bytes;
-        if (W.interleaved)  // n0 and n1 are multiples of 8: whole groups
+        if (W.interleaved && precise)  // n0 and n1 are multiples of 8: whole groups
+            qk.matmul16_x8[int(W.format)](p.Y + n0, p.ldy, act16, T, w, W.row_bytes, K, int(n1 - n0));
+        else if (W.interleaved)
             qk.matmul_x8[int(W.format)](p.Y + n0, p.ldy, act, T, w, W.row_bytes, K, int(n1 - n0));
         else if (is_block_format(W.format) && precise)
             qk.matmul16[int(W.format)](p.Y + n0, p.ldy, act16, T, w, W.row_bytes, K, int(n1 - n0));
@@ -493,7 +498,7 @@ void Model::linear(const float* X, int T, int K, std::initializer_list<Projectio
             rows(gate, n0, n1, tid);
             rows(up, n0, n1, tid);
             for (int t = 0; t < T; ++t)
-                fm::gated(cfg_.activation, gate.Y + t * gate.ldy + n0, up.Y + t * up.ldy + n0, int(n1 - n0));
+                k.gated(gate.Y + t * gate.ldy + n0, up.Y + t * up.ldy + n0, int(n1 - n0), cfg_.activation);
         });
         return;
     }
@@ -524,6 +529,11 @@ void Model::gather_embeddings(const int32_t* tokens, int T, float* out) const {
         if (E.streamed) {  // one row read from the file
             const uint64_t at = E.file_offset + uint64_t(tokens[t]) * E.row_bytes;
             stream_->fetch(&at, &E.row_bytes, 1, &row, "an embedding row");
+        } else if (E.interleaved) {  // the row's blocks out of its group of 8
+            thread_local std::vector<char> blocks;
+            blocks.resize(E.row_bytes);
+            quant::row_from_x8(E.format, E.data(), tokens[t], int(E.cols), blocks.data());
+            row = blocks.data();
         }
         if (is_block_format(E.format)) quant::dequantize(E.format, row, o, E.cols);
         else kernels().to_f32[int(E.format)](o, row, int(E.cols));
@@ -643,7 +653,6 @@ void Model::forward(int T, int start_pos, int slot, float* out, Output what, Fil
     check_positions(T, start_pos, slot);
     const Config& c = cfg_;
     kv_.set_length(slot, start_pos);  // positions past this are overwritten now
-    if (sparse_ && start_pos == 0) sparse_->begin_sequence();
     last_mark_ = std::chrono::steady_clock::now();
     prof_.tokens += T;
     for (int t0 = 0; t0 < T; t0 += chunk_) {
@@ -821,7 +830,7 @@ void Model::layer_forward(int l, int T) {
                  convert_.size() / sizeof(float) / nt, ffn_block_.data<char>(), act_.data<quant::ActBlock>(),
                  chunk_};
     if (sparse_) {
-        sparse_->forward(pool_, l, out, xn, T, s);
+        sparse_->forward(pool_, l, out, xn, T, s, tok_slot_.data(), tok_pos_.data());
     } else if (!L.ffn_bundles.size()) {  // the three matrices: down(act(gate x) * up x)
         float* g = ffn_gate_out_.data<float>();
         float* u = ffn_up_out_.data<float>();

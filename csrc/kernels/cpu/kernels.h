@@ -37,6 +37,8 @@ struct Kernels {
     // Decode gated FFN over n neuron bundles, rows[i] = [gate_i | up_i | down_i] (each d_model long):
     // y (d_model) += sum_i act(gate_i . x) * (up_i . x) * down_i.
     void (*ffn_decode[3])(float* y, const float* x, const void* const* rows, int d_model, int n, Activation act);
+    // h = act(h) * u, in place (h: the gate's outputs); reference: gated() in core/activation.h.
+    void (*gated)(float* h, const float* u, int n, Activation act);
 };
 
 const Kernels& kernels();  // the best for this CPU

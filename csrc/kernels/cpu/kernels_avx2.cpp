@@ -18,6 +18,9 @@ struct V {
     static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
     static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
     static R max(R a, R b) { return _mm256_max_ps(a, b); }
+    static R min(R a, R b) { return _mm256_min_ps(a, b); }
+    static R div(R a, R b) { return _mm256_div_ps(a, b); }
+    static R select_neg(R x, R a, R b) { return _mm256_blendv_ps(a, b, x); }  // x < 0 (sign set) ? b : a
     static float hmax(R v) {
         __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         m = _mm_max_ps(m, _mm_movehl_ps(m, m));

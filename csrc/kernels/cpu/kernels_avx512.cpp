@@ -19,6 +19,11 @@ struct V {
     static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
     static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
     static R max(R a, R b) { return _mm512_max_ps(a, b); }
+    static R min(R a, R b) { return _mm512_min_ps(a, b); }
+    static R div(R a, R b) { return _mm512_div_ps(a, b); }
+    static R select_neg(R x, R a, R b) {  // x < 0 (sign set) ? b : a
+        return _mm512_mask_blend_ps(_mm512_movepi32_mask(_mm512_castps_si512(x)), a, b);
+    }
     static float hmax(R v) { return _mm512_reduce_max_ps(v); }
     static R round(R x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
     static R pow2i(R n) { return _mm512_scalef_ps(_mm512_set1_ps(1.0f), n); }  // 2^n for integral n

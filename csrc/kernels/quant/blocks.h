@@ -39,6 +39,12 @@ template <>
 struct BlockQ4x8<false> { uint16_t d[8]; uint8_t qs[128]; };
 template <>
 struct BlockQ4x8<true> { uint16_t d[8], m[8]; uint8_t qs[128]; };
+// Block b of 8 rows of a q8_0 matrix, interleaved for 16-bit activations (quant.h: repack_x8;
+// the LM head): the 8 rows' scales d, then 16 pieces of 16 bytes: byte 2r + i of piece j holds
+// weight 2j + i of row r, so that a piece widened to int16 pairs with the token's activations
+// 2j, 2j + 1 in each row's lane. The same bytes as the 8 rows' blocks (272 = 8 x 34).
+struct BlockQ8x8 { uint16_t d[8]; int8_t qs[256]; };
+static_assert(sizeof(BlockQ8x8) == 272, "block size");
 static_assert(sizeof(BlockQ4x8<false>) == 144 && sizeof(BlockQ4x8<true>) == 160, "block size");
 static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20, "block size");
 static_assert(sizeof(BlockQ5_0) == 22 && sizeof(BlockQ5_1) == 24, "block size");

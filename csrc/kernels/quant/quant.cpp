@@ -1,6 +1,8 @@
 // Dequantization, bit-exact with ggml: compiled with -ffp-contract=off, so each multiply and
 // add rounds as ggml's reference code does. And the run-time choice of the kernel table.
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -11,6 +13,7 @@
 namespace fm::quant {
 
 extern const QuantKernels avx2_table;
+extern const QuantKernels avx512_vnni_table;
 
 namespace {
 template <typename Block>
@@ -112,14 +115,35 @@ const QuantKernels* quant_kernels_avx2() {
                : nullptr;
 }
 
-const QuantKernels& quant_kernels() {
-    // AVX-512 CPUs run the AVX2 kernels too: no AVX-512 (VNNI) variant yet
-    const QuantKernels* k = quant_kernels_avx2();
-    FM_ARG(k != nullptr, "this CPU lacks AVX2/FMA/F16C, which flashmem requires");
-    return *k;
+const QuantKernels* quant_kernels_avx512() {
+    return quant_kernels_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")
+               ? &avx512_vnni_table
+               : nullptr;
 }
 
-bool can_repack_x8(Format f, int64_t rows) { return (f == Format::Q4_0 || f == Format::Q4_1) && rows % 8 == 0; }
+const QuantKernels& quant_kernels() {
+    static const QuantKernels* best = [] {
+        const char* force = std::getenv("FLASHMEM_ISA");  // "avx2" runs the fallback on an AVX-512 CPU
+        if (force && std::string(force) == "avx2") return quant_kernels_avx2();
+        const QuantKernels* k = quant_kernels_avx512();
+        return k ? k : quant_kernels_avx2();
+    }();
+    FM_ARG(best != nullptr, "this CPU lacks AVX2/FMA/F16C, which flashmem requires");
+    return *best;
+}
+
+const QuantKernels* quant_kernels_for(const std::string& isa) {
+    if (isa == "best") return &quant_kernels();
+    if (isa == "avx2") return quant_kernels_avx2();
+    if (isa == "avx512" || isa == "avx512_vnni") return quant_kernels_avx512();
+    FM_ARG(false, "unknown ISA '", isa, "' (best, avx2, avx512)");
+    return nullptr;
+}
+
+bool can_repack_x8(Format f, int64_t rows) {
+    return (f == Format::Q4_0 || f == Format::Q4_1 || f == Format::Q8_0) && rows % 8 == 0;
+}
 
 namespace {
 template <bool Min>
@@ -140,10 +164,57 @@ void repack_group(const uint8_t* rows, size_t row_bytes, int nb, BlockQ4x8<Min>*
                     o.qs[32 * v + 4 * r + i] = uint8_t(w[r][8 * v + i] | (w[r][8 * v + 4 + i] << 4));
     }
 }
+// Undoes repack_group for row r of the group: its blocks as the file had them.
+template <bool Min>
+void unpack_group_row(const BlockQ4x8<Min>* g, int nb, int r, uint8_t* row) {
+    using Src = std::conditional_t<Min, BlockQ4_1, BlockQ4_0>;
+    for (int b = 0; b < nb; ++b) {
+        Src& dst = reinterpret_cast<Src*>(row)[b];
+        dst.d = g[b].d[r];
+        if constexpr (Min) dst.m = g[b].m[r];
+        uint8_t w[32];
+        for (int v = 0; v < 4; ++v)
+            for (int i = 0; i < 4; ++i) {
+                const uint8_t q = g[b].qs[32 * v + 4 * r + i];
+                w[8 * v + i] = q & 0x0F, w[8 * v + 4 + i] = q >> 4;
+            }
+        for (int i = 0; i < 16; ++i) dst.qs[i] = uint8_t(w[i] | (w[i + 16] << 4));
+    }
+}
+
+void repack_group_q8(const uint8_t* rows, size_t row_bytes, int nb, BlockQ8x8* out) {
+    for (int b = 0; b < nb; ++b)
+        for (int r = 0; r < 8; ++r) {
+            const BlockQ8_0& src = reinterpret_cast<const BlockQ8_0*>(rows + r * row_bytes)[b];
+            out[b].d[r] = src.d;
+            for (int j = 0; j < 16; ++j)
+                for (int i = 0; i < 2; ++i) out[b].qs[16 * j + 2 * r + i] = src.qs[2 * j + i];
+        }
+}
+
+void unpack_group_row_q8(const BlockQ8x8* g, int nb, int r, uint8_t* row) {
+    for (int b = 0; b < nb; ++b) {
+        BlockQ8_0& dst = reinterpret_cast<BlockQ8_0*>(row)[b];
+        dst.d = g[b].d[r];
+        for (int j = 0; j < 16; ++j)
+            for (int i = 0; i < 2; ++i) dst.qs[2 * j + i] = g[b].qs[16 * j + 2 * r + i];
+    }
+}
 }  // namespace
 
+void row_from_x8(Format f, const void* data, int64_t r, int K, void* row) {
+    FM_ARG(can_repack_x8(f, 8) && K > 0 && K % 32 == 0 && r >= 0, "row_from_x8: a q4_0, q4_1 or q8_0 row of K = ", K);
+    const size_t row_bytes = format_row_bytes(f, K);
+    const auto* group = static_cast<const uint8_t*>(data) + size_t(r / 8) * 8 * row_bytes;
+    const int nb = K / 32, i = int(r % 8);
+    auto* out = static_cast<uint8_t*>(row);
+    if (f == Format::Q8_0) unpack_group_row_q8(reinterpret_cast<const BlockQ8x8*>(group), nb, i, out);
+    else if (f == Format::Q4_1) unpack_group_row(reinterpret_cast<const BlockQ4x8<true>*>(group), nb, i, out);
+    else unpack_group_row(reinterpret_cast<const BlockQ4x8<false>*>(group), nb, i, out);
+}
+
 void repack_x8(Format f, void* data, int64_t rows, int K) {
-    FM_ARG(can_repack_x8(f, rows), "repack_x8: needs a q4_0 or q4_1 matrix of rows a multiple of 8");
+    FM_ARG(can_repack_x8(f, rows), "repack_x8: needs a q4_0, q4_1 or q8_0 matrix of rows a multiple of 8");
     FM_ARG(K > 0 && K % 32 == 0, "repack_x8: K must be a positive multiple of 32, got ", K);
     const size_t row_bytes = format_row_bytes(f, K), group = 8 * row_bytes;
     const int nb = K / 32;
@@ -152,7 +223,8 @@ void repack_x8(Format f, void* data, int64_t rows, int K) {
     for (int64_t g = 0; g < rows / 8; ++g) {
         uint8_t* at = bytes + size_t(g) * group;
         std::memcpy(tmp.data(), at, group);
-        if (f == Format::Q4_1) repack_group<true>(tmp.data(), row_bytes, nb, reinterpret_cast<BlockQ4x8<true>*>(at));
+        if (f == Format::Q8_0) repack_group_q8(tmp.data(), row_bytes, nb, reinterpret_cast<BlockQ8x8*>(at));
+        else if (f == Format::Q4_1) repack_group<true>(tmp.data(), row_bytes, nb, reinterpret_cast<BlockQ4x8<true>*>(at));
         else repack_group<false>(tmp.data(), row_bytes, nb, reinterpret_cast<BlockQ4x8<false>*>(at));
     }
 }

@@ -1,11 +1,12 @@
 // Kernels for weights in ggml's block formats (blocks.h), the way ggml computes with them: the
 // activations are quantized to 8 bits per block of 32 (quantize_act) and each weight block's
 // dot product is accumulated in integers, then scaled once per block. A table per instruction
-// set, chosen at run time like the float kernels (FLASHMEM_ISA=avx2 forces AVX2); each kernel
-// has a scalar reference below, which the tests compare against.
+// set (AVX2; AVX-512 VNNI), chosen at run time like the float kernels (FLASHMEM_ISA=avx2 forces
+// AVX2); each kernel has a scalar reference below, which the tests compare against.
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "core/format.h"
 #include "kernels/quant/blocks.h"
@@ -34,18 +35,26 @@ struct QuantKernels {
     // and Y at a group of 8 rows); nullptr for the other formats.
     void (*matmul_x8[kFormats])(float* Y, size_t ldy, const ActBlock* A, int T, const void* W, size_t row_bytes,
                                 int K, int N);
+    // The same with 16-bit activations, for a q8_0 matrix (the LM head); nullptr for the others.
+    void (*matmul16_x8[kFormats])(float* Y, size_t ldy, const ActBlock16* A, int T, const void* W, size_t row_bytes,
+                                  int K, int N);
 };
 
-// Whether repack_x8 takes matrices of format f (q4_0, q4_1) with `rows` rows.
+// Whether repack_x8 takes matrices of format f (q4_0, q4_1, q8_0) with `rows` rows.
 bool can_repack_x8(Format f, int64_t rows);
-// Interleaves each group of 8 rows of an (rows, K) q4_0 or q4_1 matrix in place, so that one
-// 32-byte vector holds 4 weights of each of the 8 rows and a kernel's 8 float lanes are the 8
-// rows (blocks.h: BlockQ4x8); the matrix keeps its size, and group g its bytes
-// [8g * row_bytes, 8(g + 1) * row_bytes).
+// Interleaves each group of 8 rows of an (rows, K) q4_0, q4_1 or q8_0 matrix in place, so that a
+// kernel's 8 float lanes are the 8 rows (blocks.h: BlockQ4x8, BlockQ8x8); the matrix keeps its
+// size, and group g its bytes [8g * row_bytes, 8(g + 1) * row_bytes).
 void repack_x8(Format f, void* data, int64_t rows, int K);
+// Row r of such a matrix (data: its first group) as its blocks were before repack_x8, into `row`
+// (row bytes): what an embedding lookup reads from an interleaved LM head.
+void row_from_x8(Format f, const void* data, int64_t r, int K, void* row);
 
 const QuantKernels& quant_kernels();  // the best for this CPU
-const QuantKernels* quant_kernels_avx2();
+const QuantKernels* quant_kernels_avx2();    // nullptr where the CPU lacks the ISA
+const QuantKernels* quant_kernels_avx512();  // AVX-512 with VNNI
+// "best", "avx2" or "avx512": nullptr where the CPU lacks it; an error for another name.
+const QuantKernels* quant_kernels_for(const std::string& isa);
 
 // y (n) = n weights in the block format f, n a multiple of its block; bit-exact with ggml (and
 // gguf-py's dequantize). Scalar: it serves the few rows a token gathers (embeddings).
