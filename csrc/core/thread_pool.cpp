@@ -1,5 +1,9 @@
 #include "core/thread_pool.h"
 
+#include <stdexcept>
+#include <string>
+#include <system_error>
+
 #include "core/error.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -27,10 +31,17 @@ void wait_until(Done done) {
 }  // namespace
 
 ThreadPool::ThreadPool(int n_threads) : n_(n_threads < 1 ? 1 : n_threads) {
-    for (int t = 1; t < n_; ++t) threads_.emplace_back([this, t] { worker(t); });
+    try {
+        for (int t = 1; t < n_; ++t) threads_.emplace_back([this, t] { worker(t); });
+    } catch (const std::system_error& e) {  // no thread to be had (a thread or address-space limit)
+        stop();  // the threads started must be joined: a joinable std::thread destroyed aborts
+        throw std::runtime_error("cannot start " + std::to_string(n_) + " threads: " + e.what());
+    }
 }
 
-ThreadPool::~ThreadPool() {
+ThreadPool::~ThreadPool() { stop(); }
+
+void ThreadPool::stop() {
     {
         std::lock_guard<std::mutex> lk(mu_);
         stop_ = true;
@@ -38,6 +49,7 @@ ThreadPool::~ThreadPool() {
     }
     cv_.notify_all();
     for (auto& th : threads_) th.join();
+    threads_.clear();
 }
 
 void ThreadPool::dispatch(Job job, const void* ctx, size_t n_chunks) {

@@ -87,6 +87,7 @@ class ThreadPool {
     void dispatch(Job job, const void* ctx, size_t n_chunks);
     void help(int tid);  // runs chunks of the current dynamic job while any is left to take
     void worker(int tid);
+    void stop();  // joins the threads (the destructor; a constructor that fails)
 
     int n_;
     std::vector<std::thread> threads_;

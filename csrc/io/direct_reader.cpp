@@ -5,6 +5,8 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <stdexcept>
+#include <system_error>
 
 #include "core/error.h"
 #include "io/file.h"
@@ -14,16 +16,25 @@ namespace fm {
 DirectReader::DirectReader(const std::string& path, int queue_depth, bool direct) : path_(path) {
     FM_ARG(queue_depth >= 1 && queue_depth <= 256, "queue_depth must lie in [1, 256], got ", queue_depth);
     fd_ = open_read(path, &size_, direct, &direct_);
-    for (int i = 1; i < queue_depth; ++i) threads_.emplace_back([this] { worker(); });
+    try {
+        for (int i = 1; i < queue_depth; ++i) threads_.emplace_back([this] { worker(); });
+    } catch (const std::system_error& e) {  // no thread to be had (a thread or address-space limit)
+        stop();  // the threads started must be joined: a joinable std::thread destroyed aborts
+        throw std::runtime_error("cannot start the I/O threads reading '" + path + "' (queue_depth " +
+                                 std::to_string(queue_depth) + "): " + e.what());
+    }
 }
 
-DirectReader::~DirectReader() {
+DirectReader::~DirectReader() { stop(); }
+
+void DirectReader::stop() {
     {
         std::lock_guard<std::mutex> lk(mu_);
         stop_ = true;
     }
     wake_.notify_all();
     for (auto& t : threads_) t.join();
+    threads_.clear();
     ::close(fd_);
 }
 

@@ -50,6 +50,7 @@ class DirectReader {
     void reset_stats() { stats_ = IoStats{}; }
 
   private:
+    void stop();  // joins the threads and closes the file (the destructor; a constructor that fails)
     void worker();
     void serve(const std::vector<ReadRequest>& reqs);  // takes requests of the batch until none are left
 

@@ -21,6 +21,41 @@ constexpr char kMagic[8] = {'F', 'M', 'B', 'A', 'N', 'K', 0, 0};
 constexpr uint32_t kVersion = 2;  // 1: without the tuning record (still read)
 constexpr size_t kPreamble = 64;
 
+// Whether s is UTF-8 (no overlong forms, no surrogates): texts and metadata are Python strs.
+bool valid_utf8(const std::string& s) {
+    static constexpr uint32_t kMinCode[] = {0, 0, 0x80, 0x800, 0x10000};
+    for (size_t i = 0; i < s.size();) {
+        const unsigned char c = s[i];
+        const int len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+        if (len == 0 || i + len > s.size()) return false;
+        uint32_t code = len == 1 ? c : c & (0x7F >> len);
+        for (int k = 1; k < len; ++k) {
+            const unsigned char cc = s[i + k];
+            if ((cc & 0xC0) != 0x80) return false;
+            code = (code << 6) | (cc & 0x3F);
+        }
+        if (code < kMinCode[len] || code > 0x10FFFF || (code >= 0xD800 && code <= 0xDFFF)) return false;
+        i += len;
+    }
+    return true;
+}
+
+// A name read from the file, for an error message: quoted, at most 40 bytes, bytes outside
+// printable ASCII as \xNN (the message becomes a Python str, which must be UTF-8).
+std::string quoted(const std::string& s) {
+    std::string out = "'";
+    for (size_t i = 0; i < s.size() && i < 40; ++i) {
+        const unsigned char c = s[i];
+        if (c >= 0x20 && c < 0x7F) {
+            out += char(c);
+        } else {
+            static constexpr char kHex[] = "0123456789abcdef";
+            out += std::string("\\x") + kHex[c >> 4] + kHex[c & 15];
+        }
+    }
+    return out + (s.size() > 40 ? "...'" : "'");
+}
+
 }  // namespace
 
 uint64_t checksum64(const uint8_t* p, size_t n) {
@@ -184,7 +219,7 @@ std::unique_ptr<MemoryBank> MemoryBank::load(const std::string& path, bool use_m
 
 void MemoryBank::parse(Reader& r, uint8_t* payload, bool borrow_keys, uint32_t version) {
     const std::string index = r.str("index name");
-    if (!is_index_name(index)) r.fail("unknown index " + index);
+    if (!is_index_name(index)) r.fail("unknown index " + quoted(index));
     next_id_ = r.get<int64_t>("next id");
     auto ids = r.vec<int64_t>("slot ids");
     auto live = r.vec<uint8_t>("live flags");
@@ -209,6 +244,8 @@ void MemoryBank::parse(Reader& r, uint8_t* payload, bool borrow_keys, uint32_t v
         e.value = r.vec<uint8_t>("value");
         e.text = r.str("text");
         e.metadata = r.str("metadata");
+        if (!valid_utf8(e.text) || !valid_utf8(e.metadata))
+            r.fail("entry " + std::to_string(ids[s]) + ": its text or metadata is not UTF-8");
         e.created = r.get<double>("created");
         e.updated = r.get<double>("updated");
         e.check("entry " + std::to_string(ids[s]));
@@ -231,7 +268,7 @@ void MemoryBank::parse(Reader& r, uint8_t* payload, bool borrow_keys, uint32_t v
         for (uint64_t i = 0; i < n_params; ++i) {
             const std::string key = r.str("search setting name");
             const double value = r.get<double>("search setting");
-            if (!is_tuned_param(key)) r.fail("unknown search setting " + key);
+            if (!is_tuned_param(key)) r.fail("unknown search setting " + quoted(key));
             try {
                 index_->set_param(key, value);
             } catch (const std::exception& e) {

@@ -8,7 +8,8 @@
 //   the index's own state (Index::save; nothing for flat).
 // Saves are atomic: a temporary file beside the target, fsync, rename over it, fsync of the folder,
 // so a crash leaves the old file or the new one. Loads check the magic, version, length and
-// checksum before parsing anything, and every count against the bytes left (serialize.h).
+// checksum before parsing anything, every count against the bytes left (serialize.h), and that
+// texts and metadata are UTF-8.
 // MemoryBank::save and MemoryBank::load are defined in bank_file.cpp.
 #pragma once
 #include <cstddef>

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _core
 from .checkpoints import safetensors_io as st
-from .checkpoints.config import GEMMA_TYPES, layer_windows, model_dims, read_json, rope_inv_freq
+from .checkpoints.config import GEMMA_TYPES, layer_windows, model_dims, read_config, read_json, rope_inv_freq
 from .checkpoints.convert import ALL_DTYPES, DTYPES, FORMAT_VERSION, READABLE_VERSIONS, RESIDENT_FILE
 from .checkpoints.default_model import default_gguf
 from .checkpoints.store import converted_folder, is_converted
@@ -39,8 +39,8 @@ def load(path: str | None = None, dtype: str | None = None, threads: int | None 
         path = default_gguf()
     path = os.fspath(path)
     if is_converted(path):
-        with open(os.path.join(path, "config.json")) as f:
-            stored = json.load(f)["flashmem"].get("dtype")
+        fm = read_config(os.path.join(path, "config.json"))["flashmem"]
+        stored = fm["dtype"] if isinstance(fm, dict) else None  # else open_model says what is wrong
         if dtype is not None and dtype != stored:
             raise ValueError(f"{path} was converted with dtype {stored}; convert the source again with --dtype {dtype}")
     else:
@@ -55,12 +55,23 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
                prefill_chunk: int | None = None, max_batch: int = 1, **flash_options) -> Model:
     """The model of a converted folder: engine configured, FFN placed, weights loaded, checked."""
     cfg_path = os.path.join(folder, "config.json")
-    config = read_json(cfg_path)
+    config = read_config(cfg_path)
     fm = config.get("flashmem")
     if not isinstance(fm, dict) or fm.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"{cfg_path}: not a flashmem folder of format version {FORMAT_VERSION}; "
                          "run `flashmem convert` on the source model")
+    # the FFN: streamed from flash, neuron bundles in DRAM (sparsity), or dense (bundles or matrices);
+    # with offload="all" the attention matrices, embeddings and LM head are read when needed too;
+    # with offload="flash" and an LM head of its own, the embedding rows of the tokens in use (a
+    # tied table is the LM head, which needs every row at every token: it stays in DRAM)
+    ffn = "streamed" if offload in ("flash", "all") else "bundles" if sparsity else "dense"
+    untied = not config.get("tie_word_embeddings", False)
+    stream = STREAMED_KINDS if offload == "all" else ("embed",) if offload == "flash" and untied else ()
+    dims = model_dims(config, cfg_path)
+    weights = weights_to_load(folder, config, ffn, stream=stream)
+    check_dims(dims, weights, folder, config)  # before anything is sized from the config
     c = engine_config(config, cfg_path, max_context, kv_dtype)
+    check_schema(c, weights, ffn, config)  # every tensor, with its shape: the engine's sizes are the files'
     if threads is None:
         threads = len(os.sched_getaffinity(0))
     if not isinstance(threads, int) or isinstance(threads, bool) or threads <= 0:
@@ -82,15 +93,6 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
         raise ValueError(f"max_batch must be an integer in [1, 4096], got {max_batch!r}")
     c.max_batch = max_batch  # KV-cache slots: every one is allocated now (and counted in dram_budget)
     engine = _core.Model(c, threads)
-    # the FFN: streamed from flash, neuron bundles in DRAM (sparsity), or dense (bundles or matrices);
-    # with offload="all" the attention matrices, embeddings and LM head are read when needed too;
-    # with offload="flash" and an LM head of its own, the embedding rows of the tokens in use (a
-    # tied table is the LM head, which needs every row at every token: it stays in DRAM)
-    ffn = "streamed" if offload in ("flash", "all") else "bundles" if sparsity else "dense"
-    untied = not config.get("tie_word_embeddings", False)
-    stream = STREAMED_KINDS if offload == "all" else ("embed",) if offload == "flash" and untied else ()
-    weights = weights_to_load(folder, config, ffn, stream=stream)
-    check_schema(c, weights, ffn, config)
     if any(w.streamed for w in weights):
         engine.configure_stream(os.path.join(folder, RESIDENT_FILE), stream_staging_bytes(weights),
                                 queue_depth=flash_options.get("queue_depth", 32),
@@ -132,7 +134,8 @@ def engine_config(config: dict, where: str, max_context: int | None, kv_dtype: s
     c.vocab_size, c.d_model, c.d_ff, c.n_layers = dims["vocab_size"], dims["d_model"], dims["d_ff"], dims["n_layers"]
     c.n_heads, c.n_kv_heads, c.head_dim = dims["n_heads"], dims["n_kv_heads"], dims["head_dim"]
     c.max_context = max_context
-    c.norm_eps = float(config.get("rms_norm_eps", 1e-6))
+    eps = config.get("rms_norm_eps")
+    c.norm_eps = float(1e-6 if eps is None else eps)
     c.tied_embeddings = bool(config.get("tie_word_embeddings", False))
     c.qkv_bias = bool(config.get("attention_bias", False) or config.get("model_type") == "qwen2")
     dtype, ffn = config["flashmem"]["dtype"], config["flashmem"]["ffn"]
@@ -209,16 +212,46 @@ def stream_staging_bytes(weights: list[WeightFile]) -> int:
 
 def check_schema(c: _core.Config, weights: list[WeightFile], ffn: str, config: dict) -> None:
     """Raises naming the first tensor the engine's weight schema (Config.schema) needs that the
-    folder's files do not hold, before anything is loaded."""
+    folder's files do not hold, or hold with another shape (the rows of neuron bundles: float
+    bundles are padded), before anything is allocated."""
     matrices = config["flashmem"]["ffn"].get("layout") == "matrices"
     placement = "none" if ffn == "streamed" else "matrices" if ffn == "dense" and matrices else "bundles"
-    have = {(w.kind, w.layer) for w in weights}
+    have = {(w.kind, w.layer): w for w in weights}
     for kind, layer, shape in c.schema(placement):
+        where = f"layer {layer}" if layer >= 0 else "the model"
         if (kind, layer) not in have:
-            where = f"layer {layer}" if layer >= 0 else "the model"
             files = sorted({os.path.basename(w.path) for w in weights}) or [RESIDENT_FILE]
             raise ValueError(f"{os.path.dirname(weights[0].path) if weights else ''}: tensor '{kind}' of {where} "
                              f"(shape {tuple(shape)}) is missing from {', '.join(files)}")
+        w = have[(kind, layer)]
+        got, want = tuple(w.shape), tuple(shape)
+        same = got[:1] == want[:1] and len(got) == len(want) if kind == "ffn_bundles" else got == want
+        if not same:
+            raise ValueError(f"{w.path}: tensor '{kind}' of {where}: expected shape {want}, got {got}")
+
+
+def check_dims(dims: dict, weights: list[WeightFile], folder: str, config: dict) -> None:
+    """The config's layer count, attention width and FFN width against the tensors the files hold,
+    before anything is sized from them (per-layer lists, rotary frequencies, the engine's buffers;
+    check_schema checks the rest once the Config is built): a config that claims 2^31 layers,
+    heads or neurons raises here, whatever the files are."""
+    where = os.path.join(folder, "config.json")
+    layers = {w.layer for w in weights if w.layer >= 0}
+    if dims["n_layers"] > len(layers):
+        raise ValueError(f"{where}: num_hidden_layers is {dims['n_layers']}, the weight files hold {len(layers)} "
+                         f"layers")
+    wq = next((w for w in weights if (w.kind, w.layer) == ("wq", 0)), None)
+    q_dim = dims["n_heads"] * dims["head_dim"]
+    if wq is None or wq.shape[:1] != [q_dim]:
+        raise ValueError(f"{where}: num_attention_heads * head_dim = {q_dim}, but tensor 'wq' of layer 0 has shape "
+                         f"{tuple(wq.shape) if wq else 'none (it is missing)'}")
+    rows = [w.shape[0] for w in weights if w.layer == 0 and w.kind in ("ffn_bundles", "ffn_gate") and w.shape]
+    ffn_file = config["flashmem"]["ffn"].get("file")
+    if not rows and ffn_file:  # the FFN is streamed: the bundle file's header
+        info = st.read_header(os.path.join(folder, ffn_file))[0].get(_core.tensor_name("ffn_bundles", 0))
+        rows = list(info.shape[:1]) if info else []
+    if rows and rows[0] != dims["d_ff"]:
+        raise ValueError(f"{where}: intermediate_size is {dims['d_ff']}, but the FFN of layer 0 has {rows[0]} neurons")
 
 
 def weights_to_load(folder: str, config: dict, ffn: str = "dense", stream: tuple = ()) -> list[WeightFile]:
@@ -244,6 +277,8 @@ def weights_to_load(folder: str, config: dict, ffn: str = "dense", stream: tuple
             formats = json.loads(meta.get("formats") or "{}")
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: metadata 'formats' is not valid JSON ({e})") from None
+        if not isinstance(formats, dict) or not all(isinstance(v, str) for v in formats.values()):
+            raise ValueError(f"{path}: metadata 'formats' must map tensor names to format names, got {formats!r:.200}")
         for name, info in infos.items():
             try:
                 kind, layer = _core.tensor_kind(name)  # the engine's names (csrc/model/decoder.h)
@@ -258,8 +293,11 @@ def weights_to_load(folder: str, config: dict, ffn: str = "dense", stream: tuple
             if kind == "ffn_bundles":
                 if info.tag == "u8":  # block formats: (d_ff, bundle bytes)
                     fmt = meta.get("bundle_format", "")
-                else:  # float: the engine drops each row's padding
+                elif info.tag in st.TAG_SIZE and len(shape) == 2:  # float: the engine drops each row's padding
                     nbytes = shape[0] * 3 * config["hidden_size"] * st.TAG_SIZE[info.tag]
+                else:
+                    raise ValueError(f"{path}: tensor '{name}' must be (d_ff, bundle) of a float type or U8, got "
+                                     f"{info.dtype} {tuple(shape)}")
             elif fmt != info.tag:  # a block format: (rows, row bytes) of U8
                 block, block_bytes = _core.format_block(fmt)
                 if info.tag != "u8" or len(shape) != 2 or shape[1] % block_bytes:
@@ -282,8 +320,11 @@ def eos_token_ids(folder: str, tokenizer: Tokenizer) -> list[int]:
     ids = []
     gen = os.path.join(folder, "generation_config.json")
     if os.path.isfile(gen):
-        e = read_json(gen).get("eos_token_id")
+        gen_config = read_json(gen)
+        e = gen_config.get("eos_token_id") if isinstance(gen_config, dict) else None
         ids += e if isinstance(e, list) else [e] if e is not None else []
+        if any(not isinstance(i, int) or isinstance(i, bool) for i in ids):
+            raise ValueError(f"{gen}: eos_token_id must be a token id or a list of token ids, got {e!r:.80}")
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     ids += tokenizer.stop_token_ids

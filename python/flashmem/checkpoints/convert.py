@@ -143,6 +143,10 @@ def convert(src: str, out: str, dtype: str | None = None, align: int = 4096, pro
         raise ValueError(f"align must be a power of two, got {align}")
     cfg = dict(source.config)
     dims = model_dims(cfg, src)
+    for i in range(dims["n_layers"]):  # stops at the first layer missing: a config that claims 2^31
+        name = layer_tensor_names(cfg, i)["wq"]  # layers costs what the source holds, not 2^31 names
+        if not source.has(name):
+            raise ValueError(f"{src}: the config has {dims['n_layers']} layers, the weights have no tensor '{name}'")
 
     out = os.path.abspath(out)
     if os.path.exists(out) and os.listdir(out):

@@ -5,10 +5,13 @@ Gemma3TextConfig), and the tokenizer rebuilt from the file's metadata."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import struct
 
 import numpy as np
 
+from .config import check_config
 from .gguf_tokenizer import bytes_to_unicode, save_compact, tokenizer_from_gguf  # noqa: F401  (bytes_to_unicode: re-exported)
 
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
@@ -53,6 +56,74 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types
+_STRING, _ARRAY = 8, 9
+
+
+def check_header(path: str) -> None:
+    """Walks a GGUF file's header (metadata, tensor infos) checking each count and length against
+    the bytes left in the file, before the gguf package reads it: its reader trusts an array's
+    count, and reads an array of 2^60 values that runs past the end of the file value by value
+    (empty ones), for ever. Files of a version or byte order this does not know are left to it."""
+    size = os.path.getsize(path)
+    if size < 24:
+        return  # the reader says what is wrong
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        version = struct.unpack_from("<I", m, 4)[0]
+        order = "<" if version in (2, 3) else ">" if version in (2 << 24, 3 << 24) else None
+        if m[:4] != b"GGUF" or order is None:
+            return
+        pos = 8
+
+        def take(fmt: str) -> int:
+            nonlocal pos
+            fmt = order + fmt
+            need(struct.calcsize(fmt), "a number")
+            v = struct.unpack_from(fmt, m, pos)[0]
+            pos += struct.calcsize(fmt)
+            return v
+
+        def need(n: int, what: str) -> None:
+            if n > size - pos:
+                raise ValueError(f"{path}: {what} at byte {pos} needs {n} bytes, the file has {size - pos} left")
+
+        def skip(n: int, what: str) -> None:
+            nonlocal pos
+            need(n, what)
+            pos += n
+
+        def value(vtype: int, depth: int = 0) -> None:
+            if vtype in _SCALAR_BYTES:
+                skip(_SCALAR_BYTES[vtype], "a value")
+            elif vtype == _STRING:
+                skip(take("Q"), "a string")
+            elif vtype == _ARRAY and depth < 2:
+                item, n = take("I"), take("Q")
+                least = _SCALAR_BYTES.get(item) or {_STRING: 8, _ARRAY: 12}.get(item)
+                if least is None:
+                    raise ValueError(f"{path}: array of unknown value type {item} at byte {pos}")
+                need(n * least, f"an array of {n} values")
+                if item in _SCALAR_BYTES:
+                    skip(n * least, "an array")
+                else:
+                    for _ in range(n):
+                        value(item, depth + 1)
+            else:
+                raise ValueError(f"{path}: unknown (or too deeply nested) metadata value type {vtype} at byte {pos}")
+
+        n_tensors, n_kv = take("Q"), take("Q")
+        need(n_kv * 13, f"{n_kv} metadata entries")  # key length, one byte of key, type (at least)
+        for _ in range(n_kv):
+            skip(take("Q"), "a metadata key")
+            value(take("I"))
+        need(n_tensors * 24, f"{n_tensors} tensor infos")  # name length, dim count, type, offset
+        for _ in range(n_tensors):
+            skip(take("Q"), "a tensor name")
+            n_dims = take("I")
+            skip(8 * n_dims, f"{n_dims} dims")
+            skip(12, "a tensor's type and offset")
+
+
 class GGUFSource:
     """A GGUF file with general.architecture llama or gemma3: tensors dequantized to f32 one at a
     time (tensor), or as the file stores them (stored: conversion with dtype "gguf" keeps them so)."""
@@ -61,6 +132,7 @@ class GGUFSource:
         import gguf
 
         self.path = path
+        check_header(path)
         try:
             self._reader = gguf.GGUFReader(path)
         except Exception as e:  # the gguf package raises a variety of errors on bad files
@@ -80,6 +152,11 @@ class GGUFSource:
                                  f"not supported (supported: {', '.join(GGUF_TYPES)})")
             self._tensors[name] = t
         a = arch + "."
+        n_layers = self._req(a + "block_count")
+        layers = {t.name.split(".")[1] for t in self._reader.tensors if t.name.startswith("blk.")}
+        if n_layers > len(layers):  # before anything per layer is built
+            raise ValueError(f"{path}: metadata field '{a}block_count' is {n_layers}, the file holds tensors of "
+                             f"{len(layers)} layers")
         n_embd = self._req(a + "embedding_length")
         n_head = self._req(a + "attention.head_count")
         vocab = self._field(a + "vocab_size") or len(self._field("tokenizer.ggml.tokens") or [])
@@ -87,11 +164,11 @@ class GGUFSource:
             "model_type": "llama", "architectures": ["LlamaForCausalLM"],
             "vocab_size": int(vocab), "hidden_size": n_embd,
             "intermediate_size": self._req(a + "feed_forward_length"),
-            "num_hidden_layers": self._req(a + "block_count"),
+            "num_hidden_layers": n_layers,
             "num_attention_heads": n_head,
             "num_key_value_heads": self._field(a + "attention.head_count_kv") or n_head,
             "head_dim": self._field(a + "attention.key_length") or self._field(a + "rope.dimension_count") or
-            n_embd // n_head,
+            (n_embd // n_head if n_head > 0 else None),
             "max_position_embeddings": self._field(a + "context_length") or 2048,
             "rms_norm_eps": float(self._field(a + "attention.layer_norm_rms_epsilon") or 1e-5),
             "rope_theta": float(self._field(a + "rope.freq_base") or 10000.0),
@@ -106,6 +183,7 @@ class GGUFSource:
             self.config["flashmem_rope_freq_factors"] = self.tensor("rope_freqs").ravel().tolist()
         if arch == "gemma3":
             self._gemma3_config(a)
+        check_config(self.config, f"{path}: metadata")
         self.default_dtype = "gguf"  # the file's own formats, as llama.cpp uses them
 
     def _gemma3_config(self, a: str) -> None:

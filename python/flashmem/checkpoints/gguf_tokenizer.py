@@ -103,12 +103,33 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+# the tokenizer fields read here and the types of their values (of each item, for the lists)
+_FIELD_TYPES = {"tokenizer.ggml.model": str, "tokenizer.chat_template": str, "tokenizer.ggml.tokens": [str],
+                "tokenizer.ggml.merges": [str], "tokenizer.ggml.token_type": [int],
+                "tokenizer.ggml.scores": [(int, float)],
+                **{f"tokenizer.ggml.{k}_token_id": int for k in ("bos", "eos", "unknown", "padding")},
+                **{f"tokenizer.ggml.{k}": (bool, int) for k in ("add_bos_token", "add_eos_token", "add_space_prefix")}}
+
+
+def _check_types(fields: dict, path: str) -> None:
+    """Raises ValueError naming the field unless each tokenizer field present has its type."""
+    for key, kind in _FIELD_TYPES.items():
+        v = fields.get(key)
+        if v is None:
+            continue
+        ok = isinstance(v, list) and all(isinstance(x, kind[0]) for x in v) if isinstance(kind, list) else \
+            isinstance(v, kind)
+        if not ok:
+            raise ValueError(f"{path}: metadata field '{key}' has the wrong type: {v!r:.80}")
+
+
 def tokenizer_from_gguf(fields: dict, path: str, architecture: str | None = None) -> tuple[Tokenizer, dict]:
     """Builds the tokenizer a GGUF file describes, giving the same ids as HF transformers' GGUF
     loader. `fields` are the file's `tokenizer.*` metadata values, `architecture` its
     general.architecture (Gemma vocabularies need their own handling). Returns the tokenizer and
     the tokenizer_config.json entries: special tokens, add_bos_token, the chat template, and for
     Gemma "flashmem_stop_tokens" (the turn end, which should stop generation as well as EOS)."""
+    _check_types(fields, path)
     model = fields.get("tokenizer.ggml.model")
     tokens = fields.get("tokenizer.ggml.tokens")
     if not tokens:

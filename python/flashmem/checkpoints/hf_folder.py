@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 
 from . import safetensors_io as st
-from .config import GEMMA_TYPES, read_json
+from .config import GEMMA_TYPES, read_config, read_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2") + GEMMA_TYPES
 
@@ -52,7 +52,7 @@ class HFSource:
         cfg_path = os.path.join(folder, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{folder}: no config.json (not a HF model folder)")
-        self.config = read_json(cfg_path)
+        self.config = read_config(cfg_path)
         mt = self.config.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{cfg_path}: model_type {mt!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")

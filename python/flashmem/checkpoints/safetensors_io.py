@@ -9,6 +9,7 @@ little-endian header length, a JSON header, then the tensor bytes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -45,6 +46,15 @@ class TensorInfo:
         return DTYPES[self.dtype][1]
 
 
+def _utf8(s: str) -> bool:
+    """Whether s is text (JSON's escapes can spell lone surrogates, which no UTF-8 string holds)."""
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def read_header(path: str) -> tuple[dict[str, TensorInfo], dict]:
     """Parses and checks a safetensors header; returns ({name: TensorInfo}, metadata)."""
     path = os.fspath(path)
@@ -65,19 +75,27 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict]:
     if not isinstance(header, dict):
         raise ValueError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) and _utf8(k + v) for k, v in metadata.items()):
+        raise ValueError(f"{path}: __metadata__ must map names to strings, got {metadata!r:.200}")
     data_start = 8 + n
     tensors = {}
     for name, spec in header.items():
+        if not _utf8(name):
+            raise ValueError(f"{path}: a tensor name is not valid UTF-8: {name!r:.100}")
         try:
-            dtype, shape, (b, e) = spec["dtype"], tuple(int(s) for s in spec["shape"]), spec["data_offsets"]
+            dtype, shape, (b, e) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: tensor '{name}' has a malformed header entry: {spec!r}") from None
-        if dtype not in DTYPES:
-            raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
+            raise ValueError(f"{path}: tensor '{name}' has a malformed header entry: {spec!r:.200}") from None
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in shape + (b, e)):
+            raise ValueError(f"{path}: tensor '{name}' has a malformed header entry: {spec!r:.200}")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {dtype!r:.40}")
         if any(s < 0 for s in shape):
             raise ValueError(f"{path}: tensor '{name}' has a negative dimension {shape}")
-        want = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype][0]).itemsize
-        if not (isinstance(b, int) and isinstance(e, int)) or e - b != want or b < 0:
+        if any(s > size for s in shape):  # even with a zero-sized dimension, no file holds that
+            raise ValueError(f"{path}: tensor '{name}' has shape {shape}, a dimension larger than the file")
+        want = math.prod(shape) * np.dtype(DTYPES[dtype][0]).itemsize
+        if e - b != want or b < 0:
             raise ValueError(
                 f"{path}: tensor '{name}' header lies about its size: shape {shape} {dtype} needs {want} bytes, "
                 f"offsets [{b}, {e}) give {e - b}")

@@ -23,9 +23,10 @@ def is_converted(path: str) -> bool:
         return False
     try:
         with open(cfg) as f:
-            return "flashmem" in json.load(f)
-    except (OSError, json.JSONDecodeError):
+            config = json.load(f)
+    except (OSError, ValueError):  # not JSON, or not UTF-8: not a flashmem folder (load() says why)
         return False
+    return isinstance(config, dict) and "flashmem" in config
 
 
 def converted_folder(src: str, dtype: str | None) -> str:

@@ -184,6 +184,8 @@ def bundle_bytes(config: dict) -> int:
     ffn = config["flashmem"]["ffn"]
     if ffn.get("bundle_bytes"):
         return int(ffn["bundle_bytes"])
+    if config["flashmem"]["dtype"] not in st.TAG_SIZE:
+        raise ValueError(f"config: flashmem.ffn.bundle_bytes is missing (bundles of dtype {config['flashmem']['dtype']!r})")
     return 3 * config["hidden_size"] * st.TAG_SIZE[config["flashmem"]["dtype"]]
 
 
@@ -205,8 +207,8 @@ def layout(folder: str, config: dict, kind: str = "bundled") -> _core.FileLayout
             info = infos.get(f"model.layers.{l}.mlp.bundles")
             if info is None:
                 raise ValueError(f"{path}: tensor 'model.layers.{l}.mlp.bundles' is missing")
-            stride = info.shape[1] * st.TAG_SIZE[info.tag] if len(info.shape) == 2 else 0
-            if info.shape[0] != ff or stride < nbytes:
+            stride = info.shape[1] * st.TAG_SIZE[info.tag] if len(info.shape) == 2 and info.tag in st.TAG_SIZE else 0
+            if stride == 0 or info.shape[0] != ff or stride < nbytes:
                 raise ValueError(f"{path}: tensor 'model.layers.{l}.mlp.bundles' has shape {info.shape}, "
                                  f"expected ({ff}, rows of at least {nbytes} bytes)")
             bases.append([info.offset])
@@ -235,7 +237,7 @@ def bundle_gate_up(folder: str, config: dict, layer: int) -> tuple[np.ndarray, n
     info = infos[f"model.layers.{layer}.mlp.bundles"]
     raw = st.load_tensor(path, info)
     formats = config["flashmem"]["ffn"].get("bundle_format")
-    if not formats:  # float bundles
+    if not formats or info.tag != "u8":  # float bundles (a GGUF's float FFN kept as it is too: f16 rows)
         b = st.to_f32(raw, info.tag)
         return b[:, :d], b[:, d:2 * d]
     out, at = [], 0

@@ -57,6 +57,20 @@ def _value_arg(v, where: str):
     return (a.tobytes(), "f16" if a.dtype == np.float16 else "f32", a.shape[0], a.shape[1])
 
 
+def metadata_of(md: str, id: int) -> dict:
+    """An entry's metadata from its stored JSON text ("" for none); a bank file whose metadata is
+    not a JSON object raises ValueError naming the entry."""
+    if not md:
+        return {}
+    try:
+        out = json.loads(md)
+    except ValueError as e:
+        raise ValueError(f"memory {id}: stored metadata is not valid JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"memory {id}: stored metadata is not a JSON object: {md:.80}")
+    return out
+
+
 def _json(md, where: str) -> str:
     if md is None:
         return ""
@@ -191,7 +205,7 @@ class MemoryBank:
         value = None
         if n_slots:
             value = np.frombuffer(raw, dtype=np.float16 if dtype == "f16" else np.float32).reshape(n_slots, d_value)
-        return Memory(int(id), key, value, text, json.loads(md) if md else {}, created, updated)
+        return Memory(int(id), key, value, text, metadata_of(md, id), created, updated)
 
     def update(self, id: int, key=None, value=None, text: str | None = None, metadata: dict | None = None) -> None:
         k = None if key is None else self._keys(key, "key")[0]
@@ -241,7 +255,7 @@ class MemoryBank:
         q = self._keys(queries, "queries")
         allow = None
         if callable(filter):
-            allow = [i for i, md in self._bank.metadata_all() if filter(json.loads(md) if md else {})]
+            allow = [i for i, md in self._bank.metadata_all() if filter(metadata_of(md, i))]
         elif filter is not None:
             allow = list(filter)
         if allow is not None:

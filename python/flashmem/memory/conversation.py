@@ -43,7 +43,7 @@ import time
 
 import numpy as np
 
-from .bank import MemoryBank
+from .bank import MemoryBank, metadata_of
 from .retrieval import MIN_SCORE, stemmer
 
 MERGE_JACCARD = 0.8
@@ -176,9 +176,7 @@ class ChatMemory:
         over = len(self.bank) - self.capacity
         if over <= 0:
             return
-        import json
-
-        entries = [(i, json.loads(md) if md else {}) for i, md in self.bank._bank.metadata_all()]
+        entries = [(i, metadata_of(md, i)) for i, md in self.bank._bank.metadata_all()]
         entries.sort(key=lambda e: (e[1].get("uses", 0), e[1].get("used", e[1].get("time", 0.0))))
         self.bank.remove([i for i, _ in entries[:over]])
 
