@@ -202,8 +202,9 @@ def test_no_leaks_over_1000_generations_and_1000_bank_save_loads(model, tmp_path
     1,000 bank save/load cycles, after warm-up calls. A leak shows as steady growth, so the second 500
     calls are held to what a leak of a few hundred bytes per call would exceed: malloc'd bytes in use
     grow under 0.25 MB and Python's live objects by under 2,000. Anonymous resident memory, which also
-    holds the allocator's slack (0.0 MB alone, 2-5 MB in the whole suite), stays within 8 MB in all
-    (resident memory with file-backed pages moved by 36 MB once in CI, with the heap unchanged)."""
+    would also hold the allocator's slack (it moved by -7.8 to +8.8 MB in the whole suite with the
+    heap unchanged), is read after malloc_trim and stays within 8 MB in all (resident memory with
+    file-backed pages moved by 36 MB once in CI, with the heap unchanged)."""
     bank = flashmem.MemoryBank(model.d_model)
     bank.add_text(model, "Jana lives in Kyoto.")
     chat = [{"role": "user", "content": "Where does Jana live?"}]
@@ -223,6 +224,7 @@ def test_no_leaks_over_1000_generations_and_1000_bank_save_loads(model, tmp_path
                 for i in range(n // 2):
                     step(i)
             gc.collect()
+            ctypes.CDLL(None).malloc_trim(0)  # hand the allocator's free pages back, so RssAnon holds what is in use
             at.append((rss_mb(), heap_in_use_mb(), sys.getallocatedblocks()))
         return {"rss_mb": at[2][0] - at[0][0], "heap_mb_second_500": at[2][1] - at[1][1],
                 "py_blocks_second_500": at[2][2] - at[1][2]}
