@@ -5,6 +5,7 @@
 //   model.cpp    Config and Model (loading, forward, sparse/flash FFN)
 //   memory.cpp   MemoryBank
 //   testing.cpp  kernel entry points with their scalar references, the disk benchmark
+//   cuda.cpp     the CUDA kernels through host arrays, and their CPU references
 // C++ exceptions map to Python: std::invalid_argument -> ValueError, std::runtime_error -> RuntimeError.
 #pragma once
 #include <nanobind/nanobind.h>
@@ -41,5 +42,6 @@ nb::ndarray<nb::numpy, T> numpy_owned(std::vector<size_t> shape) {
 void bind_model(nb::module_& m);
 void bind_memory(nb::module_& m);
 void bind_testing(nb::module_& m);
+void bind_cuda(nb::module_& m);
 
 }  // namespace fm::bindings

@@ -129,6 +129,8 @@ void bind_model(nb::module_& m) {
     nb::class_<fm::Model>(m, "Model")
         .def(nb::init<fm::Config, int>(), "config"_a, "threads"_a)
         .def_prop_ro("n_threads", &fm::Model::n_threads)
+        .def_prop_ro("backend", [](const fm::Model& m) { return std::string(m.backend().name()); },
+                     "where the forward pass runs (\"cpu\")")
         .def_prop_ro("kv_length", [](const fm::Model& m) { return m.kv_length(0); },
                      "positions held in the KV cache (slot 0)")
         .def("slot_length", &fm::Model::kv_length, "slot"_a, "positions held in a KV-cache slot")

@@ -6,7 +6,6 @@
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
-#include <thread>
 #include <vector>
 
 #include "core/buffer.h"
@@ -51,17 +50,12 @@ nb::ndarray<nb::numpy, uint8_t> py_quantize(const std::string& format, nb::ndarr
     uint8_t* dst = out.data();
     const size_t n_blocks = rows * cols / size_t(t.block);
     const int nt = int(std::min<size_t>(size_t(threads), std::max<size_t>(n_blocks / 64, 1)));
-    auto part = [&](int tid) {  // blocks [b, e): rows are whole blocks, so a chunk may span rows
-        auto [b, e] = fm::ThreadPool::chunk(n_blocks, tid, nt, 1);
-        if (b < e)
-            fm::quant::quantize(f, src + b * t.block, dst + b * t.block_bytes, int64_t(e - b) * t.block);
-    };
     {
         nb::gil_scoped_release nogil;
-        std::vector<std::thread> workers;
-        for (int tid = 1; tid < nt; ++tid) workers.emplace_back(part, tid);
-        part(0);
-        for (auto& w : workers) w.join();
+        fm::ThreadPool pool(nt);  // raises if a thread cannot start
+        pool.parallel_for(n_blocks, 1, [&](size_t b, size_t e, int) {  // rows are whole blocks: a chunk may span rows
+            fm::quant::quantize(f, src + b * t.block, dst + b * t.block_bytes, int64_t(e - b) * t.block);
+        });
     }
     return out;
 }
@@ -92,4 +86,5 @@ NB_MODULE(_core, m) {
     fm::bindings::bind_memory(m);
     fm::bindings::bind_model(m);
     fm::bindings::bind_testing(m);
+    fm::bindings::bind_cuda(m);
 }

@@ -1,6 +1,6 @@
 // Entry points for tests and benchmarks: each SIMD kernel (the best ISA or a named one) beside its
-// scalar reference, the predictor's reference scores, the CUDA GEMV, and the disk's raw
-// random-read bandwidth through the engine's own reader.
+// scalar reference, the predictor's reference scores, and the disk's raw random-read bandwidth
+// through the engine's own reader (the CUDA kernels: cuda.cpp).
 #include <cstring>
 #include <atomic>
 #include <chrono>
@@ -12,7 +12,6 @@
 #include "ffn/predictor.h"
 #include "io/direct_reader.h"
 #include "kernels/cpu/kernels.h"
-#include "kernels/cuda/cuda_kernels.h"
 #include "kernels/quant/quant.h"
 
 namespace fm::bindings {
@@ -414,12 +413,6 @@ void bind_testing(nb::module_& m) {
         "gate_sign"_a, "up_sign"_a, "gate_row"_a, "up_row"_a, "gate_col"_a, "up_col"_a, "outlier_dims"_a,
         "outlier_weight"_a, "outlier_scale"_a, "x"_a, "activation"_a = "silu",
         "Scalar reference of the sparsity predictor's scores for one token.");
-    m.def("cuda_gemv_f16", [](CF32Array x, nb::ndarray<const uint16_t, nb::c_contig, nb::device::cpu> w) {
-        FM_ARG(w.ndim() == 2 && x.ndim() == 1 && x.shape(0) == w.shape(1), "x must be (K,) with K = W.shape[1]");
-        auto y = numpy_owned<float>({size_t(w.shape(0))});
-        fm::cuda::gemv_f16(y.data(), x.data(), w.data(), int(w.shape(0)), int(w.shape(1)));
-        return y;
-    }, "x"_a, "w"_a, "y = W x on the GPU (W f16 bits as uint16); for tests");
 }
 
 }  // namespace fm::bindings

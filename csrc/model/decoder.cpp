@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "backend/cpu_backend.h"
 #include "core/error.h"
 #include "ffn/bundled_ffn.h"
 #include "io/file.h"
@@ -136,29 +137,24 @@ std::vector<TensorSpec> Config::schema(const std::string& ffn) const {
     return out;
 }
 
-Model::Model(Config cfg, int n_threads) : cfg_(std::move(cfg)), pool_(n_threads) {
+Model::Model(Config cfg, int n_threads) : cfg_(std::move(cfg)) {
     cfg_.validate();
     kernels();  // fails early on a CPU without AVX2
+    backend_ = std::make_unique<CpuBackend>(n_threads);
     const Config& c = cfg_;
     const int chunk = c.prefill_chunk > 0 ? c.prefill_chunk : kMaxChunk;
     chunk_ = c.max_context < chunk ? c.max_context : chunk;
-    const int nt = pool_.size();
     const size_t f = sizeof(float);
     w_.layers.resize(c.n_layers);
-    x_.allocate(f * chunk_ * c.d_model);
-    xn_.allocate(f * chunk_ * c.d_model);
-    q_.allocate(f * chunk_ * c.q_dim());
-    att_out_.allocate(f * chunk_ * c.q_dim());
-    proj_.allocate(f * chunk_ * c.d_model);
-    scores_.allocate(f * nt * c.max_context);
-    ffn_acc_.allocate(f * nt * chunk_ * c.d_model);
-    ffn_hu_.allocate(f * nt * 2 * chunk_ * kNeuronBlock);
-    convert_.allocate(f * nt * scratch_floats(c.d_model > c.q_dim() ? c.d_model : c.q_dim()));
-    if (c.ffn_bundle.is_float())
-        ffn_block_.allocate(size_t(nt) * kNeuronBlock * c.ffn_bundle.bytes(c.d_model));
-    ffn_rows_.allocate(sizeof(void*) * c.d_ff);
-    rope_cos_.allocate(f * 2 * size_t(chunk_) * (c.head_dim / 2));
-    rope_sin_.allocate(f * 2 * size_t(chunk_) * (c.head_dim / 2));
+    Backend& b = *backend_;
+    x_ = b.allocate(f * chunk_ * c.d_model);
+    xn_ = b.allocate(f * chunk_ * c.d_model);
+    q_ = b.allocate(f * chunk_ * c.q_dim());
+    att_out_ = b.allocate(f * chunk_ * c.q_dim());
+    proj_ = b.allocate(f * chunk_ * c.d_model);
+    rope_cos_ = b.allocate(f * 2 * size_t(chunk_) * (c.head_dim / 2));
+    rope_sin_ = b.allocate(f * 2 * size_t(chunk_) * (c.head_dim / 2));
+    b.reserve(scratch_needs());
     std::vector<int> rows;
     for (int l = 0; l < c.n_layers; ++l) {
         const int w = c.window(l);
@@ -166,7 +162,7 @@ Model::Model(Config cfg, int n_threads) : cfg_(std::move(cfg)), pool_(n_threads)
         rows.push_back(w > 0 && int64_t(w) + chunk_ < c.max_context ? w + chunk_ : c.max_context);
     }
     kv_.allocate(std::move(rows), c.max_context, c.max_batch, c.kv_dim(), c.kv_dtype);
-    kv_new_.allocate(f * 2 * size_t(chunk_) * c.kv_dim());
+    kv_new_ = b.allocate(f * 2 * size_t(chunk_) * c.kv_dim());
     tok_pos_.assign(chunk_, 0);
     tok_slot_.assign(chunk_, 0);
 }
@@ -206,10 +202,8 @@ size_t Model::weight_bytes() const {
 }
 
 size_t Model::state_bytes() const {
-    return x_.size() + xn_.size() + q_.size() + att_out_.size() + proj_.size() + scores_.size() + ffn_acc_.size() +
-           ffn_hu_.size() + convert_.size() + ffn_block_.size() + ffn_rows_.size() + act_.size() + act16_.size() +
-           ffn_gate_out_.size() + ffn_up_out_.size() + rope_cos_.size() + rope_sin_.size() + kv_.bytes() +
-           kv_new_.size() + (stream_ ? stream_->bytes() : 0);
+    return x_.size() + xn_.size() + q_.size() + att_out_.size() + proj_.size() + backend_->scratch_bytes() +
+           rope_cos_.size() + rope_sin_.size() + kv_.bytes() + kv_new_.size() + (stream_ ? stream_->bytes() : 0);
 }
 
 void Model::configure_stream(const std::string& path, size_t staging_bytes, int queue_depth, bool direct) {
@@ -407,8 +401,6 @@ void Model::check_loaded() {
     FM_IO(w_.embed.present() && w_.final_norm.size(), "model is missing its token embeddings or final norm");
     FM_IO(c.tied_embeddings || w_.lm_head.present(), "model is missing lm_head (and its embeddings are not tied)");
     const bool flash = sparse_ && sparse_->source() == SparseFfn::Source::Flash;
-    bool block_formats = is_block_format(w_.embed.format) || is_block_format(w_.lm_head.format), matrices = false;
-    bool float_down = false;  // some layer's down matrix is in a float format: its rows are d_ff long
     for (int l = 0; l < c.n_layers; ++l) {
         const LayerWeights& L = w_.layers[l];
         const bool ffn_matrices = L.ffn_gate.size() && L.ffn_up.size() && L.ffn_down.size();
@@ -421,24 +413,27 @@ void Model::check_loaded() {
         FM_IO(!c.qk_norm || (L.q_norm.size() && L.k_norm.size()), "model is missing the q/k norms of layer ", l);
         FM_IO(!c.post_norms || (L.attn_post_norm.size() && L.ffn_post_norm.size()),
               "model is missing the attention/FFN output norms of layer ", l);
-        matrices |= !L.ffn_bundles.size() && ffn_matrices;
-        float_down |= !L.ffn_bundles.size() && ffn_matrices && !is_block_format(L.ffn_down.format);
-        for (const Tensor* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.ffn_gate, &L.ffn_up, &L.ffn_down})
-            block_formats |= t->present() && is_block_format(t->format);
     }
-    block_formats |= !c.ffn_bundle.is_float() && (sparse_ || w_.layers[0].ffn_bundles.size());
-    const size_t widest = std::max({c.d_model, c.q_dim(), c.d_ff});
-    if (block_formats && !act_.size()) act_.allocate(sizeof(quant::ActBlock) * chunk_ * (widest / quant::kActBlock));
-    if (is_block_format((c.tied_embeddings ? w_.embed : w_.lm_head).format) && !act16_.size())
-        act16_.allocate(sizeof(quant::ActBlock16) * chunk_ * (c.d_model / quant::kActBlock));
-    // the float matrix kernels convert rows of K weights into convert_: down's K is d_ff
-    const size_t convert_need = sizeof(float) * pool_.size() * scratch_floats(int(widest));
-    if (float_down && convert_.size() < convert_need) convert_.allocate(convert_need);
-    if (matrices && !ffn_gate_out_.size()) {
-        ffn_gate_out_.allocate(sizeof(float) * chunk_ * c.d_ff);
-        ffn_up_out_.allocate(sizeof(float) * chunk_ * c.d_ff);
-    }
+    backend_->reserve(scratch_needs());
     loaded_ = true;
+}
+
+ScratchNeeds Model::scratch_needs() const {
+    const Config& c = cfg_;
+    ScratchNeeds n;
+    n.threads = n_threads(), n.chunk = chunk_, n.max_context = c.max_context;
+    n.d_model = c.d_model, n.q_dim = c.q_dim(), n.d_ff = c.d_ff, n.bundle = c.ffn_bundle;
+    n.block_formats = is_block_format(w_.embed.format) || is_block_format(w_.lm_head.format);
+    for (const LayerWeights& L : w_.layers) {
+        const bool matrices = !L.ffn_bundles.size() && L.ffn_gate.size() && L.ffn_up.size() && L.ffn_down.size();
+        n.ffn_matrices |= matrices;
+        n.wide_float_rows |= matrices && !is_block_format(L.ffn_down.format);  // down's rows are d_ff long
+        for (const Tensor* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.ffn_gate, &L.ffn_up, &L.ffn_down})
+            n.block_formats |= t->present() && is_block_format(t->format);
+    }
+    n.block_formats |= !c.ffn_bundle.is_float() && (sparse_ || (!w_.layers.empty() && w_.layers[0].ffn_bundles.size()));
+    n.precise_head = is_block_format((c.tied_embeddings ? w_.embed : w_.lm_head).format);
+    return n;
 }
 
 void Model::check_positions(int T, int start_pos, int slot) const {
@@ -452,67 +447,6 @@ void Model::check_positions(int T, int start_pos, int slot) const {
     FM_ARG(start_pos == 0 || start_pos >= earliest_restart(slot), "start_pos ", start_pos, " is too far back: the ",
            "sliding-window layers' KV rings hold only their last positions; restart at 0 or at ", earliest_restart(slot),
            " or later");
-}
-
-// Y (T, N) = X (T, K) W^T for each projection, all in one parallel region (q, k and v: one
-// dispatch, not three); each thread takes its share of every matrix's rows. Matrices in a block
-// format take X quantized to int8 blocks (16-bit when precise), once for all of them.
-void Model::linear(const float* X, int T, int K, std::initializer_list<Projection> projections, bool precise,
-                   bool gated) {
-    const Kernels& k = kernels();
-    const quant::QuantKernels& qk = quant::quant_kernels();
-    const size_t cs = convert_.size() / sizeof(float) / pool_.size();
-    bool quantized = false;
-    for (const Projection& p : projections) quantized |= is_block_format(p.W->format);
-    auto* act = act_.data<quant::ActBlock>();
-    auto* act16 = act16_.data<quant::ActBlock16>();
-    const int act_row = K / quant::kActBlock;
-    auto quantize_rows = [&](size_t t0, size_t t1, int) {
-        for (size_t t = t0; t < t1; ++t) {
-            if (precise) qk.quantize_act16(X + t * K, act16 + t * act_row, K);
-            else qk.quantize_act(X + t * K, act + t * act_row, K);
-        }
-    };
-    if (quantized && T < 2 * pool_.size()) quantize_rows(0, size_t(T), 0);  // a dispatch costs more
-    else if (quantized) pool_.parallel_for(size_t(T), 1, quantize_rows);
-    FM_ARG(!gated || (projections.size() == 2 && projections.begin()[0].N == projections.begin()[1].N),
-           "linear: gated takes gate and up projections of the same size");
-    auto rows = [&](const Projection& p, size_t n0, size_t n1, int tid) {  // output rows [n0, n1) of p
-        const Tensor& W = *p.W;
-        const char* w = (p.data ? p.data : W.data()) + n0 * W.row_bytes;
-        if (W.interleaved && precise)  // n0 and n1 are multiples of 8: whole groups
-            qk.matmul16_x8[int(W.format)](p.Y + n0, p.ldy, act16, T, w, W.row_bytes, K, int(n1 - n0));
-        else if (W.interleaved)
-            qk.matmul_x8[int(W.format)](p.Y + n0, p.ldy, act, T, w, W.row_bytes, K, int(n1 - n0));
-        else if (is_block_format(W.format) && precise)
-            qk.matmul16[int(W.format)](p.Y + n0, p.ldy, act16, T, w, W.row_bytes, K, int(n1 - n0));
-        else if (is_block_format(W.format))
-            qk.matmul[int(W.format)](p.Y + n0, p.ldy, act, T, w, W.row_bytes, K, int(n1 - n0));
-        else
-            k.gemm[int(W.format)](p.Y + n0, p.ldy, X, K, T, w, K, K, int(n1 - n0), convert_.data<float>() + tid * cs);
-    };
-    // Blocks of 16 output rows, taken by whichever thread is free (ThreadPool::parallel_dynamic).
-    if (gated) {  // a block: its gate rows, its up rows, then the activation over them
-        const Projection &gate = projections.begin()[0], &up = projections.begin()[1];
-        pool_.parallel_dynamic(gate.N, 16, [&](size_t n0, size_t n1, int tid) {
-            rows(gate, n0, n1, tid);
-            rows(up, n0, n1, tid);
-            for (int t = 0; t < T; ++t)
-                k.gated(gate.Y + t * gate.ldy + n0, up.Y + t * up.ldy + n0, int(n1 - n0), cfg_.activation);
-        });
-        return;
-    }
-    size_t blocks = 0;  // every projection's blocks, one after another
-    for (const Projection& p : projections) blocks += (p.N + 15) / 16;
-    pool_.parallel_dynamic(blocks, 1, [&](size_t b0, size_t b1, int tid) {
-        size_t first = 0;
-        for (const Projection& p : projections) {
-            const size_t n_blocks = (p.N + 15) / 16;
-            const size_t a = std::max(b0, first), b = std::min(b1, first + n_blocks);
-            if (a < b) rows(p, (a - first) * 16, std::min(p.N, (b - first) * 16), tid);
-            first += n_blocks;
-        }
-    });
 }
 
 void Model::check_tokens(const int32_t* tokens, int T) const {
@@ -538,7 +472,7 @@ void Model::gather_embeddings(const int32_t* tokens, int T, float* out) const {
         if (is_block_format(E.format)) quant::dequantize(E.format, row, o, E.cols);
         else kernels().to_f32[int(E.format)](o, row, int(E.cols));
         if (cfg_.embed_scale != 1.0f)
-            for (size_t k = 0; k < E.cols; ++k) o[k] *= cfg_.embed_scale;
+            for (int64_t k = 0; k < E.cols; ++k) o[k] *= cfg_.embed_scale;
     }
 }
 
@@ -671,9 +605,7 @@ void Model::forward(int T, int start_pos, int slot, float* out, Output what, Fil
             compute_logits(x + size_t(n - 1) * c.d_model, 1, out);
         } else if (what == Output::None) {
         } else if (what == Output::Hidden) {
-            for (int t = 0; t < n; ++t)
-                rmsnorm(out + size_t(t0 + t) * c.d_model, x + size_t(t) * c.d_model, w_.final_norm.data<float>(), c.d_model,
-                        c.norm_eps);
+            backend_->rmsnorm(out + size_t(t0) * c.d_model, x, w_.final_norm.data<float>(), n, c.d_model, c.norm_eps);
         }
         mark(Profile::kLogits);
     }
@@ -729,12 +661,12 @@ void Model::forward_batch(const int32_t* tokens, const int32_t* slots, const int
 void Model::compute_logits(const float* x, int T, float* logits) {
     const Config& c = cfg_;
     float* xn = xn_.data<float>();
-    for (int t = 0; t < T; ++t)
-        rmsnorm(xn + size_t(t) * c.d_model, x + size_t(t) * c.d_model, w_.final_norm.data<float>(), c.d_model,
-                c.norm_eps);
+    Backend& b = *backend_;
+    b.rmsnorm(xn, x, w_.final_norm.data<float>(), T, c.d_model, c.norm_eps);
     const Tensor* head = c.tied_embeddings ? &w_.embed : &w_.lm_head;
     if (!head->streamed) {
-        linear(xn, T, c.d_model, {{logits, size_t(c.vocab_size), head, size_t(c.vocab_size)}}, /*precise=*/true);
+        b.linear(xn, T, c.d_model, {{logits, size_t(c.vocab_size), head, size_t(c.vocab_size)}}, /*precise=*/true,
+                 false, c.activation);
         return;
     }
     // streamed: as many rows at a time as the staging buffer holds
@@ -745,18 +677,21 @@ void Model::compute_logits(const float* x, int T, float* logits) {
         const size_t len = n * head->row_bytes;
         const char* rows = nullptr;
         stream_->fetch(&at, &len, 1, &rows, "the LM head");
-        linear(xn, T, c.d_model, {{logits + r0, size_t(c.vocab_size), head, n, rows}},
-               /*precise=*/true);
+        b.linear(xn, T, c.d_model, {{logits + r0, size_t(c.vocab_size), head, n, rows}}, /*precise=*/true, false,
+                 c.activation);
     }
 }
 
 void Model::layer_forward(int l, int T) {
     const Config& c = cfg_;
     const LayerWeights& L = w_.layers[l];
+    Backend& b = *backend_;
     float* x = x_.data<float>();
     float* xn = xn_.data<float>();
+    float* q = q_.data<float>();
     float* proj = proj_.data<float>();
     const size_t kv_dim = c.kv_dim(), q_dim = c.q_dim(), d = c.d_model;
+    const int hd = c.head_dim;
     // the new keys and values (T, kv_dim): straight into an f32 cache where they are one slot's
     // consecutive positions whose rows do not wrap around a ring, else into kv_new_, then stored
     const int slot0 = tok_slot_[0], kv_row = tok_pos_[0] % kv_.rows(l);
@@ -767,32 +702,28 @@ void Model::layer_forward(int l, int T) {
                          : kv_new_.data<float>() + size_t(chunk_) * kv_dim;
 
     // attention block: q, k, v, (q/k norms), rope, attention, output projection, (its norm)
-    for (int t = 0; t < T; ++t)
-        rmsnorm(xn + size_t(t) * d, x + size_t(t) * d, L.attn_norm.data<float>(), int(d), c.norm_eps);
+    b.rmsnorm(xn, x, L.attn_norm.data<float>(), T, int(d), c.norm_eps);
     mark(Profile::kNorms);
     const char* qkv[3] = {};  // streamed: the layer's q, k and v matrices, read in one batch
     if (L.wq.streamed) stage({&L.wq, &L.wk, &L.wv}, qkv, "the attention matrices");
-    linear(xn, T, int(d),
-           {{q_.data<float>(), q_dim, &L.wq, q_dim, qkv[0]}, {kc, kv_dim, &L.wk, kv_dim, qkv[1]}, {vc, kv_dim, &L.wv, kv_dim, qkv[2]}});
+    b.linear(xn, T, int(d), {{q, q_dim, &L.wq, q_dim, qkv[0]}, {kc, kv_dim, &L.wk, kv_dim, qkv[1]},
+                             {vc, kv_dim, &L.wv, kv_dim, qkv[2]}}, false, false, c.activation);
     mark(Profile::kQkv);
-    const int half = c.head_dim / 2, hd = c.head_dim;
-    const bool local_rope = c.window(l) > 0 && !c.rope_inv_freq_local.empty();
-    const float* rope_cos = rope_cos_.data<float>() + (local_rope ? size_t(chunk_) * half : 0);
-    const float* rope_sin = rope_sin_.data<float>() + (local_rope ? size_t(chunk_) * half : 0);
-    for (int t = 0; t < T; ++t) {
-        float* q = q_.data<float>() + t * q_dim;
-        float* k = kc + t * kv_dim;
-        if (c.qkv_bias) {
-            for (size_t i = 0; i < q_dim; ++i) q[i] += L.bq.data<float>()[i];
-            for (size_t i = 0; i < kv_dim; ++i) k[i] += L.bk.data<float>()[i], vc[t * kv_dim + i] += L.bv.data<float>()[i];
-        }
-        if (c.qk_norm) {
-            for (int h = 0; h < c.n_heads; ++h) rmsnorm(q + h * hd, q + h * hd, L.q_norm.data<float>(), hd, c.norm_eps);
-            for (int h = 0; h < c.n_kv_heads; ++h) rmsnorm(k + h * hd, k + h * hd, L.k_norm.data<float>(), hd, c.norm_eps);
-        }
-        rope(q, c.n_heads, hd, rope_cos + size_t(t) * half, rope_sin + size_t(t) * half);
-        rope(k, c.n_kv_heads, hd, rope_cos + size_t(t) * half, rope_sin + size_t(t) * half);
+    if (c.qkv_bias) {
+        b.add_bias(q, T, q_dim, L.bq.data<float>(), q_dim);
+        b.add_bias(kc, T, kv_dim, L.bk.data<float>(), kv_dim);
+        b.add_bias(vc, T, kv_dim, L.bv.data<float>(), kv_dim);
     }
+    if (c.qk_norm) {  // each head's row
+        b.rmsnorm(q, q, L.q_norm.data<float>(), T * c.n_heads, hd, c.norm_eps);
+        b.rmsnorm(kc, kc, L.k_norm.data<float>(), T * c.n_kv_heads, hd, c.norm_eps);
+    }
+    const bool local_rope = c.window(l) > 0 && !c.rope_inv_freq_local.empty();
+    const size_t rope_at = local_rope ? size_t(chunk_) * (hd / 2) : 0;
+    const float* rope_cos = rope_cos_.data<float>() + rope_at;
+    const float* rope_sin = rope_sin_.data<float>() + rope_at;
+    b.rope(q, T, q_dim, c.n_heads, hd, rope_cos, rope_sin);
+    b.rope(kc, T, kv_dim, c.n_kv_heads, hd, rope_cos, rope_sin);
     if (!in_place && one_run_) {
         kv_.store(l, slot0, tok_pos_[0], T, kc, vc);
     } else if (!in_place) {
@@ -800,19 +731,18 @@ void Model::layer_forward(int l, int T) {
             kv_.store(l, tok_slot_[t], tok_pos_[t], 1, kc + size_t(t) * kv_dim, vc + size_t(t) * kv_dim);
     }
     mark(Profile::kNorms);
-    attention(l, T);
+    b.attention({q, att_out_.data<float>(), T, tok_pos_.data(), tok_slot_.data(), &kv_, l, c.n_heads, c.n_kv_heads,
+                 hd, c.window(l), attend_from_, c.attn_scale > 0 ? c.attn_scale : 1.0f / std::sqrt(float(hd))});
     mark(Profile::kAttention);
     const char* wo = nullptr;
     if (L.wo.streamed) stage({&L.wo}, &wo, "the attention output matrix");
-    linear(att_out_.data<float>(), T, int(q_dim), {{proj, d, &L.wo, d, wo}});
-    if (c.post_norms)
-        for (int t = 0; t < T; ++t) rmsnorm(proj + t * d, proj + t * d, L.attn_post_norm.data<float>(), int(d), c.norm_eps);
-    for (size_t i = 0; i < size_t(T) * d; ++i) x[i] += proj[i];
+    b.linear(att_out_.data<float>(), T, int(q_dim), {{proj, d, &L.wo, d, wo}}, false, false, c.activation);
+    if (c.post_norms) b.rmsnorm(proj, proj, L.attn_post_norm.data<float>(), T, int(d), c.norm_eps);
+    b.add(x, proj, size_t(T) * d);
 
     // FFN block: its output is added to x, or with post norms put in proj, normed, then added
     mark(Profile::kOutProj);
-    for (int t = 0; t < T; ++t)
-        rmsnorm(xn + size_t(t) * d, x + size_t(t) * d, L.ffn_norm.data<float>(), int(d), c.norm_eps);
+    b.rmsnorm(xn, x, L.ffn_norm.data<float>(), T, int(d), c.norm_eps);
     mark(Profile::kNorms);
     if (capture_)
         std::memcpy(capture_ + (size_t(l) * capture_T_ + capture_t0_) * d, xn, sizeof(float) * size_t(T) * d);
@@ -825,71 +755,15 @@ void Model::layer_forward(int l, int T) {
         out = proj;
         std::memset(out, 0, sizeof(float) * size_t(T) * d);
     }
-    const int nt = pool_.size();
-    FfnScratch s{ffn_acc_.data<float>(), ffn_hu_.data<float>(), convert_.data<float>(),
-                 convert_.size() / sizeof(float) / nt, ffn_block_.data<char>(), act_.data<quant::ActBlock>(),
-                 chunk_};
-    if (sparse_) {
-        sparse_->forward(pool_, l, out, xn, T, s, tok_slot_.data(), tok_pos_.data());
-    } else if (!L.ffn_bundles.size()) {  // the three matrices: down(act(gate x) * up x)
-        float* g = ffn_gate_out_.data<float>();
-        float* u = ffn_up_out_.data<float>();
-        const size_t ff = c.d_ff;
-        linear(xn, T, int(d), {{g, ff, &L.ffn_gate, ff}, {u, ff, &L.ffn_up, ff}}, false, /*gated=*/true);
-        if (out == x) {
-            linear(g, T, c.d_ff, {{proj, d, &L.ffn_down, d}});
-            for (size_t i = 0; i < size_t(T) * d; ++i) x[i] += proj[i];
-        } else {
-            linear(g, T, c.d_ff, {{out, d, &L.ffn_down, d}});
-        }
-    } else {  // dense: every bundle, in place
-        const void** rows = ffn_rows_.data<const void*>();
-        const size_t row = c.ffn_bundle.bytes(c.d_model);
-        for (int i = 0; i < c.d_ff; ++i) rows[i] = L.ffn_bundles.data<char>() + i * row;
-        ffn_begin(pool_, xn, T, c.d_model, c.ffn_bundle, s);
-        ffn_accumulate(pool_, xn, T, c.d_model, c.ffn_bundle, c.activation, {rows, c.d_ff, nullptr}, 0, c.d_ff, s);
-        ffn_end(pool_, out, T, c.d_model, s);
-    }
+    const bool matrices = !sparse_ && !L.ffn_bundles.size();
+    b.ffn({l, out, xn, T, c.d_model, c.d_ff, c.activation, sparse_.get(), tok_slot_.data(), tok_pos_.data(),
+           matrices ? &L.ffn_gate : nullptr, matrices ? &L.ffn_up : nullptr, matrices ? &L.ffn_down : nullptr,
+           L.ffn_bundles.data<char>(), c.ffn_bundle});
     if (c.post_norms) {
-        for (int t = 0; t < T; ++t) rmsnorm(proj + t * d, proj + t * d, L.ffn_post_norm.data<float>(), int(d), c.norm_eps);
-        for (size_t i = 0; i < size_t(T) * d; ++i) x[i] += proj[i];
+        b.rmsnorm(proj, proj, L.ffn_post_norm.data<float>(), T, int(d), c.norm_eps);
+        b.add(x, proj, size_t(T) * d);
     }
     mark(Profile::kFfn);
-}
-
-// Causal GQA attention of T new queries: the query at position p attends to positions
-// [p - window + 1, p] (a layer with a window) or [0, p]. Per (token, head), scores = K q (a GEMV
-// over the cached keys), softmax, out = V^T scores (an accumulate over the cached values); the
-// positions lie in up to two runs of cache rows (a ring wraps). Work items are taken in small
-// chunks by whichever thread is free, which also balances the growing causal lengths.
-void Model::attention(int l, int T) {
-    const Config& c = cfg_;
-    const Kernels& k = kernels();
-    const int kvt = int(c.kv_dtype);
-    const size_t kv_dim = c.kv_dim(), q_dim = c.q_dim(), esz = dtype_size(c.kv_dtype);
-    const int group = c.n_heads / c.n_kv_heads, hd = c.head_dim, window = c.window(l), rows = kv_.rows(l);
-    const float scale = c.attn_scale > 0 ? c.attn_scale : 1.0f / std::sqrt(float(hd));
-    pool_.parallel_dynamic(size_t(T) * c.n_heads, 1, [&](size_t i0, size_t i1, int tid) {
-        float* sc = scores_.data<float>() + size_t(tid) * c.max_context;
-        for (int item = int(i0); item < int(i1); ++item) {
-            const int t = item / c.n_heads, h = item % c.n_heads, kvh = h / group;
-            const char* kc = kv_.keys(l, tok_slot_[t]);  // (rows, kv_dim): this token's sequence
-            const char* vc = kv_.values(l, tok_slot_[t]);
-            const int p = tok_pos_[t], first = std::max(attend_from_, window > 0 ? p - window + 1 : 0);
-            const int n_pos = p - first + 1, r0 = first % rows;
-            const int n1 = std::min(n_pos, rows - r0), n2 = n_pos - n1;  // rows [r0, r0 + n1), then [0, n2)
-            const float* q = q_.data<float>() + t * q_dim + h * hd;
-            const char* k1 = kc + (size_t(r0) * kv_dim + kvh * hd) * esz;
-            const char* v1 = vc + (size_t(r0) * kv_dim + kvh * hd) * esz;
-            k.gemm[kvt](sc, n_pos, q, hd, 1, k1, kv_dim, hd, n1, nullptr);
-            if (n2) k.gemm[kvt](sc + n1, n_pos, q, hd, 1, kc + kvh * hd * esz, kv_dim, hd, n2, nullptr);
-            k.softmax(sc, n_pos, scale);
-            float* out = att_out_.data<float>() + t * q_dim + h * hd;
-            std::memset(out, 0, sizeof(float) * hd);
-            k.accumulate[kvt](out, hd, sc, n_pos, 1, v1, kv_dim, hd, n1, nullptr);
-            if (n2) k.accumulate[kvt](out, hd, sc + n1, n_pos, 1, vc + kvh * hd * esz, kv_dim, hd, n2, nullptr);
-        }
-    });
 }
 
 }  // namespace fm

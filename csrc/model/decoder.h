@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "backend/backend.h"
 #include "core/activation.h"
 #include "core/buffer.h"
 #include "core/dtype.h"
@@ -116,7 +117,8 @@ class Model {
     Model(Config cfg, int n_threads);
 
     const Config& config() const { return cfg_; }
-    int n_threads() const { return pool_.size(); }
+    int n_threads() const { return backend_->host_pool().size(); }
+    const Backend& backend() const { return *backend_; }
     int kv_length(int slot = 0) const { return kv_.length(check_slot(slot)); }
     // How many leading positions of ids (n position identities: KvCache::set_identity) the slot's
     // KV cache holds: a new sequence with these inputs can start from there.
@@ -145,7 +147,7 @@ class Model {
     void predictor_scores(int l, const float* x, int T, float* out) {
         FM_ARG(sparse_ && sparse_->predictor().loaded(), "no sparsity predictor loaded");
         FM_ARG(l >= 0 && l < cfg_.n_layers && T >= 1 && T <= chunk_, "layer or token count out of range");
-        sparse_->predictor_scores(pool_, l, x, T, out);
+        sparse_->predictor_scores(backend_->host_pool(), l, x, T, out);
     }
     size_t minimum_budget() const { return minimum_budget_; }  // flash: the smallest dram_budget that works
     // FFN inputs (after the FFN norm) of every layer for T tokens from position 0: out (n_layers, T, d_model).
@@ -218,19 +220,8 @@ class Model {
     // The T tokens in x_ through the layers, at the positions and slots of tok_pos_ and tok_slot_.
     void run_layers(int T);
     void layer_forward(int l, int T);
-    void attention(int l, int T);
-    struct Projection {
-        float* Y;          // (T, ldy) output, N columns written
-        size_t ldy;
-        const Tensor* W;   // (N, K) weights
-        size_t N;
-        const char* data = nullptr;  // W's rows where they are not W's own bytes (streamed, staged)
-    };
-    // precise: matrices in a block format take 16-bit activations, not 8-bit (the LM head's logits).
-    // swiglu: the two projections are gate and up (same N); each block of 16 rows is computed for
-    // both and turned into act(gate) * up by the thread that took it, in the same parallel region.
-    void linear(const float* X, int T, int K, std::initializer_list<Projection> projections, bool precise = false,
-                bool swiglu = false);
+    // The backend's scratch for the weights loaded (check_loaded) or, before, for float weights.
+    ScratchNeeds scratch_needs() const;
     void check_tokens(const int32_t* tokens, int T) const;                    // ids in [0, vocab)
     void gather_embeddings(const int32_t* tokens, int T, float* out) const;  // unchecked; times embed_scale
     void fill_rope(int T);  // the cos/sin tables of the T tokens' positions (tok_pos_)
@@ -246,7 +237,7 @@ class Model {
     }
 
     Config cfg_;
-    ThreadPool pool_;
+    std::unique_ptr<Backend> backend_;  // runs the forward pass's operations (backend/backend.h)
     Profile prof_;
     std::chrono::steady_clock::time_point last_mark_;
     Weights w_;
@@ -258,19 +249,8 @@ class Model {
     Buffer xn_;        // (chunk, d_model) normed residual
     Buffer q_;         // (chunk, q_dim)
     Buffer att_out_;   // (chunk, q_dim)
-    Buffer proj_;      // (chunk, d_model) attention output projection
-    Buffer scores_;    // (n_threads, max_context)
-    Buffer ffn_acc_;   // (n_threads, chunk, d_model)
-    Buffer ffn_hu_;    // (n_threads, 2, chunk, kNeuronBlock)
-    Buffer convert_;   // (n_threads, scratch_floats(max(d_model, q_dim))); d_ff wide when a float down
-                       // matrix needs it (check_loaded)
-    Buffer ffn_block_; // (n_threads, kNeuronBlock, 3*d_model) gathered bundles, weights' dtype
-    Buffer ffn_rows_;  // (d_ff) bundle pointers of the dense FFN
-    // Only when some matrix is in a block format (allocated by check_loaded):
-    Buffer act_;       // (chunk, max(d_model, q_dim, d_ff) / 32) quantized activations of a linear()
-    Buffer act16_;     // (chunk, d_model / 32) 16-bit activations of the LM head
-    // Only when the FFN is three matrices:
-    Buffer ffn_gate_out_, ffn_up_out_;  // (chunk, d_ff) each
+    Buffer proj_;      // (chunk, d_model) attention output projection; the FFN's output with post norms
+    // (the backend holds the per-thread scratch of the kernels: backend_->scratch_bytes())
     std::unique_ptr<SparseFfn> sparse_;
     std::unique_ptr<WeightStream> stream_;  // offload="all": matrices read from the model file when needed
     size_t minimum_budget_ = 0;

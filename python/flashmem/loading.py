@@ -8,6 +8,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 
@@ -28,11 +29,14 @@ SMALL_BUDGET = 256 << 20  # below this dram_budget, prompts go through in chunks
 def load(path: str | None = None, dtype: str | None = None, threads: int | None = None,
          max_context: int | None = None, offload: str | None = None, dram_budget=None, sparsity: float = 0.0,
          window: int = 5, kv_dtype: str | None = None, prefill_chunk: int | None = None, max_batch: int = 1,
-         **flash_options) -> Model:
+         device: str = "cpu", **flash_options) -> Model:
     """Loads a model: a flashmem folder, a HF folder or a GGUF file (the latter two converted once
     into the store); with no path, the default model. The README's "Python API" and "Flash
     offloading" sections describe every argument; flash_options: ffn_layout, queue_depth,
-    coalesce_gap, direct_io, cache_rows, cache_bias, expire_window, eviction."""
+    coalesce_gap, direct_io, cache_rows, cache_bias, expire_window, eviction. device: "cpu"
+    (the only backend that runs the forward pass today; "cuda" is checked and refused, see
+    check_device)."""
+    check_device(device)
     if dtype is not None and dtype not in ALL_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(ALL_DTYPES)}, got {dtype!r}")
     if path is None:
@@ -48,6 +52,24 @@ def load(path: str | None = None, dtype: str | None = None, threads: int | None 
     return open_model(path, threads=threads, max_context=max_context, offload=offload, dram_budget=dram_budget,
                       sparsity=sparsity, window=window, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk,
                       max_batch=max_batch, **flash_options)
+
+
+def check_device(device) -> None:
+    """device="cpu" runs; "cuda" (or "cuda:N") needs a build with nvcc and a visible GPU, and then
+    the CUDA backend's forward pass, which is not written yet (its kernels are: kernels/cuda/).
+    Each case gets its own error, so that a user knows which one stops them."""
+    if device == "cpu":
+        return
+    if not isinstance(device, str) or not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if not _core.cuda_built():
+        raise ValueError(f"device={device!r}: this flashmem was built without CUDA (nvcc was not found when it "
+                         "was built); install it again where nvcc is on the PATH")
+    if not _core.cuda_available():
+        raise RuntimeError(f"device={device!r}: no CUDA device is visible (built with CUDA, but the driver "
+                           "reports no GPU)")
+    raise NotImplementedError(f"device={device!r}: the CUDA backend runs its kernels (tests/test_cuda.py) but not "
+                              "yet a whole forward pass; load with device='cpu'")
 
 
 def open_model(folder: str, threads: int | None = None, max_context: int | None = None, offload=None,
