@@ -242,3 +242,25 @@ def test_no_leaks_over_1000_generations_and_1000_bank_save_loads(model, tmp_path
     print(f"\ngrowth over 1000 generate(): {grown}; over 1000 bank save/load: {grown_bank}")
     for g in (grown, grown_bank):
         assert g["rss_mb"] < 8 and g["heap_mb_second_500"] < 0.25 and g["py_blocks_second_500"] < 2000, g
+
+
+def test_a_model_goes_with_its_last_reference(smollm2_gguf):
+    """No reference cycle keeps a model (and its engine's memory) alive until the garbage collector runs:
+    dropping the last reference frees it, after memory lookups and a batch have used it."""
+    import weakref
+    gc.collect()
+    gc.disable()
+    try:
+        m = flashmem.load(smollm2_gguf, threads=1, max_context=128)
+        bank = flashmem.MemoryBank(m.d_model)
+        bank.add_text(m, "Jana lives in Kyoto.")
+        m.generate([{"role": "user", "content": "Where does Jana live?"}], memory=bank, max_new_tokens=2)
+        m.generate(PROMPTS[:2], max_new_tokens=2)
+        "".join(m.generate(PROMPTS[0], max_new_tokens=2, stream=True))
+        for _ in m.generate(PROMPTS[:2], max_new_tokens=2, stream=True):
+            pass
+        ref = weakref.ref(m)
+        del m, bank
+        assert ref() is None, gc.get_referrers(ref())
+    finally:
+        gc.enable()

@@ -45,7 +45,7 @@ void ThreadPool::stop() {
     {
         std::lock_guard<std::mutex> lk(mu_);
         stop_ = true;
-        generation_.fetch_add(2, std::memory_order_release);
+        generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
     for (auto& th : threads_) th.join();
@@ -54,34 +54,23 @@ void ThreadPool::stop() {
 
 void ThreadPool::dispatch(Job job, const void* ctx, size_t n_chunks) {
     if (n_ == 1) {
-        if (n_chunks == 0) job(ctx, 0, 1);
         for (size_t c = 0; c < n_chunks; ++c) job(ctx, c, 0);
         return;
     }
     FM_ARG(n_chunks < (size_t(1) << 32), "thread pool: ", n_chunks, " chunks in one job");
     job_ = job;
     ctx_ = ctx;
-    if (n_chunks) {
-        chunks_done_.store(0, std::memory_order_relaxed);
-        claim_.store(uint64_t(n_chunks) << 32, std::memory_order_release);
-    } else {
-        pending_.store(n_ - 1, std::memory_order_relaxed);
-    }
+    chunks_done_.store(0, std::memory_order_relaxed);
+    claim_.store(uint64_t(n_chunks) << 32, std::memory_order_release);
     bool wake;
     {
         std::lock_guard<std::mutex> lk(mu_);
-        const uint64_t g = generation_.load(std::memory_order_relaxed);
-        generation_.store(((g | 1) + 1) + (n_chunks ? 1 : 0), std::memory_order_release);
+        generation_.fetch_add(1, std::memory_order_release);
         wake = sleepers_ > 0;
     }
     if (wake) cv_.notify_all();
-    if (n_chunks == 0) {
-        job(ctx, 0, size_t(n_));
-        wait_until([&] { return pending_.load(std::memory_order_acquire) == 0; });
-    } else {
-        help(0);
-        wait_until([&] { return chunks_done_.load(std::memory_order_acquire) == n_chunks; });
-    }
+    help(0);
+    wait_until([&] { return chunks_done_.load(std::memory_order_acquire) == n_chunks; });
 }
 
 void ThreadPool::help(int tid) {
@@ -113,12 +102,7 @@ void ThreadPool::worker(int tid) {
         }
         seen = g;
         if (stop_.load(std::memory_order_acquire)) return;
-        if (g & 1) {
-            help(tid);
-        } else {
-            job_(ctx_, size_t(tid), size_t(n_));
-            pending_.fetch_sub(1, std::memory_order_acq_rel);
-        }
+        help(tid);
     }
 }
 

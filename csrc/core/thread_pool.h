@@ -1,11 +1,12 @@
-// A fixed pool of threads (the caller is thread 0) that runs one job at a time, in one of two ways:
-// - run(f): f(tid, n_threads) on every thread, each its own share; it returns when all have run.
-//   For work whose result depends on which thread does what (per-thread accumulators summed in
-//   a fixed order, so results are the same run to run).
-// - parallel_dynamic(n, align, f): [0, n) cut into chunks that every thread, the caller
-//   included, takes from a shared counter until none is left. A thread that the OS has
-//   descheduled (another process wants the core) delays only the chunk it holds, and a thread
-//   that wakes late finds the work done. For work whose chunks write disjoint outputs.
+// A fixed pool of threads (the caller is thread 0) that runs one job at a time: pieces of work
+// that every thread, the caller included, takes from a shared counter until none is left. A
+// thread that the OS has descheduled (another process wants the core) delays only the piece it
+// holds, and a thread that wakes late finds the work done. Two ways to cut a job:
+// - run(f): f(share, n_threads) once for each share in [0, n_threads). For work whose result
+//   depends on how it is split (per-share accumulators summed in a fixed order): the split is
+//   fixed, only which thread runs a share varies, so results are the same run to run.
+// - parallel_dynamic(n, align, f): [0, n) cut into about kChunksPerThread chunks per thread,
+//   for work whose chunks write disjoint outputs.
 // Decode dispatches a few hundred parallel regions per token, so idle threads spin briefly before
 // sleeping on a condition variable (a wake-up through the kernel costs tens of microseconds, a
 // spin hand-off well under one); spinning threads yield their core every few hundred pauses, so
@@ -31,13 +32,19 @@ class ThreadPool {
 
     int size() const { return n_; }
 
-    // Calls f(tid, n_threads) once on every thread and returns when all have finished.
+    // Calls f(share, n_threads) once for each share in [0, n_threads), each taken by whichever
+    // thread is free (share 0 first by the caller), and returns when all have finished.
     template <typename F>
     void run(F&& f) {
-        auto trampoline = [](const void* ctx, size_t tid, size_t n) {
-            (*static_cast<const F*>(ctx))(int(tid), int(n));
+        struct Ctx {
+            F* f;
+            int n;
+        } ctx{&f, n_};
+        auto trampoline = [](const void* c, size_t share, size_t) {
+            const Ctx& x = *static_cast<const Ctx*>(c);
+            (*x.f)(int(share), x.n);
         };
-        dispatch(trampoline, &f, 0);
+        dispatch(trampoline, &ctx, size_t(n_));
     }
 
     // Splits [0, n) into contiguous chunks, one per thread, chunk edges rounded to `align`.
@@ -82,10 +89,10 @@ class ThreadPool {
     static constexpr size_t kChunksPerThread = 4;
 
   private:
-    // A job: job(ctx, tid, n_threads) per thread (n_chunks 0), or job(ctx, chunk, tid) per chunk.
+    // A job: job(ctx, chunk, tid) for each of its n_chunks chunks.
     using Job = void (*)(const void*, size_t, size_t);
     void dispatch(Job job, const void* ctx, size_t n_chunks);
-    void help(int tid);  // runs chunks of the current dynamic job while any is left to take
+    void help(int tid);  // runs chunks of the current job while any is left to take
     void worker(int tid);
     void stop();  // joins the threads (the destructor; a constructor that fails)
 
@@ -93,11 +100,8 @@ class ThreadPool {
     std::vector<std::thread> threads_;
     Job job_ = nullptr;
     const void* ctx_ = nullptr;
-    // Bumped by 2 per job; its low bit says the job is dynamic, so that a thread knows what the
-    // job it woke for is from the one word it read.
-    std::atomic<uint64_t> generation_{0};
-    std::atomic<int> pending_{0};  // run(): threads that have not finished their share
-    // parallel_dynamic(): the job's chunk count (high 32 bits) and the next chunk to take (low 32)
+    std::atomic<uint64_t> generation_{0};  // bumped per job: workers wake for a new value
+    // the job's chunk count (high 32 bits) and the next chunk to take (low 32)
     // in one word. A thread takes a chunk with a compare-exchange and only then reads job_ and
     // ctx_: the job cannot end (nor be replaced) while a chunk of it is taken and not done, so a
     // late thread takes a chunk of the job that is current, or none.

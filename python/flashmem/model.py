@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 
 import numpy as np
@@ -46,6 +47,18 @@ class EngineLock:
                 self._holder = None
 
 
+def _weak(method):
+    """A callable for a bound method that does not keep its object alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args, **kwargs):
+        bound = ref()
+        if bound is None:
+            raise RuntimeError("the model this belongs to has been freed")
+        return bound(*args, **kwargs)
+    return call
+
+
 class Model:
     """A Llama-family model in the native engine. Use `flashmem.load()` to make one. Safe to share
     between threads: calls run one at a time (EngineLock); a stream holds the model from its first
@@ -63,14 +76,17 @@ class Model:
         self.eos_token_ids = eos_token_ids
         self.offload, self.dram_budget, self.sparsity, self.window = offload, dram_budget, sparsity, window
         self.max_batch = engine.slots
+        self.device = engine.backend  # where the forward pass runs: "cpu"
         self._held: set[int] = set()  # slots a BatchRunner holds sequences in
         self._slot = 0  # the slot this call runs in (set under the lock by _single)
         self._use = EngineLock()
         self._windowed = bool(layer_windows(config, config["num_hidden_layers"], path))
-        self._key_encoder = encoders.KeyEncoder(tokenizer, engine.embed, self._hidden_states, self._sequence_state,
-                                                self.vocab_size, self.d_model, config["num_hidden_layers"],
-                                                max_context)
-        self._relevance = retrieval.Relevance(tokenizer, self._token_logprobs, max_context)
+        # weak callables: bound methods would make a cycle (model -> encoder -> model), and the engine's
+        # memory would wait for the garbage collector instead of going with the last reference
+        self._key_encoder = encoders.KeyEncoder(tokenizer, engine.embed, _weak(self._hidden_states),
+                                                _weak(self._sequence_state), self.vocab_size, self.d_model,
+                                                config["num_hidden_layers"], max_context)
+        self._relevance = retrieval.Relevance(tokenizer, _weak(self._token_logprobs), max_context)
 
     @contextmanager
     def _single(self):
@@ -286,7 +302,8 @@ class Model:
                 for _ in run.steps():
                     pass
                 return run.result
-        run.hold = lambda: self._holding(run.slot)  # a stream holds the model while it is iterated
+        slot = run.slot  # not run.slot in the lambda: run -> lambda -> run would be a cycle
+        run.hold = lambda: self._holding(slot)  # a stream holds the model while it is iterated
         return run
 
     def _generation_options(self, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,

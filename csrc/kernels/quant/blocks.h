@@ -20,14 +20,19 @@
 
 namespace fm::quant {
 
-struct BlockQ8_0 { uint16_t d; int8_t qs[32]; };
-struct BlockQ4_0 { uint16_t d; uint8_t qs[16]; };
-struct BlockQ4_1 { uint16_t d, m; uint8_t qs[16]; };
-struct BlockQ5_0 { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; };
-struct BlockQ5_1 { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; };
-struct BlockQ4_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; };
-struct BlockQ5_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; };
-struct BlockQ6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; };
+// Blocks are read where they lie: a bundle's pieces and a GGUF's tensors start at any byte, so
+// the structs ask for no alignment (their 16-bit fields are read with unaligned loads, which x86
+// does at full speed; a misaligned access through an aligned type would be undefined behaviour).
+#define FM_BLOCK __attribute__((packed))
+
+struct FM_BLOCK BlockQ8_0 { uint16_t d; int8_t qs[32]; };
+struct FM_BLOCK BlockQ4_0 { uint16_t d; uint8_t qs[16]; };
+struct FM_BLOCK BlockQ4_1 { uint16_t d, m; uint8_t qs[16]; };
+struct FM_BLOCK BlockQ5_0 { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; };
+struct FM_BLOCK BlockQ5_1 { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; };
+struct FM_BLOCK BlockQ4_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; };
+struct FM_BLOCK BlockQ5_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; };
+struct FM_BLOCK BlockQ6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; };
 
 // Block b of 8 rows of a q4_0 (Min false) or q4_1 matrix, interleaved (quant.h: repack_x8): the 8
 // rows' scales d, their mins m (q4_1), then 4 vectors of 32 bytes: byte 4r + i of vector v holds
@@ -36,14 +41,14 @@ struct BlockQ6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t 
 template <bool Min>
 struct BlockQ4x8;
 template <>
-struct BlockQ4x8<false> { uint16_t d[8]; uint8_t qs[128]; };
+struct FM_BLOCK BlockQ4x8<false> { uint16_t d[8]; uint8_t qs[128]; };
 template <>
-struct BlockQ4x8<true> { uint16_t d[8], m[8]; uint8_t qs[128]; };
+struct FM_BLOCK BlockQ4x8<true> { uint16_t d[8], m[8]; uint8_t qs[128]; };
 // Block b of 8 rows of a q8_0 matrix, interleaved for 16-bit activations (quant.h: repack_x8;
 // the LM head): the 8 rows' scales d, then 16 pieces of 16 bytes: byte 2r + i of piece j holds
 // weight 2j + i of row r, so that a piece widened to int16 pairs with the token's activations
 // 2j, 2j + 1 in each row's lane. The same bytes as the 8 rows' blocks (272 = 8 x 34).
-struct BlockQ8x8 { uint16_t d[8]; int8_t qs[256]; };
+struct FM_BLOCK BlockQ8x8 { uint16_t d[8]; int8_t qs[256]; };
 static_assert(sizeof(BlockQ8x8) == 272, "block size");
 static_assert(sizeof(BlockQ4x8<false>) == 144 && sizeof(BlockQ4x8<true>) == 160, "block size");
 static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20, "block size");

@@ -605,7 +605,7 @@ inline void x16_tile(const BlockQ4x8<Min>* g0, const BlockQ4x8<Min>* g1, const A
     auto pair = [](const void* p0, const void* p1) {
         return _mm512_inserti64x4(_mm512_castsi256_si512(load32(p0)), load32(p1), 1);
     };
-    auto halves = [](const uint16_t* h0, const uint16_t* h1) {
+    auto halves = [](const void* h0, const void* h1) {  // 8 f16 each, at any byte
         return _mm512_cvtph_ps(_mm256_inserti128_si256(
             _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h0))),
             _mm_loadu_si128(reinterpret_cast<const __m128i*>(h1)), 1));
@@ -616,9 +616,12 @@ inline void x16_tile(const BlockQ4x8<Min>* g0, const BlockQ4x8<Min>* g1, const A
         if (ahead)
             for (size_t off = 0; off < 2 * sizeof(b0); off += 64)
                 _mm_prefetch(ahead + 2 * b * sizeof(b0) + off, _MM_HINT_T0);
-        const __m512 d16 = halves(b0.d, b1.d);
+        const __m512 d16 = halves(&b0, &b1);  // d[8] opens each block
         __m512 c16;
-        if constexpr (Min) c16 = halves(b0.m, b1.m);
+        if constexpr (Min) {  // m[8] after d[8]
+            constexpr size_t m = offsetof(BlockQ4x8<Min>, m);
+            c16 = halves(reinterpret_cast<const char*>(&b0) + m, reinterpret_cast<const char*>(&b1) + m);
+        }
         else c16 = _mm512_mul_ps(d16, _mm512_set1_ps(-8.0f));
         __m512i sum[RT], sum2[RT];
         for (int t = 0; t < RT; ++t) sum[t] = sum2[t] = _mm512_setzero_si512();
