@@ -7,10 +7,8 @@
 
 #include "backend/cpu_backend.h"
 #include "core/error.h"
-#include "ffn/bundled_ffn.h"
 #include "io/file.h"
 #include "kernels/cpu/kernels.h"
-#include "kernels/cpu/ops.h"
 #include "kernels/quant/quant.h"
 
 namespace fm {
