@@ -1,5 +1,10 @@
 """SIMD kernels against their scalar references (csrc/kernels/cpu/reference.cpp), odd sizes,
 every dtype, both instruction sets this CPU has."""
+import os
+import subprocess
+import sys
+import threading
+
 import numpy as np
 import pytest
 
@@ -173,6 +178,38 @@ def test_thread_pool_dynamic_chunks_cover_every_index_once(n, align, threads):
     """parallel_dynamic over [0, n): every index covered exactly once per job, chunk edges on
     multiples of align, over 50 jobs alternating with run() jobs on one pool; a thread that stalls
     in its first chunk (as a descheduled one) delays nothing else."""
-    counts, misaligned = _core.pool_cover(n, align, threads, jobs=50, stall_us=200 if threads > 1 else 0)
+    counts, misaligned, _ = _core.pool_cover(n, align, threads, jobs=50, stall_us=200 if threads > 1 else 0)
     np.testing.assert_array_equal(counts, np.full(n, 50))
     assert misaligned == 0
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_thread_pool_runs_with_fewer_threads_while_one_stalls(threads):
+    """A thread that stalls 5 ms in every job it takes part in (as one the OS keeps descheduling
+    while another process has its core): the pool parks the threads above half (then a quarter...)
+    for a while instead of waiting on them at every job, and every index is still covered once per
+    job, by the same chunks."""
+    jobs = 200
+    counts, misaligned, reduced = _core.pool_cover(1000, 16, threads, jobs=jobs, stall_us=5000)
+    np.testing.assert_array_equal(counts, np.full(1000, jobs))
+    assert misaligned == 0
+    assert reduced > 0
+
+
+def test_thread_pool_runs_with_fewer_threads_on_a_busy_machine():
+    """As many other processes computing as there are cores (no thread is made to stall here): the
+    pool's threads wait on the OS's run queue, or are descheduled holding a chunk, and it parks all
+    but the caller for a while. Every index is still covered once per job."""
+    if not os.path.exists(f"/proc/self/task/{threading.get_native_id()}/schedstat"):
+        pytest.skip("the kernel gives no run-queue waits (schedstat)")
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        jobs = 400  # each about 64 chunks x 20 us of work: several windows of the pool's 20 ms
+        counts, misaligned, reduced = _core.pool_cover(64, 1, 2, jobs=jobs, spin_us=20)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    np.testing.assert_array_equal(counts, np.full(64, jobs))
+    assert misaligned == 0
+    assert reduced > 0

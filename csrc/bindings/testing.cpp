@@ -162,14 +162,16 @@ std::vector<const void*> row_pointers(U8Matrix w, nb::ndarray<const int64_t, nb:
 void bind_testing(nb::module_& m) {
     m.def(
         "pool_cover",
-        [](size_t n, size_t align, int threads, int jobs, int stall_us) {
+        [](size_t n, size_t align, int threads, int jobs, int stall_us, int spin_us) {
             // `jobs` parallel_dynamic jobs over [0, n), alternating with run() jobs, on one pool; a
             // thread other than the caller sleeps stall_us in its first chunk of every job (a
-            // descheduled thread). Returns, per index, how many times a chunk covered it, summed
-            // over the jobs, and the number of chunks whose edges were not multiples of align.
+            // descheduled thread); every chunk computes for spin_us (work, on a busy machine). Returns, per index, how many times a chunk covered it, summed
+            // over the jobs, the number of chunks whose edges were not multiples of align, and the
+            // number of jobs the pool ran with fewer threads than it has.
             auto counts = numpy_owned<int32_t>({n});
             std::vector<std::atomic<int32_t>> c(n);
             std::atomic<int64_t> misaligned{0}, statics{0};
+            uint64_t reduced = 0;
             {
                 nb::gil_scoped_release nogil;
                 fm::ThreadPool pool(threads);
@@ -178,18 +180,25 @@ void bind_testing(nb::module_& m) {
                     pool.parallel_dynamic(n, align, [&](size_t b, size_t e, int tid) {
                         if (tid != 0 && stall_us > 0 && !stalled.exchange(true))
                             std::this_thread::sleep_for(std::chrono::microseconds(stall_us));
+                        if (spin_us > 0) {
+                            const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
+                            while (std::chrono::steady_clock::now() < until) {
+                            }
+                        }
                         if (b % align || (e % align && e != n)) misaligned++;
                         for (size_t i = b; i < e; ++i) c[i]++;
                     });
                     pool.run([&](int, int) { statics++; });
                 }
+                reduced = pool.reduced_jobs();
             }
             for (size_t i = 0; i < n; ++i) counts.data()[i] = c[i].load();
             FM_ARG(statics.load() == int64_t(jobs) * threads, "run(): ", statics.load(), " calls for ", jobs, " jobs");
-            return std::make_pair(counts, misaligned.load());
+            return std::make_tuple(counts, misaligned.load(), reduced);
         },
-        "n"_a, "align"_a, "threads"_a, "jobs"_a = 1, "stall_us"_a = 0,
-        "ThreadPool::parallel_dynamic's coverage of [0, n): (times each index was covered, misaligned chunks)");
+        "n"_a, "align"_a, "threads"_a, "jobs"_a = 1, "stall_us"_a = 0, "spin_us"_a = 0,
+        "ThreadPool::parallel_dynamic's coverage of [0, n): (times each index was covered, misaligned chunks, "
+        "jobs run with fewer threads)");
     m.def(
         "quant_dot_ptrs",
         [](U8Matrix act, U8Matrix w, const std::string& format, int K, size_t offset,

@@ -11,6 +11,17 @@
 // sleeping on a condition variable (a wake-up through the kernel costs tens of microseconds, a
 // spin hand-off well under one); spinning threads yield their core every few hundred pauses, so
 // that on a busy machine a thread with work runs instead.
+//
+// Fewer threads on a busy machine. When other processes want the cores, more threads than the
+// cores left make the OS share them out: the caller is descheduled in the middle of its steps,
+// and a thread descheduled while it holds a chunk holds the step until it runs again
+// (milliseconds, against tens of microseconds of work). Over each window of kWindowNs the caller
+// sums how long the active threads waited on the OS's run queue (Linux's schedstat) and how long
+// it waited, out of work, for the others: when either is a sixth of the window, the threads above
+// half the active count park (they leave their cores to the other work) for a while, then all are
+// tried again; the time reduced doubles, up to kReducedMaxNs, while the waits come back. Results
+// do not change: run()'s shares are the same whoever runs them, and parallel_dynamic's chunks
+// write disjoint outputs (the caller alone takes [0, n) at once).
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -31,6 +42,8 @@ class ThreadPool {
     ThreadPool& operator=(const ThreadPool&) = delete;
 
     int size() const { return n_; }
+    int active() const { return active_.load(std::memory_order_relaxed); }  // threads taking chunks now
+    uint64_t reduced_jobs() const { return reduced_jobs_; }  // jobs run with fewer than size() threads
 
     // Calls f(share, n_threads) once for each share in [0, n_threads), each taken by whichever
     // thread is free (share 0 first by the caller), and returns when all have finished.
@@ -64,7 +77,7 @@ class ThreadPool {
         const size_t units = (n + align - 1) / align;
         const size_t per = (units + size_t(n_) * kChunksPerThread - 1) / (size_t(n_) * kChunksPerThread);
         const size_t step = per * align, n_chunks = (n + step - 1) / step;
-        if (n_ == 1 || n_chunks == 1) {
+        if (n_ == 1 || n_chunks == 1 || alone()) {
             f(size_t(0), n, 0);
             return;
         }
@@ -87,13 +100,23 @@ class ThreadPool {
     }
 
     static constexpr size_t kChunksPerThread = 4;
+    static constexpr int64_t kWindowNs = 20'000'000;       // the time over which waits are summed
+    static constexpr int64_t kReducedMinNs = 50'000'000;   // the first time with fewer threads
+    static constexpr int64_t kReducedMaxNs = 800'000'000;  // the most, while stalls persist
 
   private:
     // A job: job(ctx, chunk, tid) for each of its n_chunks chunks.
     using Job = void (*)(const void*, size_t, size_t);
     void dispatch(Job job, const void* ctx, size_t n_chunks);
+    // Whether the caller runs the next job by itself, the pool being reduced to it (ends a
+    // reduction whose time is up).
+    bool alone();
     void help(int tid);  // runs chunks of the current job while any is left to take
     void worker(int tid);
+    void account(int64_t now, int64_t job_ns, int64_t stalled_ns);  // may reduce the active threads
+    void start_window(int64_t now);
+    int64_t threads_waited_ns();  // the active threads' run-queue waits, summed; -1: not known
+    void set_active(int n);
     void stop();  // joins the threads (the destructor; a constructor that fails)
 
     int n_;
@@ -111,6 +134,16 @@ class ThreadPool {
     std::mutex mu_;
     std::condition_variable cv_;
     int sleepers_ = 0;
+    // threads [0, active_) take chunks; the others wait on park_cv_ (set by the caller, under mu_)
+    std::atomic<int> active_;
+    std::condition_variable park_cv_;
+    std::vector<std::atomic<int64_t>> tids_;  // each thread's OS id (0 until it has started)
+    // the caller's own: the current window (its start, the active threads' run-queue waits then
+    // (-1: not known) and which thread the caller was, time in jobs and stalled since), and until when the threads
+    // stay reduced
+    int64_t window_start_ = 0, window_waited_ = -1, window_caller_ = 0, job_ns_ = 0, stalled_ns_ = 0;
+    int64_t reduced_until_ = 0, reduced_for_ns_ = kReducedMinNs;
+    uint64_t reduced_jobs_ = 0;
 };
 
 }  // namespace fm
