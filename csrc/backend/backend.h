@@ -88,6 +88,9 @@ class Backend {
     // Sizes the scratch the calls below use (grows only); scratch_bytes() counts it.
     virtual void reserve(const ScratchNeeds& needs) = 0;
     virtual size_t scratch_bytes() const = 0;
+    // Of what reserve(needs) sizes, the blocks that linear quantizes its input rows into (8-bit
+    // for block-format weights, 16-bit for a block-format LM head).
+    virtual size_t activation_bytes(const ScratchNeeds& needs) const = 0;
     // Host threads: the CPU's compute; with a device, the threads that gather streamed weights.
     virtual ThreadPool& host_pool() = 0;
 

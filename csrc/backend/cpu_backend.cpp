@@ -24,13 +24,21 @@ void CpuBackend::reserve(const ScratchNeeds& n) {
     grow(convert_, f * nt * scratch_floats(n.wide_float_rows ? widest : std::max(n.d_model, n.q_dim)));
     if (n.bundle.is_float()) grow(ffn_block_, nt * kNeuronBlock * n.bundle.bytes(n.d_model));
     grow(ffn_rows_, sizeof(void*) * size_t(n.d_ff));
-    if (n.block_formats) grow(act_, sizeof(quant::ActBlock) * chunk * (widest / quant::kActBlock));
-    if (n.precise_head) grow(act16_, sizeof(quant::ActBlock16) * chunk * (n.d_model / quant::kActBlock));
+    ScratchNeeds only8 = n, only16 = n;
+    only8.precise_head = only16.block_formats = false;
+    grow(act_, activation_bytes(only8));
+    grow(act16_, activation_bytes(only16));
     if (n.ffn_matrices) {
         grow(ffn_gate_out_, f * chunk * n.d_ff);
         grow(ffn_up_out_, f * chunk * n.d_ff);
         grow(ffn_down_out_, f * chunk * n.d_model);
     }
+}
+
+size_t CpuBackend::activation_bytes(const ScratchNeeds& n) const {
+    const size_t rows = size_t(n.chunk), widest = size_t(std::max({n.d_model, n.q_dim, n.d_ff}));
+    return (n.block_formats ? sizeof(quant::ActBlock) * rows * (widest / quant::kActBlock) : 0) +
+           (n.precise_head ? sizeof(quant::ActBlock16) * rows * (size_t(n.d_model) / quant::kActBlock) : 0);
 }
 
 size_t CpuBackend::scratch_bytes() const {

@@ -14,6 +14,7 @@ class CpuBackend final : public Backend {
     Buffer allocate(size_t bytes) override { return Buffer(bytes); }
     void reserve(const ScratchNeeds& needs) override;
     size_t scratch_bytes() const override;
+    size_t activation_bytes(const ScratchNeeds& needs) const override;
     ThreadPool& host_pool() override { return pool_; }
 
     void rmsnorm(float* y, const float* x, const float* w, int rows, int d, float eps) override;

@@ -255,9 +255,10 @@ void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const 
     SparseOptions sized = opt;
     sized.cache_rows = flash ? c.d_ff : 0;  // for the index part of fixed_bytes
     const size_t weights = resident_weight_bytes ? resident_weight_bytes : expected_weight_bytes(!flash);
-    // the activation blocks check_loaded allocates for block formats, counted in any case
-    const size_t act = sizeof(quant::ActBlock) * chunk_ * (std::max({c.d_model, c.q_dim(), c.d_ff}) / quant::kActBlock) +
-                       sizeof(quant::ActBlock16) * chunk_ * (c.d_model / quant::kActBlock);
+    // the activation blocks check_loaded reserves for block formats, counted in any case
+    ScratchNeeds every_format = scratch_needs();
+    every_format.block_formats = every_format.precise_head = true;
+    const size_t act = backend_->activation_bytes(every_format);
     const size_t fixed = weights + state_bytes() + act + predictor +
                          SparseFfn::fixed_bytes(c.n_layers, c.d_ff, c.d_model, c.ffn_bundle, chunk_, c.max_batch, sized,
                                                 flash ? layout : nullptr) + (size_t(1) << 16);

@@ -44,59 +44,23 @@
 
 namespace fm::cuda::lanes {
 
-// ---- loads (typed on the device: the alignment above; memcpy on the CPU) ----
-FM_HD uint32_t ld16(const uint8_t* p) {
+// ---- loads: one typed load of a whole T on the device (p aligned to T), memcpy on the CPU ----
+struct alignas(8) U2 { uint32_t x, y; };
+struct alignas(16) U4 { uint32_t x, y, z, w; };
+struct alignas(16) F4 { float x, y, z, w; };
+template <typename T>
+FM_HD T load(const void* p) {
 #ifdef __CUDA_ARCH__
-    return *reinterpret_cast<const uint16_t*>(p);
+    return *reinterpret_cast<const T*>(p);
 #else
-    uint16_t v;
-    std::memcpy(&v, p, 2);
+    T v;
+    std::memcpy(&v, p, sizeof(T));
     return v;
 #endif
 }
+FM_HD uint32_t ld16(const uint8_t* p) { return load<uint16_t>(p); }                 // 2-byte aligned
 FM_HD uint32_t ld32_a2(const uint8_t* p) { return ld16(p) | (ld16(p + 2) << 16); }  // 2-byte aligned
-FM_HD uint32_t ld32(const uint8_t* p) {                                             // 4-byte aligned
-#ifdef __CUDA_ARCH__
-    return *reinterpret_cast<const uint32_t*>(p);
-#else
-    uint32_t v;
-    std::memcpy(&v, p, 4);
-    return v;
-#endif
-}
-struct U2 { uint32_t x, y; };
-FM_HD U2 ld64(const uint8_t* p) {  // 8-byte aligned
-#ifdef __CUDA_ARCH__
-    const uint2 v = *reinterpret_cast<const uint2*>(p);
-    return {v.x, v.y};
-#else
-    U2 v;
-    std::memcpy(&v, p, 8);
-    return v;
-#endif
-}
-struct U4 { uint32_t x, y, z, w; };
-FM_HD U4 ld128(const uint8_t* p) {  // 16-byte aligned
-#ifdef __CUDA_ARCH__
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    return {v.x, v.y, v.z, v.w};
-#else
-    U4 v;
-    std::memcpy(&v, p, 16);
-    return v;
-#endif
-}
-struct F4 { float x, y, z, w; };
-FM_HD F4 ldf4(const float* p) {  // 16-byte aligned
-#ifdef __CUDA_ARCH__
-    const float4 v = *reinterpret_cast<const float4*>(p);
-    return {v.x, v.y, v.z, v.w};
-#else
-    F4 v;
-    std::memcpy(&v, p, 16);
-    return v;
-#endif
-}
+FM_HD uint32_t ld32(const uint8_t* p) { return load<uint32_t>(p); }                 // 4-byte aligned
 
 // ---- conversions and rounded arithmetic ----
 FM_HD float half_to_float(uint32_t bits) {  // the low 16 bits
@@ -166,7 +130,7 @@ struct Acc {
         FM_UNROLL
         for (int t = 0; t < T; ++t)
             if (t < nt) {
-                const F4 a = ldf4(x + t * ldx);
+                const F4 a = load<F4>(x + t * ldx);
                 v[t] += w0 * a.x + w1 * a.y + w2 * a.z + w3 * a.w;
             }
     }
@@ -295,7 +259,7 @@ FM_HD void piece_qk(const uint8_t* b, int p, const float* x, Acc<T>& a) {
     scale_min(s0, s1, s2, 2 * j + 1, sc1, mn1);
     const float ds0 = mul_rn(d, float(sc0)), dm0 = mul_rn(dmin, float(mn0));
     const float ds1 = mul_rn(d, float(sc1)), dm1 = mul_rn(dmin, float(mn1));
-    const U2 q = ld64(b + (Q5 ? 48 : 16) + 32 * j + l0);
+    const U2 q = load<U2>(b + (Q5 ? 48 : 16) + 32 * j + l0);
     int lo[8], hi[8];
     FM_UNROLL
     for (int k = 0; k < 4; ++k) {
@@ -303,7 +267,7 @@ FM_HD void piece_qk(const uint8_t* b, int p, const float* x, Acc<T>& a) {
         hi[k] = hi4(q.x, k), hi[k + 4] = hi4(q.y, k);
     }
     if (Q5) {
-        const U2 h = ld64(b + 16 + l0);  // qh[l0 .. l0 + 8)
+        const U2 h = load<U2>(b + 16 + l0);  // qh[l0 .. l0 + 8)
         FM_UNROLL
         for (int k = 0; k < 8; ++k) {
             const uint32_t hb = byte_of(k < 4 ? h.x : h.y, k & 3);
@@ -353,7 +317,7 @@ FM_HD void gemv_lane(const uint8_t* w, const float* x, int K, int lane, bool vec
         if (vectors) {
             constexpr int V = F == Format::F32 ? 4 : 8;  // weights per 16 bytes
             for (int k = V * lane; k < K; k += 32 * V) {
-                const U4 u = ld128(w + size_t(k) * L::bytes);
+                const U4 u = load<U4>(w + size_t(k) * L::bytes);
                 if constexpr (F == Format::F32) {
                     a.quad(x + k, as_float(u.x), as_float(u.y), as_float(u.z), as_float(u.w));
                 } else {
