@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 
 #include "core/activation.h"
 #include "core/buffer.h"
@@ -104,10 +105,10 @@ class Backend {
     // (head_dim / 2 each) at cos + t * head_dim / 2.
     virtual void rope(float* v, int T, size_t ld, int n_heads, int head_dim, const float* cos, const float* sin) = 0;
     // Y = X (T, K) W^T for each projection. precise: block-format weights take 16-bit activations
-    // (the LM head's logits); gated: the two projections are gate and up, and gate's output
-    // becomes act(gate) * up.
-    virtual void linear(const float* X, int T, int K, std::initializer_list<Projection> projections, bool precise,
-                        bool gated, Activation act) = 0;
+    // (the LM head's logits); gated (an activation): the two projections are gate and up, and
+    // gate's output becomes gated(gate) * up.
+    virtual void linear(const float* X, int T, int K, std::initializer_list<Projection> projections,
+                        bool precise = false, std::optional<Activation> gated = std::nullopt) = 0;
     virtual void attention(const AttentionCall& a) = 0;
     virtual void ffn(const FfnCall& f) = 0;
 };

@@ -74,7 +74,7 @@ void CpuBackend::rope(float* v, int T, size_t ld, int n_heads, int head_dim, con
 // dispatch, not three); each thread takes its share of every matrix's rows. Matrices in a block
 // format take X quantized to int8 blocks (16-bit when precise), once for all of them.
 void CpuBackend::linear(const float* X, int T, int K, std::initializer_list<Projection> projections, bool precise,
-                        bool gated, Activation activation) {
+                        std::optional<Activation> gated) {
     const Kernels& k = kernels();
     const quant::QuantKernels& qk = quant::quant_kernels();
     const size_t cs = convert_.size() / sizeof(float) / pool_.size();
@@ -116,7 +116,7 @@ void CpuBackend::linear(const float* X, int T, int K, std::initializer_list<Proj
             rows(gate, n0, n1, tid);
             rows(up, n0, n1, tid);
             for (int t = 0; t < T; ++t)
-                k.gated(gate.Y + t * gate.ldy + n0, up.Y + t * up.ldy + n0, int(n1 - n0), activation);
+                k.gated(gate.Y + t * gate.ldy + n0, up.Y + t * up.ldy + n0, int(n1 - n0), *gated);
         });
         return;
     }
@@ -177,8 +177,8 @@ void CpuBackend::ffn(const FfnCall& f) {
         float* g = ffn_gate_out_.data<float>();
         float* u = ffn_up_out_.data<float>();
         float* down = ffn_down_out_.data<float>();
-        linear(f.xn, f.T, f.d_model, {{g, ff, f.gate, ff}, {u, ff, f.up, ff}}, false, /*gated=*/true, f.activation);
-        linear(g, f.T, f.d_ff, {{down, d, f.down, d}}, false, false, f.activation);
+        linear(f.xn, f.T, f.d_model, {{g, ff, f.gate, ff}, {u, ff, f.up, ff}}, false, f.activation);
+        linear(g, f.T, f.d_ff, {{down, d, f.down, d}}, false, std::nullopt);
         add(f.out, down, size_t(f.T) * d);
     } else {  // dense: every bundle, in place
         const void** rows = ffn_rows_.data<const void*>();

@@ -21,8 +21,8 @@ class CpuBackend final : public Backend {
     void add(float* x, const float* y, size_t n) override;
     void add_bias(float* y, int T, size_t ld, const float* b, size_t n) override;
     void rope(float* v, int T, size_t ld, int n_heads, int head_dim, const float* cos, const float* sin) override;
-    void linear(const float* X, int T, int K, std::initializer_list<Projection> projections, bool precise, bool gated,
-                Activation act) override;
+    void linear(const float* X, int T, int K, std::initializer_list<Projection> projections, bool precise,
+                std::optional<Activation> gated) override;
     void attention(const AttentionCall& a) override;
     void ffn(const FfnCall& f) override;
 

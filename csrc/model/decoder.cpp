@@ -664,8 +664,7 @@ void Model::compute_logits(const float* x, int T, float* logits) {
     b.rmsnorm(xn, x, w_.final_norm.data<float>(), T, c.d_model, c.norm_eps);
     const Tensor* head = c.tied_embeddings ? &w_.embed : &w_.lm_head;
     if (!head->streamed) {
-        b.linear(xn, T, c.d_model, {{logits, size_t(c.vocab_size), head, size_t(c.vocab_size)}}, /*precise=*/true,
-                 false, c.activation);
+        b.linear(xn, T, c.d_model, {{logits, size_t(c.vocab_size), head, size_t(c.vocab_size)}}, /*precise=*/true);
         return;
     }
     // streamed: as many rows at a time as the staging buffer holds
@@ -676,8 +675,7 @@ void Model::compute_logits(const float* x, int T, float* logits) {
         const size_t len = n * head->row_bytes;
         const char* rows = nullptr;
         stream_->fetch(&at, &len, 1, &rows, "the LM head");
-        b.linear(xn, T, c.d_model, {{logits + r0, size_t(c.vocab_size), head, n, rows}}, /*precise=*/true, false,
-                 c.activation);
+        b.linear(xn, T, c.d_model, {{logits + r0, size_t(c.vocab_size), head, n, rows}}, /*precise=*/true);
     }
 }
 
@@ -706,7 +704,7 @@ void Model::layer_forward(int l, int T) {
     const char* qkv[3] = {};  // streamed: the layer's q, k and v matrices, read in one batch
     if (L.wq.streamed) stage({&L.wq, &L.wk, &L.wv}, qkv, "the attention matrices");
     b.linear(xn, T, int(d), {{q, q_dim, &L.wq, q_dim, qkv[0]}, {kc, kv_dim, &L.wk, kv_dim, qkv[1]},
-                             {vc, kv_dim, &L.wv, kv_dim, qkv[2]}}, false, false, c.activation);
+                             {vc, kv_dim, &L.wv, kv_dim, qkv[2]}});
     mark(Profile::kQkv);
     if (c.qkv_bias) {
         b.add_bias(q, T, q_dim, L.bq.data<float>(), q_dim);
@@ -735,7 +733,7 @@ void Model::layer_forward(int l, int T) {
     mark(Profile::kAttention);
     const char* wo = nullptr;
     if (L.wo.streamed) stage({&L.wo}, &wo, "the attention output matrix");
-    b.linear(att_out_.data<float>(), T, int(q_dim), {{proj, d, &L.wo, d, wo}}, false, false, c.activation);
+    b.linear(att_out_.data<float>(), T, int(q_dim), {{proj, d, &L.wo, d, wo}});
     if (c.post_norms) b.rmsnorm(proj, proj, L.attn_post_norm.data<float>(), T, int(d), c.norm_eps);
     b.add(x, proj, size_t(T) * d);
 
