@@ -192,6 +192,24 @@ def test_offload_all_streams_every_matrix(q41, held_out):
         flashmem.load(q41.path, offload="everything")
 
 
+def test_offload_auto_chooses_from_the_budget(q41, held_out):
+    """offload="auto": "flash" where the budget holds flash's minimum (64 MB here, the attention
+    matrices and the tied LM head resident), "all" below it; below both minimums an error states
+    both; without a budget there is nothing to choose from."""
+    ids = held_out[:20]
+    roomy = flashmem.load(q41.path, threads=2, max_context=512, offload="auto", dram_budget="100MB")
+    assert roomy.offload == "flash" and roomy.owned_bytes <= 100e6
+    tight = flashmem.load(q41.path, threads=2, max_context=512, offload="auto", dram_budget="40MB")
+    assert tight.offload == "all" and tight.owned_bytes <= 40e6
+    every = flashmem.load(q41.path, threads=2, max_context=512, offload="all", dram_budget="40MB")
+    np.testing.assert_array_equal(tight.logits(ids), every.logits(ids))
+    with pytest.raises(ValueError, match=r"offload='auto': dram_budget .* below the minimum .*offload='flash': "
+                                         r"dram_budget .* below the minimum"):
+        flashmem.load(q41.path, threads=2, max_context=512, offload="auto", dram_budget="5MB")
+    with pytest.raises(ValueError, match="offload='auto' chooses what to stream from dram_budget"):
+        flashmem.load(q41.path, offload="auto")
+
+
 def test_offload_all_float_model(tmp_path):
     """A float (f16) conversion of a tiny HF model with an untied LM head, every matrix streamed."""
     src = str(tmp_path / "hf")

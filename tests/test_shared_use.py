@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import sys
 import threading
 
@@ -197,6 +198,9 @@ def heap_in_use_mb() -> float:
     return (info.uordblks + info.hblkhd) / 1e6
 
 
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="under AddressSanitizer (.ci/sanitize) memory is ASan's: its quarantine keeps freed "
+                           "blocks resident and mallinfo2 sees none of them; the plain suite runs this check")
 def test_no_leaks_over_1000_generations_and_1000_bank_save_loads(model, tmp_path):
     """Memory over 1,000 more generate() calls (with memory injection and streams among them), and over
     1,000 bank save/load cycles, after warm-up calls. A leak shows as steady growth, so the second 500

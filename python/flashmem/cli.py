@@ -29,9 +29,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--kv-dtype", choices=("f32", "f16"), default=None,
                    help="KV cache storage (default f16 with block formats, f32 with float weights)")
-    p.add_argument("--offload", choices=("flash", "all"), default=None,
+    p.add_argument("--offload", choices=("flash", "all", "auto"), default=None,
                    help="flash: stream the FFN weights from the model folder instead of holding them in DRAM; "
-                        "all: the attention matrices, embeddings and LM head too")
+                        "all: the attention matrices, embeddings and LM head too; auto: flash where --dram-budget "
+                        "holds its minimum, else all")
     p.add_argument("--dram-budget", default=None,
                    help="with --offload flash: DRAM the engine may own, e.g. 200MB, or 'auto' (what the process "
                         "may still take: its memory cgroup's limit, else the available memory)")

@@ -75,7 +75,33 @@ def check_device(device) -> None:
 def open_model(folder: str, threads: int | None = None, max_context: int | None = None, offload=None,
                dram_budget=None, sparsity: float = 0.0, window: int = 5, kv_dtype: str | None = None,
                prefill_chunk: int | None = None, max_batch: int = 1, **flash_options) -> Model:
-    """The model of a converted folder: engine configured, FFN placed, weights loaded, checked."""
+    """The model of a converted folder: engine configured, FFN placed, weights loaded, checked.
+    offload="auto": "flash" where dram_budget holds its minimum (the attention weights, the
+    embeddings and a tied LM head resident), else "all" (every matrix read when needed). A byte
+    of budget saves a byte read per token whether it holds attention weights or cached neurons,
+    and with sparsity the neurons save less (a cached neuron is read only when picked): so flash
+    while it fits."""
+    if offload == "auto":
+        if dram_budget is None:
+            raise ValueError("offload='auto' chooses what to stream from dram_budget: give one (bytes, e.g. "
+                             "'300MB', or 'auto')")
+        kw = dict(threads=threads, max_context=max_context, dram_budget=dram_budget, sparsity=sparsity,
+                  window=window, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk, max_batch=max_batch,
+                  **flash_options)
+        try:
+            return open_model(folder, offload="flash", **kw)
+        except ValueError as e:
+            if "below the minimum" not in str(e):
+                raise
+            flash_error = str(e)  # the engine of that try goes with the exception, before the next one
+        try:
+            return open_model(folder, offload="all", **kw)
+        except ValueError as e:
+            if "below the minimum" not in str(e):
+                raise
+            all_error = str(e)
+        raise ValueError(f"offload='auto': {all_error} with every matrix streamed (offload='all'; with the "
+                         f"attention weights resident, offload='flash': {flash_error})")
     cfg_path = os.path.join(folder, "config.json")
     config = read_config(cfg_path)
     fm = config.get("flashmem")

@@ -117,7 +117,8 @@ def configure(engine, folder: str, config: dict, offload, dram_budget, sparsity,
     (dram_budget="auto", resolved by the caller before the engine allocated anything); resident_bytes:
     what the weights the loader will load take in the engine (loading.weights_to_load)."""
     if offload not in (None, "none", "flash", "all"):
-        raise ValueError(f"offload must be None, 'flash' (the FFN streamed) or 'all' (every matrix), got {offload!r}")
+        raise ValueError(f"offload must be None, 'flash' (the FFN streamed), 'all' (every matrix) or 'auto' (flash "
+                         f"where dram_budget allows, else all), got {offload!r}")
     offload = None if offload == "none" else offload
     options = sparse_options(sparsity=sparsity, window=window, queue_depth=queue_depth, coalesce_gap=coalesce_gap,
                              direct=direct_io, cache_rows=-1 if cache_rows is None else cache_rows,
