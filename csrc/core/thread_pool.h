@@ -17,9 +17,10 @@
 // and a thread descheduled while it holds a chunk holds the step until it runs again
 // (milliseconds, against tens of microseconds of work). Over each window of kWindowNs the caller
 // sums how long the active threads waited on the OS's run queue (Linux's schedstat) and how long
-// it waited, out of work, for the others: when either is a sixth of the window, the threads above
-// half the active count park (they leave their cores to the other work) for a while, then all are
-// tried again; the time reduced doubles, up to kReducedMaxNs, while the waits come back. Results
+// it waited, out of work, for the others: when the first is a sixth of the window, or the second a
+// sixth of the time in jobs, the threads above half the active count park (they leave their cores
+// to the other work) for a while, then all are tried again; the time reduced doubles, up to
+// kReducedMaxNs, while the waits come back. Results
 // do not change: run()'s shares are the same whoever runs them, and parallel_dynamic's chunks
 // write disjoint outputs (the caller alone takes [0, n) at once).
 #pragma once
