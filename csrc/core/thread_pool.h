@@ -20,9 +20,9 @@
 // it waited, out of work, for the others: when the first is a sixth of the window, or the second a
 // sixth of the time in jobs, the threads above half the active count park (they leave their cores
 // to the other work) for a while, then all are tried again; the time reduced doubles, up to
-// kReducedMaxNs, while the waits come back. Results
-// do not change: run()'s shares are the same whoever runs them, and parallel_dynamic's chunks
-// write disjoint outputs (the caller alone takes [0, n) at once).
+// kReducedMaxNs, while the waits come back. Results do not change: run()'s shares are the same
+// whoever runs them, and parallel_dynamic's chunks write disjoint outputs (the caller alone takes
+// [0, n) at once).
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -43,7 +43,6 @@ class ThreadPool {
     ThreadPool& operator=(const ThreadPool&) = delete;
 
     int size() const { return n_; }
-    int active() const { return active_.load(std::memory_order_relaxed); }  // threads taking chunks now
     uint64_t reduced_jobs() const { return reduced_jobs_; }  // jobs run with fewer than size() threads
 
     // Calls f(share, n_threads) once for each share in [0, n_threads), each taken by whichever
@@ -140,8 +139,8 @@ class ThreadPool {
     std::condition_variable park_cv_;
     std::vector<std::atomic<int64_t>> tids_;  // each thread's OS id (0 until it has started)
     // the caller's own: the current window (its start, the active threads' run-queue waits then
-    // (-1: not known) and which thread the caller was, time in jobs and stalled since), and until when the threads
-    // stay reduced
+    // (-1: not known), which thread the caller was, time in jobs and stalled since), and until when
+    // the threads stay reduced
     int64_t window_start_ = 0, window_waited_ = -1, window_caller_ = 0, job_ns_ = 0, stalled_ns_ = 0;
     int64_t reduced_until_ = 0, reduced_for_ns_ = kReducedMinNs;
     uint64_t reduced_jobs_ = 0;
