@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flashmem import _core
-from flashmem.checkpoints.safetensors_io import from_f32
+from flashmem.checkpoints.safetensors_io import from_f32, to_f32
 
 SIZES = [(1, 40, 7), (1, 576, 64), (2, 17, 9), (3, 769, 33), (5, 72, 40), (128, 576, 100), (7, 1, 1)]
 ISAS = ["best", "avx2"]
@@ -153,6 +153,56 @@ def test_bit_sum_matches_reference(n, isa):
     want = z[np.unpackbits(bits, bitorder="little", count=n).astype(bool)].sum(dtype=np.float64)
     assert abs(_core.bit_sum(bits, z, reference=True) - want) < 1e-5
     assert abs(_core.bit_sum(bits, z, isa=isa) - want) < 1e-4 * np.sqrt(n)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("G,hd,ld,rows,r0,n", [(1, 64, 64, 40, 0, 40), (3, 64, 192, 70, 55, 33), (4, 256, 256, 9, 3, 9),
+                                                (5, 17, 40, 23, 22, 23), (2, 80, 81, 5, 0, 1), (7, 48, 100, 31, 30, 2)])
+def test_attend_matches_numpy(G, hd, ld, rows, r0, n, dtype, isa):
+    """Grouped-query decode attention over a ring of KV rows (run from r0, wrapping to row 0)."""
+    rng = np.random.default_rng(G * 1000 + hd + n)
+    q = rng.standard_normal((G, hd)).astype(np.float32)
+    k = from_f32(rng.standard_normal((rows, ld)).astype(np.float32), dtype)
+    v = from_f32(rng.standard_normal((rows, ld)).astype(np.float32), dtype)
+    order = [(r0 + j) % rows for j in range(n)]
+    kf = to_f32(k, dtype).astype(np.float64)[order, :hd]
+    vf = to_f32(v, dtype).astype(np.float64)[order, :hd]
+    s = 0.125 * q.astype(np.float64) @ kf.T
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    want = (p / p.sum(axis=1, keepdims=True)) @ vf
+    got = _core.attend(q, k, v, dtype, r0, n, 0.125, isa=isa)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5 * np.sqrt(hd))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 63, 64, 65, 1000, 49157])
+def test_argmax_finds_the_first_largest(n, isa):
+    """Greedy sampling's pick: the first of equal largest values; a NaN never wins except first."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(np.float32)
+    cases = [x]
+    for at in {0, n // 3, n - 1}:
+        y = x.copy()
+        y[at] = 9.0
+        y[(at + n // 2) % n] = 9.0  # a tie: the first of the two wins
+        cases.append(y)
+    if n > 1:
+        nan = x.copy()
+        nan[::3] = np.nan
+        cases.append(nan)                        # a NaN first: it wins (std::max_element)
+        cases.append(np.roll(nan, 1))            # NaNs elsewhere are skipped
+        cases.append(np.full(n, -np.inf, np.float32))
+        z = np.zeros(n, np.float32)
+        z[n - 1] = -0.0
+        cases.append(-np.abs(x) - 1 + np.eye(1, n, n - 1, dtype=np.float32)[0])  # the last is largest
+        cases.append(z)
+    for y in cases:
+        y = np.ascontiguousarray(y, np.float32)
+        want = _core.argmax(y, reference=True)
+        if not np.isnan(y[0]):
+            assert want == int(np.nanargmax(np.where(np.isnan(y), -np.inf, y))) or np.all(y == -np.inf)
+        assert _core.argmax(y, isa=isa) == want, (n, y[:8])
 
 
 @pytest.mark.parametrize("reference", [True, False])

@@ -71,6 +71,7 @@ struct ScratchNeeds {
     int threads = 1;
     int chunk = 1;        // rows per call
     int max_context = 1;  // attention scores per query
+    int query_group = 1;  // query heads per KV head: the queries whose scores are held at once
     int d_model = 0, q_dim = 0, d_ff = 0;
     BundleFormat bundle;          // the FFN bundles' formats
     bool block_formats = false;   // some matrix or bundle is in a block format: 8-bit activations

@@ -17,7 +17,7 @@ void CpuBackend::reserve(const ScratchNeeds& n) {
     needs_ = n;
     const size_t f = sizeof(float), nt = size_t(pool_.size()), chunk = size_t(n.chunk);
     const int widest = std::max({n.d_model, n.q_dim, n.d_ff});
-    grow(scores_, f * nt * size_t(n.max_context));
+    grow(scores_, f * nt * size_t(n.query_group) * size_t(n.max_context));
     grow(ffn_acc_, f * nt * chunk * n.d_model);
     grow(ffn_hu_, f * nt * 2 * chunk * kNeuronBlock);
     // the float matrix kernels convert rows of K weights: K is d_model or q_dim, d_ff for a float down matrix
@@ -144,25 +144,22 @@ void CpuBackend::attention(const AttentionCall& a) {
     const int hd = a.head_dim, group = a.n_heads / a.n_kv_heads, rows = kv.rows(a.layer);
     const size_t kv_dim = size_t(a.n_kv_heads) * hd, q_dim = size_t(a.n_heads) * hd, esz = dtype_size(kv.dtype());
     const size_t per_thread = scores_.size() / sizeof(float) / pool_.size();
-    pool_.parallel_dynamic(size_t(a.T) * a.n_heads, 1, [&](size_t i0, size_t i1, int tid) {
+    FM_ARG(per_thread >= size_t(group) * size_t(rows), "attention: scratch not reserved for ", group, " x ", rows,
+           " scores");
+    // one item per token and KV head: its group of query heads reads the KV rows once
+    pool_.parallel_dynamic(size_t(a.T) * a.n_kv_heads, 1, [&](size_t i0, size_t i1, int tid) {
         float* sc = scores_.data<float>() + size_t(tid) * per_thread;
         for (int item = int(i0); item < int(i1); ++item) {
-            const int t = item / a.n_heads, h = item % a.n_heads, kvh = h / group;
-            const char* kc = kv.keys(a.layer, a.slot[t]);  // (rows, kv_dim): this token's sequence
-            const char* vc = kv.values(a.layer, a.slot[t]);
+            const int t = item / a.n_kv_heads, kvh = item % a.n_kv_heads;
+            const char* kc = kv.keys(a.layer, a.slot[t]) + kvh * hd * esz;  // (rows, kv_dim): this token's sequence
+            const char* vc = kv.values(a.layer, a.slot[t]) + kvh * hd * esz;
             const int p = a.pos[t], first = std::max(a.attend_from, a.window > 0 ? p - a.window + 1 : 0);
             const int n_pos = p - first + 1, r0 = first % rows;
-            const int n1 = std::min(n_pos, rows - r0), n2 = n_pos - n1;  // rows [r0, r0 + n1), then [0, n2)
-            const float* q = a.q + t * q_dim + h * hd;
-            const char* k1 = kc + (size_t(r0) * kv_dim + kvh * hd) * esz;
-            const char* v1 = vc + (size_t(r0) * kv_dim + kvh * hd) * esz;
-            k.gemm[kvt](sc, n_pos, q, hd, 1, k1, kv_dim, hd, n1, nullptr);
-            if (n2) k.gemm[kvt](sc + n1, n_pos, q, hd, 1, kc + kvh * hd * esz, kv_dim, hd, n2, nullptr);
-            k.softmax(sc, n_pos, a.scale);
-            float* out = a.out + t * q_dim + h * hd;
-            std::memset(out, 0, sizeof(float) * hd);
-            k.accumulate[kvt](out, hd, sc, n_pos, 1, v1, kv_dim, hd, n1, nullptr);
-            if (n2) k.accumulate[kvt](out, hd, sc + n1, n_pos, 1, vc + kvh * hd * esz, kv_dim, hd, n2, nullptr);
+            const int len[2] = {std::min(n_pos, rows - r0), n_pos - std::min(n_pos, rows - r0)};  // [r0, ..), [0, ..)
+            const void* K[2] = {kc + size_t(r0) * kv_dim * esz, kc};
+            const void* V[2] = {vc + size_t(r0) * kv_dim * esz, vc};
+            const size_t at = t * q_dim + size_t(kvh) * group * hd;
+            k.attend[kvt](a.out + at, a.q + at, group, hd, K, V, len, kv_dim, a.scale, sc, size_t(n_pos));
         }
     });
 }

@@ -398,6 +398,36 @@ void bind_testing(nb::module_& m) {
         },
         "bits"_a, "z"_a, "reference"_a = false, "isa"_a = "best", "sum of z[k] where bit k of the packed bits is set");
     m.def(
+        "attend",
+        [](CF32Array q, nb::ndarray<nb::c_contig, nb::device::cpu> k, nb::ndarray<nb::c_contig, nb::device::cpu> v,
+           const std::string& dtype, int r0, int n, float scale, const std::string& isa) {
+            const fm::DType dt = weight_dtype(k, dtype);
+            FM_ARG(weight_dtype(v, dtype) == dt, "k and v must have the same dtype");
+            FM_ARG(q.ndim() == 2 && k.ndim() == 2 && v.ndim() == 2, "q, k and v must be 2-D");
+            const int G = int(q.shape(0)), hd = int(q.shape(1)), rows = int(k.shape(0));
+            const size_t ld = k.shape(1);
+            FM_ARG(v.shape(0) == k.shape(0) && v.shape(1) == ld && ld >= size_t(hd), "k and v must be (rows, >= hd)");
+            FM_ARG(r0 >= 0 && r0 < rows && n >= 1 && n <= rows, "need 0 <= r0 < rows and 1 <= n <= rows");
+            const int len[2] = {std::min(n, rows - r0), n - std::min(n, rows - r0)};
+            const size_t esz = fm::dtype_size(dt);
+            const void* K[2] = {static_cast<const char*>(k.data()) + size_t(r0) * ld * esz, k.data()};
+            const void* V[2] = {static_cast<const char*>(v.data()) + size_t(r0) * ld * esz, v.data()};
+            auto out = numpy_owned<float>({size_t(G), size_t(hd)});
+            std::vector<float> scores(size_t(G) * (n + 3));  // lds = n + 3: rows of scores apart
+            pick_isa(isa)->attend[int(dt)](out.data(), q.data(), G, hd, K, V, len, ld, scale, scores.data(),
+                                           size_t(n + 3));
+            return out;
+        },
+        "q"_a, "k"_a, "v"_a, "dtype"_a, "r0"_a, "n"_a, "scale"_a, "isa"_a = "best",
+        "Decode attention of q's G heads over n rows of k and v from row r0, wrapping to row 0 (a ring).");
+    m.def(
+        "argmax",
+        [](CF32Array x, bool reference, const std::string& isa) {
+            const int n = int(x.size());
+            return reference ? fm::argmax_ref(x.data(), n) : pick_isa(isa)->argmax(x.data(), n);
+        },
+        "x"_a, "reference"_a = false, "isa"_a = "best", "the index of the first largest value, NaNs skipped");
+    m.def(
         "predictor_scores_ref",
         [](nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> gs,
            nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> us, CF32Array gr, CF32Array ur,

@@ -421,6 +421,7 @@ ScratchNeeds Model::scratch_needs() const {
     const Config& c = cfg_;
     ScratchNeeds n;
     n.threads = n_threads(), n.chunk = chunk_, n.max_context = c.max_context;
+    n.query_group = c.n_heads / c.n_kv_heads;
     n.d_model = c.d_model, n.q_dim = c.q_dim(), n.d_ff = c.d_ff, n.bundle = c.ffn_bundle;
     n.block_formats = is_block_format(w_.embed.format) || is_block_format(w_.lm_head.format);
     for (const LayerWeights& L : w_.layers) {

@@ -7,6 +7,7 @@
 #include <random>
 
 #include "core/error.h"
+#include "kernels/cpu/kernels.h"
 
 namespace fm {
 
@@ -76,7 +77,7 @@ int32_t Sampler::sample(const float* logits, int vocab) {
 }
 
 int32_t Sampler::draw(const float* x, int vocab) {
-    if (p_.temperature == 0.0f) return int32_t(std::max_element(x, x + vocab) - x);  // the first largest
+    if (p_.temperature == 0.0f) return kernels().argmax(x, vocab);  // the first largest
 
     // candidates: all tokens, or the top_k largest (with the k-th value's ties, as the reference keeps them)
     order_.resize(vocab);

@@ -34,6 +34,15 @@ struct Kernels {
     float (*l2sq)(const float* a, const float* b, int n);    // sum (a-b)^2
     // sum of z[k] for the k < n whose bit is set (bit k = bits[k/8] >> (k%8) & 1)
     float (*bit_sum)(const uint8_t* bits, const float* z, int n);
+    // The index of the first largest of x[0..n), as std::max_element (reference) finds it: a NaN
+    // never wins, except in position 0, which then does. Greedy sampling's pick.
+    int32_t (*argmax)(const float* x, int n);
+    // Decode attention of G query heads sharing one KV head over n = len[0] + len[1] positions held
+    // as two runs of rows, K[0] and V[0] (len[0] rows), then K[1] and V[1] (a ring that wraps), rows
+    // ld elements apart: O (G, hd) = softmax(scale * Q K^T) V, Q (G, hd); scores in S (G rows, lds
+    // apart, lds >= n).
+    void (*attend[3])(float* O, const float* Q, int G, int hd, const void* const* K, const void* const* V,
+                      const int* len, size_t ld, float scale, float* S, size_t lds);
     // Decode gated FFN over n neuron bundles, rows[i] = [gate_i | up_i | down_i] (each d_model long):
     // y (d_model) += sum_i act(gate_i . x) * (up_i . x) * down_i.
     void (*ffn_decode[3])(float* y, const float* x, const void* const* rows, int d_model, int n, Activation act);
@@ -51,6 +60,7 @@ void gemm_ref(float* Y, size_t ldy, const float* X, size_t ldx, int T, const voi
 void ffn_decode_ref(float* y, const float* x, const void* const* rows, DType dt, int d_model, int n, Activation act);
 void softmax_ref(float* x, int n, float scale);
 float bit_sum_ref(const uint8_t* bits, const float* z, int n);
+int32_t argmax_ref(const float* x, int n);
 void accumulate_ref(float* Y, size_t ldy, const float* A, size_t lda, int T, const void* B, DType dt,
                     size_t ldb, int D, int NB);
 

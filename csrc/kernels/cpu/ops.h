@@ -7,8 +7,13 @@ namespace fm {
 
 // out = x / sqrt(mean(x^2) + eps) * w   (x, out, w: (d))
 inline void rmsnorm(float* out, const float* x, const float* w, int d, float eps) {
+    double part[8] = {};  // 8 sums in flight (one would wait on each add's latency): vectorized
+    int i = 0;
+    for (; i + 8 <= d; i += 8)
+        for (int j = 0; j < 8; ++j) part[j] += double(x[i + j]) * x[i + j];
+    for (int j = 0; i < d; ++i, ++j) part[j] += double(x[i]) * x[i];
     double ss = 0;
-    for (int i = 0; i < d; ++i) ss += double(x[i]) * x[i];
+    for (double p : part) ss += p;
     float inv = 1.0f / std::sqrt(float(ss / d) + eps);
     for (int i = 0; i < d; ++i) out[i] = w[i] * (x[i] * inv);
 }

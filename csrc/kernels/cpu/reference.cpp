@@ -1,6 +1,7 @@
 // Plain scalar references for the SIMD kernels in kernels_impl.inc.
 #include "kernels/cpu/kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -36,6 +37,8 @@ float bit_sum_ref(const uint8_t* bits, const float* z, int n) {
         if ((bits[k / 8] >> (k % 8)) & 1) s += z[k];
     return float(s);
 }
+
+int32_t argmax_ref(const float* x, int n) { return int32_t(std::max_element(x, x + n) - x); }
 
 void softmax_ref(float* x, int n, float scale) {
     double mx = -INFINITY, sum = 0;
