@@ -73,6 +73,49 @@ def test_flash_without_sparsity_equals_dram_engine(smollm2_f32, folder):
     np.testing.assert_array_equal(small.logits(ids), smollm2_f32.logits(ids))
 
 
+def test_reads_ahead_are_used_and_dropped_when_stale(smollm2_f32, folder):
+    """At sparsity 0 a layer's first misses are read while the layer before computes (the next
+    token's layer 0 while the last layer does): the rounds read ahead are used, and one read for a
+    neuron cache that has changed since is dropped, not used (the logits stay exact)."""
+    ids = smollm2_f32.tokenizer.encode(PROMPT)
+    dense = run_steps(smollm2_f32, ids, 6)
+    m = flashmem.load(folder, threads=2, max_context=512, offload="flash", dram_budget="290MB")
+    e = m._engine
+    got = run_steps(m, ids, 3)
+    np.testing.assert_array_equal(got, dense[:4])
+    s = e.sparse_stats()
+    assert s["rounds_ahead"] >= 3 * 29, s  # every layer after the first, at every step
+    assert s["read_busy_s"] > 0 and s["rounds_dropped"] == 0
+    e.clear_neuron_cache()  # the round read ahead for layer 0 skipped neurons cached until now
+    nxt, pos = int(got[-1].argmax()), len(ids) + 3
+    for step in range(3):
+        out = e.forward(np.asarray([nxt], np.int32), pos)
+        np.testing.assert_array_equal(out, dense[4 + step])
+        nxt, pos = int(out.argmax()), pos + 1
+    assert e.sparse_stats()["rounds_dropped"] == 1
+
+
+@pytest.mark.parametrize("queue_depth", [1, 2, 8])
+def test_direct_reader_submit_then_wait(tmp_path, queue_depth):
+    """The reader's two halves (submit, then wait while the caller computes) read what read() does,
+    and refuse a second batch in flight, a wait with none, and a read past the file's end."""
+    from flashmem import _core
+
+    path = str(tmp_path / "blocks.bin")
+    data = np.random.default_rng(3).integers(0, 256, 64 * 4096, dtype=np.uint8).tobytes()
+    open(path, "wb").write(data)
+    offsets = [4096 * b for b in (5, 0, 62, 17, 17, 40)]
+    want = b"".join(data[o:o + 8192] for o in offsets)
+    assert _core.direct_read(path, offsets, 8192, queue_depth) == want
+    assert _core.direct_read(path, offsets, 8192, queue_depth, submit=True) == want
+    with pytest.raises(ValueError, match="still in flight"):
+        _core.direct_read(path, offsets, 8192, queue_depth, submit=True, misuse=1)
+    with pytest.raises(ValueError, match="without a batch"):
+        _core.direct_read(path, offsets, 8192, queue_depth, submit=True, misuse=2)
+    with pytest.raises(RuntimeError, match=r"blocks.bin' is truncated"):
+        _core.direct_read(path, [4096 * 70], 8192, queue_depth, submit=True)
+
+
 def test_impossible_budget_states_the_minimum(folder):
     with pytest.raises(ValueError, match=r"dram_budget .* below the minimum (\d+) bytes"):
         flashmem.load(folder, threads=2, max_context=512, offload="flash", dram_budget="100MB")
@@ -226,13 +269,18 @@ def test_read_error_mid_generation(folder, tmp_path):
     dst = linked_copy(folder, tmp_path / "m", copy=("ffn_bundles.safetensors",))
     path = os.path.join(dst, "ffn_bundles.safetensors")
     m = flashmem.load(dst, threads=2, max_context=128, offload="flash", dram_budget="290MB")
-    m.generate("Hello", max_new_tokens=2)
+    fresh = m.generate("Hello", max_new_tokens=6).text
+    with open(path, "rb") as f:
+        whole = f.read()
     with open(path, "r+b") as f:  # the disk loses the file's end while the model runs
         f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(RuntimeError, match=r"ffn_bundles.safetensors' at byte \d+: unexpected end of file"):
         m.generate("Hello again, this is a longer prompt", max_new_tokens=4)
     with pytest.raises(RuntimeError, match="ffn_bundles.safetensors"):  # again: no hang, no crash
         m.generate("Hello", max_new_tokens=2)
+    with open(path, "r+b") as f:  # the file comes back: the same model generates as a fresh one
+        f.write(whole)
+    assert m.generate("Hello", max_new_tokens=6).text == fresh
 
 
 def test_unaligned_bundle_file(tmp_path, smollm2_gguf):

@@ -52,7 +52,8 @@ def test_flash_matches_dense(q41, held_out, smollm2_f32):
     read at every token): as close to the dequantized f32 model as the dense matrices are (the
     bundles' down column is requantized to q8_0 along d_model, but takes f32 activations where the
     dense down matrix takes 8-bit ones), the same perplexity within 0.5%."""
-    probe = flashmem.load(q41.path, threads=2, max_context=512, offload="flash", dram_budget="2GB")
+    # probed at a small budget: the read buffers it sizes are those of the budget below
+    probe = flashmem.load(q41.path, threads=2, max_context=512, offload="flash", dram_budget="120MB")
     budget = probe.flash_stats()["minimum_budget"] + 30 * 300 * 1344
     del probe
     flash = flashmem.load(q41.path, threads=2, max_context=512, offload="flash", dram_budget=budget)

@@ -180,12 +180,14 @@ void bind_model(nb::module_& m) {
                 const fm::SparseStats& s = sp->stats();
                 d["steps"] = s.steps, d["tokens"] = s.tokens, d["selected"] = s.selected, d["computed"] = s.computed;
                 d["hits"] = s.hits, d["misses"] = s.misses;
+                d["rounds_ahead"] = s.rounds_ahead, d["rounds_dropped"] = s.rounds_dropped;
                 d["select_s"] = s.select_s, d["io_s"] = s.io_s, d["compute_s"] = s.compute_s;
                 const fm::IoStats* io = sp->io_stats();
                 d["bytes_read"] = io ? io->bytes : 0;
                 d["requests"] = io ? io->requests : 0;
                 d["read_batches"] = io ? io->batches : 0;
-                d["read_s"] = io ? io->seconds : 0.0;
+                d["read_s"] = io ? io->seconds : 0.0;            // the compute waited for reads
+                d["read_busy_s"] = io ? io->busy_seconds : 0.0;  // reads were in flight
                 d["direct_io"] = sp->direct();
                 d["cache_rows"] = sp->options().cache_rows;
                 d["minimum_budget"] = self.minimum_budget();

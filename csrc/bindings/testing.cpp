@@ -366,6 +366,38 @@ void bind_testing(nb::module_& m) {
         "y + gated FFN (activation silu or gelu_tanh) of x over neuron bundles [gate | up | down | pad] (all, or the "
         "gathered `rows`)");
     m.def(
+        "direct_read",
+        [](const std::string& path, std::vector<uint64_t> offsets, size_t request_bytes, int queue_depth,
+           bool submit, int misuse) {
+            // reads requests of request_bytes at offsets with read(), or with submit() then wait();
+            // misuse 1: submit twice, 2: wait with nothing submitted (each must raise)
+            fm::DirectReader r(path, queue_depth);
+            fm::Buffer buf(request_bytes * std::max<size_t>(1, offsets.size()), fm::kIoAlign);
+            std::vector<fm::ReadRequest> reqs;
+            for (size_t i = 0; i < offsets.size(); ++i)
+                reqs.push_back({offsets[i], request_bytes, buf.data<char>() + i * request_bytes});
+            nb::gil_scoped_release nogil;
+            if (misuse == 2) r.wait();
+            if (submit) {
+                r.submit(reqs);
+                if (misuse == 1) {
+                    try {
+                        r.submit(reqs);
+                    } catch (...) {
+                        r.wait();
+                        throw;
+                    }
+                }
+                r.wait();
+            } else {
+                r.read(reqs);
+            }
+            nb::gil_scoped_acquire gil;
+            return nb::bytes(buf.data<char>(), request_bytes * offsets.size());
+        },
+        "path"_a, "offsets"_a, "request_bytes"_a, "queue_depth"_a = 8, "submit"_a = false, "misuse"_a = 0,
+        "The bytes of requests at offsets, read with read() or with submit() and wait().");
+    m.def(
         "disk_random_read",
         [](const std::string& path, size_t request_bytes, int n_requests, int queue_depth, uint64_t seed) {
             // raw random-read bandwidth of the device under `path`, through the engine's own reader

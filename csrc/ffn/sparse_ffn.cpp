@@ -44,7 +44,10 @@ size_t SparseFfn::fixed_bytes(int n_layers, int d_ff, int d_model, const BundleF
                + 4 * size_t(n_slots)                  // each sequence's next position
                + 2 * size_t(d_ff);                    // in-list and picked-now flags
     if (layout) {
-        n += FlashReads::bytes_for(*layout, row_bytes(d_model, bf), opt.staging_rows, opt.staging_bytes);
+        int buffers, rows;
+        size_t bytes;
+        staging_split(opt, buffers, rows, bytes);
+        n += buffers * FlashReads::bytes_for(*layout, row_bytes(d_model, bf), rows, bytes);
         // neuron cache index (the rows themselves are the cache share of the budget), hotness, admission order
         n += size_t(n_layers) * (4 * size_t(d_ff) + 16 * size_t(opt.cache_rows) + 64);
         n += (opt.hot ? 4 * size_t(n_layers) * d_ff : 0) + size_t(opt.staging_rows) * (4 + sizeof(void*));
@@ -91,8 +94,13 @@ SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, const B
         FM_IO(end <= reader_->size(), "'", layout_.path, "' is truncated: the FFN of layer ", l, " needs ", end,
               " bytes, the file has ", reader_->size());
     }
-    reads_.init(layout_, row_bytes(d_model, bf), opt.staging_rows, opt.staging_bytes, opt.coalesce_gap,
-                opt.max_request);
+    int rows;
+    size_t bytes;
+    staging_split(opt, n_rounds_, rows, bytes);
+    for (int r = 0; r < n_rounds_; ++r) {
+        rounds_[r].reads.init(layout_, row_bytes(d_model, bf), rows, bytes, opt.coalesce_gap, opt.max_request);
+        rounds_[r].pending.reserve(rows);
+    }
     neuron_caches_.resize(n_layers);
     for (auto& c : neuron_caches_) c.init(d_ff, opt.cache_rows, row_bytes(d_model, bf));
     if (opt.hot) {
@@ -103,9 +111,19 @@ SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, const B
     admit_rows_.reserve(opt.staging_rows);
 }
 
+SparseFfn::~SparseFfn() { drain(); }
+
+// Two buffers of the size asked for (a round in each, so that rounds keep their requests, and
+// those in flight at once), where a round holds 2 neurons or more; else one.
+void SparseFfn::staging_split(const SparseOptions& opt, int& buffers, int& rows, size_t& bytes) {
+    buffers = opt.staging_rows >= 2 ? 2 : 1;
+    rows = opt.staging_rows;
+    bytes = opt.staging_bytes;
+}
+
 size_t SparseFfn::bytes() const {
     size_t n = scores_.size() + order_.size() + uses_.size() + list_.size() + list_mask_.size() + rows_.size() +
-               last_pick_.size() + window_pick_.size() + next_pos_.capacity() * 4 + in_list_.size() + picked_now_.size() + reads_.bytes() + hotness_.size() +
+               last_pick_.size() + window_pick_.size() + next_pos_.capacity() * 4 + in_list_.size() + picked_now_.size() + rounds_[0].reads.bytes() + rounds_[1].reads.bytes() + hotness_.size() +
                admit_ids_.capacity() * 4 + admit_rows_.capacity() * sizeof(void*);
     for (const auto& c : neuron_caches_) n += c.bytes();
     return n;
@@ -117,6 +135,7 @@ void SparseFfn::reset_stats() {
 }
 
 void SparseFfn::clear_neuron_cache() {
+    drain();  // a round read ahead skipped the neurons cached then
     for (auto& c : neuron_caches_) c.clear();
 }
 
@@ -257,41 +276,145 @@ void SparseFfn::read_and_compute(ThreadPool& pool, int l, const float* xn, int T
         stats_.compute_s += since(t0);
         return;
     }
+    try {
+        stream_layer(pool, l, xn, T, s);
+    } catch (...) {
+        drain();  // no read still lands in a staging buffer, and the next call plans afresh
+        throw;
+    }
+}
+
+// Rounds in a pipeline: plan round k + 1, wait for round k's reads, submit round k + 1's, compute
+// round k. After the layer's last round is submitted, at sparsity 0 the next layer's first round
+// is submitted in its place (the neurons it reads are exactly known: every one not cached).
+void SparseFfn::stream_layer(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s) {
+    Round* cur = &rounds_[0];
+    int pos;
+    if (ahead_layer_ == l && ahead_still_valid(l)) {
+        cur = ahead_;
+        pos = cur->hi;
+        const NeuronCache& cache = neuron_caches_[l];
+        const int32_t* list = list_.data<int32_t>();
+        for (int p = 0; p < pos; ++p) stats_.hits += cache.slot_of(list[p]) >= 0 && picked_now_.data<uint8_t>()[list[p]];
+        stats_.misses += cur->pending.size();
+        stats_.rounds_ahead += 1;
+    } else {
+        drain();  // a round read ahead for another layer, or for a cache that has changed since
+        pos = plan_round(*cur, l, 0);
+        if (!cur->pending.empty()) reader_->submit(cur->reads.requests()), cur->submitted = true;
+    }
+    ahead_layer_ = -1, ahead_ = nullptr;
+    const bool all = opt_.sparsity == 0.0 && trace_steps_ == 0 && !opt_.expire;
+    while (true) {
+        Round* next = n_rounds_ == 2 ? &rounds_[cur == &rounds_[0] ? 1 : 0] : nullptr;
+        const bool more = pos < n_list_;
+        if (more && next) pos = plan_round(*next, l, pos);
+        wait_for(*cur);
+        if (more && next && !next->pending.empty()) {
+            reader_->submit(next->reads.requests());
+            next->submitted = true;
+        } else if (!more && next && all) {
+            plan_ahead(*next, (l + 1) % n_layers_);
+        }
+        compute_round(pool, l, xn, T, s, *cur);
+        if (!more) return;
+        if (!next) {  // one buffer: plan, read, compute, one round after another
+            pos = plan_round(*cur, l, pos);
+            if (!cur->pending.empty()) reader_->submit(cur->reads.requests()), cur->submitted = true;
+            continue;
+        }
+        cur = next;
+    }
+}
+
+int SparseFfn::plan_round(Round& r, int l, int from) {
     const NeuronCache& cache = neuron_caches_[l];
+    const int32_t* list = list_.data<int32_t>();
     const uint8_t* picked_now = picked_now_.data<uint8_t>();
-    reads_.clear();
-    pending_.clear();
-    int round_start = 0;
-    for (int pos = 0; pos < n_list_; ++pos) {
+    r.reads.clear();
+    r.pending.clear();
+    r.lo = from;
+    int pos = from;
+    for (; pos < n_list_; ++pos) {
         const int i = list[pos];
         if (cache.slot_of(i) >= 0) {
             stats_.hits += picked_now[i];  // window neurons are in the cache by definition
             continue;
         }
-        stats_.misses += 1;
-        if (!reads_.plan(l, i)) {  // the round is full: read and compute it, then plan i in the next
-            compute_round(pool, l, xn, T, s, round_start, pos);
-            round_start = pos;
-            FM_IO(reads_.plan(l, i), "staging buffer too small for one neuron");
+        if (!r.reads.plan(l, i)) {
+            FM_IO(!r.pending.empty(), "staging buffer too small for one neuron");
+            break;
         }
-        pending_.push_back(pos);
+        stats_.misses += 1;
+        r.pending.push_back(pos);
     }
-    compute_round(pool, l, xn, T, s, round_start, n_list_);
+    r.hi = pos;
+    return pos;
 }
 
-// Reads the planned round, computes list entries [lo, hi) (the misses just read, the hits from
-// the neuron cache), and keeps what was read in the neuron cache.
-void SparseFfn::compute_round(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s, int lo, int hi) {
+void SparseFfn::plan_ahead(Round& r, int l) {
+    const NeuronCache& cache = neuron_caches_[l];
+    r.reads.clear();
+    r.pending.clear();
+    r.lo = 0;
+    int i = 0;  // at sparsity 0 the list is every neuron: list position i is neuron i
+    for (; i < d_ff_; ++i) {
+        if (cache.slot_of(i) >= 0) continue;
+        if (!r.reads.plan(l, i)) break;
+        r.pending.push_back(i);
+    }
+    r.hi = i;
+    if (r.pending.empty()) return;
+    reader_->submit(r.reads.requests());
+    r.submitted = true;
+    ahead_layer_ = l, ahead_ = &r;
+}
+
+bool SparseFfn::ahead_still_valid(int l) const {
+    if (n_list_ != d_ff_) return false;
+    const NeuronCache& cache = neuron_caches_[l];
+    const Round& r = *ahead_;
+    size_t j = 0;
+    for (int i = 0; i < r.hi; ++i) {  // each neuron before hi: read by the round, or cached
+        const bool read = j < r.pending.size() && r.pending[j] == i;
+        if (read == (cache.slot_of(i) >= 0)) return false;
+        j += read;
+    }
+    return true;
+}
+
+void SparseFfn::wait_for(Round& r) {
+    if (!r.submitted) return;
+    auto t0 = Clock::now();
+    r.submitted = false;
+    reader_->wait();
+    stats_.io_s += since(t0);
+}
+
+void SparseFfn::drain() noexcept {
+    stats_.rounds_dropped += ahead_ != nullptr;
+    if (reader_ && reader_->busy()) {
+        try {
+            reader_->wait();
+        } catch (...) {  // the round is dropped; its neurons are read again when needed
+        }
+    }
+    for (Round& r : rounds_) r.submitted = false;
+    ahead_layer_ = -1, ahead_ = nullptr;
+}
+
+// Computes list entries [r.lo, r.hi) once r's reads are in (the misses from its staging buffer,
+// the hits from the neuron cache), and keeps what was read in the neuron cache.
+void SparseFfn::compute_round(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s, Round& r) {
     const int32_t* list = list_.data<int32_t>();
     const void** rows = rows_.data<const void*>();
     NeuronCache& cache = neuron_caches_[l];
+    std::vector<int32_t>& pending = r.pending;
+    const int lo = r.lo, hi = r.hi;
     auto t0 = Clock::now();
-    reader_->read(reads_.requests());
-    stats_.io_s += since(t0);
-    t0 = Clock::now();
     // misses from the read buffers; hits from the neuron cache, looked up now (rows move in the
     // cache when others are evicted)
-    for (size_t j = 0; j < pending_.size(); ++j) rows[pending_[j]] = reads_.bundle(int(j));
+    for (size_t j = 0; j < pending.size(); ++j) rows[pending[j]] = r.reads.bundle(int(j));
     for (int pos = lo; pos < hi; ++pos) {
         const int slot = cache.slot_of(list[pos]);
         if (slot >= 0) rows[pos] = cache.row(slot);
@@ -299,21 +422,19 @@ void SparseFfn::compute_round(ThreadPool& pool, int l, const float* xn, int T, c
     ffn_accumulate(pool, xn, T, d_model_, bf_, act_, {rows, n_list_, has_mask_ ? list_mask_.data<uint8_t>() : nullptr}, lo,
                    hi, s);
     // keep what was read for the next tokens
-    if (cache.capacity() > 0 && !pending_.empty()) {
+    if (cache.capacity() > 0 && !pending.empty()) {
         const float* hot = opt_.hot ? hotness_.data<float>() + size_t(l) * d_ff_ : nullptr;
         if (hot)
-            std::sort(pending_.begin(), pending_.end(), [&](int a, int b) {  // hottest first, ties by id
+            std::sort(pending.begin(), pending.end(), [&](int a, int b) {  // hottest first, ties by id
                 return hot[list[a]] > hot[list[b]] || (hot[list[a]] == hot[list[b]] && a < b);
             });
         admit_ids_.clear(), admit_rows_.clear();
-        for (int pos : pending_) admit_ids_.push_back(list[pos]), admit_rows_.push_back(rows[pos]);
+        for (int pos : pending) admit_ids_.push_back(list[pos]), admit_rows_.push_back(rows[pos]);
         const int64_t now = step_[l] - 1;  // the call's last token
-        cache.admit(admit_ids_.data(), admit_rows_.data(), int(pending_.size()), now,
+        cache.admit(admit_ids_.data(), admit_rows_.data(), int(pending.size()), now,
                     last_pick_.data<int64_t>() + size_t(l) * d_ff_, in_list_.data<uint8_t>(), hot);
     }
     stats_.compute_s += since(t0);
-    reads_.clear();
-    pending_.clear();
 }
 
 }  // namespace fm

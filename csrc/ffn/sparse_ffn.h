@@ -64,7 +64,9 @@ struct SparseStats {
     uint64_t computed = 0;     // neurons the FFN computed with (picked + still in the window)
     uint64_t hits = 0;         // picked neurons found in the cache
     uint64_t misses = 0;       // picked neurons read from flash
-    double select_s = 0, io_s = 0, compute_s = 0;
+    uint64_t rounds_ahead = 0;   // rounds of a layer's first misses read during the layer before (sparsity 0)
+    uint64_t rounds_dropped = 0; // of those, the ones not used: the cache or the list had changed
+    double select_s = 0, io_s = 0, compute_s = 0;  // io_s: time the compute waited for reads
 };
 
 class SparseFfn {
@@ -76,6 +78,9 @@ class SparseFfn {
     SparseFfn(Source source, int n_layers, int d_ff, int d_model, const BundleFormat& bf, Activation act, int t_max,
               int n_slots, const SparseOptions& opt, const FileLayout* layout, std::vector<const void*> resident);
 
+    ~SparseFfn();  // waits for reads in flight into its buffers
+    SparseFfn(const SparseFfn&) = delete;
+    SparseFfn& operator=(const SparseFfn&) = delete;
     // DRAM this class owns (neuron caches, buffers, index), excluding the predictor.
     size_t bytes() const;
     static size_t fixed_bytes(int n_layers, int d_ff, int d_model, const BundleFormat& bf, int t_max, int n_slots,
@@ -110,8 +115,25 @@ class SparseFfn {
   private:
     void rewind(const int32_t* slots, const int32_t* positions, int T);
     void select(ThreadPool& pool, int l, const float* xn, int T, const int32_t* slots, const int32_t* positions);
+    // A round of reads. There are two staging buffers (where staging_rows >= 2): one round is read
+    // while the one before it computes, and at sparsity 0 the next layer's first misses are read
+    // while the last round computes and the next layer's attention runs.
+    struct Round {
+        FlashReads reads;
+        std::vector<int32_t> pending;  // list positions of the neurons it reads, in plan order
+        int lo = 0, hi = 0;            // the list positions it computes: its misses and the hits among them
+        bool submitted = false;        // its reads are in flight
+    };
+    // Staging buffers (1 or 2) and each one's rows and byte cap.
+    static void staging_split(const SparseOptions& opt, int& buffers, int& rows, size_t& bytes);
     void read_and_compute(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s);
-    void compute_round(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s, int lo, int hi);
+    void stream_layer(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s);
+    int plan_round(Round& r, int l, int from);  // plans list positions from `from` on; returns where it stopped
+    void plan_ahead(Round& r, int l);           // sparsity 0: layer l's first misses, submitted now
+    bool ahead_still_valid(int l) const;        // the round submitted ahead is what layer l would plan
+    void wait_for(Round& r);
+    void compute_round(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s, Round& r);
+    void drain() noexcept;  // waits for reads in flight (errors dropped) and forgets the round read ahead
 
     Source source_;
     int n_layers_, d_ff_, d_model_, t_max_, n_slots_;
@@ -122,7 +144,10 @@ class SparseFfn {
     std::vector<const void*> resident_;
     FileLayout layout_;
     std::unique_ptr<DirectReader> reader_;
-    FlashReads reads_;
+    Round rounds_[2];
+    int n_rounds_ = 1;
+    int ahead_layer_ = -1;     // the layer whose first round ahead_ holds, submitted ahead (-1: none)
+    Round* ahead_ = nullptr;
     std::vector<NeuronCache> neuron_caches_;  // (n_layers) flash only
     std::vector<int64_t> step_;         // (n_layers) steps run per layer
     SparseStats stats_;
@@ -145,7 +170,6 @@ class SparseFfn {
     Buffer list_;       // (d_ff) int32 neurons computed this call, ascending
     Buffer list_mask_;  // (t_max, n_list) uint8: token t computes with list entry p
     Buffer rows_;       // (d_ff) const void* bundle of each list entry
-    std::vector<int32_t> pending_;     // list positions of the round being read
     std::vector<int32_t> admit_ids_;   // neurons read in a round, hottest first (neuron cache admission)
     std::vector<const void*> admit_rows_;
 };

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -80,12 +81,13 @@ void DirectReader::serve(const std::vector<ReadRequest>& reqs) {
             std::lock_guard<std::mutex> lk(mu_);
             if (error_.empty()) error_ = err;
         }
-        done_.fetch_add(1);
+        if (done_.fetch_add(1) + 1 == reqs.size())
+            ended_ns_ = std::chrono::steady_clock::now().time_since_epoch().count();
     }
 }
 
-void DirectReader::read(const std::vector<ReadRequest>& reqs) {
-    if (reqs.empty()) return;
+void DirectReader::start(const std::vector<ReadRequest>& reqs) {
+    FM_ARG(!submitted_, "DirectReader of '", path_, "': a batch is still in flight (wait() for it first)");
     for (const ReadRequest& r : reqs) {
         FM_ARG(r.offset % kIoAlign == 0 && r.bytes % kIoAlign == 0 && uintptr_t(r.dst) % kIoAlign == 0 && r.bytes,
                "direct read of '", path_, "' is not aligned to ", kIoAlign, " bytes (offset ", r.offset,
@@ -94,17 +96,17 @@ void DirectReader::read(const std::vector<ReadRequest>& reqs) {
         FM_IO(r.offset + r.bytes < size_ + kIoAlign, "'", path_, "' is truncated: a read needs bytes [", r.offset,
               ", ", r.offset + r.bytes - kIoAlign, ") at least, but the file has ", size_, " bytes");
     }
-    auto t0 = std::chrono::steady_clock::now();
-    {
-        std::lock_guard<std::mutex> lk(mu_);
-        batch_ = &reqs;
-        next_ = 0;
-        done_ = 0;
-        error_.clear();
-        ++generation_;
-    }
-    if (reqs.size() > 1) wake_.notify_all();
-    serve(reqs);
+    started_ = std::chrono::steady_clock::now();
+    std::lock_guard<std::mutex> lk(mu_);
+    batch_ = &reqs;
+    next_ = 0;
+    done_ = 0;
+    error_.clear();
+    ++generation_;
+}
+
+void DirectReader::finish(const std::vector<ReadRequest>& reqs) {
+    const auto t0 = std::chrono::steady_clock::now();
     std::string err;
     {
         std::unique_lock<std::mutex> lk(mu_);
@@ -113,11 +115,35 @@ void DirectReader::read(const std::vector<ReadRequest>& reqs) {
         batch_ = nullptr;
         err.swap(error_);
     }
+    const auto ended = std::chrono::steady_clock::time_point(std::chrono::steady_clock::duration(ended_ns_.load()));
     stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    stats_.busy_seconds += std::chrono::duration<double>(std::max(ended, started_) - started_).count();
     stats_.requests += reqs.size();
     stats_.batches += 1;
     for (const ReadRequest& r : reqs) stats_.bytes += r.bytes;
     FM_IO(err.empty(), err);
+}
+
+void DirectReader::read(const std::vector<ReadRequest>& reqs) {
+    if (reqs.empty()) return;
+    start(reqs);
+    if (reqs.size() > 1) wake_.notify_all();
+    serve(reqs);  // the caller reads too
+    finish(reqs);
+}
+
+void DirectReader::submit(const std::vector<ReadRequest>& reqs) {
+    start(reqs);
+    submitted_ = &reqs;
+    if (threads_.empty()) serve(reqs);  // no I/O thread: read now
+    else wake_.notify_all();
+}
+
+void DirectReader::wait() {
+    FM_ARG(submitted_, "DirectReader of '", path_, "': wait() without a batch submitted");
+    const std::vector<ReadRequest>& reqs = *submitted_;
+    submitted_ = nullptr;
+    finish(reqs);
 }
 
 }  // namespace fm

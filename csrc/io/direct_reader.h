@@ -5,6 +5,7 @@
 // `direct()` says so (the Python layer warns), so the DRAM figure is honest or flagged.
 #pragma once
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -25,7 +26,8 @@ struct IoStats {
     uint64_t bytes = 0;
     uint64_t requests = 0;
     uint64_t batches = 0;
-    double seconds = 0;  // wall time spent in read()
+    double seconds = 0;  // wall time the caller waited: in read(), and in wait() after submit()
+    double busy_seconds = 0;  // wall time from each batch's start to its last request's end
 };
 
 constexpr size_t kIoAlign = 4096;
@@ -46,6 +48,13 @@ class DirectReader {
     // naming the file and offset on a read error or a short file (after every request finished,
     // so no thread still writes into the caller's buffers).
     void read(const std::vector<ReadRequest>& reqs);
+    // The same in two halves, so that the caller computes while the I/O threads read: submit()
+    // returns at once (with queue_depth 1, no I/O thread, it reads first); wait() returns when every
+    // request is done and throws as read() does. reqs and their buffers must stay until wait().
+    // One batch at a time.
+    void submit(const std::vector<ReadRequest>& reqs);
+    void wait();
+    bool busy() const { return submitted_ != nullptr; }
     const IoStats& stats() const { return stats_; }
     void reset_stats() { stats_ = IoStats{}; }
 
@@ -53,6 +62,8 @@ class DirectReader {
     void stop();  // joins the threads and closes the file (the destructor; a constructor that fails)
     void worker();
     void serve(const std::vector<ReadRequest>& reqs);  // takes requests of the batch until none are left
+    void start(const std::vector<ReadRequest>& reqs);  // checks the batch and hands it to the I/O threads
+    void finish(const std::vector<ReadRequest>& reqs);  // waits for it; stats; throws its first error
 
     std::string path_;
     int fd_ = -1;
@@ -70,6 +81,9 @@ class DirectReader {
     std::atomic<size_t> next_{0};
     std::atomic<size_t> done_{0};
     std::string error_;  // first error of the batch
+    const std::vector<ReadRequest>* submitted_ = nullptr;  // the batch submit() started
+    std::chrono::steady_clock::time_point started_;
+    std::atomic<int64_t> ended_ns_{0};  // when the batch's last request ended (steady_clock)
 };
 
 }  // namespace fm

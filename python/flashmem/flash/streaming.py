@@ -291,10 +291,13 @@ def summarize(engine, config: dict, tokens: int) -> dict:
         ffn_fraction_read_per_token=stats["bytes_read"] / tokens / ffn_bytes if ffn_bytes else 0.0,
         requests_per_token=stats["requests"] / tokens,
         neuron_cache_hit_rate=stats["hits"] / picked if picked else 0.0,
-        io_ms_per_token=1e3 * stats["io_s"] / tokens,
+        io_ms_per_token=1e3 * stats["io_s"] / tokens,  # the compute waited for reads
+        reads_in_flight_ms_per_token=1e3 * stats["read_busy_s"] / tokens,
+        # of the time reads were in flight, the share that ran under compute
+        io_hidden=max(0.0, 1.0 - stats["read_s"] / stats["read_busy_s"]) if stats["read_busy_s"] else 0.0,
         select_ms_per_token=1e3 * stats["select_s"] / tokens,
         compute_ms_per_token=1e3 * stats["compute_s"] / tokens,
-        read_bandwidth_gbps=stats["bytes_read"] / stats["read_s"] / 1e9 if stats["read_s"] else 0.0,
+        read_bandwidth_gbps=stats["bytes_read"] / stats["read_busy_s"] / 1e9 if stats["read_busy_s"] else 0.0,
         neurons_picked_per_layer=stats["selected"] / tokens / n_layers,
         neurons_computed_per_layer=stats["computed"] / tokens / n_layers,
         cache_rows_per_layer=stats["cache_rows"],
