@@ -42,6 +42,10 @@ run converts), and for flash modes with sparsity the predictor is fitted once (`
 calibrate` on tinyshakespeare) if the converted folder has none.
 
 MB here means MiB (2**20 bytes), in limits and results alike.
+After the sweep, for each flashmem run that streamed, the disk's raw random-read bandwidth at the
+run's mean request size is measured (the engine's reader, direct I/O over the bundle file, outside
+any group) and with it the physical bound: raw bandwidth / bytes a token reads; each such summary
+gets io_bound (request size, raw GB/s, bound tok/s, the share of it reached).
 Writes bench/results/limited_dram.json and .png, and prints a markdown table.
 """
 from __future__ import annotations
@@ -270,6 +274,44 @@ def label(limit_mb) -> str:
     return "none" if limit_mb is None else f"{limit_mb} MB"
 
 
+def io_bounds(results: dict, folders: dict, dtype: str) -> None:
+    """For every flashmem run that streamed: its mean request size, the disk's raw random-read
+    bandwidth at that size (the engine's own reader, queue depth 32, direct I/O over the bundle
+    file, measured now, outside any group), and the physical limit that gives: raw bandwidth / the
+    bytes a token must read (FFN bundles, plus the attention and LM head weights under
+    offload="all"). Adds io_bound = {request_kib, requests_per_token, raw_gbps, bound_tok_s,
+    of_bound} to each such summary."""
+    from flashmem import _core
+
+    folder = folders.get(dtype)
+    path = os.path.join(folder, "ffn_bundles.safetensors") if folder else None
+    if not path or not os.path.isfile(path):
+        return
+    measured = {}
+    for mode, by_limit in results.items():
+        if not mode.startswith("flashmem_"):
+            continue
+        for s in by_limit.values():
+            runs = [r for r in (s or {}).get("runs", []) if r.get("status") == "ok" and r.get("flash")]
+            if not runs or not runs[0]["flash"].get("bytes_read_per_token"):
+                continue
+            f = runs[0]["flash"]
+            per_token = f["bytes_read_per_token"] + f.get("weights_read_per_token", 0.0)
+            size = max(4096, int(f["bytes_read_per_token"] / f["requests_per_token"]) // 4096 * 4096)
+            if size not in measured:
+                n = int(min(max(1.5e9 / size, 64), 20000))
+                secs = sorted(_core.disk_random_read(path, size, n, 32, seed)[0] for seed in (1, 2, 3))
+                measured[size] = size * n / secs[1] / 1e9
+            bound = measured[size] * 1e9 / per_token
+            s["io_bound"] = {"request_kib": size / 1024, "requests_per_token": f["requests_per_token"],
+                             "raw_gbps": measured[size], "bound_tok_s": bound,
+                             "of_bound": s["decode_tok_s"] / bound if s.get("decode_tok_s") else None}
+            print(f"{mode} @ {label(s['limit_mb'])}: {s['decode_tok_s']:.3f} tok/s, {per_token / 1e9:.2f} GB a "
+                  f"token in {f['requests_per_token']:.0f} requests of {size / 1024:.0f} KiB; raw "
+                  f"{measured[size]:.2f} GB/s at that size -> bound {bound:.3f} tok/s, "
+                  f"{s['decode_tok_s'] / bound:.2f} of it", flush=True)
+
+
 def table(results: dict, columns: list[str], limits: list) -> str:
     rows = ["| limit | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for lim in limits:
@@ -490,6 +532,7 @@ def main():
                 print(f"{m}: failed at two successive limits; not going lower", flush=True)
 
     same_tokens(results, modes)
+    io_bounds(results, prep["folders"], a.flash_dtype)
     columns = list(modes)
     if "llamacpp" in modes and "llamacpp_norepack" in modes:
         results["llamacpp_best"] = {k: best_of(results["llamacpp"].get(k), results["llamacpp_norepack"].get(k),

@@ -105,8 +105,7 @@ void DirectReader::start(const std::vector<ReadRequest>& reqs) {
     ++generation_;
 }
 
-void DirectReader::finish(const std::vector<ReadRequest>& reqs) {
-    const auto t0 = std::chrono::steady_clock::now();
+void DirectReader::finish(const std::vector<ReadRequest>& reqs, std::chrono::steady_clock::time_point waited_from) {
     std::string err;
     {
         std::unique_lock<std::mutex> lk(mu_);
@@ -116,7 +115,7 @@ void DirectReader::finish(const std::vector<ReadRequest>& reqs) {
         err.swap(error_);
     }
     const auto ended = std::chrono::steady_clock::time_point(std::chrono::steady_clock::duration(ended_ns_.load()));
-    stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - waited_from).count();
     stats_.busy_seconds += std::chrono::duration<double>(std::max(ended, started_) - started_).count();
     stats_.requests += reqs.size();
     stats_.batches += 1;
@@ -129,7 +128,7 @@ void DirectReader::read(const std::vector<ReadRequest>& reqs) {
     start(reqs);
     if (reqs.size() > 1) wake_.notify_all();
     serve(reqs);  // the caller reads too
-    finish(reqs);
+    finish(reqs, started_);
 }
 
 void DirectReader::submit(const std::vector<ReadRequest>& reqs) {
@@ -143,7 +142,7 @@ void DirectReader::wait() {
     FM_ARG(submitted_, "DirectReader of '", path_, "': wait() without a batch submitted");
     const std::vector<ReadRequest>& reqs = *submitted_;
     submitted_ = nullptr;
-    finish(reqs);
+    finish(reqs, std::chrono::steady_clock::now());
 }
 
 }  // namespace fm

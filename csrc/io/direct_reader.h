@@ -63,7 +63,8 @@ class DirectReader {
     void worker();
     void serve(const std::vector<ReadRequest>& reqs);  // takes requests of the batch until none are left
     void start(const std::vector<ReadRequest>& reqs);  // checks the batch and hands it to the I/O threads
-    void finish(const std::vector<ReadRequest>& reqs);  // waits for it; stats; throws its first error
+    // waits for it (the caller waiting since waited_from); stats; throws its first error
+    void finish(const std::vector<ReadRequest>& reqs, std::chrono::steady_clock::time_point waited_from);
 
     std::string path_;
     int fd_ = -1;
