@@ -44,10 +44,8 @@ size_t SparseFfn::fixed_bytes(int n_layers, int d_ff, int d_model, const BundleF
                + 4 * size_t(n_slots)                  // each sequence's next position
                + 2 * size_t(d_ff);                    // in-list and picked-now flags
     if (layout) {
-        int buffers, rows;
-        size_t bytes;
-        staging_split(opt, buffers, rows, bytes);
-        n += buffers * FlashReads::bytes_for(*layout, row_bytes(d_model, bf), rows, bytes);
+        n += staging_buffers(opt) *
+             FlashReads::bytes_for(*layout, row_bytes(d_model, bf), opt.staging_rows, opt.staging_bytes);
         // neuron cache index (the rows themselves are the cache share of the budget), hotness, admission order
         n += size_t(n_layers) * (4 * size_t(d_ff) + 16 * size_t(opt.cache_rows) + 64);
         n += (opt.hot ? 4 * size_t(n_layers) * d_ff : 0) + size_t(opt.staging_rows) * (4 + sizeof(void*));
@@ -94,12 +92,11 @@ SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, const B
         FM_IO(end <= reader_->size(), "'", layout_.path, "' is truncated: the FFN of layer ", l, " needs ", end,
               " bytes, the file has ", reader_->size());
     }
-    int rows;
-    size_t bytes;
-    staging_split(opt, n_rounds_, rows, bytes);
+    n_rounds_ = staging_buffers(opt);
     for (int r = 0; r < n_rounds_; ++r) {
-        rounds_[r].reads.init(layout_, row_bytes(d_model, bf), rows, bytes, opt.coalesce_gap, opt.max_request);
-        rounds_[r].pending.reserve(rows);
+        rounds_[r].reads.init(layout_, row_bytes(d_model, bf), opt.staging_rows, opt.staging_bytes, opt.coalesce_gap,
+                              opt.max_request);
+        rounds_[r].pending.reserve(opt.staging_rows);
     }
     neuron_caches_.resize(n_layers);
     for (auto& c : neuron_caches_) c.init(d_ff, opt.cache_rows, row_bytes(d_model, bf));
@@ -115,11 +112,7 @@ SparseFfn::~SparseFfn() { drain(); }
 
 // Two buffers of the size asked for (a round in each, so that rounds keep their requests, and
 // those in flight at once), where a round holds 2 neurons or more; else one.
-void SparseFfn::staging_split(const SparseOptions& opt, int& buffers, int& rows, size_t& bytes) {
-    buffers = opt.staging_rows >= 2 ? 2 : 1;
-    rows = opt.staging_rows;
-    bytes = opt.staging_bytes;
-}
+int SparseFfn::staging_buffers(const SparseOptions& opt) { return opt.staging_rows >= 2 ? 2 : 1; }
 
 size_t SparseFfn::bytes() const {
     size_t n = scores_.size() + order_.size() + uses_.size() + list_.size() + list_mask_.size() + rows_.size() +
@@ -301,7 +294,7 @@ void SparseFfn::stream_layer(ThreadPool& pool, int l, const float* xn, int T, co
     } else {
         drain();  // a round read ahead for another layer, or for a cache that has changed since
         pos = plan_round(*cur, l, 0);
-        if (!cur->pending.empty()) reader_->submit(cur->reads.requests()), cur->submitted = true;
+        submit(*cur);
     }
     ahead_layer_ = -1, ahead_ = nullptr;
     const bool all = opt_.sparsity == 0.0 && trace_steps_ == 0 && !opt_.expire;
@@ -310,9 +303,8 @@ void SparseFfn::stream_layer(ThreadPool& pool, int l, const float* xn, int T, co
         const bool more = pos < n_list_;
         if (more && next) pos = plan_round(*next, l, pos);
         wait_for(*cur);
-        if (more && next && !next->pending.empty()) {
-            reader_->submit(next->reads.requests());
-            next->submitted = true;
+        if (more && next) {
+            submit(*next);
         } else if (!more && next && all) {
             plan_ahead(*next, (l + 1) % n_layers_);
         }
@@ -320,7 +312,7 @@ void SparseFfn::stream_layer(ThreadPool& pool, int l, const float* xn, int T, co
         if (!more) return;
         if (!next) {  // one buffer: plan, read, compute, one round after another
             pos = plan_round(*cur, l, pos);
-            if (!cur->pending.empty()) reader_->submit(cur->reads.requests()), cur->submitted = true;
+            submit(*cur);
             continue;
         }
         cur = next;
@@ -364,10 +356,7 @@ void SparseFfn::plan_ahead(Round& r, int l) {
         r.pending.push_back(i);
     }
     r.hi = i;
-    if (r.pending.empty()) return;
-    reader_->submit(r.reads.requests());
-    r.submitted = true;
-    ahead_layer_ = l, ahead_ = &r;
+    if (submit(r)) ahead_layer_ = l, ahead_ = &r;
 }
 
 bool SparseFfn::ahead_still_valid(int l) const {
@@ -381,6 +370,12 @@ bool SparseFfn::ahead_still_valid(int l) const {
         j += read;
     }
     return true;
+}
+
+bool SparseFfn::submit(Round& r) {
+    if (r.pending.empty()) return false;  // nothing to read
+    reader_->submit(r.reads.requests());
+    return r.submitted = true;
 }
 
 void SparseFfn::wait_for(Round& r) {

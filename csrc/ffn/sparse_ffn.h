@@ -124,13 +124,13 @@ class SparseFfn {
         int lo = 0, hi = 0;            // the list positions it computes: its misses and the hits among them
         bool submitted = false;        // its reads are in flight
     };
-    // Staging buffers (1 or 2) and each one's rows and byte cap.
-    static void staging_split(const SparseOptions& opt, int& buffers, int& rows, size_t& bytes);
+    static int staging_buffers(const SparseOptions& opt);  // 1 or 2, each of staging_rows and staging_bytes
     void read_and_compute(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s);
     void stream_layer(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s);
     int plan_round(Round& r, int l, int from);  // plans list positions from `from` on; returns where it stopped
     void plan_ahead(Round& r, int l);           // sparsity 0: layer l's first misses, submitted now
     bool ahead_still_valid(int l) const;        // the round submitted ahead is what layer l would plan
+    bool submit(Round& r);                      // its reads to the I/O threads; false when it has none
     void wait_for(Round& r);
     void compute_round(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s, Round& r);
     void drain() noexcept;  // waits for reads in flight (errors dropped) and forgets the round read ahead
