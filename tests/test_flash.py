@@ -286,6 +286,32 @@ def test_read_error_mid_generation(folder, tmp_path):
     assert m.generate("Hello", max_new_tokens=6).text == fresh
 
 
+def test_read_error_in_streamed_attention(folder, tmp_path):
+    """offload="all" reads each layer's attention matrices a layer ahead, while the FFN computes:
+    the same text as offload="flash", nearly every fetch served by the batch read ahead; a disk that
+    loses the file's end raises naming it (from the batch read ahead or a plain read), again on
+    the next call, and once the file is back the model generates as before."""
+    dst = linked_copy(folder, tmp_path / "m", copy=("model.safetensors",))
+    path = os.path.join(dst, "model.safetensors")
+    m = flashmem.load(dst, threads=2, max_context=128, offload="all")
+    fresh = m.generate("Hello", max_new_tokens=6)
+    assert fresh.text == flashmem.load(dst, threads=2, max_context=128, offload="flash").generate(
+        "Hello", max_new_tokens=6).text
+    # per forward pass, layers 1..29 find their q/k/v and output matrices read ahead (layer 0 reads)
+    passes = 6
+    assert m._engine.stream_prefetch_hits >= passes * 29 * 2
+    with open(path, "rb") as f:
+        whole = f.read()
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) * 6 // 10)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"model.safetensors' at byte \d+: unexpected end of file"):
+            m.generate("Hello again", max_new_tokens=4)
+    with open(path, "r+b") as f:
+        f.write(whole)
+    assert m.generate("Hello", max_new_tokens=6).text == fresh.text
+
+
 def test_unaligned_bundle_file(tmp_path, smollm2_gguf):
     from conftest import make_tiny_hf
 

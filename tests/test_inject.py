@@ -190,7 +190,7 @@ def test_injection_with_flash_offloading(model):
     b = model.generate(QUESTION, reuse_cache=False, **kw)
     assert a.token_ids == b.token_ids and a.flash["bytes_read_per_token"] > 0
     # the same memories, at the same positions; scores from each engine's own passes (the flash
-    # engine's bundles hold the down columns in q8_0, so its keys differ in the last digits)
+    # engine's bundles compute down with f32 activations, so its keys differ in the last digits)
     same = ("id", "text", "slots", "position")
     assert a.memories and [[m[k] for k in same] for m in a.memories] == [[m[k] for k in same] for m in b.memories]
     for x, y in zip(a.memories, b.memories):

@@ -183,6 +183,42 @@ def test_bundle_kernels_match_reference(fmt, K, n, isa):
     np.testing.assert_allclose(ref, y0 + c @ wf[rows], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("d,ff,n", [(32, 32, 1), (96, 64, 7), (576, 160, 13), (160, 96, 40)])
+def test_split_down_columns_are_the_stored_weights(fmt, d, ff, n, isa):
+    """Split down columns (BundleFormat::down_split): the converter's split of a down matrix as a
+    GGUF stores it (d rows of ff/32 blocks), then the kernel's weighted sum of some columns, each
+    with its group's scales, equals c @ (the matrix gguf-py dequantizes).T[columns], and the scalar
+    reference; extreme quants (every nibble 0 or 15) included."""
+    from flashmem.checkpoints.convert import split_down, split_quant_bytes
+
+    blk, nbytes = block_size(fmt)
+    rng = np.random.default_rng(d + ff + n + len(fmt))
+    raw = random_blocks(rng, fmt, d * ff // blk, extreme=n == 7).reshape(d, -1)
+    dense = quants.dequantize(raw, TYPES[fmt]).reshape(d, ff).astype(np.float32)
+    cols, scales = split_down(raw, fmt, d, ff)
+    assert cols.shape == (ff, split_quant_bytes(fmt + ":split", d)) and scales.dtype == np.float16
+    offset = 5  # the piece starts mid-row, at an unaligned byte
+    w = np.concatenate([rng.integers(0, 256, (ff, offset), dtype=np.uint8), cols,
+                        rng.integers(0, 256, (ff, 3), dtype=np.uint8)], axis=1)
+    rows = rng.integers(0, ff, n).astype(np.int64)  # any order, repeats allowed
+    y0 = rng.standard_normal(d).astype(np.float32)
+    c = rng.standard_normal(n).astype(np.float32)
+    c[0] = 0.0  # a neuron this token does not use
+    groups = rows // 32
+    got = _core.quant_axpy_split(y0, c, w, fmt, offset, rows, scales.view(np.uint16), groups, isa=isa)
+    ref = _core.quant_axpy_split(y0, c, w, fmt, offset, rows, scales.view(np.uint16), groups, reference=True)
+    want = y0 + (c.astype(np.float64) @ dense.T[rows].astype(np.float64))
+    scale = np.abs(dense).max() * np.abs(c).sum() + 1
+    np.testing.assert_allclose(ref, want, rtol=1e-6, atol=1e-6 * scale)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * scale)
+    with pytest.raises(ValueError, match="q5_0 has no split down columns"):
+        _core.quant_axpy_split(y0, c, w, "q5_0", offset, rows, scales.view(np.uint16), groups)
+    with pytest.raises(ValueError, match="out of range"):
+        _core.quant_axpy_split(y0, c, w, fmt, offset, rows, scales.view(np.uint16), groups + ff)
+
+
 def test_bad_block_inputs():
     with pytest.raises(ValueError, match="unknown weight format 'q3_x'"):
         _core.dequantize(np.zeros(18, np.uint8), "q3_x")

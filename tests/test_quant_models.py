@@ -120,14 +120,14 @@ def test_kept_formats_are_smaller(mixed):
 
 
 def test_kept_formats_stream_from_flash(mixed):
-    """Block-format neuron bundles (gate q4_1, up q5_1 as stored, down requantized to q8_0 along
-    d_model) streamed from flash at sparsity 0: the same logits whether the neuron cache holds
-    every neuron or reads most of them each token, and close to the dense matrices' (only the
-    down column's requantization differs)."""
+    """Block-format neuron bundles (gate q4_1, up q5_1 as stored, the q4_0 down matrix's columns
+    split: their quants in the bundles, their scales resident) streamed from flash at sparsity 0:
+    the same logits whether the neuron cache holds every neuron or reads most of them each token,
+    and close to the dense matrices' (the same weights; the activations of down are f32 here)."""
     path, hf = mixed
     ids = np.random.default_rng(2).integers(0, 120, 20).tolist()
     dense = flashmem.load(path, dtype="gguf", threads=2, max_context=64)
-    assert dense.config["flashmem"]["ffn"]["bundle_format"] == ["q4_1", "q5_1", "q8_0"]
+    assert dense.config["flashmem"]["ffn"]["bundle_format"] == ["q4_1", "q5_1", "q4_0:split"]
     full = flashmem.load(path, dtype="gguf", threads=2, max_context=64, offload="flash")
     small = flashmem.load(path, dtype="gguf", threads=2, max_context=64, offload="flash", cache_rows=40)
     assert small.flash_stats()["cache_rows"] == 40 and full.flash_stats()["cache_rows"] == 512

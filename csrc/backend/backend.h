@@ -63,6 +63,7 @@ struct FfnCall {
     const int* pos;
     const Tensor *gate, *up, *down;  // the matrices, or null
     const char* bundles;             // (d_ff, BundleFormat::bytes(d_model)) resident bundles, or null
+    const uint16_t* down_scales;     // their split down scales (BundleFormat::down_split), or null
     BundleFormat bundle;
 };
 

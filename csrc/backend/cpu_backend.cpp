@@ -182,7 +182,8 @@ void CpuBackend::ffn(const FfnCall& f) {
         const size_t row = f.bundle.bytes(f.d_model);
         for (int i = 0; i < f.d_ff; ++i) rows[i] = f.bundles + i * row;
         ffn_begin(pool_, f.xn, f.T, f.d_model, f.bundle, s);
-        ffn_accumulate(pool_, f.xn, f.T, f.d_model, f.bundle, f.activation, {rows, f.d_ff, nullptr}, 0, f.d_ff, s);
+        ffn_accumulate(pool_, f.xn, f.T, f.d_model, f.bundle, f.activation, {rows, f.d_ff, nullptr, nullptr, f.down_scales},
+                       0, f.d_ff, s);
         ffn_end(pool_, f.out, f.T, f.d_model, s);
     }
 }

@@ -86,11 +86,11 @@ void bind_model(nb::module_& m) {
             "ffn_bundle",
             [](const fm::Config& c) {
                 const fm::BundleFormat& b = c.ffn_bundle;
-                return std::vector<std::string>{fm::format_name(b.gate), fm::format_name(b.up), fm::format_name(b.down)};
+                return std::vector<std::string>{b.piece_name(0), b.piece_name(1), b.piece_name(2)};
             },
             [](fm::Config& c, const std::vector<std::string>& f) {
                 FM_ARG(f.size() == 3, "ffn_bundle: the formats of gate, up and down, got ", f.size(), " names");
-                c.ffn_bundle = {fm::format_from_name(f[0]), fm::format_from_name(f[1]), fm::format_from_name(f[2])};
+                c.ffn_bundle = fm::BundleFormat::from_names(f[0], f[1], f[2]);
             },
             "formats of a neuron bundle's gate row, up row and down column")
         .def(
@@ -154,6 +154,9 @@ void bind_model(nb::module_& m) {
         .def("configure_stream", &fm::Model::configure_stream, "path"_a, "staging_bytes"_a, "queue_depth"_a = 32,
              "direct"_a = true, "Matrices loaded with stream=True are read from `path` when needed.")
         .def_prop_ro("stream_bytes_read", [](const fm::Model& m) { return m.stream() ? m.stream()->stats().bytes : 0; })
+        .def_prop_ro(
+            "stream_prefetch_hits", [](const fm::Model& m) { return m.stream() ? m.stream()->prefetch_hits() : 0; },
+            "fetches of streamed matrices served by the batch read a layer ahead")
         .def("check_loaded", &fm::Model::check_loaded)
         .def_prop_ro("owned_bytes", &fm::Model::owned_bytes, "every byte this engine owns")
         .def_prop_ro("expected_weight_bytes", [](const fm::Model& m) { return m.expected_weight_bytes(true); })
@@ -209,7 +212,11 @@ void bind_model(nb::module_& m) {
                 return out;
             },
             "layer"_a, "x"_a)
-        .def("reset_sparse_stats", [](fm::Model& self) { if (self.sparse()) self.sparse()->reset_stats(); })
+        .def("reset_sparse_stats",
+             [](fm::Model& self) {
+                 if (self.sparse()) self.sparse()->reset_stats();
+                 if (self.stream()) self.stream()->reset_stats();  // stream_bytes_read counts from here too
+             })
         .def("clear_neuron_cache", [](fm::Model& self) { if (self.sparse()) self.sparse()->clear_neuron_cache(); })
         .def(
             "set_trace",

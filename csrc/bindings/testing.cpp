@@ -9,6 +9,7 @@
 #include "bindings/common.h"
 #include "core/buffer.h"
 #include "core/thread_pool.h"
+#include "ffn/bundled_ffn.h"
 #include "ffn/predictor.h"
 #include "io/direct_reader.h"
 #include "kernels/cpu/kernels.h"
@@ -236,6 +237,38 @@ void bind_testing(nb::module_& m) {
         },
         "y"_a, "c"_a, "w"_a, "format"_a, "offset"_a, "rows"_a, "reference"_a = false, "isa"_a = "best",
         "y + sum_j c[j] * row rows[j] of w (N, stride bytes) from byte `offset`, len(y) weights in `format`");
+    m.def(
+        "quant_axpy_split",
+        [](CF32Array y0, CF32Array c, U8Matrix w, const std::string& format, size_t offset,
+           nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> rows,
+           nb::ndarray<const uint16_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> scales,
+           nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> groups, bool reference,
+           const std::string& isa) {
+            const Format f = format_from_name(format);
+            FM_ARG(BundleFormat::can_split(f), format, " has no split down columns (q4_0, q4_1, q8_0)");
+            const int K = int(y0.size());
+            FM_ARG(K % 32 == 0, "len(y) must be a multiple of 32, got ", K);
+            auto ptrs = row_pointers(w, rows, offset, BundleFormat::split_quant_bytes(f, K));
+            FM_ARG(c.size() == ptrs.size() && groups.size() == ptrs.size(), "c and groups need one entry per row");
+            FM_ARG(scales.shape(1) == size_t(BundleFormat::split_planes(f)) * K, "scales must have ",
+                   BundleFormat::split_planes(f), " * len(y) columns");
+            std::vector<const uint16_t*> sp(ptrs.size());
+            for (size_t j = 0; j < sp.size(); ++j) {
+                FM_ARG(groups(j) >= 0 && size_t(groups(j)) < scales.shape(0), "group ", groups(j), " out of range");
+                sp[j] = scales.data() + size_t(groups(j)) * scales.shape(1);
+            }
+            auto y = numpy_owned<float>({size_t(K)});
+            std::copy(y0.data(), y0.data() + K, y.data());
+            if (reference)
+                quant::axpy_split_ref(f, y.data(), c.data(), ptrs.data(), offset, sp.data(), K, int(ptrs.size()));
+            else
+                pick_quant_isa(isa).axpy_split[int(f)](y.data(), c.data(), ptrs.data(), offset, sp.data(), K,
+                                                       int(ptrs.size()));
+            return y;
+        },
+        "y"_a, "c"_a, "w"_a, "format"_a, "offset"_a, "rows"_a, "scales"_a, "groups"_a, "reference"_a = false,
+        "isa"_a = "best",
+        "y + sum_j c[j] * split down column rows[j] of w from byte `offset`, its scales row groups[j] of `scales`");
     m.def(
         "dequantize",
         [](nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> raw, const std::string& format) {

@@ -9,11 +9,24 @@
 
 namespace fm {
 
-void BundleFormat::validate(int d_model) const {
+BundleFormat BundleFormat::from_names(const std::string& gate, const std::string& up, const std::string& down) {
+    const size_t n = std::strlen(kSplitSuffix);
+    const bool split = down.size() > n && down.compare(down.size() - n, n, kSplitSuffix) == 0;
+    BundleFormat b{format_from_name(gate), format_from_name(up),
+                   format_from_name(split ? down.substr(0, down.size() - n) : down)};
+    b.down_split = split;
+    return b;
+}
+
+void BundleFormat::validate(int d_model, int d_ff) const {
     if (is_float()) {
-        FM_ARG(up == gate && down == gate, "bundle format ", name(), ": float bundles have one type for all three pieces");
+        FM_ARG(up == gate && down == gate && !down_split, "bundle format ", name(),
+               ": float bundles have one type for all three pieces");
         return;
     }
+    FM_ARG(!down_split || can_split(down), "bundle format ", name(), ": a split down column is q4_0, q4_1 or q8_0");
+    FM_ARG(!down_split || d_ff % kSplitGroup == 0, "bundle format ", name(), ": split down columns need d_ff (", d_ff,
+           ") a multiple of ", kSplitGroup);
     for (int p = 0; p < 3; ++p) {
         FM_ARG(is_block_format(piece(p)), "bundle format ", name(), ": a bundle is all float or all block formats");
         FM_ARG(d_model % format_traits(piece(p)).block == 0, "bundle format ", name(), ": d_model ", d_model,
@@ -46,6 +59,9 @@ void accumulate_blocks(ThreadPool& pool, int T, int d_model, const BundleFormat&
     const int nblk = d_model / quant::kActBlock;
     auto gate = Q.dot_ptrs[int(bf.gate)], up = Q.dot_ptrs[int(bf.up)];
     auto down = Q.axpy_ptrs[int(bf.down)];
+    auto down_split = Q.axpy_split[int(bf.down)];
+    const size_t scale_cols = size_t(bf.scale_cols(d_model));
+    FM_ARG(!bf.down_split || r.down_scales, "ffn: split down columns without their scales (ffn_down_scales)");
     pool.run([&](int tid, int nt) {
         auto [c0, c1] = ThreadPool::chunk(size_t(r.n), tid, nt, kNeuronBlock);
         const int p0 = int(c0) > lo ? int(c0) : lo, p1 = int(c1) < hi ? int(c1) : hi;
@@ -67,7 +83,15 @@ void accumulate_blocks(ThreadPool& pool, int T, int d_model, const BundleFormat&
                 if (r.mask)
                     for (int j = 0; j < nb; ++j)
                         if (!r.mask[size_t(t) * r.n + p + j]) ht[j] = 0.0f;
-                down(acc + size_t(t) * d_model, ht, r.rows + p, down_at, d_model, nb);
+                if (!bf.down_split) {
+                    down(acc + size_t(t) * d_model, ht, r.rows + p, down_at, d_model, nb);
+                    continue;
+                }
+                const uint16_t* scales[kNeuronBlock];  // each neuron's group of 32 in the table
+                for (int j = 0; j < nb; ++j)
+                    scales[j] = r.down_scales +
+                                size_t(r.ids ? r.ids[p + j] : p + j) / BundleFormat::kSplitGroup * scale_cols;
+                down_split(acc + size_t(t) * d_model, ht, r.rows + p, down_at, scales, d_model, nb);
             }
         }
     });

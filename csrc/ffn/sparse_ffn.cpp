@@ -57,9 +57,9 @@ SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, const B
                      int t_max, int n_slots, const SparseOptions& opt, const FileLayout* layout,
                      std::vector<const void*> resident)
     : source_(source), n_layers_(n_layers), d_ff_(d_ff), d_model_(d_model), t_max_(t_max), n_slots_(n_slots), bf_(bf),
-      act_(act), opt_(opt), resident_(std::move(resident)) {
+      act_(act), opt_(opt), resident_(std::move(resident)), down_scales_(size_t(n_layers), nullptr) {
     FM_ARG(n_slots >= 1, "SparseFfn: n_slots must be >= 1, got ", n_slots);
-    bf.validate(d_model);
+    bf.validate(d_model, d_ff);
     predictor_.init(n_layers, d_ff, d_model, t_max, act);
     scores_.allocate(sizeof(float) * size_t(t_max) * d_ff);
     order_.allocate(4 * size_t(d_ff));
@@ -264,7 +264,7 @@ void SparseFfn::read_and_compute(ThreadPool& pool, int l, const float* xn, int T
         const size_t row = bf_.bytes(d_model_);
         for (int p = 0; p < n_list_; ++p) rows[p] = base + size_t(list[p]) * row;
         auto t0 = Clock::now();
-        ffn_accumulate(pool, xn, T, d_model_, bf_, act_, {rows, n_list_, has_mask_ ? list_mask_.data<uint8_t>() : nullptr}, 0,
+        ffn_accumulate(pool, xn, T, d_model_, bf_, act_, {rows, n_list_, has_mask_ ? list_mask_.data<uint8_t>() : nullptr, list, down_scales_[l]}, 0,
                        n_list_, s);
         stats_.compute_s += since(t0);
         return;
@@ -414,7 +414,7 @@ void SparseFfn::compute_round(ThreadPool& pool, int l, const float* xn, int T, c
         const int slot = cache.slot_of(list[pos]);
         if (slot >= 0) rows[pos] = cache.row(slot);
     }
-    ffn_accumulate(pool, xn, T, d_model_, bf_, act_, {rows, n_list_, has_mask_ ? list_mask_.data<uint8_t>() : nullptr}, lo,
+    ffn_accumulate(pool, xn, T, d_model_, bf_, act_, {rows, n_list_, has_mask_ ? list_mask_.data<uint8_t>() : nullptr, list, down_scales_[l]}, lo,
                    hi, s);
     // keep what was read for the next tokens
     if (cache.capacity() > 0 && !pending.empty()) {

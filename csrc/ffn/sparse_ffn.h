@@ -95,6 +95,8 @@ class SparseFfn {
     const Predictor& predictor() const { return predictor_; }
     Source source() const { return source_; }
     void set_resident(int l, const void* bundles) { resident_[l] = bundles; }
+    // Layer l's table of split down scales (BundleFormat::down_split), resident in the model.
+    void set_down_scales(int l, const uint16_t* scales) { down_scales_.at(size_t(l)) = scales; }
     const SparseOptions& options() const { return opt_; }
     const SparseStats& stats() const { return stats_; }
     const IoStats* io_stats() const { return reader_ ? &reader_->stats() : nullptr; }
@@ -142,6 +144,7 @@ class SparseFfn {
     SparseOptions opt_;
     Predictor predictor_;
     std::vector<const void*> resident_;
+    std::vector<const uint16_t*> down_scales_;  // (n_layers) split down scales, or null
     FileLayout layout_;
     std::unique_ptr<DirectReader> reader_;
     Round rounds_[2];

@@ -39,7 +39,7 @@ void Config::validate() const {
     FM_ARG(rope_inv_freq_local.empty() || int(rope_inv_freq_local.size()) == head_dim / 2,
            "config: rope_inv_freq_local has ", rope_inv_freq_local.size(), " entries, expected head_dim/2 = ",
            head_dim / 2, " or none");
-    ffn_bundle.validate(d_model);
+    ffn_bundle.validate(d_model, d_ff);
 }
 
 std::vector<int64_t> Config::tensor_shape(const std::string& kind) const {
@@ -58,6 +58,7 @@ std::vector<int64_t> Config::tensor_shape(const std::string& kind) const {
     if (kind == "ffn_down") return {d, d_ff};
     if (kind == "ffn_bundles")  // a row: 3*d_model floats, or the bytes of its three block-format pieces
         return {d_ff, ffn_bundle.is_float() ? 3 * d : int64_t(ffn_bundle.bytes(d_model))};
+    if (kind == "ffn_down_scales") return {ffn_bundle.scale_rows(d_ff), ffn_bundle.scale_cols(d_model)};
     FM_ARG(false, "unknown tensor kind '", kind, "'");
 }
 
@@ -73,6 +74,7 @@ constexpr std::pair<const char*, const char*> kLayerNames[] = {
     {"wo", "self_attn.o_proj.weight"},          {"bq", "self_attn.q_proj.bias"},
     {"bk", "self_attn.k_proj.bias"},            {"bv", "self_attn.v_proj.bias"},
     {"ffn_norm", "post_attention_layernorm.weight"}, {"ffn_bundles", "mlp.bundles"},
+    {"ffn_down_scales", "mlp.down_scales"},
     {"ffn_gate", "mlp.gate_proj.weight"},       {"ffn_up", "mlp.up_proj.weight"},
     {"ffn_down", "mlp.down_proj.weight"},       {"q_norm", "self_attn.q_norm.weight"},
     {"k_norm", "self_attn.k_norm.weight"},      {"attn_post_norm", "self_attn.post_norm.weight"},
@@ -127,6 +129,7 @@ std::vector<TensorSpec> Config::schema(const std::string& ffn) const {
         if (post_norms)
             for (const char* k : {"attn_post_norm", "ffn_post_norm"}) add(k, l);
         if (ffn == "bundles") add("ffn_bundles", l);
+        if (ffn != "matrices" && ffn_bundle.down_split) add("ffn_down_scales", l);
         if (ffn == "matrices")
             for (const char* k : {"ffn_gate", "ffn_up", "ffn_down"}) add(k, l);
     }
@@ -195,7 +198,7 @@ size_t Model::weight_bytes() const {
     for (const auto& L : w_.layers)
         n += L.attn_norm.size() + L.wq.size() + L.wk.size() + L.wv.size() + L.wo.size() + L.bq.size() +
              L.bk.size() + L.bv.size() + L.ffn_norm.size() + L.ffn_bundles.size() + L.ffn_gate.size() +
-             L.ffn_up.size() + L.ffn_down.size();
+             L.ffn_up.size() + L.ffn_down.size() + L.ffn_down_scales.size();
     return n;
 }
 
@@ -326,6 +329,7 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
     else if (kind == "attn_post_norm") vec = &L->attn_post_norm;
     else if (kind == "ffn_post_norm") vec = &L->ffn_post_norm;
     else if (kind == "ffn_bundles") vec = &L->ffn_bundles;
+    else if (kind == "ffn_down_scales") vec = &L->ffn_down_scales;
     else if (kind == "ffn_gate") matrix = &L->ffn_gate;
     else if (kind == "ffn_up") matrix = &L->ffn_up;
     else if (kind == "ffn_down") matrix = &L->ffn_down;
@@ -337,8 +341,11 @@ void Model::load_tensor(const std::string& kind, int layer, const std::string& p
         const std::string want = bf.is_float() ? format_name(bf.gate) : bf.name();
         FM_ARG(format == want, what, " in '", path, "': expected bundles in ", want, ", got ", format);
     }
+    const bool scales = kind == "ffn_down_scales";
+    FM_ARG(!scales || bf.down_split, what, ": the bundles' down columns (", bf.piece_name(2), ") are not split");
     const Format f = bundles ? (bf.is_float() ? bf.gate : Format::F32) : format_from_name(format);
-    FM_ARG(matrix || bundles || f == Format::F32, what, " in '", path, "': expected dtype f32, got ", format);
+    FM_ARG(matrix || bundles || f == (scales ? Format::F16 : Format::F32), what, " in '", path, "': expected dtype ",
+           scales ? "f16" : "f32", ", got ", format);
     bool shape_ok = shape.size() == expect.size() && shape[0] == expect[0];
     if (shape_ok && shape.size() == 2) shape_ok = bundles ? shape[1] >= expect[1] : shape[1] == expect[1];
     if (!shape_ok) {
@@ -407,6 +414,10 @@ void Model::check_loaded() {
                   L.ffn_norm.size() && (flash || L.ffn_bundles.size() || (!sparse_ && ffn_matrices)),
               "model is missing tensors of layer ", l);
         if (sparse_ && !flash) sparse_->set_resident(l, L.ffn_bundles.data());
+        const bool bundles = sparse_ || L.ffn_bundles.size();
+        FM_IO(!c.ffn_bundle.down_split || !bundles || L.ffn_down_scales.size(), "model is missing the split down "
+              "scales (ffn_down_scales) of layer ", l);
+        if (sparse_) sparse_->set_down_scales(l, L.ffn_down_scales.data<uint16_t>());
         FM_IO(!c.qkv_bias || (L.bq.size() && L.bk.size() && L.bv.size()), "model is missing q/k/v biases of layer ",
               l);
         FM_IO(!c.qk_norm || (L.q_norm.size() && L.k_norm.size()), "model is missing the q/k norms of layer ", l);
@@ -735,6 +746,15 @@ void Model::layer_forward(int l, int T) {
     const char* wo = nullptr;
     if (L.wo.streamed) stage({&L.wo}, &wo, "the attention output matrix");
     b.linear(att_out_.data<float>(), T, int(q_dim), {{proj, d, &L.wo, d, wo}});
+    if (L.wo.streamed && l + 1 < c.n_layers && w_.layers[l + 1].wq.streamed) {
+        // the next layer's four attention matrices, read while this layer's FFN computes
+        const LayerWeights& N = w_.layers[l + 1];
+        const Tensor* next[4] = {&N.wq, &N.wk, &N.wv, &N.wo};
+        uint64_t offsets[4];
+        size_t sizes[4];
+        for (int i = 0; i < 4; ++i) offsets[i] = next[i]->file_offset, sizes[i] = next[i]->nbytes();
+        stream_->prefetch(offsets, sizes, 4, "the next layer's attention matrices");
+    }
     if (c.post_norms) b.rmsnorm(proj, proj, L.attn_post_norm.data<float>(), T, int(d), c.norm_eps);
     b.add(x, proj, size_t(T) * d);
 
@@ -756,7 +776,7 @@ void Model::layer_forward(int l, int T) {
     const bool matrices = !sparse_ && !L.ffn_bundles.size();
     b.ffn({l, out, xn, T, c.d_model, c.d_ff, c.activation, sparse_.get(), tok_slot_.data(), tok_pos_.data(),
            matrices ? &L.ffn_gate : nullptr, matrices ? &L.ffn_up : nullptr, matrices ? &L.ffn_down : nullptr,
-           L.ffn_bundles.data<char>(), c.ffn_bundle});
+           L.ffn_bundles.data<char>(), L.ffn_down_scales.data<uint16_t>(), c.ffn_bundle});
     if (c.post_norms) {
         b.rmsnorm(proj, proj, L.ffn_post_norm.data<float>(), T, int(d), c.norm_eps);
         b.add(x, proj, size_t(T) * d);

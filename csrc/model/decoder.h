@@ -95,6 +95,7 @@ struct LayerWeights {
     Buffer ffn_bundles;  // (d_ff, bundle) in Config::ffn_bundle: bundle i = [gate row i | up row i | down column i]
     Tensor ffn_gate, ffn_up;  // (d_ff, d_model)
     Tensor ffn_down;          // (d_model, d_ff)
+    Buffer ffn_down_scales;   // split down columns' scales, f16 (BundleFormat::down_split), with the bundles
 };
 
 struct Weights {
@@ -157,8 +158,9 @@ class Model {
     // through a staging buffer of `staging_bytes`. Call before loading weights.
     void configure_stream(const std::string& path, size_t staging_bytes, int queue_depth, bool direct);
     const WeightStream* stream() const { return stream_.get(); }
+    WeightStream* stream() { return stream_.get(); }
     // Loads one tensor from `path` at byte `offset`. kind: embed, final_norm, lm_head, attn_norm,
-    // wq, wk, wv, wo, bq, bk, bv, ffn_norm, ffn_bundles, ffn_gate, ffn_up, ffn_down; layer: -1 for
+    // wq, wk, wv, wo, bq, bk, bv, ffn_norm, ffn_bundles, ffn_down_scales (f16), ffn_gate, ffn_up, ffn_down; layer: -1 for
     // the global ones. format: the matrices' own (any of core/format.h; norms and biases f32,
     // bundles Config::dtype); shape: (rows, weights per row), as the model defines it (a row of a
     // block format is stored as its blocks); ffn_bundles may have padded rows (shape[1] >= 3*d_model).

@@ -26,7 +26,56 @@ size_t WeightStream::staging_for(const std::vector<size_t>& sizes) {
     return n;
 }
 
+WeightStream::~WeightStream() { drop_ahead(); }
+
+void WeightStream::drop_ahead() {
+    ahead_.clear();
+    if (!in_flight_) return;
+    in_flight_ = false;
+    try {
+        reader_.wait();
+    } catch (const std::exception&) {  // a batch no one asked for: its error does not matter
+    }
+}
+
+void WeightStream::prefetch(const uint64_t* offsets, const size_t* sizes, int n, const char* what) {
+    drop_ahead();
+    size_t need = 0;
+    for (int i = 0; i < n; ++i) need += block_ceil(offsets[i] + sizes[i]) - block_floor(offsets[i]);
+    if (need > staging_.size()) return;  // a staging buffer sized for less: read when fetched
+    std::vector<const char*> out(static_cast<size_t>(n), nullptr);
+    plan(offsets, sizes, n, out.data(), what);
+    for (int i = 0; i < n; ++i) ahead_.push_back({offsets[i], sizes[i], out[i]});
+    reader_.submit(requests_);
+    in_flight_ = true;
+}
+
 void WeightStream::fetch(const uint64_t* offsets, const size_t* sizes, int n, const char** out, const char* what) {
+    bool all = !ahead_.empty();
+    for (int i = 0; i < n && all; ++i) {
+        all = false;
+        for (const Range& r : ahead_)
+            if (r.offset == offsets[i] && r.size == sizes[i]) out[i] = r.data, all = true;
+    }
+    if (all) {
+        ++hits_;
+        if (in_flight_) {
+            in_flight_ = false;
+            try {
+                reader_.wait();
+            } catch (...) {
+                ahead_.clear();  // read again by whoever asks next
+                throw;
+            }
+        }
+        return;
+    }
+    drop_ahead();  // the staging buffer is read into again
+    plan(offsets, sizes, n, out, what);
+    reader_.read(requests_);
+}
+
+void WeightStream::plan(const uint64_t* offsets, const size_t* sizes, int n, const char** out, const char* what) {
     requests_.clear();
     size_t at = 0;
     for (int i = 0; i < n; ++i) {
@@ -41,7 +90,6 @@ void WeightStream::fetch(const uint64_t* offsets, const size_t* sizes, int n, co
         out[i] = dst + (offsets[i] - a0);
         at += a1 - a0;
     }
-    reader_.read(requests_);
 }
 
 }  // namespace fm

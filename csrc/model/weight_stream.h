@@ -2,7 +2,9 @@
 // (load(offload="all")): a layer's attention matrices before its projections, the LM head a
 // chunk of rows at a time, the embedding rows a token gathers. Direct I/O (io/direct_reader.h)
 // into one staging buffer, which the DRAM budget counts; the tensors lie anywhere in the file,
-// and a read covers the 4096-byte blocks a range spans.
+// and a read covers the 4096-byte blocks a range spans. The next layer's attention matrices are
+// read ahead (prefetch) while this layer's FFN computes: a later fetch of ranges among them
+// waits for that batch instead of reading.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -17,23 +19,47 @@ namespace fm {
 class WeightStream {
   public:
     WeightStream(const std::string& path, size_t staging_bytes, int queue_depth, bool direct);
+    ~WeightStream();
+    WeightStream(const WeightStream&) = delete;
+    WeightStream& operator=(const WeightStream&) = delete;
 
     const std::string& path() const { return reader_.path(); }
     uint64_t file_size() const { return reader_.size(); }
     size_t bytes() const { return staging_.size(); }
     const IoStats& stats() const { return reader_.stats(); }
+    void reset_stats() { reader_.reset_stats(); }
     // Bytes of staging that ranges of these sizes take (each padded to the blocks it may span).
     static size_t staging_for(const std::vector<size_t>& sizes);
 
     // Reads the n byte ranges [offsets[i], offsets[i] + sizes[i]) of the file, all in one batch,
     // into the staging buffer; out[i] points at range i there, valid until the next fetch.
     // Throws when they do not fit the staging buffer (naming `what`) or on a read error.
+    // A fetch of ranges that all lie in the batch read ahead returns pointers into it (waiting for
+    // it if it is still in flight) and reads nothing; the batch stays for later fetches among it.
     void fetch(const uint64_t* offsets, const size_t* sizes, int n, const char** out, const char* what);
+    // Starts reading the n ranges into the staging buffer and returns at once (DirectReader::submit);
+    // does nothing where they do not fit in it together.
+    // What earlier fetches returned is invalid from here on. A read error surfaces in the fetch that
+    // waits for the batch (or in the next fetch or prefetch, which drops it).
+    void prefetch(const uint64_t* offsets, const size_t* sizes, int n, const char* what);
+    int64_t prefetch_hits() const { return hits_; }  // fetches the batch read ahead served
 
   private:
+    struct Range {
+        uint64_t offset;
+        size_t size;
+        const char* data;
+    };
+    // Plans the ranges into requests_ over the staging buffer; out[i]: where range i will be.
+    void plan(const uint64_t* offsets, const size_t* sizes, int n, const char** out, const char* what);
+    void drop_ahead();  // waits for a batch still in flight (its errors dropped) and forgets it
+
     DirectReader reader_;
     Buffer staging_;
     std::vector<ReadRequest> requests_;
+    std::vector<Range> ahead_;  // the ranges read ahead (empty: none)
+    bool in_flight_ = false;    // ahead_'s batch was submitted and not waited for
+    int64_t hits_ = 0;
 };
 
 }  // namespace fm

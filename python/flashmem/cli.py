@@ -197,8 +197,9 @@ def main(argv=None) -> int:
     v.add_argument("out")
     v.add_argument("--dtype", choices=ALL_DTYPES, default=None, help=DTYPE_HELP)
     v.add_argument("--align", type=int, default=4096, help="float bundle alignment in bytes (default 4096)")
-    v.add_argument("--bundle-down", choices=BUNDLE_DOWN_FORMATS, default="q8_0",
-                   help="format of the block-format bundles' down columns (default q8_0)")
+    v.add_argument("--bundle-down", choices=BUNDLE_DOWN_FORMATS, default="split",
+                   help="the block-format bundles' down columns: split (default: the down matrix's own quants, "
+                        "their scales resident; q4_0, q4_1, q8_0, else q8_0) or requantized to a format")
     v.set_defaults(fn=cmd_convert)
     i = sub.add_parser("info", help="show a model's configuration and memory")
     _model_args(i)

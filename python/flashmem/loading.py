@@ -15,7 +15,7 @@ import numpy as np
 from . import _core
 from .checkpoints import safetensors_io as st
 from .checkpoints.config import GEMMA_TYPES, layer_windows, model_dims, read_config, read_json, rope_inv_freq
-from .checkpoints.convert import ALL_DTYPES, DTYPES, FORMAT_VERSION, READABLE_VERSIONS, RESIDENT_FILE
+from .checkpoints.convert import ALL_DTYPES, DTYPES, FORMAT_VERSION, READABLE_VERSIONS, RESIDENT_FILE, SPLIT_SUFFIX
 from .checkpoints.default_model import default_gguf
 from .checkpoints.store import converted_folder, is_converted
 from .flash import streaming
@@ -241,8 +241,8 @@ LM_HEAD_CHUNK = 1 << 20  # bytes of LM head rows a streamed logits pass reads at
 
 
 def stream_staging_bytes(weights: list[WeightFile]) -> int:
-    """The staging buffer streamed matrices need: the largest of a layer's q, k and v matrices
-    together, its output matrix, a chunk of the LM head, an embedding row."""
+    """The staging buffer streamed matrices need: the largest of a layer's four attention matrices
+    together, a chunk of the LM head, an embedding row."""
     per_layer: dict = {}
     need = [4 * 4096]
     head = next((w for w in weights if w.kind == "lm_head"), None)  # else the tied embeddings
@@ -253,8 +253,8 @@ def stream_staging_bytes(weights: list[WeightFile]) -> int:
             as_head = w.kind == "lm_head" or (w.kind == "embed" and head is None)
             need.append(LM_HEAD_CHUNK + 2 * 4096 if as_head else w.nbytes // w.shape[0] + 2 * 4096)
     for kinds in per_layer.values():
-        need.append(_core.stream_staging_for([kinds.get(k, 0) for k in ("wq", "wk", "wv")]))
-        need.append(_core.stream_staging_for([kinds.get("wo", 0)]))
+        # the four together: the next layer's are read ahead while this layer's FFN computes
+        need.append(_core.stream_staging_for([kinds.get(k, 0) for k in ("wq", "wk", "wv", "wo")]))
     return max(need)
 
 
@@ -316,7 +316,9 @@ def weights_to_load(folder: str, config: dict, ffn: str = "dense", stream: tuple
     if want_bundles and not ffn_file:
         raise ValueError(f"{folder}: this folder has no neuron bundles (converted by an older flashmem); convert "
                          "the model again")
-    files = [RESIDENT_FILE] + ([ffn_file] if want_bundles else [])
+    # split down columns' scales lie in the bundle file, and stay resident however the bundles are held
+    split = str((section.get("bundle_format") or [""] * 3)[-1]).endswith(SPLIT_SUFFIX)
+    files = [RESIDENT_FILE] + ([ffn_file] if want_bundles or (ffn == "streamed" and split) else [])
     out = []
     for fname in files:
         path = os.path.join(folder, fname)
@@ -335,6 +337,9 @@ def weights_to_load(folder: str, config: dict, ffn: str = "dense", stream: tuple
             if kind == "lm_head" and config.get("tie_word_embeddings"):
                 continue
             if kind in ("ffn_gate", "ffn_up", "ffn_down") and ffn != "dense":
+                continue
+            if (kind == "ffn_bundles" and not want_bundles) or (kind == "ffn_down_scales" and matrices and
+                                                                ffn == "dense"):
                 continue
             fmt, shape = formats.get(name, info.tag), list(info.shape)
             nbytes = info.nbytes
@@ -355,7 +360,7 @@ def weights_to_load(folder: str, config: dict, ffn: str = "dense", stream: tuple
             elif info.tag != "f32" and len(shape) == 1:  # norms and biases become f32
                 nbytes = shape[0] * 4
             streamed = kind in stream and kind in STREAMED_KINDS and fname == RESIDENT_FILE
-            matrix = len(shape) == 2 and kind != "ffn_bundles"
+            matrix = len(shape) == 2 and kind not in ("ffn_bundles", "ffn_down_scales")
             owned = _core.tensor_footprint(nbytes) if matrix else (nbytes + 63) // 64 * 64  # as Buffer rounds
             out.append(WeightFile(kind, layer, path, info.offset, fmt, shape, 0 if streamed else owned, streamed,
                                   info.nbytes))

@@ -31,6 +31,11 @@ struct QuantKernels {
     void (*dot_ptrs[kFormats])(float* out, const ActBlock* a, const void* const* rows, size_t offset, int K, int n);
     // y (K) += sum_i c[i] * (rows[i] + offset), for i < n (down columns).
     void (*axpy_ptrs[kFormats])(float* y, const float* c, const void* const* rows, size_t offset, int K, int n);
+    // The same for split down columns (ffn/bundled_ffn.h, BundleFormat::down_split): column i's
+    // quants at rows[i] + offset, its K scales (then K mins, q4_1) at scales[i], f16; q4_0, q4_1 and
+    // q8_0, nullptr for the others.
+    void (*axpy_split[kFormats])(float* y, const float* c, const void* const* rows, size_t offset,
+                                 const uint16_t* const* scales, int K, int n);
     // matmul for a q4_0 or q4_1 matrix whose rows repack_x8 interleaved (N a multiple of 8; W
     // and Y at a group of 8 rows); nullptr for the other formats.
     void (*matmul_x8[kFormats])(float* Y, size_t ldy, const ActBlock* A, int T, const void* W, size_t row_bytes,
@@ -69,5 +74,7 @@ void matmul_ref(Format f, float* Y, size_t ldy, const ActBlockOf<Q>* A, int T, c
                 int N);
 void dot_ptrs_ref(Format f, float* out, const ActBlock* a, const void* const* rows, size_t offset, int K, int n);
 void axpy_ptrs_ref(Format f, float* y, const float* c, const void* const* rows, size_t offset, int K, int n);
+void axpy_split_ref(Format f, float* y, const float* c, const void* const* rows, size_t offset,
+                    const uint16_t* const* scales, int K, int n);
 
 }  // namespace fm::quant

@@ -880,6 +880,53 @@ void axpy_ptrs(float* y, const float* c, const void* const* rows, size_t offset,
     }
 }
 
+// Split down columns (quant.h, axpy_split): NR columns share each load and store of y. A weight is
+// its scale times its quant (minus 8 for q4_0; plus its min for q4_1), exact in f32 as ggml's
+// dequantization computes it; then y += c * w.
+template <Format F, int NR>
+inline void axpy_split_cols(float* y, const float* c, const uint8_t* const* q, const uint16_t* const* s, int K) {
+    const __m256i low4 = _mm256_set1_epi32(15);
+    for (int chunk = 0; chunk < K / 32; ++chunk) {
+        for (int j = 0; j < 4; ++j) {  // elements e .. e + 7 of the chunk
+            const int e = chunk * 32 + 8 * j;
+            __m256 acc[2] = {_mm256_loadu_ps(y + e), _mm256_setzero_ps()};
+            for (int r = 0; r < NR; ++r) {
+                __m256i qi;
+                if constexpr (F == Format::Q8_0) {
+                    qi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q[r] + e)));
+                } else {  // bytes 0-7 or 8-15 of the chunk: low nibbles for j < 2, high ones after
+                    const __m256i b = _mm256_cvtepu8_epi32(
+                        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q[r] + chunk * 16 + 8 * (j & 1))));
+                    qi = j < 2 ? _mm256_and_si256(b, low4) : _mm256_srli_epi32(b, 4);
+                    if constexpr (F == Format::Q4_0) qi = _mm256_sub_epi32(qi, _mm256_set1_epi32(8));
+                }
+                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s[r] + e)));
+                __m256 w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(qi));
+                if constexpr (F == Format::Q4_1)
+                    w = _mm256_add_ps(w, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s[r] + K + e))));
+                acc[r & 1] = _mm256_fmadd_ps(w, _mm256_set1_ps(c[r]), acc[r & 1]);
+            }
+            _mm256_storeu_ps(y + e, _mm256_add_ps(acc[0], acc[1]));
+        }
+    }
+}
+
+template <Format F>
+void axpy_split(float* y, const float* c, const void* const* rows, size_t offset, const uint16_t* const* scales, int K,
+                int n) {
+    const uint8_t* q[4];
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        for (int r = 0; r < 4; ++r) q[r] = static_cast<const uint8_t*>(rows[i + r]) + offset;
+        axpy_split_cols<F, 4>(y, c + i, q, scales + i, K);
+    }
+    for (; i < n; ++i) {
+        if (c[i] == 0.0f) continue;  // a neuron this token does not use
+        q[0] = static_cast<const uint8_t*>(rows[i]) + offset;
+        axpy_split_cols<F, 1>(y, c + i, q, scales + i, K);
+    }
+}
+
 // x (K) -> K/32 blocks of 8-bit (Q = int8_t) or 16-bit activations, rounding to nearest even.
 template <typename Q>
 void quantize_act(const float* x, ActBlockOf<Q>* out, int K) {
@@ -939,6 +986,8 @@ const QuantKernels FM_QUANT_TABLE = {
     {nullptr, nullptr, nullptr, axpy_ptrs<Format::Q8_0>, axpy_ptrs<Format::Q4_0>, axpy_ptrs<Format::Q4_1>,
      axpy_ptrs<Format::Q5_0>, axpy_ptrs<Format::Q5_1>, axpy_ptrs<Format::Q4_K>, axpy_ptrs<Format::Q5_K>,
      axpy_ptrs<Format::Q6_K>},
+    {nullptr, nullptr, nullptr, axpy_split<Format::Q8_0>, axpy_split<Format::Q4_0>, axpy_split<Format::Q4_1>, nullptr,
+     nullptr, nullptr, nullptr, nullptr},
     {nullptr, nullptr, nullptr, nullptr, matmul_x8<Format::Q4_0>, matmul_x8<Format::Q4_1>, nullptr, nullptr, nullptr,
      nullptr, nullptr},
     {nullptr, nullptr, nullptr, matmul16_x8_q8_0, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr},

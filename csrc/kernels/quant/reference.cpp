@@ -58,6 +58,31 @@ void axpy_ptrs_ref(Format f, float* y, const float* c, const void* const* rows, 
     for (int k = 0; k < K; ++k) y[k] = float(sum[k]);
 }
 
+void axpy_split_ref(Format f, float* y, const float* c, const void* const* rows, size_t offset,
+                    const uint16_t* const* scales, int K, int n) {
+    FM_ARG(f == Format::Q4_0 || f == Format::Q4_1 || f == Format::Q8_0, "axpy_split: format ", format_name(f),
+           " has no split columns");
+    FM_ARG(K % 32 == 0, "axpy_split: ", K, " is not a multiple of 32");
+    std::vector<double> sum(y, y + K);
+    for (int i = 0; i < n; ++i) {
+        const uint8_t* q = static_cast<const uint8_t*>(rows[i]) + offset;
+        for (int k = 0; k < K; ++k) {
+            const int chunk = k / 32, e = k % 32;
+            const float d = f16_to_f32(scales[i][k]);
+            float w;
+            if (f == Format::Q8_0) {
+                w = d * float(int8_t(q[k]));
+            } else {
+                const uint8_t b = q[chunk * 16 + e % 16];
+                const int v = e < 16 ? b & 15 : b >> 4;
+                w = f == Format::Q4_0 ? d * float(v - 8) : d * float(v) + f16_to_f32(scales[i][K + k]);
+            }
+            sum[k] += double(c[i]) * w;
+        }
+    }
+    for (int k = 0; k < K; ++k) y[k] = float(sum[k]);
+}
+
 template void quantize_act_ref(const float*, ActBlock*, int);
 template void quantize_act_ref(const float*, ActBlock16*, int);
 template void matmul_ref(Format, float*, size_t, const ActBlock*, int, const void*, size_t, int, int);

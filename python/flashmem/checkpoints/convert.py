@@ -15,10 +15,15 @@ format is stored as the bytes of its rows (U8, (rows, row bytes)), its format na
 header's metadata "formats" (a JSON object, tensor name -> format). ffn_bundles.safetensors then
 holds the same FFN as neuron bundles in block formats, for flash streaming and sparsity: per
 layer a U8 tensor (d_ff, bundle bytes), row i = [gate row i | up row i | down column i], the gate
-and up rows as the GGUF stores them, the down column requantized along d_model (to `bundle_down`,
-q8_0 by default: the GGUF's blocks run along d_ff). Bundles are packed, not padded to 4096
-bytes: a read covers the aligned blocks a bundle spans. config.json's "ffn" section names the
-three formats ("bundle_format") and the bundle's bytes ("bundle_bytes").
+and up rows as the GGUF stores them. The GGUF's down blocks run along d_ff, so a down column is
+either split (`bundle_down` "split", the default where the down matrix is q4_0, q4_1 or q8_0):
+the column's own quants in the bundle, and per layer the tensor "model.layers.{l}.mlp.down_scales"
+(d_ff/32, d_model, or 2*d_model with q4_1's mins) f16 of the scales 32 neurons share, which the
+engine keeps resident (nothing requantized: csrc/ffn/bundled_ffn.h, BundleFormat); or requantized
+along d_model (to `bundle_down`: q8_0, the fallback for other formats, or "same"). Bundles are
+packed, not padded to 4096 bytes: a read covers the aligned blocks a bundle spans. config.json's
+"ffn" section names the three formats ("bundle_format", the down one "<format>:split" when split)
+and the bundle's bytes ("bundle_bytes").
 """
 from __future__ import annotations
 
@@ -34,8 +39,8 @@ from .config import model_dims
 from .gguf_file import GGUFSource
 from .hf_folder import HFSource, layer_tensor_names
 
-FORMAT_VERSION = 2  # 2: "gguf" folders hold block-format bundles too (1: float folders, still read)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: split down columns; 2: "gguf" folders hold block-format bundles too; 1: float folders
+READABLE_VERSIONS = (1, 2, 3)
 DTYPES = ("f32", "f16", "bf16")
 KEEP_FORMATS = "gguf"  # the dtype that keeps a GGUF file's formats
 BUNDLE_FILE = "ffn_bundles.safetensors"
@@ -63,7 +68,10 @@ def open_source(path: str):
     raise ValueError(f"{path}: not a model folder (config.json + *.safetensors) or a .gguf file")
 
 
-BUNDLE_DOWN_FORMATS = ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "same")
+BUNDLE_DOWN_FORMATS = ("split", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "same")
+SPLIT_FORMATS = ("q4_0", "q4_1", "q8_0")  # down matrices whose columns can be split (BundleFormat::can_split)
+SPLIT_SUFFIX = ":split"
+SPLIT_GROUP = 32  # neurons sharing a row of scales: a block along d_ff
 QUANT_DTYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")  # quantized by flashmem
 ALL_DTYPES = DTYPES + (KEEP_FORMATS,) + QUANT_DTYPES
 EMBED_FORMAT = "q8_0"  # embeddings and LM head of a quantized conversion (llama.cpp keeps these wider too)
@@ -123,13 +131,15 @@ class QuantizedSource:
 
 
 def convert(src: str, out: str, dtype: str | None = None, align: int = 4096, progress: bool = True,
-            bundle_down: str = "q8_0") -> str:
+            bundle_down: str = "split") -> str:
     """Converts a HF folder or GGUF file to a flashmem folder at `out`; returns `out`. dtype: f32,
     f16 or bf16 (every matrix in it, the FFN as neuron bundles), or "gguf" (a GGUF file's own
     formats, block formats included, kept as they are; the FFN as its three matrices and as
     block-format bundles), or a block format (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k: every
-    matrix quantized to it as llama.cpp's quantizer would, laid out as "gguf"). bundle_down: the format of the bundles' down columns with dtype "gguf"
-    ("same": the down matrix's own format where it can hold a column of d_model weights)."""
+    matrix quantized to it as llama.cpp's quantizer would, laid out as "gguf"). bundle_down: how the
+    block-format bundles hold a down column: "split" (its own quants, the scales apart and resident;
+    where the down matrix is q4_0, q4_1 or q8_0, else q8_0), or requantized along d_model to a
+    format ("same": the down matrix's own format where it can hold a column of d_model weights)."""
     source = open_source(src)
     dtype = dtype or source.default_dtype
     if dtype not in ALL_DTYPES:
@@ -283,24 +293,34 @@ def _write_format_bundles(source, src: str, tmp: str, cfg: dict, dims: dict, dow
     if gate_fmt in floats or up_fmt in floats:
         if up_fmt != gate_fmt:
             raise ValueError(f"{src}: FFN gate ({gate_fmt}) and up ({up_fmt}) differ; convert with dtype f16")
-        formats = [gate_fmt] * 3
+        formats, split = [gate_fmt] * 3, False
     else:
-        down = down_fmt if down_format == "same" else down_format
-        if down in floats or d % _core.format_block(down)[0]:
-            down = "q8_0"  # a float down matrix, or d_model is not whole blocks of its format
+        split = down_format == "split" and down_fmt in SPLIT_FORMATS and ff % SPLIT_GROUP == 0
+        down = down_fmt if down_format in ("same", "split") else down_format
+        if down in floats or d % _core.format_block(down)[0] or (down_format == "split" and not split):
+            down = "q8_0"  # a float down matrix, d_model not whole blocks of its format, or no split
         if d % 32:
             raise ValueError(f"{src}: d_model {d} is not a multiple of 32, which block-format bundles need; "
                              "convert with dtype f16")
-        formats = [gate_fmt, up_fmt, down]
-    piece = [_core_row_bytes(f, d) for f in formats]
+        for i in range(L):
+            got, _ = source.stored_spec(names[i]["down"])
+            if split and got != down_fmt:
+                raise ValueError(f"{src}: FFN down matrices differ in format across layers ({down_fmt}, {got} in "
+                                 f"layer {i}); convert with bundle_down='q8_0'")
+        formats = [gate_fmt, up_fmt, down + (SPLIT_SUFFIX if split else "")]
+    piece = [_core_row_bytes(f, d) for f in formats[:2]] + [split_quant_bytes(formats[2], d)]
     nbytes = sum(piece)
     float_bundles = formats[0] in floats
     tag = formats[0] if float_bundles else "u8"
     cols = 3 * d if float_bundles else nbytes
     specs = [(f"model.layers.{i}.mlp.bundles", tag, (ff, cols)) for i in range(L)]
+    if split:
+        specs += [(f"model.layers.{i}.mlp.down_scales", "f16", (ff // SPLIT_GROUP, split_planes(down) * d))
+                  for i in range(L)]
     path = os.path.join(tmp, BUNDLE_FILE)
     w = st.Writer(path, specs, {"layout": "gate_up_down", "d_model": d, "bundle_format": ",".join(formats)},
                   align=4096)
+    split_scales = []  # (ff/32, planes * d) f16 per layer, written after the bundles
     bar.total += L
     for i in range(L):
         n = names[i]
@@ -310,6 +330,13 @@ def _write_format_bundles(source, src: str, tmp: str, cfg: dict, dims: dict, dow
                 source.tensor(n["down"]).T
             if not np.isfinite(b).all():
                 raise ValueError(f"{src}: FFN weights of layer {i} contain NaN or inf")
+        elif split:
+            (_, g), (_, u), (_, raw) = source.stored(n["gate"]), source.stored(n["up"]), source.stored(n["down"])
+            quants, scales = split_down(raw, down, d, ff)
+            if not np.isfinite(scales).all():
+                raise ValueError(f"{src}: tensor '{n['down']}' has NaN or inf scales")
+            split_scales.append(scales)
+            b = np.concatenate([g.reshape(ff, -1), u.reshape(ff, -1), quants], axis=1)
         else:
             (_, g), (_, u) = source.stored(n["gate"]), source.stored(n["up"])
             fmt, raw = source.stored(n["down"])  # the down matrix the dense path uses, dequantized
@@ -324,10 +351,43 @@ def _write_format_bundles(source, src: str, tmp: str, cfg: dict, dims: dict, dow
                 raise ValueError(f"{src}: FFN bundles of layer {i} take {b.shape[1]} bytes, expected {nbytes}")
         w.write(specs[i][0], b)
         bar.update()
+    for i, scales in enumerate(split_scales):
+        w.write(f"model.layers.{i}.mlp.down_scales", scales)
     w.close()
     with open(path, "ab") as f:  # whole 4096-byte blocks
         f.write(b"\0" * (-f.tell() % 4096))
     return {"bundles": "gate_up_down", "file": BUNDLE_FILE, "bundle_format": formats, "bundle_bytes": nbytes}
+
+
+def split_planes(fmt: str) -> int:
+    """Rows of scales per group of a split down column: the scales, and q4_1's mins."""
+    return 2 if fmt == "q4_1" else 1
+
+
+def split_quant_bytes(piece: str, d: int) -> int:
+    """Bytes of a bundle's down piece: a split column's quants, or a requantized column's blocks."""
+    if not piece.endswith(SPLIT_SUFFIX):
+        return _core_row_bytes(piece, d)
+    return d if piece[:-len(SPLIT_SUFFIX)] == "q8_0" else d // 2
+
+
+def split_down(raw: np.ndarray, fmt: str, d: int, ff: int) -> tuple[np.ndarray, np.ndarray]:
+    """A down matrix (d, ff) in q4_0, q4_1 or q8_0, as stored (d rows of ff/32 blocks, U8), as
+    split columns (csrc/ffn/bundled_ffn.h, BundleFormat): the quants of column j, (ff, d/2) U8
+    (q8_0: (ff, d)), in chunks of 32 rows, element k of a chunk in byte k % 16, low nibble for
+    k < 16; and the scales (ff/32, d) f16 (q4_1: then the mins, (ff/32, 2d)), row g for neurons
+    32g .. 32g + 31. The weights are the stored ones, bit for bit."""
+    head = {"q4_0": 2, "q4_1": 4, "q8_0": 2}[fmt]
+    block_bytes = head + (32 if fmt == "q8_0" else 16)
+    b = np.ascontiguousarray(raw).reshape(d, ff // 32, block_bytes)
+    planes = [np.ascontiguousarray(b[:, :, k:k + 2]).view(np.float16)[:, :, 0].T for k in range(0, head, 2)]
+    scales = np.ascontiguousarray(np.concatenate(planes, axis=1))  # (ff/32, planes * d)
+    if fmt == "q8_0":
+        return np.ascontiguousarray(b[:, :, head:].reshape(d, ff).T), scales
+    qs = b[:, :, head:]
+    cols = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(d, ff).T  # (ff, d): column j's quants
+    c = cols.reshape(ff, d // 32, 2, 16)
+    return np.ascontiguousarray((c[:, :, 0, :] | (c[:, :, 1, :] << 4)).reshape(ff, d // 2)), scales
 
 
 def _core_row_bytes(fmt: str, n: int) -> int:
