@@ -195,6 +195,10 @@ def test_calibrated_predictor(calibrated, folder):
     assert report["predictor_share_of_ffn"] <= 0.05
     assert report["mean_recall_at_50"] > 0.6  # random picks give 0.5
     assert report["mean_recall_at_80"] > 0.4  # random picks give 0.2
+    # a layer ahead: layer l + 1's predictor on layer l's FFN input (random picks give 0.5)
+    assert len(report["recall_ahead_at_50"]) == len(report["recall_at_50"]) - 1
+    assert 0.55 < report["mean_ahead_agreement_at_50"] < 1 and 0.5 < report["mean_recall_ahead_at_50"]
+    print("recall a layer ahead", report["mean_recall_ahead_at_50"], "agreement", report["mean_ahead_agreement_at_50"])
     ids = flashmem.load(folder, threads=2).tokenizer.encode(PROMPT)
     dram = flashmem.load(dst, threads=2, max_context=256, sparsity=0.5, window=3)
     flash = flashmem.load(dst, threads=2, max_context=256, sparsity=0.5, window=3, offload="flash")

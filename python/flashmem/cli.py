@@ -145,6 +145,10 @@ def cmd_calibrate(a) -> None:
     print(f"held-out recall of the true top neurons: {r['mean_recall_at_50']:.3f} at 50% sparsity, "
           f"{r['mean_recall_at_80']:.3f} at 80% (min over layers {min(r['recall_at_50']):.3f} / "
           f"{min(r['recall_at_80']):.3f}); {r['tokens']} tokens, {r['held_out_tokens']} held out")
+    if r["mean_recall_ahead_at_50"] is not None:
+        print(f"a layer ahead (layer l + 1's predictor on layer l's FFN input): "
+              f"recall {r['mean_recall_ahead_at_50']:.3f} at 50% sparsity, agreement with its own picks "
+              f"{r['mean_ahead_agreement_at_50']:.3f}")
 
 
 def cmd_eval_ppl(a) -> None:
