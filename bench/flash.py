@@ -1,8 +1,9 @@
-"""Flash-offloaded FFN streaming: the "LLM in a flash" table on SmolLM2-135M (f16), and a scale
-test with Llama-2-7B shapes. Direct I/O throughout (the page cache is bypassed).
+"""Flash-offloaded FFN streaming: the "LLM in a flash" table on SmolLM2-135M (f16, or with
+--dtype gguf the shipped Q4_1 file's own blocks in the bundles), and a scale test with Llama-2-7B
+shapes. Direct I/O throughout (the page cache is bypassed).
 
     python bench/flash.py [--threads 2] [--new-tokens 48] [--repeats 3] [--sparsity 0.8]
-                          [--scale-dir DIR] [--skip-scale]
+                          [--scale-dir DIR] [--skip-scale] [--dtype f16|gguf]
 
 1. Raw random-read bandwidth of the disk through the engine's own reader (queue depth 32) at
    4 KiB to 256 KiB requests.
@@ -18,7 +19,9 @@ test with Llama-2-7B shapes. Direct I/O throughout (the page cache is bypassed).
    all-in-DRAM dense engine. (a)-(c) read the unbundled layout (gate, up, down apart: three
    reads per neuron), (d) the bundled one; (d) is also run with eviction="hot" (the cache keeps
    the most often picked neurons instead of the most recent). Per decoded token: I/O ms, bytes
-   and requests read, total ms; medians over repeats.
+   and requests read, total ms; medians over repeats. With --dtype gguf the bundles are the only
+   layout (block-format rows have no unbundled copy), so (a)-(c) read bundles too and (c) is
+   (d); results then go to flash_q4.json|png and the scale test is skipped.
 4. Scale: a random-weight model with Llama-2-7B shapes (d_model 4096, d_ff 11008, 32 layers, f16,
    about 13 GB on disk; the vocabulary is SmolLM2's), at the resident minimum + 25% of the FFN,
    eviction --scale-eviction (default hot), replaying SmolLM2's real predictor selections mapped
@@ -47,6 +50,7 @@ from flashmem.checkpoints import safetensors_io as st  # noqa: E402
 from flashmem.flash import PREDICTOR_PARTS  # noqa: E402
 from flashmem.flash.calibrate import calibrate, predict  # noqa: E402
 from flashmem.flash import PREDICTOR_FILE, write_unbundled  # noqa: E402
+from flashmem.flash.streaming import bundle_bytes  # noqa: E402
 
 
 def raw_bandwidth(path, sizes_kib, total_mb=48):
@@ -75,7 +79,9 @@ def paper_table(folder, prompt, args, ffn_bytes, held):
                           ffn_layout=layout)
         return m.flash_stats()["minimum_budget"]
 
-    mins = {k: minimum(k) for k in ("bundled", "unbundled")}
+    block = bool(json.load(open(os.path.join(folder, "config.json")))["flashmem"]["ffn"].get("bundle_format"))
+    unbundled = "bundled" if block else "unbundled"  # block-format rows are only written as bundles
+    mins = {k: minimum(k) for k in {"bundled", unbundled}}
     rows = []
     dense = flashmem.load(folder, threads=args.threads, max_context=512)
     ms, _ = decode_run(dense, prompt, args.new_tokens, args.repeats)
@@ -101,13 +107,15 @@ def paper_table(folder, prompt, args, ffn_bytes, held):
                          budget=kw.get("dram_budget"), dram_bytes=m.owned_bytes, cache_rows=fl["cache_rows_per_layer"]))
         print(rows[-1], flush=True)
 
-    measure("naive (all FFN weights every token)", None, sparsity=0.0, ffn_layout="unbundled", cache_rows=0)
+    measure("naive (all FFN weights every token)", None, sparsity=0.0, ffn_layout=unbundled, cache_rows=0)
     for s in args.sparsity:
-        measure("predictor", None, sparsity=s, ffn_layout="unbundled", cache_rows=0)
+        measure("predictor", None, sparsity=s, ffn_layout=unbundled, cache_rows=0)
         for share in (0.25, 0.5):
             for name, layout, eviction in (("predictor + windowing", "unbundled", "lru"),
                                            ("predictor + windowing + bundling", "bundled", "lru"),
                                            ("predictor + windowing + bundling, hot eviction", "bundled", "hot")):
+                if layout not in mins:
+                    continue
                 budget = int(mins[layout] + share * ffn_bytes)
                 measure(name, share, sparsity=s, window=args.window, ffn_layout=layout, dram_budget=budget,
                         eviction=eviction)
@@ -235,7 +243,7 @@ def plot(result, path):
     ax.set_xticks(x, labels, fontsize=6)
     ax.set_yscale("log")
     ax.set_ylabel("ms per decoded token (log)")
-    ax.set_title(f"SmolLM2-135M f16, window {result['window']}: per-token latency")
+    ax.set_title(f"SmolLM2-135M {result.get('dtype', 'f16')}, window {result['window']}: per-token latency")
     ax.legend()
     ax = axes[1]
     raw = result["raw_read_gbps"]
@@ -274,10 +282,14 @@ def main():
     ap.add_argument("--ppl-tokens", type=int, default=256, help="held-out tokens for each row's stepwise perplexity")
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--only-scale", action="store_true", help="rerun the scale test into an existing flash.json")
+    ap.add_argument("--dtype", default="f16", choices=["f16", "gguf"],
+                    help="f16 bundles, or gguf: the shipped Q4_1 blocks (split down columns)")
     args = ap.parse_args()
+    name = "flash" if args.dtype == "f16" else "flash_q4"
+    args.skip_scale = args.skip_scale or args.dtype != "f16"
 
     text = shakespeare()
-    folder = flashmem.load(dtype="f16", threads=args.threads, max_context=512).path
+    folder = flashmem.load(dtype=args.dtype, threads=args.threads, max_context=512).path
     if args.only_scale:
         result = json.loads((RESULTS / "flash.json").read_text())
         result["scale"] = scale_test(folder, text, args)
@@ -287,10 +299,12 @@ def main():
         return
     calibrate(flashmem.load(folder, threads=args.threads), text, tokens=8192, progress=False)  # current format
     cfg = json.load(open(os.path.join(folder, "config.json")))
-    write_unbundled(folder, cfg)
-    ffn_bytes = 3 * cfg["hidden_size"] * cfg["intermediate_size"] * cfg["num_hidden_layers"] * 2
+    if args.dtype == "f16":
+        write_unbundled(folder, cfg)
+    ffn_bytes = bundle_bytes(cfg) * cfg["intermediate_size"] * cfg["num_hidden_layers"]
     result = dict(machine=machine(), threads=args.threads, sparsity=args.sparsity, window=args.window,
-                  new_tokens=args.new_tokens, repeats=args.repeats, ffn_bytes=ffn_bytes, model=folder)
+                  new_tokens=args.new_tokens, repeats=args.repeats, ffn_bytes=ffn_bytes, model=folder,
+                  dtype=args.dtype, bundle_format=cfg["flashmem"]["ffn"].get("bundle_format"))
     raw = raw_bandwidth(os.path.join(folder, "ffn_bundles.safetensors"), [4, 8, 16, 32, 64, 128, 256])
     result["raw_read_gbps"] = {str(k): v for k, v in raw.items()}
     print("raw GB/s", raw, flush=True)
@@ -315,12 +329,12 @@ def main():
     for r in result["table"]:
         r["vs_dense"] = r["total_ms"] / dense_ms
         r["speedup_vs_naive"] = naive_ms / r["total_ms"]
-    save("flash", result)  # the table is kept if the scale test fails
+    save(name, result)  # the table is kept if the scale test fails
     if not args.skip_scale:
         result["scale"] = scale_test(folder, text, args)
         print("scale", result["scale"], flush=True)
-    save("flash", result)
-    plot(result, RESULTS / "flash.png")
+    save(name, result)
+    plot(result, RESULTS / f"{name}.png")
     print(json.dumps(result["table"], indent=1))
 
 

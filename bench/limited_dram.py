@@ -20,7 +20,8 @@ Modes (see the worker): llamacpp (default repacking), llamacpp_norepack (use_ext
 flashmem_dram (dtype "gguf", every weight in the engine's buffers), flashmem_all_sNN (offload "all":
 every matrix read from the folder when needed, FFN through the neuron cache), flashmem_flash_sNN (offload
 "flash", sparsity NN%, dram_budget "auto" = the group's limit less its usage, less headroom, or
-with --flash-budget limit-N the limit less N MiB; dtype --flash-dtype). Each child generates
+with --flash-budget limit-N the limit less N MiB; dtype --flash-dtype; either with a _hot suffix:
+the neuron cache's eviction "hot" instead of "lru"). Each child generates
 --new-tokens tokens greedily after the first --prompt-tokens tokens of tinyshakespeare (after a
 4-token untimed warm-up generation) and reports decode tok/s
 (tokens after the first / their time), prefill tok/s, peak RSS and, when streaming, bytes read per
@@ -39,7 +40,10 @@ medians of the runs that succeeded, and a limit counts as ok only if every run w
 
 Before the sweep and outside any group, the GGUF is converted for each flashmem dtype used (so no
 run converts), and for flash modes with sparsity the predictor is fitted once (`flashmem
-calibrate` on tinyshakespeare) if the converted folder has none.
+calibrate` on tinyshakespeare) if the converted folder has none. With --replay-trace (a model
+without a predictor of its own, such as the random-weight 7B-class test model) the sparse modes
+replay SmolLM2's real predictor selections instead, mapped onto the model's layers and neurons
+(limited_dram_worker.make_trace), one selection per token the run computes.
 
 MB here means MiB (2**20 bytes), in limits and results alike.
 After the sweep, for each flashmem run that streamed, the disk's raw random-read bandwidth at the
@@ -60,7 +64,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import RESULTS, machine, median, save  # noqa: E402
-from limited_dram_worker import RESULT_TAG  # noqa: E402
+from limited_dram_worker import RESULT_TAG, flash_mode  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "limited_dram_worker.py")
@@ -394,7 +398,7 @@ def parse_limits(s: str) -> list[int]:
 
 def prepare(a, modes, gguf, shared_text) -> dict:
     """Conversions, prompt, predictors: outside any limited group."""
-    dtypes = sorted({"gguf"} | ({a.flash_dtype} if any(m.startswith("flashmem_flash") for m in modes) else set()))
+    dtypes = sorted({"gguf"} | ({a.flash_dtype} if any(flash_mode(m) for m in modes) else set()))
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, WORKER, "--prepare", "--gguf", gguf, "--dtypes", ",".join(dtypes),
                           "--text", shared_text, "--prompt-tokens", str(a.prompt_tokens)],
@@ -406,10 +410,23 @@ def prepare(a, modes, gguf, shared_text) -> dict:
     print(f"prepared in {time.perf_counter() - t0:.0f} s: {prep['folders']}", flush=True)
     for dt, e in prep["errors"].items():
         print(f"conversion with dtype {dt} failed: {e}", file=sys.stderr)
-    prep["calibration"] = {}
+    prep["calibration"], prep["traces"] = {}, {}
     folder = prep["folders"].get(a.flash_dtype)
-    if folder and any(m.startswith(("flashmem_flash_s", "flashmem_all_s")) and
-                      int(m.split("_s")[-1]) for m in modes):
+    sparse = sorted({flash_mode(m)[1] for m in modes if flash_mode(m) and flash_mode(m)[1]})
+    if folder and sparse and a.replay_trace:
+        # every token a layer computes, warm-up and timed generation: no selection is replayed twice
+        steps = 2 * len(prep["prompt"]) + min(4, a.new_tokens or 48) + (a.new_tokens or 48)
+        for nn in sparse:
+            path = os.path.join(folder, f"replay_trace_s{nn}_{steps}.npy")
+            if not os.path.isfile(path):
+                print(f"replaying SmolLM2's selections at sparsity {nn}% onto {folder} ...", flush=True)
+                c = subprocess.run([sys.executable, WORKER, "--make-trace", path, "--model", folder, "--sparsity",
+                                    str(nn / 100), "--steps", str(steps), "--text", shared_text, "--threads",
+                                    str(a.threads)], capture_output=True, text=True)
+                if c.returncode:
+                    raise SystemExit(f"making the replay trace failed:\n{c.stderr[-3000:]}")
+            prep["traces"][nn] = path
+    elif folder and sparse:
         if not os.path.isfile(os.path.join(folder, "predictor.safetensors")):
             print(f"fitting the sparsity predictor in {folder} (flashmem calibrate) ...", flush=True)
             c = subprocess.run([sys.executable, "-m", "flashmem.cli", "calibrate", folder, "--data", shared_text,
@@ -447,6 +464,9 @@ def main():
                     "(default: the shipped SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--quick", action="store_true", help=f"smoke test: limits {QUICK_LIMITS}, 16 new tokens")
     ap.add_argument("--name", default="limited_dram", help="results file name under bench/results/")
+    ap.add_argument("--replay-trace", action="store_true",
+                    help="sparse modes replay SmolLM2's predictor selections mapped onto the model (a model "
+                         "without a predictor of its own: the 7B-class test model)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (memory cgroups, drop_caches)")
@@ -455,10 +475,9 @@ def main():
     limits = parse_limits(a.limits or (QUICK_LIMITS if a.quick else DEFAULT_LIMITS))
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     for m in modes:
-        flash_sparsity = m.split("_s")[-1]
-        if m not in ALL_MODES and not (m.startswith(("flashmem_flash_s", "flashmem_all_s")) and flash_sparsity.isdigit()):
+        if m not in ALL_MODES and not flash_mode(m):
             raise SystemExit(f"unknown mode {m!r}; modes: {', '.join(ALL_MODES)} (flashmem_flash_sNN, "
-                             "flashmem_all_sNN for any NN)")
+                             "flashmem_all_sNN for any NN, either with _hot for eviction 'hot')")
     base = own_memory_cgroup()
 
     from common import ROOT
@@ -486,9 +505,10 @@ def main():
         else:
             dtype = "gguf" if mode == "flashmem_dram" else a.flash_dtype
             model = prep["folders"].get(dtype) or gguf  # a failed conversion fails again in the run: recorded
+        trace = prep["traces"].get(flash_mode(mode)[1]) if flash_mode(mode) else None
         return ["--model", model, "--dtype", dtype, "--prompt", prompt, "--new-tokens", str(new_tokens),
                 "--threads", str(a.threads), "--max-context", str(a.max_context), "--n-batch", str(a.n_batch),
-                "--dram-budget", budget]
+                "--dram-budget", budget] + (["--trace", trace] if trace else [])
 
     results = {m: {} for m in modes}  # mode -> limit label -> summary
     footprint, streak, stopped = {}, {m: 0 for m in modes}, set()
@@ -546,7 +566,8 @@ def main():
               "flash_budget": a.flash_budget,
               "timeout_s": timeout, "quick": a.quick, "skip_above_footprint": a.skip_above_footprint,
               "mb": "MiB (2**20 bytes)", "cgroup_parent": base, "flashmem_folders": prep["folders"],
-              "conversion_errors": prep["errors"], "calibration": prep["calibration"]}
+              "conversion_errors": prep["errors"], "calibration": prep["calibration"],
+              "replay_traces": prep["traces"]}
     out = {"benchmark": "limited_dram", "config": config, "machine": machine() | {"isa": prep.get("isa")},
            "footprint_mb": footprint, "columns": columns, "results": results,
            "total_s": time.perf_counter() - t_start}

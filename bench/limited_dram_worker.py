@@ -2,6 +2,7 @@
 
     python bench/limited_dram_worker.py --mode MODE --model PATH --prompt '[ids]' [--new-tokens 48] ...
     python bench/limited_dram_worker.py --prepare --gguf FILE --dtypes gguf,f16 --prompt-tokens 64
+    python bench/limited_dram_worker.py --make-trace OUT.npy --model FOLDER --sparsity 0.5 --steps N --text FILE
 
 The parent starts it inside a memory cgroup (the process is moved there by a shell that then
 execs Python, so everything this process allocates or maps is charged to the group). It imports
@@ -17,6 +18,12 @@ Modes:
                       reads the budget from the cgroup's limit less its usage
   flashmem_all_sNN    the same with offload="all": the attention matrices, embeddings and LM head
                       are read from the folder when a token needs them too
+  ..._sNN_hot         either, with the neuron cache's eviction="hot" (keeps the neurons picked most
+                      often) instead of the default "lru"
+With --trace FILE.npy a sparse mode replays those selections ((steps, layers, k) neuron ids,
+make_trace) instead of the folder's predictor: the model is loaded at sparsity 0 and the trace
+set before the first token (the trace array is loaded before the model, so that dram_budget
+"auto" leaves room for the engine's copy of it).
 
 The result line starts with RESULT_TAG so the parent finds it among anything a library prints.
 A run that raises (e.g. a dtype whose conversion writes no FFN bundles, a budget below the
@@ -126,15 +133,35 @@ def run_llamacpp(a, ids: list[int], repack: bool) -> dict:
 
 
 # --- flashmem -------------------------------------------------------------------------------
-def run_flashmem(a, ids: list[int], sparsity: float | None, offload: str = "flash") -> dict:
+def flash_mode(mode: str):
+    """(offload, sparsity in %, eviction) of a mode flashmem_{flash|all}_sNN[_hot]; None for others."""
+    for offload in ("flash", "all"):
+        rest = mode.removeprefix(f"flashmem_{offload}_s")
+        if rest == mode:
+            continue
+        nn, _, eviction = rest.partition("_")
+        if nn.isdigit() and eviction in ("", "hot"):
+            return offload, int(nn), eviction or "lru"
+    return None
+
+
+def run_flashmem(a, ids: list[int], sparsity: float | None, offload: str = "flash", eviction: str = "lru") -> dict:
     import flashmem
 
     kw = dict(dtype=a.dtype, threads=a.threads, max_context=a.max_context)
+    trace = None
     if sparsity is not None:
-        kw.update(offload=offload, sparsity=sparsity, dram_budget=a.dram_budget)
+        if sparsity > 0 and a.trace:
+            import numpy as np
+
+            trace, sparsity = np.load(a.trace), 0.0  # the trace picks; no predictor
+        kw.update(offload=offload, sparsity=sparsity, dram_budget=a.dram_budget, eviction=eviction)
     t0 = time.perf_counter()
     m = flashmem.load(a.model, **kw)
     load_s = time.perf_counter() - t0
+    if trace is not None:
+        m._engine.set_trace(trace)
+        trace = None
     m.generate(ids, max_new_tokens=min(WARMUP_TOKENS, a.new_tokens), eos_token_id=[], reuse_cache=False)
     r = m.generate(ids, max_new_tokens=a.new_tokens, eos_token_id=[], reuse_cache=False)
     out = {"decode_tok_s": r.decode_tokens_per_s, "prefill_tok_s": r.prefill_tokens_per_s, "load_s": load_s,
@@ -154,10 +181,9 @@ def one(a) -> int:
             r = run_llamacpp(a, ids, repack=a.mode == "llamacpp")
         elif a.mode == "flashmem_dram":
             r = run_flashmem(a, ids, None)
-        elif a.mode.startswith("flashmem_flash_s"):
-            r = run_flashmem(a, ids, int(a.mode.removeprefix("flashmem_flash_s")) / 100)
-        elif a.mode.startswith("flashmem_all_s"):
-            r = run_flashmem(a, ids, int(a.mode.removeprefix("flashmem_all_s")) / 100, offload="all")
+        elif flash_mode(a.mode):
+            offload, nn, eviction = flash_mode(a.mode)
+            r = run_flashmem(a, ids, nn / 100, offload=offload, eviction=eviction)
         else:
             raise ValueError(f"unknown mode {a.mode!r}")
     except Exception as e:  # noqa: BLE001 - the parent records it for this mode and limit
@@ -169,6 +195,62 @@ def one(a) -> int:
 
 
 # --- preparation (no cgroup limit) ----------------------------------------------------------------
+def make_trace(a) -> int:
+    """Real predictor selections for a large model that has no predictor of its own (the 7B-class
+    test model's weights are random): SmolLM2's picks at `a.sparsity` over `a.steps` tokens of
+    text, replayed onto the large model's layers (layer l takes the small model's layer
+    l * small_layers // layers) and neurons (small neuron i stands for the large neurons
+    [i * ff / small_ff, (i + 1) * ff / small_ff)), then trimmed or topped up at random to exactly
+    round((1 - sparsity) * ff) per token and layer. Writes (steps, layers, k) int32 to a.make_trace."""
+    import numpy as np
+
+    import flashmem
+    from flashmem.checkpoints.default_model import default_gguf
+    from flashmem.checkpoints.store import converted_folder, store_dir
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from flash import selection_trace
+
+    small = os.path.join(store_dir(), "replay", "smollm2")  # a linked copy: the store's folder keeps no predictor
+    src = converted_folder(default_gguf(), None)
+    if not os.path.isfile(os.path.join(small, "predictor.safetensors")):
+        import shutil
+
+        shutil.rmtree(small, ignore_errors=True)
+        os.makedirs(small)
+        for f in os.listdir(src):
+            (os.symlink if f.endswith(".safetensors") else shutil.copy)(os.path.join(src, f), os.path.join(small, f))
+        from flashmem.flash.calibrate import calibrate
+
+        with open(a.text, encoding="utf-8") as f:
+            calibrate(flashmem.load(small, threads=a.threads, max_context=512), f.read()[:200_000], tokens=4096,
+                      progress=False)
+    with open(a.text, encoding="utf-8") as f:
+        text = f.read()[300_000:400_000]  # past the calibration text
+    picks, small_ff = selection_trace(small, text, a.sparsity, a.steps)  # (steps, small layers, k_small)
+    with open(os.path.join(a.model, "config.json")) as f:
+        cfg = json.load(f)
+    ff, layers = cfg["intermediate_size"], cfg["num_hidden_layers"]
+    k = int(round((1 - a.sparsity) * ff))
+    rng = np.random.default_rng(0)
+    lo = np.floor(np.arange(small_ff + 1) * ff / small_ff).astype(np.int64)
+    out = np.empty((picks.shape[0], layers, k), np.int32)
+    for t in range(picks.shape[0]):
+        for l in range(layers):
+            sel = picks[t, l * picks.shape[1] // layers]
+            ids = np.concatenate([np.arange(lo[i], lo[i + 1]) for i in sel])
+            if len(ids) > k:
+                ids = rng.choice(ids, k, replace=False)
+            elif len(ids) < k:
+                rest = np.setdiff1d(np.arange(ff), ids)
+                ids = np.concatenate([ids, rng.choice(rest, k - len(ids), replace=False)])
+            out[t, l] = np.sort(ids)
+    np.save(a.make_trace, out)
+    emit({"trace": a.make_trace, "shape": list(out.shape), "small_ff": small_ff, "small_layers": picks.shape[1]})
+    return 0
+
+
+
 def prepare(a) -> int:
     """Converts the GGUF once per dtype (so no run converts inside a cgroup), and tokenizes the
     prompt. Prints {"folders": {dtype: folder or None}, "errors": {...}, "prompt": ids, "isa": ...}."""
@@ -201,12 +283,18 @@ def main() -> int:
     ap.add_argument("--max-context", type=int, default=512)
     ap.add_argument("--n-batch", type=int, default=512, help="llama.cpp n_batch (and n_ubatch)")
     ap.add_argument("--dram-budget", default="auto", help="flashmem dram_budget of the flash modes (\"auto\" or bytes)")
+    ap.add_argument("--trace", default=None, help="sparse modes: replay these selections (.npy) instead of the predictor")
+    ap.add_argument("--make-trace", default=None, help="write replayed SmolLM2 selections for --model to this .npy")
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prepare", action="store_true")
     ap.add_argument("--gguf")
     ap.add_argument("--dtypes", default="gguf")
     ap.add_argument("--text")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     a = ap.parse_args()
+    if a.make_trace:
+        return make_trace(a)
     return prepare(a) if a.prepare else one(a)
 
 

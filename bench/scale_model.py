@@ -18,7 +18,9 @@ and as much again for the folder.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -107,6 +109,7 @@ def write_gguf(path: str, tokenizer_gguf: str, seed: int = 0, s=SHAPES) -> str:
 def build(out: str | None = None) -> tuple[str, str]:
     """(GGUF path, flashmem folder), each made once."""
     import flashmem
+    from flashmem.checkpoints.convert import FORMAT_VERSION
     from flashmem.checkpoints.default_model import default_gguf
 
     out = out or default_dir()
@@ -117,7 +120,10 @@ def build(out: str | None = None) -> tuple[str, str]:
         write_gguf(path, default_gguf())
         print(f"wrote {path} ({os.path.getsize(path) / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s", flush=True)
     folder = os.path.join(out, NAME)
-    if not os.path.isfile(os.path.join(folder, "config.json")):
+    config = os.path.join(folder, "config.json")
+    if os.path.isfile(config) and json.load(open(config))["flashmem"]["format_version"] != FORMAT_VERSION:
+        shutil.rmtree(folder)  # written by an older flashmem: convert again (split down columns since 3)
+    if not os.path.isfile(config):
         t0 = time.perf_counter()
         flashmem.convert(path, folder, dtype="gguf")
         print(f"converted to {folder} in {time.perf_counter() - t0:.0f} s", flush=True)
