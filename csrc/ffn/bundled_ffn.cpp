@@ -75,6 +75,11 @@ void accumulate_blocks(ThreadPool& pool, int T, int d_model, const BundleFormat&
                 for (int j = p + step; j < p + 2 * step && j < p1; ++j)
                     for (size_t off = 0; off < bundle; off += 64)
                         __builtin_prefetch(static_cast<const char*>(r.rows[j]) + off);
+            const uint16_t* scales[kNeuronBlock];  // nb <= step <= kNeuronBlock
+            if (bf.down_split)  // each neuron's group of 32 in the table
+                for (int j = 0; j < nb; ++j)
+                    scales[j] = r.down_scales +
+                                size_t(r.ids ? r.ids[p + j] : p + j) / BundleFormat::kSplitGroup * scale_cols;
             for (int t = 0; t < T; ++t) {
                 float* ht = h + t * kNeuronBlock;
                 gate(ht, s.xq + size_t(t) * nblk, r.rows + p, 0, d_model, nb);
@@ -83,15 +88,10 @@ void accumulate_blocks(ThreadPool& pool, int T, int d_model, const BundleFormat&
                 if (r.mask)
                     for (int j = 0; j < nb; ++j)
                         if (!r.mask[size_t(t) * r.n + p + j]) ht[j] = 0.0f;
-                if (!bf.down_split) {
+                if (bf.down_split)
+                    down_split(acc + size_t(t) * d_model, ht, r.rows + p, down_at, scales, d_model, nb);
+                else
                     down(acc + size_t(t) * d_model, ht, r.rows + p, down_at, d_model, nb);
-                    continue;
-                }
-                const uint16_t* scales[kNeuronBlock];  // each neuron's group of 32 in the table
-                for (int j = 0; j < nb; ++j)
-                    scales[j] = r.down_scales +
-                                size_t(r.ids ? r.ids[p + j] : p + j) / BundleFormat::kSplitGroup * scale_cols;
-                down_split(acc + size_t(t) * d_model, ht, r.rows + p, down_at, scales, d_model, nb);
             }
         }
     });

@@ -40,7 +40,8 @@ class WeightStream {
     // Starts reading the n ranges into the staging buffer and returns at once (DirectReader::submit);
     // does nothing where they do not fit in it together.
     // What earlier fetches returned is invalid from here on. A read error surfaces in the fetch that
-    // waits for the batch (or in the next fetch or prefetch, which drops it).
+    // waits for the batch; a fetch of other ranges, or the next prefetch, drops the batch and its
+    // error with it (those ranges are read again when fetched).
     void prefetch(const uint64_t* offsets, const size_t* sizes, int n, const char* what);
     int64_t prefetch_hits() const { return hits_; }  // fetches the batch read ahead served
 

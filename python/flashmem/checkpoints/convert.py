@@ -302,9 +302,9 @@ def _write_format_bundles(source, src: str, tmp: str, cfg: dict, dims: dict, dow
         if d % 32:
             raise ValueError(f"{src}: d_model {d} is not a multiple of 32, which block-format bundles need; "
                              "convert with dtype f16")
-        for i in range(L):
+        for i in range(L if split else 0):
             got, _ = source.stored_spec(names[i]["down"])
-            if split and got != down_fmt:
+            if got != down_fmt:
                 raise ValueError(f"{src}: FFN down matrices differ in format across layers ({down_fmt}, {got} in "
                                  f"layer {i}); convert with bundle_down='q8_0'")
         formats = [gate_fmt, up_fmt, down + (SPLIT_SUFFIX if split else "")]

@@ -18,8 +18,7 @@ true top neurons (by exact contribution) that the predictor's top picks contain,
 layer l + 1's predictor scores layer l's FFN input (the residual stream a layer earlier, known
 while layer l computes) instead of its own, and the agreement of those early picks with the
 picks the predictor makes on the layer's own input (the share of its reads that could start a
-layer early). The result is `predictor.safetensors` in the model
-folder.
+layer early). The result is `predictor.safetensors` in the model folder.
 """
 from __future__ import annotations
 
@@ -170,9 +169,7 @@ def calibrate(model, text: str, tokens: int = 8192, progress: bool = True) -> di
     os.replace(out + ".part", out)
     report["mean_recall_at_50"] = float(np.mean(report["recall_at_50"]))
     report["mean_recall_at_80"] = float(np.mean(report["recall_at_80"]))
-    ahead = report["recall_ahead_at_50"]
-    report["mean_recall_ahead_at_50"] = float(np.mean(ahead)) if ahead else None
-    agree = report["ahead_agreement_at_50"]
-    report["mean_ahead_agreement_at_50"] = float(np.mean(agree)) if agree else None
+    for key in ("recall_ahead_at_50", "ahead_agreement_at_50"):  # none for a one-layer model
+        report[f"mean_{key}"] = float(np.mean(report[key])) if report[key] else None
     report["path"] = out
     return report
