@@ -396,6 +396,49 @@ def parse_limits(s: str) -> list[int]:
     return sorted(set(out), reverse=True)
 
 
+RANDOM_PREDICTOR = "random: replayed picks pay a real predictor's DRAM and time (bench/limited_dram.py)"
+
+
+def predictor_kind(folder: str) -> str | None:
+    """None without a predictor file; "random" for one write_random_predictor wrote; else "fitted"."""
+    from flashmem.checkpoints import safetensors_io as st
+
+    path = os.path.join(folder, "predictor.safetensors")
+    if not os.path.isfile(path):
+        return None
+    return "random" if st.read_header(path)[1].get("predictor") == RANDOM_PREDICTOR else "fitted"
+
+
+def write_random_predictor(folder: str) -> None:
+    """A sparsity predictor of the folder's shapes with random values. With --replay-trace the picks
+    come from the trace, but the engine loads this predictor (its DRAM counts against the budget)
+    and runs it every token (set_trace(score=True)), so that a random-weight model pays what a
+    fitted predictor would cost it (a model with weights to fit keeps its fitted one)."""
+    import numpy as np
+
+    from flashmem.checkpoints import safetensors_io as st
+    from flashmem.flash.calibrate import predictor_specs
+
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    d, ff, n_layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    rng = np.random.default_rng(0)
+    path = os.path.join(folder, "predictor.safetensors")
+    specs = predictor_specs(n_layers, d, ff)
+    w = st.Writer(path + ".part", specs, {"predictor": RANDOM_PREDICTOR})
+    for name, tag, shape in specs:
+        if name.endswith("outlier_dims"):
+            x = np.sort(rng.choice(d, shape[0], replace=False)).astype(np.int32)
+        elif tag == "u8":
+            x = rng.integers(0, 256, shape, dtype=np.uint8)
+        elif tag == "i8":
+            x = rng.integers(-127, 128, shape, dtype=np.int8)
+        else:
+            x = (rng.uniform(0.5, 1.5, shape) / np.sqrt(d)).astype(np.float32)
+        w.write(name, x)
+    w.close()
+    os.replace(path + ".part", path)
+
+
 def prepare(a, modes, gguf, shared_text) -> dict:
     """Conversions, prompt, predictors: outside any limited group."""
     dtypes = sorted({"gguf"} | ({a.flash_dtype} if any(flash_mode(m) for m in modes) else set()))
@@ -426,8 +469,12 @@ def prepare(a, modes, gguf, shared_text) -> dict:
                 if c.returncode:
                     raise SystemExit(f"making the replay trace failed:\n{c.stderr[-3000:]}")
             prep["traces"][nn] = path
+        if predictor_kind(folder) is None:
+            print(f"writing a random predictor of {folder}'s shapes (its cost, not its picks) ...", flush=True)
+            write_random_predictor(folder)
+        prep["predictor"] = predictor_kind(folder)
     elif folder and sparse:
-        if not os.path.isfile(os.path.join(folder, "predictor.safetensors")):
+        if predictor_kind(folder) != "fitted":  # none, or a random one written for replays
             print(f"fitting the sparsity predictor in {folder} (flashmem calibrate) ...", flush=True)
             c = subprocess.run([sys.executable, "-m", "flashmem.cli", "calibrate", folder, "--data", shared_text,
                                 "--threads", str(a.threads)], capture_output=True, text=True)

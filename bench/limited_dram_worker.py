@@ -21,9 +21,11 @@ Modes:
   ..._sNN_hot         either, with the neuron cache's eviction="hot" (keeps the neurons picked most
                       often) instead of the default "lru"
 With --trace FILE.npy a sparse mode replays those selections ((steps, layers, k) neuron ids,
-make_trace) instead of the folder's predictor: the model is loaded at sparsity 0 and the trace
-set before the first token (the trace array is loaded before the model, so that dram_budget
-"auto" leaves room for the engine's copy of it).
+make_trace) instead of its predictor's: the model is loaded at the mode's sparsity with the
+folder's predictor (a random one on random weights, limited_dram.write_random_predictor), which
+holds its DRAM and scores every token as a fitted one would, and the trace is set before the
+first token (the trace array is loaded before the model, so that dram_budget "auto" leaves room
+for the engine's copy of it).
 
 The result line starts with RESULT_TAG so the parent finds it among anything a library prints.
 A run that raises (e.g. a dtype whose conversion writes no FFN bundles, a budget below the
@@ -154,13 +156,13 @@ def run_flashmem(a, ids: list[int], sparsity: float | None, offload: str = "flas
         if sparsity > 0 and a.trace:
             import numpy as np
 
-            trace, sparsity = np.load(a.trace), 0.0  # the trace picks; no predictor
+            trace = np.load(a.trace)  # the trace picks; the folder's predictor still runs (its cost)
         kw.update(offload=offload, sparsity=sparsity, dram_budget=a.dram_budget, eviction=eviction)
     t0 = time.perf_counter()
     m = flashmem.load(a.model, **kw)
     load_s = time.perf_counter() - t0
     if trace is not None:
-        m._engine.set_trace(trace)
+        m._engine.set_trace(trace, score=True)
         trace = None
     m.generate(ids, max_new_tokens=min(WARMUP_TOKENS, a.new_tokens), eos_token_id=[], reuse_cache=False)
     r = m.generate(ids, max_new_tokens=a.new_tokens, eos_token_id=[], reuse_cache=False)

@@ -156,6 +156,19 @@ def test_bit_sum_matches_reference(n, isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [1, 7, 31, 32, 33, 576, 771, 4096, 4133, 9000])
+def test_bit_sum_i8_matches_reference(n, isa):
+    """Exact in integers; 9000 crosses the 128 steps of 16-bit sums, all at +-127 to test their range."""
+    rng = np.random.default_rng(n)
+    z = rng.integers(-127, 128, n, dtype=np.int8) if n != 9000 else np.full(n, 127, np.int8)
+    bits = rng.integers(0, 256, (n + 7) // 8, dtype=np.uint8) if n != 9000 else np.full((n + 7) // 8, 255, np.uint8)
+    want = int(z[np.unpackbits(bits, bitorder="little", count=n).astype(bool)].astype(np.int64).sum())
+    assert _core.bit_sum_i8(bits, z, reference=True) == want
+    assert _core.bit_sum_i8(bits, z, isa=isa) == want
+    assert _core.bit_sum_i8(bits, -z, isa=isa) == -want
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("G,hd,ld,rows,r0,n", [(1, 64, 64, 40, 0, 40), (3, 64, 192, 70, 55, 33), (4, 256, 256, 9, 3, 9),
                                                 (5, 17, 40, 23, 22, 23), (2, 80, 81, 5, 0, 1), (7, 48, 100, 31, 30, 2)])
@@ -240,7 +253,9 @@ def test_thread_pool_runs_with_fewer_threads_while_one_stalls(threads):
     for a while instead of waiting on them at every job, and every index is still covered once per
     job, by the same chunks."""
     jobs = 200
-    counts, misaligned, reduced = _core.pool_cover(1000, 16, threads, jobs=jobs, stall_us=5000)
+    # each chunk works 50 us, so that a job lasts long enough for the other threads to take part
+    # (with empty chunks the caller may finish a job alone before they wake, and nothing stalls)
+    counts, misaligned, reduced = _core.pool_cover(1000, 16, threads, jobs=jobs, stall_us=5000, spin_us=50)
     np.testing.assert_array_equal(counts, np.full(1000, jobs))
     assert misaligned == 0
     assert reduced > 0

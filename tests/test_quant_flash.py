@@ -126,6 +126,24 @@ def test_stepwise_flash_equals_sparse_dram(q41_calibrated, held_out):
     assert flash.flash_stats()["bytes_read"] > 0
 
 
+def test_cached_neurons_activated_early_compute_the_same(q41_calibrated, held_out):
+    """Decoding from flash with a cache smaller than the FFN, each layer's cached neurons have their
+    gate and up computed while the misses are read, their down columns added later in list order:
+    the logits are bit for bit those of the all-in-DRAM sparse FFN (window 1: both compute exactly
+    the picks), for q4_1 bundles with split down columns."""
+    dst, _ = q41_calibrated
+    ids = held_out[:24]
+    dram = flashmem.load(dst, threads=2, max_context=64, sparsity=0.5, window=1)
+    flash = flashmem.load(dst, threads=2, max_context=64, sparsity=0.5, window=1, offload="flash",
+                          dram_budget="100MB")
+    steps = {name: np.stack([m._engine.forward(np.asarray([i], np.int32), t) for t, i in enumerate(ids)])
+             for name, m in (("dram", dram), ("flash", flash))}
+    s = flash.flash_stats()
+    assert s["cache_rows"] < 1536 and s["hits"] > 0 and s["misses"] > 0
+    assert s["early"] >= 0.9 * s["hits"]  # the hits of a layer's later rounds are activated early too
+    np.testing.assert_array_equal(steps["flash"], steps["dram"])
+
+
 def test_batched_sparse_decode_keeps_each_sequence_window(q41_calibrated):
     """At 50% sparsity with a window of 4, each sequence of a batch computes with its own picks
     and its own window, counted in its own positions: four prompts decoded three at a time (the
@@ -136,8 +154,9 @@ def test_batched_sparse_decode_keeps_each_sequence_window(q41_calibrated):
     top-k threshold can change a later greedy token, so the texts are held to a common start (all
     but one; measured: a quarter of single decode steps at position 0 have some logit 0.05 off
     alone, from a flipped pick, with q8_0 and split down columns alike) and one whole text.
-    Neurons computed per pick match within 3% (a window shared by the batch computes other
-    sequences' picks too)."""
+    Neurons computed per pick match within 6% (a window shared by the batch would compute other
+    sequences' picks too, far more; measured: within 3% when every text stays whole, 4.2% when one
+    text turns early into a repetitive one, whose window holds fewer neurons)."""
     dst, _ = q41_calibrated
     prompts = ["The king said to his son", "def add(a, b):", "Water boils at",
                [{"role": "user", "content": "Name three fruits."}]]
@@ -157,7 +176,7 @@ def test_batched_sparse_decode_keeps_each_sequence_window(q41_calibrated):
             pass
         s_batch = m.flash_stats()
         per_pick = {k: s["computed"] / s["selected"] for k, s in (("batch", s_batch), ("alone", s_alone))}
-        assert per_pick["batch"] == pytest.approx(per_pick["alone"], rel=0.03), (offload, per_pick)
+        assert per_pick["batch"] == pytest.approx(per_pick["alone"], rel=0.06), (offload, per_pick)
         # texts: the same start; after it a near-tie may send a sequence elsewhere (on this machine
         # 1 to 3 of the 4 texts stay whole, depending on the calibration's predictor)
         same = [len(os.path.commonprefix([r.text, a])) for r, a in zip(reqs, alone)]

@@ -184,6 +184,7 @@ void bind_model(nb::module_& m) {
                 d["steps"] = s.steps, d["tokens"] = s.tokens, d["selected"] = s.selected, d["computed"] = s.computed;
                 d["hits"] = s.hits, d["misses"] = s.misses;
                 d["rounds_ahead"] = s.rounds_ahead, d["rounds_dropped"] = s.rounds_dropped;
+                d["early"] = s.early;
                 d["select_s"] = s.select_s, d["io_s"] = s.io_s, d["compute_s"] = s.compute_s;
                 const fm::IoStats* io = sp->io_stats();
                 d["bytes_read"] = io ? io->bytes : 0;
@@ -220,12 +221,15 @@ void bind_model(nb::module_& m) {
         .def("clear_neuron_cache", [](fm::Model& self) { if (self.sparse()) self.sparse()->clear_neuron_cache(); })
         .def(
             "set_trace",
-            [](fm::Model& self, nb::ndarray<const int32_t, nb::ndim<3>, nb::c_contig, nb::device::cpu> ids) {
+            [](fm::Model& self, nb::ndarray<const int32_t, nb::ndim<3>, nb::c_contig, nb::device::cpu> ids,
+               bool score) {
                 FM_ARG(self.sparse(), "set_trace needs the sparse FFN");
                 self.sparse()->set_trace(std::vector<int32_t>(ids.data(), ids.data() + ids.size()), int(ids.shape(0)),
-                                         int(ids.shape(2)));
+                                         int(ids.shape(2)), score);
             },
-            "ids"_a, "Replays fixed neuron selections (n_steps, n_layers, k) instead of the predictor.")
+            "ids"_a, "score"_a = false,
+            "Replays fixed neuron selections (n_steps, n_layers, k) instead of the predictor's; score: the "
+            "loaded predictor still scores each token (its time, not its picks).")
         .def(
             "ffn_inputs",
             [](fm::Model& self, I32Vector tokens) {

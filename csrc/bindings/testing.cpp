@@ -463,6 +463,17 @@ void bind_testing(nb::module_& m) {
         },
         "bits"_a, "z"_a, "reference"_a = false, "isa"_a = "best", "sum of z[k] where bit k of the packed bits is set");
     m.def(
+        "bit_sum_i8",
+        [](nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> bits,
+           nb::ndarray<const int8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> z, bool reference,
+           const std::string& isa) {
+            const int n = int(z.size());
+            FM_ARG(bits.shape(0) >= size_t((n + 7) / 8), "bits must hold at least ceil(len(z)/8) bytes");
+            return reference ? fm::bit_sum_i8_ref(bits.data(), z.data(), n)
+                             : pick_isa(isa)->bit_sum_i8(bits.data(), z.data(), n);
+        },
+        "bits"_a, "z"_a, "reference"_a = false, "isa"_a = "best", "bit_sum with int8 z (the predictor's kernel)");
+    m.def(
         "attend",
         [](CF32Array q, nb::ndarray<nb::c_contig, nb::device::cpu> k, nb::ndarray<nb::c_contig, nb::device::cpu> v,
            const std::string& dtype, int r0, int n, float scale, const std::string& isa) {

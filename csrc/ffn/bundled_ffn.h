@@ -11,8 +11,9 @@
 //
 // Use: ffn_begin, then ffn_accumulate over one or more parts [lo, hi) of the row list (the sparse
 // path computes each part as soon as its rows have been read), then ffn_end. Each thread owns
-// a fixed share of the list (ThreadPool::chunk), and sums its share in list order into its own
-// accumulator, so the result does not depend on how the list was cut into parts.
+// a fixed share of the list (every n_threads-th block of 64 positions, so that every part is
+// spread over all threads), and sums its share in list order into its own accumulator, so the
+// result does not depend on how the list was cut into parts.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -91,6 +92,10 @@ struct FfnRows {
     const uint8_t* mask;      // (T, n): token t uses neuron p when mask[t*n + p]; nullptr: all
     const int32_t* ids = nullptr;          // (n) the neuron each row is; nullptr: row p is neuron p
     const uint16_t* down_scales = nullptr; // split down columns: the layer's table (BundleFormat)
+    // One token, block formats: the entries p with ready[p] set take their gated activation
+    // act(gate . x) * (up . x) from early[p] (ffn_activate_early) instead of computing it.
+    const float* early = nullptr;   // (n)
+    const uint8_t* ready = nullptr; // (n)
 };
 
 // Clears the accumulators; block-format bundles: quantizes the input xn (T, d_model) into s.xq.
@@ -98,5 +103,11 @@ void ffn_begin(ThreadPool& pool, const float* xn, int T, int d_model, const Bund
 void ffn_accumulate(ThreadPool& pool, const float* xn, int T, int d_model, const BundleFormat& bf, Activation act,
                     const FfnRows& r, int lo, int hi, const FfnScratch& s);
 void ffn_end(ThreadPool& pool, float* out, int T, int d_model, const FfnScratch& s);  // out (T, d_model) += sum of acc
+// One token (T = 1), block formats, after ffn_begin: the gated activations of the list entries at
+// `positions` (n of them) into early[p], with ready[p] set: the sparse path computes its cached
+// neurons' gate and up while the reads of the others are in flight, and ffn_accumulate adds their
+// down columns later in list order. Bit for bit what ffn_accumulate would compute for them.
+void ffn_activate_early(ThreadPool& pool, int d_model, const BundleFormat& bf, Activation act, const FfnRows& r,
+                        const int32_t* positions, int n, float* early, uint8_t* ready, const FfnScratch& s);
 
 }  // namespace fm

@@ -1,6 +1,8 @@
 #include "ffn/predictor.h"
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "core/error.h"
 #include "kernels/cpu/kernels.h"
@@ -25,7 +27,7 @@ bool Predictor::loaded() const {
 }
 
 size_t Predictor::bytes() const {
-    size_t n = z_.size();
+    size_t n = z_.size() + zq_.size();
     for (const auto& L : layers_)
         n += L.gate_sign.size() + L.up_sign.size() + L.gate_row.size() + L.up_row.size() + L.gate_col.size() +
              L.up_col.size() + L.outlier_dims.size() + L.outlier_weight.size() + L.outlier_scale.size();
@@ -37,13 +39,26 @@ size_t Predictor::bytes_for(int n_layers, int d_ff, int d_model, int t_max) {
     const size_t M = d_model < kOutlierDims ? d_model : kOutlierDims;
     return size_t(n_layers) * (2 * buf(size_t(d_ff) * ((d_model + 7) / 8)) + 2 * buf(4 * size_t(d_ff)) +
                                2 * buf(4 * size_t(d_model)) + buf(4 * M) + buf(size_t(d_ff) * 2 * M) + buf(8 * M)) +
-           buf(sizeof(float) * size_t(t_max) * 2 * (d_model + M));
+           buf(sizeof(float) * size_t(t_max) * 2 * (d_model + M)) + buf(size_t(t_max) * 2 * d_model);
+}
+
+float quantize_predictor_z(const float* z, int n, int8_t* q) {
+    float mx = 0;
+    for (int k = 0; k < n; ++k) mx = std::max(mx, std::fabs(z[k]));
+    if (!(mx > 0)) {
+        std::fill(q, q + n, int8_t(0));
+        return 0.0f;
+    }
+    const float inv = 127.0f / mx;
+    for (int k = 0; k < n; ++k) q[k] = int8_t(std::nearbyint(z[k] * inv));
+    return mx / 127.0f;
 }
 
 Buffer& Predictor::tensor(int layer, const std::string& kind, std::vector<int64_t>& shape, const char*& dtype) {
     FM_ARG(layer >= 0 && layer < int(layers_.size()), "predictor layer ", layer, " out of range");
     const int M = outlier_dims();
     if (!z_.size()) z_.allocate(sizeof(float) * size_t(t_max_) * 2 * (d_model_ + M));
+    if (!zq_.size()) zq_.allocate(size_t(t_max_) * 2 * d_model_);
     PredictorLayer& L = layers_[layer];
     dtype = "f32";
     if (kind == "outlier_dims") {
@@ -89,21 +104,27 @@ void Predictor::scores(ThreadPool& pool, int l, const float* xn, int T, float* o
     const float* scale = L.outlier_scale.data<float>();
     // per token: gate col*x (d_model), up col*x (d_model), scale*x on the outlier dims (2M)
     float* z = z_.data<float>();
-    float sums[2 * 256];          // sum of z per token and matrix (T <= t_max <= 256)
+    int8_t* zq = zq_.data<int8_t>();
+    float zscale[2 * 256];   // per token and matrix: z's 8-bit scale
+    int32_t sums[2 * 256];   // and the sum of its 8-bit values (T <= t_max <= 256)
     FM_ARG(T <= 256, "predictor: at most 256 tokens per call");
     for (int t = 0; t < T; ++t) {
         const float* x = xn + size_t(t) * d_model;
         float* zg = z + size_t(t) * stride;
         float* zu = zg + d_model;
         float* zo = zu + d_model;
-        double sg = 0, su = 0;
         for (int k = 0; k < d_model; ++k) {
             zg[k] = L.gate_col.data<float>()[k] * x[k];
             zu[k] = L.up_col.data<float>()[k] * x[k];
-            sg += zg[k], su += zu[k];
         }
         for (int j = 0; j < 2 * M; ++j) zo[j] = scale[j] * x[dims[j % M]];
-        sums[2 * t] = float(sg), sums[2 * t + 1] = float(su);
+        for (int m = 0; m < 2; ++m) {
+            int8_t* q = zq + (size_t(t) * 2 + m) * d_model;
+            zscale[2 * t + m] = quantize_predictor_z(m ? zu : zg, d_model, q);
+            int32_t s = 0;
+            for (int k = 0; k < d_model; ++k) s += q[k];
+            sums[2 * t + m] = s;
+        }
     }
     pool.run([&](int tid, int nt) {
         auto [n0, n1] = ThreadPool::chunk(d_ff_, tid, nt, 16);
@@ -113,10 +134,10 @@ void Predictor::scores(ThreadPool& pool, int l, const float* xn, int T, float* o
             const int8_t* q = L.outlier_weight.data<int8_t>() + i * 2 * M;
             const float gr = L.gate_row.data<float>()[i], ur = L.up_row.data<float>()[i];
             for (int t = 0; t < T; ++t) {
-                const float* zg = z + size_t(t) * stride;
-                const float* zo = zg + 2 * d_model;
-                float g = gr * (2.0f * K.bit_sum(gs, zg, d_model) - sums[2 * t]);
-                float u = ur * (2.0f * K.bit_sum(us, zg + d_model, d_model) - sums[2 * t + 1]);
+                const float* zo = z + size_t(t) * stride + 2 * d_model;
+                const int8_t* qg = zq + size_t(t) * 2 * d_model;
+                float g = gr * zscale[2 * t] * float(2 * K.bit_sum_i8(gs, qg, d_model) - sums[2 * t]);
+                float u = ur * zscale[2 * t + 1] * float(2 * K.bit_sum_i8(us, qg + d_model, d_model) - sums[2 * t + 1]);
                 for (int j = 0; j < M; ++j) g += float(q[j]) * zo[j], u += float(q[M + j]) * zo[M + j];
                 out[size_t(t) * d_ff_ + i] = std::fabs(activate(act_, g) * u);
             }
@@ -126,13 +147,18 @@ void Predictor::scores(ThreadPool& pool, int l, const float* xn, int T, float* o
 
 void predictor_scores_ref(const PredictorRef& p, const float* x, int d_model, int d_ff, float* out) {
     const int rb = (d_model + 7) / 8, M = p.M;
+    std::vector<float> zg(d_model), zu(d_model);
+    std::vector<int8_t> qg(d_model), qu(d_model);
+    for (int k = 0; k < d_model; ++k) zg[k] = p.gate_col[k] * x[k], zu[k] = p.up_col[k] * x[k];
+    const double sg = quantize_predictor_z(zg.data(), d_model, qg.data());
+    const double su = quantize_predictor_z(zu.data(), d_model, qu.data());
     for (int i = 0; i < d_ff; ++i) {
         double g = 0, u = 0;
         for (int k = 0; k < d_model; ++k) {
             const bool gp = (p.gate_sign[size_t(i) * rb + k / 8] >> (k % 8)) & 1;
             const bool up = (p.up_sign[size_t(i) * rb + k / 8] >> (k % 8)) & 1;
-            g += (gp ? 1.0 : -1.0) * p.gate_col[k] * x[k];
-            u += (up ? 1.0 : -1.0) * p.up_col[k] * x[k];
+            g += (gp ? 1.0 : -1.0) * qg[k] * sg;
+            u += (up ? 1.0 : -1.0) * qu[k] * su;
         }
         g *= p.gate_row[i], u *= p.up_row[i];
         for (int j = 0; j < M; ++j) {

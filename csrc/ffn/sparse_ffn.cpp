@@ -47,8 +47,10 @@ size_t SparseFfn::fixed_bytes(int n_layers, int d_ff, int d_model, const BundleF
         n += staging_buffers(opt) *
              FlashReads::bytes_for(*layout, row_bytes(d_model, bf), opt.staging_rows, opt.staging_bytes);
         // neuron cache index (the rows themselves are the cache share of the budget), hotness, admission order
-        n += size_t(n_layers) * (4 * size_t(d_ff) + 16 * size_t(opt.cache_rows) + 64);
-        n += (opt.hot ? 4 * size_t(n_layers) * d_ff : 0) + size_t(opt.staging_rows) * (4 + sizeof(void*));
+        // (per row: its neuron, free-list entry, last use and victim entry)
+        n += size_t(n_layers) * (4 * size_t(d_ff) + 20 * size_t(opt.cache_rows) + 64);
+        n += (opt.hot ? 4 * size_t(n_layers) * d_ff : 0) + size_t(opt.staging_rows) * (8 + sizeof(void*));
+        n += bf.is_float() ? 0 : 9 * size_t(d_ff);  // early activations, their flags and positions
     }
     return n;
 }
@@ -106,6 +108,12 @@ SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, const B
     }
     admit_ids_.reserve(opt.staging_rows);
     admit_rows_.reserve(opt.staging_rows);
+    admit_slots_.reserve(opt.staging_rows);
+    if (!bf.is_float()) {
+        early_.allocate(4 * size_t(d_ff));
+        ready_.allocate(d_ff);
+        early_pos_.allocate(4 * size_t(d_ff));
+    }
 }
 
 SparseFfn::~SparseFfn() { drain(); }
@@ -117,7 +125,8 @@ int SparseFfn::staging_buffers(const SparseOptions& opt) { return opt.staging_ro
 size_t SparseFfn::bytes() const {
     size_t n = scores_.size() + order_.size() + uses_.size() + list_.size() + list_mask_.size() + rows_.size() +
                last_pick_.size() + window_pick_.size() + next_pos_.capacity() * 4 + in_list_.size() + picked_now_.size() + rounds_[0].reads.bytes() + rounds_[1].reads.bytes() + hotness_.size() +
-               admit_ids_.capacity() * 4 + admit_rows_.capacity() * sizeof(void*);
+               admit_ids_.capacity() * 4 + admit_rows_.capacity() * sizeof(void*) + admit_slots_.capacity() * 4 +
+               early_.size() + ready_.size() + early_pos_.size();
     for (const auto& c : neuron_caches_) n += c.bytes();
     return n;
 }
@@ -147,12 +156,14 @@ void SparseFfn::rewind(const int32_t* slots, const int32_t* positions, int T) {
     }
 }
 
-void SparseFfn::set_trace(std::vector<int32_t> ids, int n_steps, int k) {
+void SparseFfn::set_trace(std::vector<int32_t> ids, int n_steps, int k, bool score) {
+    FM_ARG(!score || predictor_.loaded(), "set_trace(score=True) needs a loaded predictor");
     FM_ARG(n_steps >= 0 && k >= 0 && ids.size() == size_t(n_steps) * n_layers_ * k, "trace must hold (n_steps, ",
            n_layers_, ", k) neuron ids");
     for (int32_t i : ids) FM_ARG(i >= 0 && i < d_ff_, "trace neuron id ", i, " out of range [0, ", d_ff_, ")");
     trace_ = std::move(ids);
     trace_steps_ = n_steps, trace_k_ = k;
+    trace_scores_ = score && n_steps > 0;
 }
 
 // Picks each token's neurons and builds the list of neurons this call computes with (ascending)
@@ -171,7 +182,7 @@ void SparseFfn::select(ThreadPool& pool, int l, const float* xn, int T, const in
     NeuronCache* cache = source_ == Source::Flash ? &neuron_caches_[l] : nullptr;
     const int64_t tok0 = step_[l];
     const int w = opt_.use_window && opt_.window > 1 ? opt_.window : 1;
-    if (!all && !trace_steps_) predictor_.scores(pool, l, xn, T, scores_.data<float>());
+    if (!all && (!trace_steps_ || trace_scores_)) predictor_.scores(pool, l, xn, T, scores_.data<float>());
     int32_t* order = order_.data<int32_t>();
     uint64_t computed = 0;
     for (int t = 0; t < T; ++t) {
@@ -281,6 +292,7 @@ void SparseFfn::read_and_compute(ThreadPool& pool, int l, const float* xn, int T
 // round k. After the layer's last round is submitted, at sparsity 0 the next layer's first round
 // is submitted in its place (the neurons it reads are exactly known: every one not cached).
 void SparseFfn::stream_layer(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s) {
+    early_used_ = false;
     Round* cur = &rounds_[0];
     int pos;
     if (ahead_layer_ == l && ahead_still_valid(l)) {
@@ -294,7 +306,7 @@ void SparseFfn::stream_layer(ThreadPool& pool, int l, const float* xn, int T, co
     } else {
         drain();  // a round read ahead for another layer, or for a cache that has changed since
         pos = plan_round(*cur, l, 0);
-        submit(*cur);
+        if (submit(*cur) && T == 1 && early_.size()) activate_cached_early(pool, l, s);
     }
     ahead_layer_ = -1, ahead_ = nullptr;
     const bool all = opt_.sparsity == 0.0 && trace_steps_ == 0 && !opt_.expire;
@@ -398,6 +410,29 @@ void SparseFfn::drain() noexcept {
     ahead_layer_ = -1, ahead_ = nullptr;
 }
 
+// The gate and up of every list entry in the neuron cache, while the layer's first round is read:
+// the rounds then add only their down columns (a cached entry stays where it is for the layer's
+// call: list entries are protected from eviction).
+void SparseFfn::activate_cached_early(ThreadPool& pool, int l, const FfnScratch& s) {
+    const NeuronCache& cache = neuron_caches_[l];
+    const int32_t* list = list_.data<int32_t>();
+    const void** rows = rows_.data<const void*>();
+    int32_t* at = early_pos_.data<int32_t>();
+    int n = 0;
+    for (int p = 0; p < n_list_; ++p) {
+        const int slot = cache.slot_of(list[p]);
+        if (slot >= 0) rows[p] = cache.row(slot), at[n++] = p;
+    }
+    if (n == 0) return;
+    auto t0 = Clock::now();
+    std::memset(ready_.data(), 0, size_t(n_list_));
+    ffn_activate_early(pool, d_model_, bf_, act_, {rows, n_list_, nullptr, list, down_scales_[l]}, at, n,
+                       early_.data<float>(), ready_.data<uint8_t>(), s);
+    early_used_ = true;
+    stats_.early += uint64_t(n);
+    stats_.compute_s += since(t0);
+}
+
 // Computes list entries [r.lo, r.hi) once r's reads are in (the misses from its staging buffer,
 // the hits from the neuron cache), and keeps what was read in the neuron cache.
 void SparseFfn::compute_round(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s, Round& r) {
@@ -414,8 +449,9 @@ void SparseFfn::compute_round(ThreadPool& pool, int l, const float* xn, int T, c
         const int slot = cache.slot_of(list[pos]);
         if (slot >= 0) rows[pos] = cache.row(slot);
     }
-    ffn_accumulate(pool, xn, T, d_model_, bf_, act_, {rows, n_list_, has_mask_ ? list_mask_.data<uint8_t>() : nullptr, list, down_scales_[l]}, lo,
-                   hi, s);
+    FfnRows fr{rows, n_list_, has_mask_ ? list_mask_.data<uint8_t>() : nullptr, list, down_scales_[l]};
+    if (early_used_) fr.early = early_.data<float>(), fr.ready = ready_.data<uint8_t>();
+    ffn_accumulate(pool, xn, T, d_model_, bf_, act_, fr, lo, hi, s);
     // keep what was read for the next tokens
     if (cache.capacity() > 0 && !pending.empty()) {
         const float* hot = opt_.hot ? hotness_.data<float>() + size_t(l) * d_ff_ : nullptr;
@@ -425,9 +461,15 @@ void SparseFfn::compute_round(ThreadPool& pool, int l, const float* xn, int T, c
             });
         admit_ids_.clear(), admit_rows_.clear();
         for (int pos : pending) admit_ids_.push_back(list[pos]), admit_rows_.push_back(rows[pos]);
+        admit_slots_.resize(pending.size());
         const int64_t now = step_[l] - 1;  // the call's last token
-        cache.admit(admit_ids_.data(), admit_rows_.data(), int(pending.size()), now,
-                    last_pick_.data<int64_t>() + size_t(l) * d_ff_, in_list_.data<uint8_t>(), hot);
+        const int n = cache.admit(admit_ids_.data(), int(pending.size()), now, last_pick_.data<int64_t>() + size_t(l) * d_ff_,
+                                  in_list_.data<uint8_t>(), hot, admit_slots_.data());
+        // the rows, copied by all threads (a layer's reads are tens of MB at 7B shapes)
+        const size_t row = row_bytes(d_model_, bf_);
+        pool.parallel_dynamic(size_t(n), 1, [&](size_t b, size_t e, int) {
+            for (size_t j = b; j < e; ++j) std::memcpy(cache.row(admit_slots_[j]), admit_rows_[j], row);
+        });
     }
     stats_.compute_s += since(t0);
 }

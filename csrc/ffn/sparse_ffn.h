@@ -66,6 +66,7 @@ struct SparseStats {
     uint64_t misses = 0;       // picked neurons read from flash
     uint64_t rounds_ahead = 0;   // rounds of a layer's first misses read during the layer before (sparsity 0)
     uint64_t rounds_dropped = 0; // of those, the ones not used: the cache or the list had changed
+    uint64_t early = 0;        // cached neurons whose gate and up ran while the layer's first reads were in flight
     double select_s = 0, io_s = 0, compute_s = 0;  // io_s: time the compute waited for reads
 };
 
@@ -106,7 +107,9 @@ class SparseFfn {
     int neurons_cached(int layer) const { return neuron_caches_.empty() ? 0 : neuron_caches_[layer].size(); }
     // Replaces the predictor by fixed selections (for replaying traces): (n_steps, n_layers, k)
     // neuron ids; the t-th token a layer runs (counted since the model was made) uses row t % n_steps.
-    void set_trace(std::vector<int32_t> ids, int n_steps, int k);
+    // score: the loaded predictor still scores every token, its scores unused (a replay on a model
+    // whose predictor cannot pick, e.g. random weights, then pays a real predictor's time).
+    void set_trace(std::vector<int32_t> ids, int n_steps, int k, bool score = false);
     // out (T, d_model) += FFN(xn (T, d_model)) of layer l; token t is at position positions[t] of
     // the sequence in slot slots[t]. A sequence that restarts before where it was (a new one at
     // position 0, a shorter shared prefix) forgets its window's picks from there on; the neuron
@@ -135,6 +138,8 @@ class SparseFfn {
     bool submit(Round& r);                      // its reads to the I/O threads; false when it has none
     void wait_for(Round& r);
     void compute_round(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s, Round& r);
+    // One token, block formats: the cached list entries' gate and up, while the first round reads.
+    void activate_cached_early(ThreadPool& pool, int l, const FfnScratch& s);
     void drain() noexcept;  // waits for reads in flight (errors dropped) and forgets the round read ahead
 
     Source source_;
@@ -157,8 +162,10 @@ class SparseFfn {
 
     std::vector<int32_t> trace_;
     int trace_steps_ = 0, trace_k_ = 0;
+    bool trace_scores_ = false;
     int n_list_ = 0;
     bool has_mask_ = false;
+    bool early_used_ = false;  // this layer call's cached entries have their activations in early_
 
     // Per call scratch, sized once.
     Buffer scores_;     // (t_max, d_ff) f32 predictor scores
@@ -173,8 +180,12 @@ class SparseFfn {
     Buffer list_;       // (d_ff) int32 neurons computed this call, ascending
     Buffer list_mask_;  // (t_max, n_list) uint8: token t computes with list entry p
     Buffer rows_;       // (d_ff) const void* bundle of each list entry
+    Buffer early_;      // (d_ff) f32 gated activations computed early (one token, block formats)
+    Buffer ready_;      // (d_ff) uint8: early_[p] holds list entry p's
+    Buffer early_pos_;  // (d_ff) int32 the list positions computed early
     std::vector<int32_t> admit_ids_;   // neurons read in a round, hottest first (neuron cache admission)
     std::vector<const void*> admit_rows_;
+    std::vector<int32_t> admit_slots_;  // the cache slot each admitted neuron's row is copied to
 };
 
 }  // namespace fm

@@ -34,6 +34,8 @@ struct Kernels {
     float (*l2sq)(const float* a, const float* b, int n);    // sum (a-b)^2
     // sum of z[k] for the k < n whose bit is set (bit k = bits[k/8] >> (k%8) & 1)
     float (*bit_sum)(const uint8_t* bits, const float* z, int n);
+    // the same with z in int8 (each |z[k]| <= 127): the predictor's kernel
+    int32_t (*bit_sum_i8)(const uint8_t* bits, const int8_t* z, int n);
     // The index of the first largest of x[0..n), as std::max_element (reference) finds it: a NaN
     // never wins, except in position 0, which then does. Greedy sampling's pick.
     int32_t (*argmax)(const float* x, int n);
@@ -60,6 +62,7 @@ void gemm_ref(float* Y, size_t ldy, const float* X, size_t ldx, int T, const voi
 void ffn_decode_ref(float* y, const float* x, const void* const* rows, DType dt, int d_model, int n, Activation act);
 void softmax_ref(float* x, int n, float scale);
 float bit_sum_ref(const uint8_t* bits, const float* z, int n);
+int32_t bit_sum_i8_ref(const uint8_t* bits, const int8_t* z, int n);
 int32_t argmax_ref(const float* x, int n);
 void accumulate_ref(float* Y, size_t ldy, const float* A, size_t lda, int T, const void* B, DType dt,
                     size_t ldb, int D, int NB);

@@ -31,6 +31,13 @@ void ffn_decode_ref(float* y, const float* x, const void* const* rows, DType dt,
     for (int d = 0; d < d_model; ++d) y[d] = float(acc[d]);
 }
 
+int32_t bit_sum_i8_ref(const uint8_t* bits, const int8_t* z, int n) {
+    int32_t s = 0;
+    for (int k = 0; k < n; ++k)
+        if ((bits[k / 8] >> (k % 8)) & 1) s += z[k];
+    return s;
+}
+
 float bit_sum_ref(const uint8_t* bits, const float* z, int n) {
     double s = 0;
     for (int k = 0; k < n; ++k)

@@ -99,7 +99,17 @@ def estimate(parts: dict, x: np.ndarray, name: str) -> np.ndarray:
     m, j = len(dims), ("gate", "up").index(name)
     s = np.unpackbits(parts[f"{name}_sign"], axis=1, bitorder="little", count=d).astype(np.float32) * 2 - 1
     exact = x[:, dims] @ (q[:, j * m:(j + 1) * m] * scale[j * m:(j + 1) * m]).T
-    return ((x * parts[f"{name}_col"]) @ s.T) * parts[f"{name}_row"] + exact
+    return (quantized_z(x * parts[f"{name}_col"]) @ s.T) * parts[f"{name}_row"] + exact
+
+
+def quantized_z(z: np.ndarray) -> np.ndarray:
+    """z (N, d) as the engine takes it: each row in int8 with one scale, max |z| / 127
+    (quantize_predictor_z in csrc/ffn/predictor.cpp), back in float."""
+    z = np.asarray(z, np.float32)
+    mx = np.abs(z).max(axis=1, keepdims=True)
+    safe = np.where(mx > 0, mx, np.float32(1))
+    q = np.rint(z * (np.float32(127) / safe))
+    return (q * (safe / np.float32(127))).astype(np.float32) * (mx > 0)
 
 
 def predict(parts: dict, x: np.ndarray, act=_silu) -> np.ndarray:
@@ -121,6 +131,19 @@ def predictor_bytes(d: int, ff: int) -> int:
     return 2 * ff * ((d + 7) // 8) + 4 * (2 * ff + 2 * d) + 4 * m + 2 * m * ff + 8 * m
 
 
+def predictor_specs(n_layers: int, d: int, ff: int) -> list[tuple[str, str, tuple]]:
+    """(name, tag, shape) of every layer's predictor tensors (PREDICTOR_PARTS), in file order."""
+    rb, m = (d + 7) // 8, min(OUTLIER_DIMS, d)
+    specs = []
+    for l in range(n_layers):
+        p = f"model.layers.{l}.mlp.predictor."
+        specs += [(p + "gate_sign", "u8", (ff, rb)), (p + "up_sign", "u8", (ff, rb)), (p + "gate_row", "f32", (ff,)),
+                  (p + "up_row", "f32", (ff,)), (p + "gate_col", "f32", (d,)), (p + "up_col", "f32", (d,)),
+                  (p + "outlier_dims", "i32", (m,)), (p + "outlier_weight", "i8", (ff, 2 * m)),
+                  (p + "outlier_scale", "f32", (2 * m,))]
+    return specs
+
+
 def calibrate(model, text: str, tokens: int = 8192, progress: bool = True) -> dict:
     """Fits predictors for a loaded dense `flashmem.Model` and writes them to its folder.
     Returns the report (per-layer held-out recall)."""
@@ -135,15 +158,8 @@ def calibrate(model, text: str, tokens: int = 8192, progress: bool = True) -> di
                        axis=1)  # (layers, N, d)
     n = X.shape[1]
     n_train = n - max(n // 10, 64)
-    rb, m = (d + 7) // 8, min(OUTLIER_DIMS, d)
     out = os.path.join(model.path, PREDICTOR_FILE)
-    specs = []
-    for l in range(n_layers):
-        p = f"model.layers.{l}.mlp.predictor."
-        specs += [(p + "gate_sign", "u8", (ff, rb)), (p + "up_sign", "u8", (ff, rb)), (p + "gate_row", "f32", (ff,)),
-                  (p + "up_row", "f32", (ff,)), (p + "gate_col", "f32", (d,)), (p + "up_col", "f32", (d,)),
-                  (p + "outlier_dims", "i32", (m,)), (p + "outlier_weight", "i8", (ff, 2 * m)),
-                  (p + "outlier_scale", "f32", (2 * m,))]
+    specs = predictor_specs(n_layers, d, ff)
     ffn_bytes = bundle_bytes(cfg) * ff
     report = {"tokens": n, "held_out_tokens": n - n_train, "predictor_share_of_ffn": predictor_bytes(d, ff) / ffn_bytes,
               "recall_at_50": [], "recall_at_80": [], "recall_ahead_at_50": [],
