@@ -614,7 +614,7 @@ def main():
               "timeout_s": timeout, "quick": a.quick, "skip_above_footprint": a.skip_above_footprint,
               "mb": "MiB (2**20 bytes)", "cgroup_parent": base, "flashmem_folders": prep["folders"],
               "conversion_errors": prep["errors"], "calibration": prep["calibration"],
-              "replay_traces": prep["traces"]}
+              "replay_traces": prep["traces"], "replay_predictor": prep.get("predictor")}
     out = {"benchmark": "limited_dram", "config": config, "machine": machine() | {"isa": prep.get("isa")},
            "footprint_mb": footprint, "columns": columns, "results": results,
            "total_s": time.perf_counter() - t_start}
