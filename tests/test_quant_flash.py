@@ -130,7 +130,8 @@ def test_cached_neurons_activated_early_compute_the_same(q41_calibrated, held_ou
     """Decoding from flash with a cache smaller than the FFN, each layer's cached neurons have their
     gate and up computed while the misses are read, their down columns added later in list order:
     the logits are bit for bit those of the all-in-DRAM sparse FFN (window 1: both compute exactly
-    the picks), for q4_1 bundles with split down columns."""
+    the picks), for q4_1 bundles with split down columns (a layer's misses fit one read round here:
+    rounds cut elsewhere than at multiples of 16 list positions regroup the sums, bundled_ffn.h)."""
     dst, _ = q41_calibrated
     ids = held_out[:24]
     dram = flashmem.load(dst, threads=2, max_context=64, sparsity=0.5, window=1)

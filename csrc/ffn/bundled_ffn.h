@@ -13,7 +13,10 @@
 // path computes each part as soon as its rows have been read), then ffn_end. Each thread owns
 // a fixed share of the list (every n_threads-th block of 64 positions, so that every part is
 // spread over all threads), and sums its share in list order into its own accumulator, so the
-// result does not depend on how the list was cut into parts.
+// result does not depend on how the list was cut into parts where the cuts fall on multiples of
+// 16 positions (a cut inside a group of 4 (decode) or 16 neurons regroups the down columns' sums,
+// which rounds differently in the last bits; the sparse path's read rounds end where their
+// staging buffer is full, anywhere).
 #pragma once
 #include <cstddef>
 #include <cstdint>

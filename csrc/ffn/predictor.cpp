@@ -50,7 +50,10 @@ float quantize_predictor_z(const float* z, int n, int8_t* q) {
         return 0.0f;
     }
     const float inv = 127.0f / mx;
-    for (int k = 0; k < n; ++k) q[k] = int8_t(std::nearbyint(z[k] * inv));
+    for (int k = 0; k < n; ++k) {  // clamped, and a NaN (a non-finite z) taken as 0: no undefined cast
+        const float v = std::nearbyint(z[k] * inv);
+        q[k] = v == v ? int8_t(std::clamp(v, -127.0f, 127.0f)) : int8_t(0);
+    }
     return mx / 127.0f;
 }
 

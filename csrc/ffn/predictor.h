@@ -56,7 +56,8 @@ class Predictor {
 };
 
 // q = z (n) in int8 with one scale (max |z| / 127, returned; 0 and all-zero q when z is all zero),
-// rounded to nearest: the predictor's z, in the engine and its reference alike.
+// rounded to nearest: the predictor's z, in the engine and its reference alike. Non-finite
+// values give 0 (and any scale), never an undefined conversion.
 float quantize_predictor_z(const float* z, int n, int8_t* q);
 
 // Reference for tests: the same scores in double precision, for one token x (d_model).

@@ -442,8 +442,8 @@ void SparseFfn::compute_round(ThreadPool& pool, int l, const float* xn, int T, c
     std::vector<int32_t>& pending = r.pending;
     const int lo = r.lo, hi = r.hi;
     auto t0 = Clock::now();
-    // misses from the read buffers; hits from the neuron cache, looked up now (rows move in the
-    // cache when others are evicted)
+    // misses from the read buffers; hits from the neuron cache (list entries keep their slots for
+    // the call: admission never evicts them)
     for (size_t j = 0; j < pending.size(); ++j) rows[pending[j]] = r.reads.bundle(int(j));
     for (int pos = lo; pos < hi; ++pos) {
         const int slot = cache.slot_of(list[pos]);
