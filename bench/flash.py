@@ -47,8 +47,7 @@ from common import RESULTS, machine, median, save, shakespeare  # noqa: E402
 import flashmem  # noqa: E402
 from flashmem import _core  # noqa: E402
 from flashmem.checkpoints import safetensors_io as st  # noqa: E402
-from flashmem.flash import PREDICTOR_PARTS  # noqa: E402
-from flashmem.flash.calibrate import calibrate, predict  # noqa: E402
+from flashmem.flash.calibrate import calibrate, load_parts, predict  # noqa: E402
 from flashmem.flash import PREDICTOR_FILE, write_unbundled  # noqa: E402
 from flashmem.flash.streaming import bundle_bytes  # noqa: E402
 
@@ -130,13 +129,11 @@ def selection_trace(folder, text, sparsity, n_tokens):
     ids = np.asarray(m.tokenizer.encode(text)[:n_tokens], np.int32)
     X = m._engine.ffn_inputs(ids)  # (layers, T, d)
     path = os.path.join(folder, PREDICTOR_FILE)
-    infos, _ = st.read_header(path)
     ff = m.config["intermediate_size"]
     k = max(1, int((1 - sparsity) * ff + 0.5))
     picks = []
     for l in range(X.shape[0]):
-        parts = {p: st.load_tensor(path, infos[f"model.layers.{l}.mlp.predictor.{p}"]) for p in PREDICTOR_PARTS}
-        sc = predict(parts, X[l])
+        sc = predict(load_parts(path, l), X[l])
         picks.append(np.sort(np.argpartition(-sc, k - 1, axis=1)[:, :k], axis=1))
     return np.stack(picks, axis=1), ff
 

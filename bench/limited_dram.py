@@ -409,6 +409,16 @@ def predictor_kind(folder: str) -> str | None:
     return "random" if st.read_header(path)[1].get("predictor") == RANDOM_PREDICTOR else "fitted"
 
 
+def random_predictor_current(folder: str) -> bool:
+    """Whether the folder's random predictor is of the kind calibrate would fit there now (default_rank)."""
+    from flashmem.checkpoints import safetensors_io as st
+    from flashmem.flash.calibrate import default_rank
+
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    meta = st.read_header(os.path.join(folder, "predictor.safetensors"))[1]
+    return meta.get("rank", "0") == str(default_rank(cfg["hidden_size"], cfg["intermediate_size"]))
+
+
 def write_random_predictor(folder: str) -> None:
     """A sparsity predictor of the folder's shapes with random values. With --replay-trace the picks
     come from the trace, but the engine loads this predictor (its DRAM counts against the budget)
@@ -417,16 +427,19 @@ def write_random_predictor(folder: str) -> None:
     import numpy as np
 
     from flashmem.checkpoints import safetensors_io as st
-    from flashmem.flash.calibrate import predictor_specs
+    from flashmem.flash.calibrate import default_rank, predictor_specs, q8_0
 
     cfg = json.load(open(os.path.join(folder, "config.json")))
     d, ff, n_layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     rng = np.random.default_rng(0)
     path = os.path.join(folder, "predictor.safetensors")
-    specs = predictor_specs(n_layers, d, ff)
-    w = st.Writer(path + ".part", specs, {"predictor": RANDOM_PREDICTOR})
+    rank = default_rank(d, ff)  # the kind calibrate would fit at these shapes
+    specs = predictor_specs(n_layers, d, ff, rank)
+    w = st.Writer(path + ".part", specs, {"predictor": RANDOM_PREDICTOR, "rank": str(rank)})
     for name, tag, shape in specs:
-        if name.endswith("outlier_dims"):
+        if name.endswith("lowrank_in") or name.endswith("lowrank_out"):
+            x = q8_0(rng.standard_normal((shape[0], shape[1] // 34 * 32), dtype=np.float32))
+        elif name.endswith("outlier_dims"):
             x = np.sort(rng.choice(d, shape[0], replace=False)).astype(np.int32)
         elif tag == "u8":
             x = rng.integers(0, 256, shape, dtype=np.uint8)
@@ -469,10 +482,13 @@ def prepare(a, modes, gguf, shared_text) -> dict:
                 if c.returncode:
                     raise SystemExit(f"making the replay trace failed:\n{c.stderr[-3000:]}")
             prep["traces"][nn] = path
-        if predictor_kind(folder) is None:
+        if predictor_kind(folder) is None or (predictor_kind(folder) == "random" and not random_predictor_current(folder)):
             print(f"writing a random predictor of {folder}'s shapes (its cost, not its picks) ...", flush=True)
             write_random_predictor(folder)
         prep["predictor"] = predictor_kind(folder)
+        from flashmem.flash.streaming import predictor_rank
+
+        prep["predictor_rank"] = predictor_rank(os.path.join(folder, "predictor.safetensors"))
     elif folder and sparse:
         if predictor_kind(folder) != "fitted":  # none, or a random one written for replays
             print(f"fitting the sparsity predictor in {folder} (flashmem calibrate) ...", flush=True)

@@ -37,6 +37,8 @@ void bind_model(nb::module_& m) {
         .def_rw("staging_bytes", &fm::SparseOptions::staging_bytes, "cap on the read buffer (0: none)")
         .def_rw("queue_depth", &fm::SparseOptions::queue_depth, "reads in flight")
         .def_rw("coalesce_gap", &fm::SparseOptions::coalesce_gap, "unneeded bundles a read may span to join two")
+        .def_rw("predictor_rank", &fm::SparseOptions::predictor_rank,
+                "the predictor's kind: 0 the sign predictor, r > 0 (a multiple of 32) the low-rank one of rank r")
         .def_rw("max_request", &fm::SparseOptions::max_request, "largest read, bytes (a multiple of 4096)")
         .def_rw("direct", &fm::SparseOptions::direct, "read with O_DIRECT (else through the page cache)")
         .def("validate", &fm::SparseOptions::validate);

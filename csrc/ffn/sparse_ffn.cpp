@@ -27,6 +27,9 @@ void SparseOptions::validate() const {
     FM_ARG(coalesce_gap >= 0, "SparseOptions.coalesce_gap must be >= 0, got ", coalesce_gap);
     FM_ARG(max_request >= kIoAlign && max_request % kIoAlign == 0, "SparseOptions.max_request must be a multiple of ",
            kIoAlign, " bytes, got ", max_request);
+    FM_ARG(predictor_rank >= 0 && predictor_rank % 32 == 0 && predictor_rank <= 4096,
+           "SparseOptions.predictor_rank must be 0 (sign predictor) or a multiple of 32 up to 4096, got ",
+           predictor_rank);
 }
 
 size_t SparseFfn::row_bytes(int d_model, const BundleFormat& bf) { return (bf.bytes(d_model) + 63) / 64 * 64; }
@@ -62,7 +65,7 @@ SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, const B
       act_(act), opt_(opt), resident_(std::move(resident)), down_scales_(size_t(n_layers), nullptr) {
     FM_ARG(n_slots >= 1, "SparseFfn: n_slots must be >= 1, got ", n_slots);
     bf.validate(d_model, d_ff);
-    predictor_.init(n_layers, d_ff, d_model, t_max, act);
+    predictor_.init(n_layers, d_ff, d_model, t_max, act, opt.predictor_rank);
     scores_.allocate(sizeof(float) * size_t(t_max) * d_ff);
     order_.allocate(4 * size_t(d_ff));
     uses_.allocate(size_t(t_max) * d_ff);

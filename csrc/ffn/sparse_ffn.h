@@ -47,6 +47,7 @@ struct SparseOptions {
     int coalesce_gap = 2;      // unneeded bundles a request may span to join two needed ones
     size_t max_request = size_t(256) << 10;
     bool direct = true;
+    int predictor_rank = 0;    // the predictor's kind (predictor.h): 0 the sign predictor, r > 0 low-rank of rank r
 
     // Every field in its range, else an exception naming it. Model::configure_sparse calls it,
     // before anything is sized with the options.

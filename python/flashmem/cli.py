@@ -140,8 +140,9 @@ def cmd_calibrate(a) -> None:
     model = flashmem.load(a.model, dtype=a.dtype, threads=a.threads)
     with open(a.data, encoding="utf-8") as f:
         text = f.read()
-    r = calibrate(model, text, tokens=a.tokens)
-    print(f"predictors ({r['predictor_share_of_ffn']:.1%} of the FFN's bytes) written to {r['path']}")
+    r = calibrate(model, text, tokens=a.tokens, rank=a.rank)
+    kind = f"low-rank, rank {r['rank']}" if r["rank"] else "signs"
+    print(f"predictors ({kind}; {r['predictor_share_of_ffn']:.1%} of the FFN's bytes) written to {r['path']}")
     print(f"held-out recall of the true top neurons: {r['mean_recall_at_50']:.3f} at 50% sparsity, "
           f"{r['mean_recall_at_80']:.3f} at 80% (min over layers {min(r['recall_at_50']):.3f} / "
           f"{min(r['recall_at_80']):.3f}); {r['tokens']} tokens, {r['held_out_tokens']} held out")
@@ -214,6 +215,9 @@ def main(argv=None) -> int:
     k.add_argument("--dtype", choices=ALL_DTYPES, default=None, help=DTYPE_HELP)
     k.add_argument("--threads", type=int, default=None)
     k.add_argument("--tokens", type=int, default=8192)
+    k.add_argument("--rank", type=int, default=None,
+                   help="0: the sign predictor; r > 0 (a multiple of 32): the low-rank one of rank r "
+                        "(default: whichever of sign and rank 128 takes fewer bytes at the model's shapes)")
     k.set_defaults(fn=cmd_calibrate)
     e = sub.add_parser("eval-ppl", help="perplexity on the last --tokens tokens of a text file")
     _model_args(e)

@@ -29,6 +29,7 @@ PREDICTOR_FILE = "predictor.safetensors"
 # the predictor's tensors per layer, "model.layers.{l}.mlp.predictor.{part}" (csrc/ffn/predictor.h)
 PREDICTOR_PARTS = ("gate_sign", "up_sign", "gate_row", "up_row", "gate_col", "up_col", "outlier_dims",
                    "outlier_weight", "outlier_scale")
+LOWRANK_PARTS = ("lowrank_in", "lowrank_out")  # the low-rank kind's
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30}
@@ -139,6 +140,12 @@ def configure(engine, folder: str, config: dict, offload, dram_budget, sparsity,
         if not os.path.isfile(predictor):
             raise FileNotFoundError(f"sparsity {sparsity} needs the sparsity predictor {predictor}, which is "
                                     f"missing: run `flashmem calibrate {folder} --data FILE` first")
+    if predictor:
+        try:
+            options.predictor_rank = predictor_rank(predictor)
+            options.validate()
+        except ValueError as e:
+            raise ValueError(f"{predictor}: {e}") from None
     file_layout = layout(folder, config, ffn_layout) if offload else None
     try:
         engine.configure_sparse("flash" if offload else "dram", options, budget or 0, bool(sparsity), file_layout,
@@ -168,11 +175,23 @@ def sparse_options(**fields) -> _core.SparseOptions:
     return options
 
 
+def predictor_rank(path: str) -> int:
+    """The kind of the predictor file at `path`: 0 for the sign predictor, else the low-rank one's rank."""
+    infos, _ = st.read_header(path)
+    info = infos.get("model.layers.0.mlp.predictor.lowrank_in")
+    if info is None:
+        return 0
+    if len(info.shape) != 2 or info.shape[0] % 2:
+        raise ValueError(f"{path}: tensor '{info.name}' has shape {tuple(info.shape)}, expected (2 * rank, row bytes)")
+    return int(info.shape[0]) // 2
+
+
 def load_predictor(engine, path: str, n_layers: int) -> None:
     """Loads every layer's predictor tensors from `path` into the configured engine."""
     infos, _ = st.read_header(path)
+    parts = LOWRANK_PARTS if predictor_rank(path) else PREDICTOR_PARTS
     for l in range(n_layers):
-        for part in PREDICTOR_PARTS:
+        for part in parts:
             name = f"model.layers.{l}.mlp.predictor.{part}"
             if name not in infos:
                 raise ValueError(f"{path}: tensor '{name}' is missing; run `flashmem calibrate` again")
