@@ -280,6 +280,7 @@ void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const 
     }
     std::vector<const void*> resident;
     if (!flash) resident.resize(c.n_layers, nullptr);  // filled once the bundles are loaded
+    sparse_.reset();  // a second configuration (the loader's, once it knows what stays resident) frees the first's
     sparse_ = std::make_unique<SparseFfn>(source, c.n_layers, c.d_ff, c.d_model, c.ffn_bundle, c.activation, chunk_,
                                           c.max_batch, opt, layout, resident);
 }

@@ -80,7 +80,8 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
     embeddings and a tied LM head resident), else "all" (every matrix read when needed). A byte
     of budget saves a byte read per token whether it holds attention weights or cached neurons,
     and with sparsity the neurons save less (a cached neuron is read only when picked): so flash
-    while it fits."""
+    while it fits. offload="all" under a budget keeps what the budget holds beyond its minimum of the
+    attention matrices (whole layers) and the LM head resident after all (resident_within)."""
     if offload == "auto":
         if dram_budget is None:
             raise ValueError("offload='auto' chooses what to stream from dram_budget: give one (bytes, e.g. "
@@ -149,6 +150,16 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
                                                      budget_source=budget_source,
                                                      resident_bytes=sum(w.engine_bytes for w in weights),
                                                      **flash_options)
+    minimum = None
+    if offload == "all" and budget:
+        minimum = engine.sparse_stats()["minimum_budget"]
+        keep = resident_within(weights_to_load(folder, config, ffn), budget - minimum)
+        if keep:  # configured again, with those matrices' bytes counted as resident
+            weights = weights_to_load(folder, config, ffn, stream=stream, keep=keep)
+            offload, budget, predictor = streaming.configure(engine, folder, config, offload, dram_budget, sparsity,
+                                                             window, budget_source=budget_source,
+                                                             resident_bytes=sum(w.engine_bytes for w in weights),
+                                                             **flash_options)
     for w in weights:
         engine.load_tensor(w.kind, w.layer, w.path, w.offset, w.format, w.shape, stream=w.streamed)
     if predictor:
@@ -157,7 +168,7 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
     if budget and engine.owned_bytes > budget:  # the estimate was exceeded: a bug
         raise RuntimeError(f"engine owns {engine.owned_bytes} bytes, above dram_budget {budget}")
     return Model(engine, tokenizer, folder, config, c.max_context, eos_token_ids(folder, tokenizer),
-                 offload=offload, dram_budget=budget, sparsity=float(sparsity), window=window)
+                 offload=offload, dram_budget=budget, sparsity=float(sparsity), window=window, minimum_budget=minimum)
 
 
 def release_freed_memory() -> None:
@@ -302,13 +313,43 @@ def check_dims(dims: dict, weights: list[WeightFile], folder: str, config: dict)
         raise ValueError(f"{where}: intermediate_size is {dims['d_ff']}, but the FFN of layer 0 has {rows[0]} neurons")
 
 
-def weights_to_load(folder: str, config: dict, ffn: str = "dense", stream: tuple = ()) -> list[WeightFile]:
+ATTENTION_KINDS = ("wq", "wk", "wv", "wo")
+
+
+def resident_within(resident: list[WeightFile], spare: int) -> set:
+    """offload="all" under a budget: the matrices it keeps in DRAM after all, within `spare` bytes (the budget
+    beyond the all-streamed minimum), as (kind, layer) pairs: whole layers' attention matrices from the last
+    layer down (the streamed ones before them are still each read during the layer before), then the LM
+    head (a tied one: the embedding table). A byte of them saves a byte read at every token; a byte of
+    neuron cache saves as much at sparsity 0 and less with sparsity (a cached neuron is read only when
+    picked), so they come first, and the neuron cache takes what is left. `resident`: weights_to_load with
+    nothing streamed."""
+    layers, head = {}, None
+    for w in resident:
+        if w.kind in ATTENTION_KINDS:
+            layers[w.layer] = layers.get(w.layer, 0) + w.engine_bytes
+        elif w.kind == "lm_head" or (w.kind == "embed" and head is None):
+            head = w
+    keep = set()
+    for layer in sorted(layers, reverse=True):
+        if layers[layer] > spare:
+            break
+        keep |= {(kind, layer) for kind in ATTENTION_KINDS}
+        spare -= layers[layer]
+    if head is not None and len(keep) == len(ATTENTION_KINDS) * len(layers) and head.engine_bytes <= spare:
+        keep.add((head.kind, -1))
+    return keep
+
+
+def weights_to_load(folder: str, config: dict, ffn: str = "dense", stream: tuple = (),
+                    keep: set = frozenset()) -> list[WeightFile]:
     """The tensors the engine loads from a converted folder, in file order. ffn: "dense" (the FFN
     in DRAM: neuron bundles, or a "gguf" folder's three matrices), "bundles" (the neuron bundles,
     for sparsity in DRAM) or "streamed" (no FFN weights: flash streaming reads them). A matrix in a
     block format is stored as the bytes of its rows; the file's metadata "formats" names its format
     (checkpoints/convert.py); block-format bundles are U8 rows, their formats in "bundle_format".
-    stream: the kinds (of STREAMED_KINDS) left in the file and read when needed (engine_bytes 0)."""
+    stream: the kinds (of STREAMED_KINDS) left in the file and read when needed (engine_bytes 0), but for
+    the (kind, layer) pairs in `keep` (resident_within)."""
     section = config["flashmem"]["ffn"]
     ffn_file = section.get("file")
     matrices = section.get("layout") == "matrices"  # model.safetensors holds gate, up and down
@@ -359,7 +400,8 @@ def weights_to_load(folder: str, config: dict, ffn: str = "dense", stream: tuple
                 shape[1] = shape[1] // block_bytes * block
             elif info.tag != "f32" and len(shape) == 1:  # norms and biases become f32
                 nbytes = shape[0] * 4
-            streamed = kind in stream and kind in STREAMED_KINDS and fname == RESIDENT_FILE
+            streamed = (kind in stream and kind in STREAMED_KINDS and fname == RESIDENT_FILE and
+                        (kind, layer) not in keep)
             matrix = len(shape) == 2 and kind not in ("ffn_bundles", "ffn_down_scales")
             owned = _core.tensor_footprint(nbytes) if matrix else (nbytes + 63) // 64 * 64  # as Buffer rounds
             out.append(WeightFile(kind, layer, path, info.offset, fmt, shape, 0 if streamed else owned, streamed,

@@ -69,8 +69,10 @@ class Model:
     server, decode several slots together; see batching.py)."""
 
     def __init__(self, engine, tokenizer, path: str, config: dict, max_context: int, eos_token_ids: list[int],
-                 offload: str | None = None, dram_budget: int | None = None, sparsity: float = 0.0, window: int = 5):
+                 offload: str | None = None, dram_budget: int | None = None, sparsity: float = 0.0, window: int = 5,
+                 minimum_budget: int | None = None):
         self._engine, self.tokenizer, self.path, self.config = engine, tokenizer, path, config
+        self._minimum_budget = minimum_budget  # offload="all": with every matrix streamed (resident_within)
         self.dtype = config["flashmem"]["dtype"]
         self.vocab_size, self.d_model, self.max_context = config["vocab_size"], config["hidden_size"], max_context
         self.eos_token_ids = eos_token_ids
@@ -107,7 +109,10 @@ class Model:
     def flash_stats(self) -> dict:
         """Raw sparse FFN counters since the last reset (empty for the dense engine)."""
         with self._use():
-            return dict(self._engine.sparse_stats())
+            stats = dict(self._engine.sparse_stats())
+        if self._minimum_budget is not None:  # the smallest budget that works, not this one's configuration
+            stats["minimum_budget"] = self._minimum_budget
+        return stats
 
     # --- inputs ---------------------------------------------------------------------------
     def encode_prompt(self, prompt) -> list[int]:
