@@ -36,6 +36,25 @@ def linked_copy(src: str, dst, copy=()) -> str:
     return str(dst)
 
 
+def predictor_tensors(src: str) -> dict:
+    """Every tensor of src's predictor file, by name, as (tag, array)."""
+    from flashmem.checkpoints import safetensors_io as st
+
+    path = os.path.join(src, "predictor.safetensors")
+    infos, _ = st.read_header(path)
+    return {name: (info.tag, st.load_tensor(path, info)) for name, info in infos.items()}
+
+
+def write_predictor(dst: str, tensors: dict) -> None:
+    """A predictor file in dst holding `tensors` (name: (tag, array))."""
+    from flashmem.checkpoints import safetensors_io as st
+
+    w = st.Writer(os.path.join(dst, "predictor.safetensors"), [(k, t, tuple(v.shape)) for k, (t, v) in tensors.items()])
+    for k, (_, v) in tensors.items():
+        w.write(k, v)
+    w.close()
+
+
 @pytest.fixture(scope="module")
 def folder(smollm2_f32):
     return smollm2_f32.path
@@ -295,24 +314,18 @@ def test_default_predictor_rank():
 def test_corrupt_lowrank_predictor(calibrated_lowrank, folder, tmp_path):
     """A low-rank predictor with a non-finite q8_0 scale, a layer of another rank, or a bad --rank: errors that
     name the file, tensor and layer."""
-    from flashmem.checkpoints import safetensors_io as st
-
     src, _ = calibrated_lowrank
-    path = os.path.join(src, "predictor.safetensors")
-    infos, _ = st.read_header(path)
-    tensors = {name: st.load_tensor(path, info) for name, info in infos.items()}
+    tensors = predictor_tensors(src)
     for case in ("nan_scale", "other_rank"):
         dst = linked_copy(src, tmp_path / case)
-        keep = {k: v.copy() for k, v in tensors.items()}
+        keep = {k: (t, v.copy()) for k, (t, v) in tensors.items()}
         if case == "nan_scale":
-            keep["model.layers.2.mlp.predictor.lowrank_out"][7, 34:36] = np.frombuffer(np.float16(np.nan).tobytes(),
-                                                                                      np.uint8)
+            keep["model.layers.2.mlp.predictor.lowrank_out"][1][7, 34:36] = np.frombuffer(
+                np.float16(np.nan).tobytes(), np.uint8)
         else:
-            keep["model.layers.4.mlp.predictor.lowrank_in"] = keep["model.layers.4.mlp.predictor.lowrank_in"][:128]
-        w = st.Writer(os.path.join(dst, "predictor.safetensors"), [(k, "u8", tuple(v.shape)) for k, v in keep.items()])
-        for k, v in keep.items():
-            w.write(k, v)
-        w.close()
+            name = "model.layers.4.mlp.predictor.lowrank_in"
+            keep[name] = ("u8", keep[name][1][:128])
+        write_predictor(dst, keep)
         match = ("predictor.safetensors': predictor tensor lowrank_out of layer 2: row 7 has a non-finite q8_0 scale"
                  if case == "nan_scale" else "tensor 'pred_lowrank_in' of layer 4 in .*expected shape \\(256, 612\\)")
         with pytest.raises(ValueError, match=match):
@@ -333,22 +346,14 @@ def test_missing_predictor(folder):
 
 def test_corrupt_or_old_predictor(calibrated, tmp_path):
     """A predictor with an out-of-range outlier dim, or one from before the outlier part: clear errors."""
-    from flashmem.checkpoints import safetensors_io as st
-
     src, _ = calibrated
-    path = os.path.join(src, "predictor.safetensors")
-    infos, _ = st.read_header(path)
-    tensors = {name: st.load_tensor(path, info) for name, info in infos.items()}
+    tensors = predictor_tensors(src)
     for case in ("bad_dim", "old"):
         dst = linked_copy(src, tmp_path / case)
-        keep = {k: v.copy() for k, v in tensors.items() if case != "old" or ".outlier_" not in k}
+        keep = {k: (t, v.copy()) for k, (t, v) in tensors.items() if case != "old" or ".outlier_" not in k}
         if case == "bad_dim":
-            keep["model.layers.3.mlp.predictor.outlier_dims"][5] = 576
-        w = st.Writer(os.path.join(dst, "predictor.safetensors"),
-                      [(k, infos[k].tag, tuple(v.shape)) for k, v in keep.items()])
-        for k, v in keep.items():
-            w.write(k, v)
-        w.close()
+            keep["model.layers.3.mlp.predictor.outlier_dims"][1][5] = 576
+        write_predictor(dst, keep)
         match = ("predictor.safetensors': predictor of layer 3: outlier dim 576 out of range" if case == "bad_dim"
                  else "outlier_dims' is missing; run `flashmem calibrate")
         with pytest.raises(ValueError, match=match):
