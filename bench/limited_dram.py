@@ -482,7 +482,8 @@ def prepare(a, modes, gguf, shared_text) -> dict:
                 if c.returncode:
                     raise SystemExit(f"making the replay trace failed:\n{c.stderr[-3000:]}")
             prep["traces"][nn] = path
-        if predictor_kind(folder) is None or (predictor_kind(folder) == "random" and not random_predictor_current(folder)):
+        kind = predictor_kind(folder)
+        if kind is None or (kind == "random" and not random_predictor_current(folder)):
             print(f"writing a random predictor of {folder}'s shapes (its cost, not its picks) ...", flush=True)
             write_random_predictor(folder)
         prep["predictor"] = predictor_kind(folder)

@@ -28,9 +28,10 @@ size_t Predictor::lowrank_out_row_bytes() const { return size_t(rank_ / 32) * si
 bool Predictor::loaded() const {
     if (layers_.empty()) return false;
     for (const auto& L : layers_)
-        if (rank_ ? !L.lowrank_in.size() || !L.lowrank_out.size() : !L.gate_sign.size() || !L.up_sign.size() || !L.gate_row.size() || !L.up_row.size() ||
-            !L.gate_col.size() || !L.up_col.size() || !L.outlier_dims.size() || !L.outlier_weight.size() ||
-            !L.outlier_scale.size())
+        if (rank_ ? !L.lowrank_in.size() || !L.lowrank_out.size()
+                  : !L.gate_sign.size() || !L.up_sign.size() || !L.gate_row.size() || !L.up_row.size() ||
+                        !L.gate_col.size() || !L.up_col.size() || !L.outlier_dims.size() ||
+                        !L.outlier_weight.size() || !L.outlier_scale.size())
             return false;
     return true;
 }

@@ -253,7 +253,8 @@ void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const 
                             : budget >= (size_t(128) << 20)           ? size_t(4) << 20
                                                                       : size_t(2) << 20;
     }
-    const size_t predictor = with_predictor ? Predictor::bytes_for(c.n_layers, c.d_ff, c.d_model, chunk_, opt.predictor_rank) : 0;
+    const size_t predictor =
+        with_predictor ? Predictor::bytes_for(c.n_layers, c.d_ff, c.d_model, chunk_, opt.predictor_rank) : 0;
     const size_t row = SparseFfn::row_bytes(c.d_model, c.ffn_bundle);
     SparseOptions sized = opt;
     sized.cache_rows = flash ? c.d_ff : 0;  // for the index part of fixed_bytes
