@@ -427,7 +427,7 @@ def write_random_predictor(folder: str) -> None:
     import numpy as np
 
     from flashmem.checkpoints import safetensors_io as st
-    from flashmem.flash.calibrate import default_rank, predictor_specs, q8_0
+    from flashmem.flash.calibrate import Q8_BLOCK, Q8_BYTES, default_rank, predictor_specs, q8_0
 
     cfg = json.load(open(os.path.join(folder, "config.json")))
     d, ff, n_layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
@@ -438,7 +438,7 @@ def write_random_predictor(folder: str) -> None:
     w = st.Writer(path + ".part", specs, {"predictor": RANDOM_PREDICTOR, "rank": str(rank)})
     for name, tag, shape in specs:
         if name.endswith("lowrank_in") or name.endswith("lowrank_out"):
-            x = q8_0(rng.standard_normal((shape[0], shape[1] // 34 * 32), dtype=np.float32))
+            x = q8_0(rng.standard_normal((shape[0], shape[1] // Q8_BYTES * Q8_BLOCK), dtype=np.float32))
         elif name.endswith("outlier_dims"):
             x = np.sort(rng.choice(d, shape[0], replace=False)).astype(np.int32)
         elif tag == "u8":

@@ -146,20 +146,20 @@ def open_model(folder: str, threads: int | None = None, max_context: int | None 
         engine.configure_stream(os.path.join(folder, RESIDENT_FILE), stream_staging_bytes(weights),
                                 queue_depth=flash_options.get("queue_depth", 32),
                                 direct=flash_options.get("direct_io", True))
-    offload, budget, predictor = streaming.configure(engine, folder, config, offload, dram_budget, sparsity, window,
-                                                     budget_source=budget_source,
-                                                     resident_bytes=sum(w.engine_bytes for w in weights),
-                                                     **flash_options)
+
+    def configure_ffn(weights):
+        return streaming.configure(engine, folder, config, offload, dram_budget, sparsity, window,
+                                   budget_source=budget_source, resident_bytes=sum(w.engine_bytes for w in weights),
+                                   **flash_options)
+
+    offload, budget, predictor = configure_ffn(weights)
     minimum = None
     if offload == "all" and budget:
         minimum = engine.sparse_stats()["minimum_budget"]
         keep = resident_within(weights_to_load(folder, config, ffn), budget - minimum)
         if keep:  # configured again, with those matrices' bytes counted as resident
             weights = weights_to_load(folder, config, ffn, stream=stream, keep=keep)
-            offload, budget, predictor = streaming.configure(engine, folder, config, offload, dram_budget, sparsity,
-                                                             window, budget_source=budget_source,
-                                                             resident_bytes=sum(w.engine_bytes for w in weights),
-                                                             **flash_options)
+            offload, budget, predictor = configure_ffn(weights)
     for w in weights:
         engine.load_tensor(w.kind, w.layer, w.path, w.offset, w.format, w.shape, stream=w.streamed)
     if predictor:

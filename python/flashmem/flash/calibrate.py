@@ -41,7 +41,7 @@ from .streaming import LOWRANK_PARTS, PREDICTOR_FILE, PREDICTOR_PARTS, bundle_by
 
 OUTLIER_DIMS = 8  # csrc/ffn/predictor.h: kOutlierDims
 LOWRANK_DEFAULT = 128  # the rank default_rank offers
-Q8_BLOCK = 32
+Q8_BLOCK, Q8_BYTES = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0]  # 32 weights in 34 bytes
 
 
 def _silu(x):
@@ -204,7 +204,7 @@ def recall(scores, target, keep):
 def predictor_bytes(d: int, ff: int, rank: int = 0) -> int:
     """A layer's predictor bytes: the sign kind (rank 0) or the low-rank one."""
     if rank:
-        return 2 * rank * (d // Q8_BLOCK) * 34 + 2 * ff * (rank // Q8_BLOCK) * 34
+        return 2 * rank * (d // Q8_BLOCK) * Q8_BYTES + 2 * ff * (rank // Q8_BLOCK) * Q8_BYTES
     m = min(OUTLIER_DIMS, d)
     return 2 * ff * ((d + 7) // 8) + 4 * (2 * ff + 2 * d) + 4 * m + 2 * m * ff + 8 * m
 
@@ -226,8 +226,8 @@ def predictor_specs(n_layers: int, d: int, ff: int, rank: int = 0) -> list[tuple
     for l in range(n_layers):
         p = f"model.layers.{l}.mlp.predictor."
         if rank:
-            specs += [(p + "lowrank_in", "u8", (2 * rank, d // Q8_BLOCK * 34)),
-                      (p + "lowrank_out", "u8", (2 * ff, rank // Q8_BLOCK * 34))]
+            specs += [(p + "lowrank_in", "u8", (2 * rank, d // Q8_BLOCK * Q8_BYTES)),
+                      (p + "lowrank_out", "u8", (2 * ff, rank // Q8_BLOCK * Q8_BYTES))]
             continue
         specs += [(p + "gate_sign", "u8", (ff, rb)), (p + "up_sign", "u8", (ff, rb)), (p + "gate_row", "f32", (ff,)),
                   (p + "up_row", "f32", (ff,)), (p + "gate_col", "f32", (d,)), (p + "up_col", "f32", (d,)),
