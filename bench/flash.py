@@ -123,18 +123,28 @@ def paper_table(folder, prompt, args, ffn_bytes, held):
     return rows, mins
 
 
-def selection_trace(folder, text, sparsity, n_tokens):
-    """SmolLM2's predictor picks for n_tokens tokens of text: (n_tokens, layers, k) neuron ids."""
+def selection_trace(folder, text, sparsity, n_tokens, ahead=0):
+    """SmolLM2's predictor picks for n_tokens tokens of text: (n_tokens, layers, k) neuron ids.
+    With ahead > 0 also what a predictor a layer ahead reads (layer l's predictor on layer l - 1's
+    FFN input, as the engine's read_ahead scores it): (n_tokens, layers, ahead) neuron ids, most
+    likely first, -1 for layer 0 (nothing before it to score on). Returns (picks, ff) or
+    (picks, ahead ids, ff)."""
     m = flashmem.load(folder, threads=2, max_context=512)
     ids = np.asarray(m.tokenizer.encode(text)[:n_tokens], np.int32)
     X = m._engine.ffn_inputs(ids)  # (layers, T, d)
     path = os.path.join(folder, PREDICTOR_FILE)
     ff = m.config["intermediate_size"]
     k = max(1, int((1 - sparsity) * ff + 0.5))
-    picks = []
+    picks, early = [], []
     for l in range(X.shape[0]):
-        sc = predict(load_parts(path, l), X[l])
+        parts = load_parts(path, l)
+        sc = predict(parts, X[l])
         picks.append(np.sort(np.argpartition(-sc, k - 1, axis=1)[:, :k], axis=1))
+        if ahead:
+            early.append(np.argsort(-predict(parts, X[l - 1]), axis=1, kind="stable")[:, :ahead] if l else
+                         np.full((len(ids), ahead), -1, np.int64))
+    if ahead:
+        return np.stack(picks, axis=1), np.stack(early, axis=1), ff
     return np.stack(picks, axis=1), ff
 
 

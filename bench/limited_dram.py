@@ -21,7 +21,7 @@ flashmem_dram (dtype "gguf", every weight in the engine's buffers), flashmem_all
 every matrix read from the folder when needed, FFN through the neuron cache), flashmem_flash_sNN (offload
 "flash", sparsity NN%, dram_budget "auto" = the group's limit less its usage, less headroom, or
 with --flash-budget limit-N the limit less N MiB; dtype --flash-dtype; either with a _hot suffix:
-the neuron cache's eviction "hot" instead of "lru"). Each child generates
+the neuron cache's eviction "hot" instead of "lru"; then _noahead: read_ahead=0). Each child generates
 --new-tokens tokens greedily after the first --prompt-tokens tokens of tinyshakespeare (after a
 4-token untimed warm-up generation) and reports decode tok/s
 (tokens after the first / their time), prefill tok/s, peak RSS and, when streaming, bytes read per
@@ -64,7 +64,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import RESULTS, machine, median, save  # noqa: E402
-from limited_dram_worker import RESULT_TAG, flash_mode  # noqa: E402
+from limited_dram_worker import RESULT_TAG, ahead_path, flash_mode  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "limited_dram_worker.py")
@@ -474,7 +474,7 @@ def prepare(a, modes, gguf, shared_text) -> dict:
         steps = 2 * len(prep["prompt"]) + min(4, a.new_tokens or 48) + (a.new_tokens or 48)
         for nn in sparse:
             path = os.path.join(folder, f"replay_trace_s{nn}_{steps}.npy")
-            if not os.path.isfile(path):
+            if not os.path.isfile(path) or not os.path.isfile(ahead_path(path)):
                 print(f"replaying SmolLM2's selections at sparsity {nn}% onto {folder} ...", flush=True)
                 c = subprocess.run([sys.executable, WORKER, "--make-trace", path, "--model", folder, "--sparsity",
                                     str(nn / 100), "--steps", str(steps), "--text", shared_text, "--threads",
@@ -541,7 +541,8 @@ def main():
     for m in modes:
         if m not in ALL_MODES and not flash_mode(m):
             raise SystemExit(f"unknown mode {m!r}; modes: {', '.join(ALL_MODES)} (flashmem_flash_sNN, "
-                             "flashmem_all_sNN for any NN, either with _hot for eviction 'hot')")
+                             "flashmem_all_sNN for any NN, either with _hot for eviction 'hot', then _noahead "
+                             "for read_ahead=0)")
     base = own_memory_cgroup()
 
     from common import ROOT

@@ -20,12 +20,15 @@ Modes:
                       are read from the folder when a token needs them too
   ..._sNN_hot         either, with the neuron cache's eviction="hot" (keeps the neurons picked most
                       often) instead of the default "lru"
+  ..._noahead         either, with read_ahead=0: no neuron read a layer ahead (the default reads
+                      the likeliest eighth of the next layer's while a layer computes)
 With --trace FILE.npy a sparse mode replays those selections ((steps, layers, k) neuron ids,
 make_trace) instead of its predictor's: the model is loaded at the mode's sparsity with the
 folder's predictor (a random one on random weights, limited_dram.write_random_predictor), which
 holds its DRAM and scores every token as a fitted one would, and the trace is set before the
 first token (the trace array is loaded before the model, so that dram_budget "auto" leaves room
-for the engine's copy of it).
+for the engine's copy of it). Beside FILE.npy, FILE.ahead.npy (make_trace) holds what the
+predictor a layer ahead reads, replayed with it.
 
 The result line starts with RESULT_TAG so the parent finds it among anything a library prints.
 A run that raises (e.g. a dtype whose conversion writes no FFN bundles, a budget below the
@@ -136,9 +139,10 @@ def run_llamacpp(a, ids: list[int], repack: bool) -> dict:
 
 # --- flashmem -------------------------------------------------------------------------------
 def flash_mode(mode: str):
-    """(offload, sparsity in %, eviction) of a mode flashmem_{flash|all}_sNN[_hot]; None for others."""
+    """(offload, sparsity in %, eviction) of a mode flashmem_{flash|all}_sNN[_hot][_noahead]; None for
+    others. _noahead: read_ahead=0 (nothing read a layer ahead; see read_ahead_of)."""
     for offload in ("flash", "all"):
-        rest = mode.removeprefix(f"flashmem_{offload}_s")
+        rest = mode.removeprefix(f"flashmem_{offload}_s").removesuffix("_noahead")
         if rest == mode:
             continue
         nn, _, eviction = rest.partition("_")
@@ -147,22 +151,30 @@ def flash_mode(mode: str):
     return None
 
 
-def run_flashmem(a, ids: list[int], sparsity: float | None, offload: str = "flash", eviction: str = "lru") -> dict:
+def read_ahead_of(mode: str):
+    """load()'s read_ahead for a flash mode: 0 with the _noahead suffix, else the default (None)."""
+    return 0 if mode.endswith("_noahead") else None
+
+
+def run_flashmem(a, ids: list[int], sparsity: float | None, offload: str = "flash", eviction: str = "lru",
+                 read_ahead=None) -> dict:
     import flashmem
 
     kw = dict(dtype=a.dtype, threads=a.threads, max_context=a.max_context)
-    trace = None
+    trace = ahead = None
     if sparsity is not None:
         if sparsity > 0 and a.trace:
             import numpy as np
 
             trace = np.load(a.trace)  # the trace picks; the folder's predictor still runs (its cost)
-        kw.update(offload=offload, sparsity=sparsity, dram_budget=a.dram_budget, eviction=eviction)
+            ahead = np.load(ahead_path(a.trace)) if os.path.isfile(ahead_path(a.trace)) else None
+        kw.update(offload=offload, sparsity=sparsity, dram_budget=a.dram_budget, eviction=eviction,
+                  read_ahead=read_ahead)
     t0 = time.perf_counter()
     m = flashmem.load(a.model, **kw)
     load_s = time.perf_counter() - t0
     if trace is not None:
-        m._engine.set_trace(trace, score=True)
+        m._engine.set_trace(trace, score=True, ahead=ahead)
         trace = None
     m.generate(ids, max_new_tokens=min(WARMUP_TOKENS, a.new_tokens), eos_token_id=[], reuse_cache=False)
     r = m.generate(ids, max_new_tokens=a.new_tokens, eos_token_id=[], reuse_cache=False)
@@ -185,7 +197,7 @@ def one(a) -> int:
             r = run_flashmem(a, ids, None)
         elif flash_mode(a.mode):
             offload, nn, eviction = flash_mode(a.mode)
-            r = run_flashmem(a, ids, nn / 100, offload=offload, eviction=eviction)
+            r = run_flashmem(a, ids, nn / 100, offload=offload, eviction=eviction, read_ahead=read_ahead_of(a.mode))
         else:
             raise ValueError(f"unknown mode {a.mode!r}")
     except Exception as e:  # noqa: BLE001 - the parent records it for this mode and limit
@@ -197,13 +209,21 @@ def one(a) -> int:
 
 
 # --- preparation (no cgroup limit) ----------------------------------------------------------------
+def ahead_path(trace: str) -> str:
+    """Where make_trace writes the trace's picks a layer ahead."""
+    return trace.removesuffix(".npy") + ".ahead.npy"
+
+
 def make_trace(a) -> int:
     """Real predictor selections for a large model that has no predictor of its own (the 7B-class
     test model's weights are random): SmolLM2's picks at `a.sparsity` over `a.steps` tokens of
     text, replayed onto the large model's layers (layer l takes the small model's layer
     l * small_layers // layers) and neurons (small neuron i stands for the large neurons
     [i * ff / small_ff, (i + 1) * ff / small_ff)), then trimmed or topped up at random to exactly
-    round((1 - sparsity) * ff) per token and layer. Writes (steps, layers, k) int32 to a.make_trace."""
+    round((1 - sparsity) * ff) per token and layer. Writes (steps, layers, k) int32 to a.make_trace,
+    and beside it (ahead_path) what SmolLM2's predictor a layer ahead reads, the same way: its
+    likeliest eighth of each layer's neurons, scored on the layer before's input, most likely first,
+    (steps, layers, m) with -1 where there is none (the engine's read_ahead replays them)."""
     import numpy as np
 
     import flashmem
@@ -229,7 +249,8 @@ def make_trace(a) -> int:
                       progress=False)
     with open(a.text, encoding="utf-8") as f:
         text = f.read()[300_000:400_000]  # past the calibration text
-    picks, small_ff = selection_trace(small, text, a.sparsity, a.steps)  # (steps, small layers, k_small)
+    # (steps, small layers, k_small), and a layer ahead (steps, small layers, small_ff / 8)
+    picks, early, small_ff = selection_trace(small, text, a.sparsity, a.steps, ahead=1536 // 8)
     with open(os.path.join(a.model, "config.json")) as f:
         cfg = json.load(f)
     ff, layers = cfg["intermediate_size"], cfg["num_hidden_layers"]
@@ -247,6 +268,15 @@ def make_trace(a) -> int:
                 rest = np.setdiff1d(np.arange(ff), ids)
                 ids = np.concatenate([ids, rng.choice(rest, k - len(ids), replace=False)])
             out[t, l] = np.sort(ids)
+    m = int(np.max(np.diff(lo))) * early.shape[2]
+    ahead = np.full((picks.shape[0], layers, m), -1, np.int32)
+    for t in range(picks.shape[0]):
+        for l in range(layers):
+            ids = [np.arange(lo[i], lo[i + 1]) for i in early[t, l * picks.shape[1] // layers] if i >= 0]
+            if ids:
+                ids = np.concatenate(ids)
+                ahead[t, l, :len(ids)] = ids
+    np.save(ahead_path(a.make_trace), ahead)
     np.save(a.make_trace, out)
     emit({"trace": a.make_trace, "shape": list(out.shape), "small_ff": small_ff, "small_layers": picks.shape[1]})
     return 0

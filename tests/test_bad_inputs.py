@@ -339,6 +339,8 @@ def test_sparse_options_and_file_layout_are_checked_in_the_engine(tiny):
                                 ("max_request", 5000, r"SparseOptions\.max_request must be a multiple of 4096"),
                                 ("cache_rows", -5, r"SparseOptions\.cache_rows must be >= 0"),
                                 ("coalesce_gap", -1, r"SparseOptions\.coalesce_gap must be >= 0"),
+                                ("read_ahead", -2, r"SparseOptions\.read_ahead must be >= 0"),
+                                ("staging_rows", -1, r"SparseOptions\.staging_rows must be >= 0"),
                                 ("eviction", "fifo", r"SparseOptions\.eviction must be 'lru' or 'hot'"),
                                 ("window", 2.5, r"SparseOptions\.window must be a int"),
                                 ("sparsity", True, r"SparseOptions\.sparsity must be a float")]:

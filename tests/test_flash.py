@@ -388,6 +388,31 @@ def test_read_error_mid_generation(folder, tmp_path):
     assert m.generate("Hello", max_new_tokens=6).text == fresh
 
 
+def test_read_error_with_reads_ahead_in_flight(calibrated, tmp_path):
+    """At 50% sparsity the next layer's likeliest neurons are in flight while a layer computes: a
+    read error among them raises at the layer that needs them, and once the file is back the model
+    generates as a fresh one (f32 bundles of 6,912 bytes: read ahead by default)."""
+    dst = linked_copy(calibrated[0], tmp_path / "m", copy=("ffn_bundles.safetensors",))
+    os.symlink(os.path.join(calibrated[0], "predictor.safetensors"), os.path.join(dst, "predictor.safetensors"))
+    path = os.path.join(dst, "ffn_bundles.safetensors")
+    m = flashmem.load(dst, threads=2, max_context=128, offload="flash", dram_budget="290MB", sparsity=0.5,
+                      window=1)  # computes exactly the picks, whatever the neuron cache holds
+    fresh = m.generate("Hello", max_new_tokens=6).text
+    s = m.flash_stats()
+    assert s["read_ahead"] == 1536 // 8 and s["ahead_read"] > 0 and s["ahead_used"] > 0
+    with open(path, "rb") as f:
+        whole = f.read()
+    with open(path, "r+b") as f:  # the disk loses the file's end while the model runs
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(RuntimeError, match=r"ffn_bundles.safetensors' at byte \d+: unexpected end of file"):
+        m.generate("Hello again, this is a longer prompt", max_new_tokens=4)
+    with pytest.raises(RuntimeError, match="ffn_bundles.safetensors"):  # again: no hang, no crash
+        m.generate("Hello", max_new_tokens=2)
+    with open(path, "r+b") as f:
+        f.write(whole)
+    assert m.generate("Hello", max_new_tokens=6).text == fresh
+
+
 def test_read_error_in_streamed_attention(folder, tmp_path):
     """offload="all" reads each layer's attention matrices a layer ahead, while the FFN computes:
     the same text as offload="flash", nearly every fetch served by the batch read ahead; a disk that

@@ -39,6 +39,8 @@ void bind_model(nb::module_& m) {
         .def_rw("coalesce_gap", &fm::SparseOptions::coalesce_gap, "unneeded bundles a read may span to join two")
         .def_rw("predictor_rank", &fm::SparseOptions::predictor_rank,
                 "the predictor's kind: 0 the sign predictor, r > 0 (a multiple of 32) the low-rank one of rank r")
+        .def_rw("read_ahead", &fm::SparseOptions::read_ahead,
+                "neurons of the next layer read while a layer computes (sparsity > 0, flash; -1: d_ff / 8, 0: none)")
         .def_rw("max_request", &fm::SparseOptions::max_request, "largest read, bytes (a multiple of 4096)")
         .def_rw("direct", &fm::SparseOptions::direct, "read with O_DIRECT (else through the page cache)")
         .def("validate", &fm::SparseOptions::validate);
@@ -187,6 +189,8 @@ void bind_model(nb::module_& m) {
                 d["hits"] = s.hits, d["misses"] = s.misses;
                 d["rounds_ahead"] = s.rounds_ahead, d["rounds_dropped"] = s.rounds_dropped;
                 d["early"] = s.early;
+                d["ahead_read"] = s.ahead_read, d["ahead_used"] = s.ahead_used;
+                d["read_ahead"] = sp->options().read_ahead;
                 d["select_s"] = s.select_s, d["io_s"] = s.io_s, d["compute_s"] = s.compute_s;
                 const fm::IoStats* io = sp->io_stats();
                 d["bytes_read"] = io ? io->bytes : 0;
@@ -224,14 +228,23 @@ void bind_model(nb::module_& m) {
         .def(
             "set_trace",
             [](fm::Model& self, nb::ndarray<const int32_t, nb::ndim<3>, nb::c_contig, nb::device::cpu> ids,
-               bool score) {
+               bool score, std::optional<nb::ndarray<const int32_t, nb::ndim<3>, nb::c_contig, nb::device::cpu>> ahead) {
                 FM_ARG(self.sparse(), "set_trace needs the sparse FFN");
+                std::vector<int32_t> a;
+                int m = 0;
+                if (ahead) {
+                    FM_ARG(ahead->shape(0) == ids.shape(0) && ahead->shape(1) == ids.shape(1),
+                           "set_trace: ahead must be (n_steps, n_layers, m) with the trace's n_steps and n_layers");
+                    a.assign(ahead->data(), ahead->data() + ahead->size());
+                    m = int(ahead->shape(2));
+                }
                 self.sparse()->set_trace(std::vector<int32_t>(ids.data(), ids.data() + ids.size()), int(ids.shape(0)),
-                                         int(ids.shape(2)), score);
+                                         int(ids.shape(2)), score, std::move(a), m);
             },
-            "ids"_a, "score"_a = false,
+            "ids"_a, "score"_a = false, "ahead"_a = nb::none(),
             "Replays fixed neuron selections (n_steps, n_layers, k) instead of the predictor's; score: the "
-            "loaded predictor still scores each token (its time, not its picks).")
+            "loaded predictor still scores each token (its time, not its picks); ahead: (n_steps, n_layers, m) "
+            "neuron ids read a layer ahead (most likely first, -1: none), as a predictor a layer ahead would pick them.")
         .def(
             "ffn_inputs",
             [](fm::Model& self, I32Vector tokens) {

@@ -105,6 +105,15 @@ bool FlashReads::plan(int layer, int neuron) {
     return true;
 }
 
+bool FlashReads::has_room(int n) const {
+    if (planned_ + n > staging_rows_) return false;
+    for (int p = 0; p < layout_.n_pieces(); ++p) {
+        const size_t worst = blocks_of(layout_.piece_bytes[p] + coalesce_gap_ * layout_.piece_stride[p]) + 1;
+        if (used_[p] + size_t(n) * worst > region_blocks_[p]) return false;
+    }
+    return true;
+}
+
 const std::vector<ReadRequest>& FlashReads::requests() {
     requests_.clear();
     for (int p = 0; p < layout_.n_pieces(); ++p)

@@ -51,6 +51,9 @@ class FlashReads {
     // clear(), and plan again).
     bool plan(int layer, int neuron);
     int planned() const { return planned_; }
+    // Whether n more neurons are sure to fit, wherever they lie (each piece's blocks, and a
+    // coalescing gap before it): rounds then end on groups of list positions (sparse_ffn.cpp).
+    bool has_room(int n) const;
     // The round's requests, in piece order, each run of blocks one request.
     const std::vector<ReadRequest>& requests();
     // Once the round is read: the bundle [gate | up | down] of the j-th planned neuron, where it

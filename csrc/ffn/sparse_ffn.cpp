@@ -14,6 +14,10 @@ using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 constexpr int64_t kNever = INT64_MIN / 4;
 constexpr int32_t kNeverPos = INT32_MIN / 4;
+// A round that its buffer cuts ends on a multiple of this many list positions where it can: the
+// FFN kernels sum the down columns in groups that start there (bundled_ffn.cpp), so the sums do
+// not depend on where rounds end, nor on which neurons were cached or read ahead.
+constexpr int kRoundGroup = kNeuronBlock;
 }  // namespace
 
 void SparseOptions::validate() const {
@@ -30,6 +34,7 @@ void SparseOptions::validate() const {
     FM_ARG(predictor_rank >= 0 && predictor_rank % 32 == 0 && predictor_rank <= 4096,
            "SparseOptions.predictor_rank must be 0 (sign predictor) or a multiple of 32 up to 4096, got ",
            predictor_rank);
+    FM_ARG(read_ahead >= -1, "SparseOptions.read_ahead must be >= 0 (or -1: d_ff / 8), got ", read_ahead);
 }
 
 size_t SparseFfn::row_bytes(int d_model, const BundleFormat& bf) { return (bf.bytes(d_model) + 63) / 64 * 64; }
@@ -54,6 +59,9 @@ size_t SparseFfn::fixed_bytes(int n_layers, int d_ff, int d_model, const BundleF
         n += size_t(n_layers) * (4 * size_t(d_ff) + 20 * size_t(opt.cache_rows) + 64);
         n += (opt.hot ? 4 * size_t(n_layers) * d_ff : 0) + size_t(opt.staging_rows) * (8 + sizeof(void*));
         n += bf.is_float() ? 0 : 9 * size_t(d_ff);  // early activations, their flags and positions
+        if (opt.sparsity > 0 && opt.read_ahead > 0)  // the read-ahead buffers, the rows they hold, admission
+            n += 2 * FlashReads::bytes_for(*layout, row_bytes(d_model, bf), ahead_rows(opt), opt.staging_bytes) +
+                 (sizeof(void*) + 4) * size_t(d_ff) + size_t(ahead_rows(opt)) * (16 + sizeof(void*));
     }
     return n;
 }
@@ -98,10 +106,11 @@ SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, const B
               " bytes, the file has ", reader_->size());
     }
     n_rounds_ = staging_buffers(opt);
+    const int ahead = opt.sparsity > 0 && opt.read_ahead > 0 ? ahead_rows(opt) : 0;
     for (int r = 0; r < n_rounds_; ++r) {
         rounds_[r].reads.init(layout_, row_bytes(d_model, bf), opt.staging_rows, opt.staging_bytes, opt.coalesce_gap,
                               opt.max_request);
-        rounds_[r].pending.reserve(opt.staging_rows);
+        rounds_[r].pending.reserve(opt.staging_rows + ahead);  // its misses, then the rows read ahead it computes
     }
     neuron_caches_.resize(n_layers);
     for (auto& c : neuron_caches_) c.init(d_ff, opt.cache_rows, row_bytes(d_model, bf));
@@ -109,9 +118,15 @@ SparseFfn::SparseFfn(Source source, int n_layers, int d_ff, int d_model, const B
         hotness_.allocate(4 * size_t(n_layers) * d_ff);
         std::memset(hotness_.data(), 0, hotness_.size());
     }
-    admit_ids_.reserve(opt.staging_rows);
-    admit_rows_.reserve(opt.staging_rows);
-    admit_slots_.reserve(opt.staging_rows);
+    for (int r = 0; r < 2 && ahead; ++r) {
+        ahead_rounds_[r].reads.init(layout_, row_bytes(d_model, bf), ahead, opt.staging_bytes, opt.coalesce_gap,
+                                    opt.max_request);
+        ahead_rounds_[r].pending.reserve(ahead);
+    }
+    if (ahead) ahead_row_.allocate(sizeof(void*) * d_ff), ahead_ids_.resize(d_ff);
+    admit_ids_.reserve(opt.staging_rows + ahead);
+    admit_rows_.reserve(opt.staging_rows + ahead);
+    admit_slots_.reserve(opt.staging_rows + ahead);
     if (!bf.is_float()) {
         early_.allocate(4 * size_t(d_ff));
         ready_.allocate(d_ff);
@@ -127,7 +142,9 @@ int SparseFfn::staging_buffers(const SparseOptions& opt) { return opt.staging_ro
 
 size_t SparseFfn::bytes() const {
     size_t n = scores_.size() + order_.size() + uses_.size() + list_.size() + list_mask_.size() + rows_.size() +
-               last_pick_.size() + window_pick_.size() + next_pos_.capacity() * 4 + in_list_.size() + picked_now_.size() + rounds_[0].reads.bytes() + rounds_[1].reads.bytes() + hotness_.size() +
+               last_pick_.size() + window_pick_.size() + next_pos_.capacity() * 4 + in_list_.size() + picked_now_.size() + rounds_[0].reads.bytes() + rounds_[1].reads.bytes() +
+               ahead_rounds_[0].reads.bytes() + ahead_rounds_[1].reads.bytes() + ahead_row_.size() +
+               ahead_ids_.capacity() * 4 + hotness_.size() +
                admit_ids_.capacity() * 4 + admit_rows_.capacity() * sizeof(void*) + admit_slots_.capacity() * 4 +
                early_.size() + ready_.size() + early_pos_.size();
     for (const auto& c : neuron_caches_) n += c.bytes();
@@ -159,13 +176,20 @@ void SparseFfn::rewind(const int32_t* slots, const int32_t* positions, int T) {
     }
 }
 
-void SparseFfn::set_trace(std::vector<int32_t> ids, int n_steps, int k, bool score) {
+void SparseFfn::set_trace(std::vector<int32_t> ids, int n_steps, int k, bool score, std::vector<int32_t> ahead,
+                          int ahead_m) {
     FM_ARG(!score || predictor_.loaded(), "set_trace(score=True) needs a loaded predictor");
     FM_ARG(n_steps >= 0 && k >= 0 && ids.size() == size_t(n_steps) * n_layers_ * k, "trace must hold (n_steps, ",
            n_layers_, ", k) neuron ids");
     for (int32_t i : ids) FM_ARG(i >= 0 && i < d_ff_, "trace neuron id ", i, " out of range [0, ", d_ff_, ")");
+    FM_ARG(ahead_m >= 0 && ahead.size() == size_t(n_steps) * n_layers_ * ahead_m,
+           "trace ahead ids must be (n_steps, ", n_layers_, ", m) like the trace's, got ", ahead.size(), " ids");
+    for (int32_t i : ahead)
+        FM_ARG(i >= -1 && i < d_ff_, "trace ahead neuron id ", i, " out of range [0, ", d_ff_, ") (or -1: none)");
+    drain();  // nothing read ahead for the selections replaced
     trace_ = std::move(ids);
-    trace_steps_ = n_steps, trace_k_ = k;
+    ahead_trace_ = std::move(ahead);
+    trace_steps_ = n_steps, trace_k_ = k, ahead_trace_m_ = ahead_m;
     trace_scores_ = score && n_steps > 0;
 }
 
@@ -255,6 +279,7 @@ void SparseFfn::forward(ThreadPool& pool, int l, float* out, const float* xn, in
     // cleared here, not at the end: a read error may end a call early
     std::memset(in_list_.data(), 0, in_list_.size());
     std::memset(picked_now_.data(), 0, picked_now_.size());
+    if (ahead_row_.size()) std::memset(ahead_row_.data(), 0, ahead_row_.size());
     if (source_ == Source::Flash && opt_.window > 0 && opt_.expire)
         neuron_caches_[l].expire(step_[l] - opt_.window + 1);
     if (l == 0) rewind(slots, positions, T);
@@ -298,6 +323,7 @@ void SparseFfn::stream_layer(ThreadPool& pool, int l, const float* xn, int T, co
     early_used_ = false;
     Round* cur = &rounds_[0];
     int pos;
+    if (sparse_ahead_layer_ == l) use_ahead(l);  // its rows count as read for the rounds below
     if (ahead_layer_ == l && ahead_still_valid(l)) {
         cur = ahead_;
         pos = cur->hi;
@@ -322,6 +348,8 @@ void SparseFfn::stream_layer(ThreadPool& pool, int l, const float* xn, int T, co
             submit(*next);
         } else if (!more && next && all) {
             plan_ahead(*next, (l + 1) % n_layers_);
+        } else if (!more && can_read_ahead(l + 1, T)) {
+            plan_sparse_ahead(pool, l + 1, xn);
         }
         compute_round(pool, l, xn, T, s, *cur);
         if (!more) return;
@@ -344,10 +372,12 @@ int SparseFfn::plan_round(Round& r, int l, int from) {
     int pos = from;
     for (; pos < n_list_; ++pos) {
         const int i = list[pos];
+        if (pos % kRoundGroup == 0 && !r.pending.empty() && !r.reads.has_room(kRoundGroup)) break;
         if (cache.slot_of(i) >= 0) {
             stats_.hits += picked_now[i];  // window neurons are in the cache by definition
             continue;
         }
+        if (ahead_row_.size() && ahead_row_.data<const void*>()[i]) continue;  // read ahead
         if (!r.reads.plan(l, i)) {
             FM_IO(!r.pending.empty(), "staging buffer too small for one neuron");
             break;
@@ -366,6 +396,7 @@ void SparseFfn::plan_ahead(Round& r, int l) {
     r.lo = 0;
     int i = 0;  // at sparsity 0 the list is every neuron: list position i is neuron i
     for (; i < d_ff_; ++i) {
+        if (i % kRoundGroup == 0 && !r.pending.empty() && !r.reads.has_room(kRoundGroup)) break;
         if (cache.slot_of(i) >= 0) continue;
         if (!r.reads.plan(l, i)) break;
         r.pending.push_back(i);
@@ -401,8 +432,72 @@ void SparseFfn::wait_for(Round& r) {
     stats_.io_s += since(t0);
 }
 
+// Layer l may read ahead: flash at sparsity > 0 (a predictor's picks, or a replay with picks
+// ahead), one token, and a layer before it to score on.
+bool SparseFfn::can_read_ahead(int l, int T) const {
+    if (!ahead_row_.size() || T != 1 || l <= 0 || l >= n_layers_) return false;
+    return trace_steps_ ? ahead_trace_m_ > 0 : predictor_.loaded();
+}
+
+// Layer l's likeliest neurons not cached (read_ahead of them, at most a buffer's), scored by its
+// predictor on the input of layer l - 1 (xn), read in ascending order so that neighbours share
+// requests. A replay takes them from its trace (the predictor still scores, for its time).
+void SparseFfn::plan_sparse_ahead(ThreadPool& pool, int l, const float* xn) {
+    Round& r = ahead_rounds_[l % 2];
+    const NeuronCache& cache = neuron_caches_[l];
+    int32_t* order = order_.data<int32_t>();
+    const int want = std::min(opt_.read_ahead, d_ff_);
+    int m = 0;
+    r.reads.clear();
+    r.pending.clear();
+    if (!trace_steps_ || trace_scores_) predictor_.scores(pool, l, xn, 1, scores_.data<float>());
+    if (trace_steps_) {
+        const int32_t* ids = ahead_trace_.data() + (size_t(step_[l] % trace_steps_) * n_layers_ + l) * ahead_trace_m_;
+        for (int j = 0; j < std::min(want, ahead_trace_m_); ++j)
+            if (ids[j] >= 0 && cache.slot_of(ids[j]) < 0) order[m++] = ids[j];
+    } else {
+        const float* sc = scores_.data<float>();
+        std::iota(order, order + d_ff_, 0);
+        std::nth_element(order, order + (want - 1), order + d_ff_, [&](int32_t a, int32_t b) {
+            return sc[a] > sc[b] || (sc[a] == sc[b] && a < b);
+        });
+        for (int j = 0; j < want; ++j)
+            if (cache.slot_of(order[j]) < 0) order[m++] = order[j];
+    }
+    // the likeliest n that the buffer holds, in ascending order (n shrinks to what fitted)
+    for (int n = m; n > 0;) {
+        std::copy(order, order + n, ahead_ids_.begin());
+        std::sort(ahead_ids_.begin(), ahead_ids_.begin() + n);
+        r.reads.clear();
+        r.pending.clear();
+        for (int j = 0; j < n && r.reads.plan(l, ahead_ids_[j]); ++j) r.pending.push_back(ahead_ids_[j]);
+        if (int(r.pending.size()) == n) break;
+        n = int(r.pending.size());
+    }
+    if (submit(r)) sparse_ahead_layer_ = l, stats_.ahead_read += r.pending.size();
+}
+
+// Waits for the rows read ahead for layer l (one batch at a time: the layer's first round goes in
+// after them) and takes those of its list: they are computed as cached rows are, in list order.
+// The others (picks the predictor a layer ahead got wrong) are dropped.
+void SparseFfn::use_ahead(int l) {
+    Round& r = ahead_rounds_[l % 2];
+    sparse_ahead_layer_ = -1;
+    wait_for(r);
+    const uint8_t* in_list = in_list_.data<uint8_t>();
+    const void** row = ahead_row_.data<const void*>();
+    const NeuronCache& cache = neuron_caches_[l];
+    for (size_t j = 0; j < r.pending.size(); ++j) {
+        const int i = r.pending[j];
+        if (!in_list[i] || cache.slot_of(i) >= 0) continue;
+        row[i] = r.reads.bundle(int(j));
+        stats_.ahead_used += 1, stats_.misses += 1;
+    }
+}
+
 void SparseFfn::drain() noexcept {
     stats_.rounds_dropped += ahead_ != nullptr;
+    sparse_ahead_layer_ = -1;
     if (reader_ && reader_->busy()) {
         try {
             reader_->wait();
@@ -413,18 +508,20 @@ void SparseFfn::drain() noexcept {
     ahead_layer_ = -1, ahead_ = nullptr;
 }
 
-// The gate and up of every list entry in the neuron cache, while the layer's first round is read:
-// the rounds then add only their down columns (a cached entry stays where it is for the layer's
-// call: list entries are protected from eviction).
+// The gate and up of every list entry in the neuron cache or read ahead, while the layer's first
+// round is read: the rounds then add only their down columns (a cached entry stays where it is for
+// the layer's call: list entries are protected from eviction; rows read ahead stay in their buffer).
 void SparseFfn::activate_cached_early(ThreadPool& pool, int l, const FfnScratch& s) {
     const NeuronCache& cache = neuron_caches_[l];
     const int32_t* list = list_.data<int32_t>();
     const void** rows = rows_.data<const void*>();
+    const void* const* ahead = ahead_row_.size() ? ahead_row_.data<const void*>() : nullptr;
     int32_t* at = early_pos_.data<int32_t>();
     int n = 0;
     for (int p = 0; p < n_list_; ++p) {
         const int slot = cache.slot_of(list[p]);
         if (slot >= 0) rows[p] = cache.row(slot), at[n++] = p;
+        else if (ahead && ahead[list[p]]) rows[p] = ahead[list[p]], at[n++] = p;
     }
     if (n == 0) return;
     auto t0 = Clock::now();
@@ -446,12 +543,17 @@ void SparseFfn::compute_round(ThreadPool& pool, int l, const float* xn, int T, c
     const int lo = r.lo, hi = r.hi;
     auto t0 = Clock::now();
     // misses from the read buffers; hits from the neuron cache (list entries keep their slots for
-    // the call: admission never evicts them)
-    for (size_t j = 0; j < pending.size(); ++j) rows[pending[j]] = r.reads.bundle(int(j));
+    // the call: admission never evicts them); rows read ahead from theirs, kept like the misses
+    const void* const* ahead = ahead_row_.size() ? ahead_row_.data<const void*>() : nullptr;
+    const size_t misses = pending.size();
+    for (size_t j = 0; j < misses; ++j) rows[pending[j]] = r.reads.bundle(int(j));
     for (int pos = lo; pos < hi; ++pos) {
         const int slot = cache.slot_of(list[pos]);
         if (slot >= 0) rows[pos] = cache.row(slot);
+        else if (ahead && ahead[list[pos]]) rows[pos] = ahead[list[pos]], pending.push_back(pos);
     }
+    // admitted in list order, as without reading ahead: the cache then holds the same neurons
+    if (pending.size() > misses) std::sort(pending.begin(), pending.end());
     FfnRows fr{rows, n_list_, has_mask_ ? list_mask_.data<uint8_t>() : nullptr, list, down_scales_[l]};
     if (early_used_) fr.early = early_.data<float>(), fr.ready = ready_.data<uint8_t>();
     ffn_accumulate(pool, xn, T, d_model_, bf_, act_, fr, lo, hi, s);

@@ -12,9 +12,17 @@
 // same neurons in a batch as alone (in flash mode the neuron cache, shared, decides which of
 // them are in DRAM).
 //
+// Reads overlap compute: two read buffers pipeline a layer's rounds; at sparsity 0 the next
+// layer's first round is read while this layer's last computes (its misses are known: every
+// neuron not cached); with sparsity, the next layer's likeliest neurons (read_ahead), scored by
+// its predictor on this layer's input, are read into buffers of their own, and the next layer
+// takes those it picks as it takes cached ones. Rounds that their buffer cuts end on groups of
+// 16 list positions, so the sums, and the logits, do not depend on what was read when.
+//
 // With source Resident the bundles stay in the model's DRAM matrix (no I/O, no cache): the same
 // selection and compute, used to evaluate quality quickly and as the all-in-DRAM sparse mode.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -48,6 +56,8 @@ struct SparseOptions {
     size_t max_request = size_t(256) << 10;
     bool direct = true;
     int predictor_rank = 0;    // the predictor's kind (predictor.h): 0 the sign predictor, r > 0 low-rank of rank r
+    int read_ahead = -1;       // flash, sparsity > 0, one token a call: neurons of layer l + 1 read while layer l
+                               // computes, the top by l + 1's predictor on layer l's input (-1: d_ff / 8; 0: none)
 
     // Every field in its range, else an exception naming it. Model::configure_sparse calls it,
     // before anything is sized with the options.
@@ -68,6 +78,8 @@ struct SparseStats {
     uint64_t rounds_ahead = 0;   // rounds of a layer's first misses read during the layer before (sparsity 0)
     uint64_t rounds_dropped = 0; // of those, the ones not used: the cache or the list had changed
     uint64_t early = 0;        // cached neurons whose gate and up ran while the layer's first reads were in flight
+    uint64_t ahead_read = 0;   // neurons read a layer ahead at sparsity > 0 (read_ahead)
+    uint64_t ahead_used = 0;   // of those, the ones the layer picked (counted in misses too: read from flash)
     double select_s = 0, io_s = 0, compute_s = 0;  // io_s: time the compute waited for reads
 };
 
@@ -110,7 +122,10 @@ class SparseFfn {
     // neuron ids; the t-th token a layer runs (counted since the model was made) uses row t % n_steps.
     // score: the loaded predictor still scores every token, its scores unused (a replay on a model
     // whose predictor cannot pick, e.g. random weights, then pays a real predictor's time).
-    void set_trace(std::vector<int32_t> ids, int n_steps, int k, bool score = false);
+    // ahead: (n_steps, n_layers, ahead_m) neuron ids, most likely first, -1 for none: what a
+    // predictor a layer ahead would read for each token and layer (read_ahead), else nothing is read ahead.
+    void set_trace(std::vector<int32_t> ids, int n_steps, int k, bool score = false, std::vector<int32_t> ahead = {},
+                   int ahead_m = 0);
     // out (T, d_model) += FFN(xn (T, d_model)) of layer l; token t is at position positions[t] of
     // the sequence in slot slots[t]. A sequence that restarts before where it was (a new one at
     // position 0, a shorter shared prefix) forgets its window's picks from there on; the neuron
@@ -136,7 +151,12 @@ class SparseFfn {
     int plan_round(Round& r, int l, int from);  // plans list positions from `from` on; returns where it stopped
     void plan_ahead(Round& r, int l);           // sparsity 0: layer l's first misses, submitted now
     bool ahead_still_valid(int l) const;        // the round submitted ahead is what layer l would plan
-    bool submit(Round& r);                      // its reads to the I/O threads; false when it has none
+    // sparsity > 0, one token: layer l's likeliest neurons, scored on the layer before's input xn,
+    // submitted into ahead_rounds_[l % 2]; use_ahead: layer l takes those of its list as read
+    static int ahead_rows(const SparseOptions& opt) { return std::min(opt.read_ahead, opt.staging_rows); }
+    bool can_read_ahead(int l, int T) const;
+    void plan_sparse_ahead(ThreadPool& pool, int l, const float* xn);
+    void use_ahead(int l);    bool submit(Round& r);                      // its reads to the I/O threads; false when it has none
     void wait_for(Round& r);
     void compute_round(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s, Round& r);
     // One token, block formats: the cached list entries' gate and up, while the first round reads.
@@ -157,12 +177,16 @@ class SparseFfn {
     int n_rounds_ = 1;
     int ahead_layer_ = -1;     // the layer whose first round ahead_ holds, submitted ahead (-1: none)
     Round* ahead_ = nullptr;
+    // Sparse read-ahead: two buffers by layer parity, since layer l's rows read ahead are computed
+    // through its last round while layer l + 1's are read. Their rounds' pending holds neuron ids.
+    Round ahead_rounds_[2];
+    int sparse_ahead_layer_ = -1;  // the layer ahead_rounds_[layer % 2] reads or has read for (-1: none)
     std::vector<NeuronCache> neuron_caches_;  // (n_layers) flash only
     std::vector<int64_t> step_;         // (n_layers) steps run per layer
     SparseStats stats_;
 
-    std::vector<int32_t> trace_;
-    int trace_steps_ = 0, trace_k_ = 0;
+    std::vector<int32_t> trace_, ahead_trace_;
+    int trace_steps_ = 0, trace_k_ = 0, ahead_trace_m_ = 0;
     bool trace_scores_ = false;
     int n_list_ = 0;
     bool has_mask_ = false;
@@ -184,6 +208,8 @@ class SparseFfn {
     Buffer early_;      // (d_ff) f32 gated activations computed early (one token, block formats)
     Buffer ready_;      // (d_ff) uint8: early_[p] holds list entry p's
     Buffer early_pos_;  // (d_ff) int32 the list positions computed early
+    Buffer ahead_row_;  // (d_ff) const void*: this call's neurons read ahead, their bundle (else null)
+    std::vector<int32_t> ahead_ids_;  // (d_ff) the neurons a read-ahead plans, ascending
     std::vector<int32_t> admit_ids_;   // neurons read in a round, hottest first (neuron cache admission)
     std::vector<const void*> admit_rows_;
     std::vector<int32_t> admit_slots_;  // the cache slot each admitted neuron's row is copied to

@@ -33,7 +33,7 @@ def load(path: str | None = None, dtype: str | None = None, threads: int | None 
     """Loads a model: a flashmem folder, a HF folder or a GGUF file (the latter two converted once
     into the store); with no path, the default model. The README's "Python API" and "Flash
     offloading" sections describe every argument; flash_options: ffn_layout, queue_depth,
-    coalesce_gap, direct_io, cache_rows, cache_bias, expire_window, eviction. device: "cpu"
+    coalesce_gap, direct_io, cache_rows, cache_bias, expire_window, eviction, read_ahead, staging_rows. device: "cpu"
     (the only backend that runs the forward pass today; "cuda" is checked and refused, see
     check_device)."""
     check_device(device)

@@ -111,7 +111,8 @@ def bundle_path(folder: str, config: dict) -> str:
 
 def configure(engine, folder: str, config: dict, offload, dram_budget, sparsity, window, ffn_layout="bundled",
               queue_depth=32, coalesce_gap=2, direct_io=True, cache_rows=None, cache_bias=0.0,
-              expire_window=False, eviction="lru", budget_source=None, resident_bytes=0):
+              expire_window=False, eviction="lru", read_ahead=None, staging_rows=0, budget_source=None,
+              resident_bytes=0):
     """Checks load()'s FFN options and configures the engine's sparse FFN (before any weight is
     loaded). Returns (offload, dram_budget in bytes, the predictor file or None); offload None
     with sparsity 0 leaves the dense FFN in place. budget_source: how dram_budget was found
@@ -123,7 +124,8 @@ def configure(engine, folder: str, config: dict, offload, dram_budget, sparsity,
     offload = None if offload == "none" else offload
     options = sparse_options(sparsity=sparsity, window=window, queue_depth=queue_depth, coalesce_gap=coalesce_gap,
                              direct=direct_io, cache_rows=-1 if cache_rows is None else cache_rows,
-                             cache_bias=cache_bias, expire=expire_window, eviction=eviction)
+                             cache_bias=cache_bias, expire=expire_window, eviction=eviction,
+                             read_ahead=-1 if read_ahead is None else read_ahead, staging_rows=staging_rows)
     if dram_budget is not None and not offload:
         raise ValueError("dram_budget needs offload='flash' (without offloading every weight is in DRAM)")
     if budget_source and not dram_budget:
@@ -321,5 +323,10 @@ def summarize(engine, config: dict, tokens: int) -> dict:
         neurons_computed_per_layer=stats["computed"] / tokens / n_layers,
         cache_rows_per_layer=stats["cache_rows"],
         direct_io=stats["direct_io"],
+        # reading a layer ahead (read_ahead): neurons read per token, the share the layer picked
+        # (the predictor a layer ahead's precision), and the share of the misses they covered
+        ahead_read_per_token=stats["ahead_read"] / tokens,
+        ahead_precision=stats["ahead_used"] / stats["ahead_read"] if stats["ahead_read"] else 0.0,
+        ahead_coverage=stats["ahead_used"] / stats["misses"] if stats["misses"] else 0.0,
     )
     return out
