@@ -370,22 +370,28 @@ def test_truncated_bundle_file(folder, tmp_path):
         flashmem.load(dst, threads=2, max_context=128, offload="flash")
 
 
-def test_read_error_mid_generation(folder, tmp_path):
-    dst = linked_copy(folder, tmp_path / "m", copy=("ffn_bundles.safetensors",))
-    path = os.path.join(dst, "ffn_bundles.safetensors")
-    m = flashmem.load(dst, threads=2, max_context=128, offload="flash", dram_budget="290MB")
+def check_read_error_recovers(m, path):
+    """The disk loses the end of the bundle file at `path` while model m runs: generation raises
+    naming the file, again on the next call (no hang, no crash), and once the file is back m
+    generates as it did before."""
     fresh = m.generate("Hello", max_new_tokens=6).text
     with open(path, "rb") as f:
         whole = f.read()
-    with open(path, "r+b") as f:  # the disk loses the file's end while the model runs
+    with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(RuntimeError, match=r"ffn_bundles.safetensors' at byte \d+: unexpected end of file"):
         m.generate("Hello again, this is a longer prompt", max_new_tokens=4)
-    with pytest.raises(RuntimeError, match="ffn_bundles.safetensors"):  # again: no hang, no crash
+    with pytest.raises(RuntimeError, match="ffn_bundles.safetensors"):
         m.generate("Hello", max_new_tokens=2)
-    with open(path, "r+b") as f:  # the file comes back: the same model generates as a fresh one
+    with open(path, "r+b") as f:
         f.write(whole)
     assert m.generate("Hello", max_new_tokens=6).text == fresh
+
+
+def test_read_error_mid_generation(folder, tmp_path):
+    dst = linked_copy(folder, tmp_path / "m", copy=("ffn_bundles.safetensors",))
+    m = flashmem.load(dst, threads=2, max_context=128, offload="flash", dram_budget="290MB")
+    check_read_error_recovers(m, os.path.join(dst, "ffn_bundles.safetensors"))
 
 
 def test_read_error_with_reads_ahead_in_flight(calibrated, tmp_path):
@@ -394,23 +400,11 @@ def test_read_error_with_reads_ahead_in_flight(calibrated, tmp_path):
     generates as a fresh one (f32 bundles of 6,912 bytes: read ahead by default)."""
     dst = linked_copy(calibrated[0], tmp_path / "m", copy=("ffn_bundles.safetensors",))
     os.symlink(os.path.join(calibrated[0], "predictor.safetensors"), os.path.join(dst, "predictor.safetensors"))
-    path = os.path.join(dst, "ffn_bundles.safetensors")
     m = flashmem.load(dst, threads=2, max_context=128, offload="flash", dram_budget="290MB", sparsity=0.5,
                       window=1)  # computes exactly the picks, whatever the neuron cache holds
-    fresh = m.generate("Hello", max_new_tokens=6).text
+    check_read_error_recovers(m, os.path.join(dst, "ffn_bundles.safetensors"))
     s = m.flash_stats()
     assert s["read_ahead"] == 1536 // 8 and s["ahead_read"] > 0 and s["ahead_used"] > 0
-    with open(path, "rb") as f:
-        whole = f.read()
-    with open(path, "r+b") as f:  # the disk loses the file's end while the model runs
-        f.truncate(os.path.getsize(path) // 2)
-    with pytest.raises(RuntimeError, match=r"ffn_bundles.safetensors' at byte \d+: unexpected end of file"):
-        m.generate("Hello again, this is a longer prompt", max_new_tokens=4)
-    with pytest.raises(RuntimeError, match="ffn_bundles.safetensors"):  # again: no hang, no crash
-        m.generate("Hello", max_new_tokens=2)
-    with open(path, "r+b") as f:
-        f.write(whole)
-    assert m.generate("Hello", max_new_tokens=6).text == fresh
 
 
 def test_read_error_in_streamed_attention(folder, tmp_path):
