@@ -167,7 +167,8 @@ def run_flashmem(a, ids: list[int], sparsity: float | None, offload: str = "flas
             import numpy as np
 
             trace = np.load(a.trace)  # the trace picks; the folder's predictor still runs (its cost)
-            ahead = np.load(ahead_path(a.trace)) if os.path.isfile(ahead_path(a.trace)) else None
+            if read_ahead != 0 and os.path.isfile(ahead_path(a.trace)):
+                ahead = np.load(ahead_path(a.trace))
         kw.update(offload=offload, sparsity=sparsity, dram_budget=a.dram_budget, eviction=eviction,
                   read_ahead=read_ahead)
     t0 = time.perf_counter()
@@ -175,7 +176,7 @@ def run_flashmem(a, ids: list[int], sparsity: float | None, offload: str = "flas
     load_s = time.perf_counter() - t0
     if trace is not None:
         m._engine.set_trace(trace, score=True, ahead=ahead)
-        trace = None
+        trace = ahead = None  # the engine holds its copies
     m.generate(ids, max_new_tokens=min(WARMUP_TOKENS, a.new_tokens), eos_token_id=[], reuse_cache=False)
     r = m.generate(ids, max_new_tokens=a.new_tokens, eos_token_id=[], reuse_cache=False)
     out = {"decode_tok_s": r.decode_tokens_per_s, "prefill_tok_s": r.prefill_tokens_per_s, "load_s": load_s,
@@ -250,7 +251,9 @@ def make_trace(a) -> int:
     with open(a.text, encoding="utf-8") as f:
         text = f.read()[300_000:400_000]  # past the calibration text
     # (steps, small layers, k_small), and a layer ahead (steps, small layers, small_ff / 8)
-    picks, early, small_ff = selection_trace(small, text, a.sparsity, a.steps, ahead=1536 // 8)
+    with open(os.path.join(small, "config.json")) as f:
+        eighth = json.load(f)["intermediate_size"] // 8  # the engine's default read_ahead
+    picks, early, small_ff = selection_trace(small, text, a.sparsity, a.steps, ahead=eighth)
     with open(os.path.join(a.model, "config.json")) as f:
         cfg = json.load(f)
     ff, layers = cfg["intermediate_size"], cfg["num_hidden_layers"]

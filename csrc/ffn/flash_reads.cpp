@@ -105,11 +105,12 @@ bool FlashReads::plan(int layer, int neuron) {
     return true;
 }
 
-bool FlashReads::has_room(int n) const {
-    if (planned_ + n > staging_rows_) return false;
-    for (int p = 0; p < layout_.n_pieces(); ++p) {
-        const size_t worst = blocks_of(layout_.piece_bytes[p] + coalesce_gap_ * layout_.piece_stride[p]) + 1;
-        if (used_[p] + size_t(n) * worst > region_blocks_[p]) return false;
+bool FlashReads::fits(int n, const size_t* used, int planned) const {
+    if ((planned < 0 ? planned_ : planned) + n > staging_rows_) return false;
+    for (int p = 0; p < layout_.n_pieces(); ++p) {  // a piece's blocks and the gap a request may span before it
+        const uint64_t gap = std::min<uint64_t>(coalesce_gap_ * layout_.piece_stride[p], max_request_);
+        const size_t worst = blocks_of(layout_.piece_bytes[p] + gap) + 1;
+        if (used[p] + size_t(n) * worst > region_blocks_[p]) return false;
     }
     return true;
 }

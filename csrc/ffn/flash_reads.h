@@ -52,8 +52,13 @@ class FlashReads {
     bool plan(int layer, int neuron);
     int planned() const { return planned_; }
     // Whether n more neurons are sure to fit, wherever they lie (each piece's blocks, and a
-    // coalescing gap before it): rounds then end on groups of list positions (sparse_ffn.cpp).
-    bool has_room(int n) const;
+    // coalescing gap before it): rounds then end on groups of list positions (sparse_ffn.cpp);
+    // holds(n): whether an empty buffer is sure to fit n (else rounds end where they fill).
+    bool has_room(int n) const { return fits(n, used_); }
+    bool holds(int n) const {
+        const size_t none[FileLayout::kMaxPieces] = {};
+        return fits(n, none, 0);
+    }
     // The round's requests, in piece order, each run of blocks one request.
     const std::vector<ReadRequest>& requests();
     // Once the round is read: the bundle [gate | up | down] of the j-th planned neuron, where it
@@ -62,6 +67,7 @@ class FlashReads {
     void clear();  // starts a new round
 
   private:
+    bool fits(int n, const size_t* used, int planned = -1) const;  // planned -1: planned_
     struct Run {
         uint64_t b0, b1;  // blocks [b0, b1) of the file
         char* dst;

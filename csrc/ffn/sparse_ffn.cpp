@@ -61,7 +61,7 @@ size_t SparseFfn::fixed_bytes(int n_layers, int d_ff, int d_model, const BundleF
         n += bf.is_float() ? 0 : 9 * size_t(d_ff);  // early activations, their flags and positions
         if (opt.sparsity > 0 && opt.read_ahead > 0)  // the read-ahead buffers, the rows they hold, admission
             n += 2 * FlashReads::bytes_for(*layout, row_bytes(d_model, bf), ahead_rows(opt), opt.staging_bytes) +
-                 (sizeof(void*) + 4) * size_t(d_ff) + size_t(ahead_rows(opt)) * (16 + sizeof(void*));
+                 (sizeof(void*) + 4) * size_t(d_ff) + size_t(ahead_rows(opt)) * (24 + sizeof(void*));
     }
     return n;
 }
@@ -372,7 +372,9 @@ int SparseFfn::plan_round(Round& r, int l, int from) {
     int pos = from;
     for (; pos < n_list_; ++pos) {
         const int i = list[pos];
-        if (pos % kRoundGroup == 0 && !r.pending.empty() && !r.reads.has_room(kRoundGroup)) break;
+        if (pos % kRoundGroup == 0 && !r.pending.empty() && r.reads.holds(kRoundGroup) &&
+            !r.reads.has_room(kRoundGroup))
+            break;
         if (cache.slot_of(i) >= 0) {
             stats_.hits += picked_now[i];  // window neurons are in the cache by definition
             continue;
@@ -396,7 +398,8 @@ void SparseFfn::plan_ahead(Round& r, int l) {
     r.lo = 0;
     int i = 0;  // at sparsity 0 the list is every neuron: list position i is neuron i
     for (; i < d_ff_; ++i) {
-        if (i % kRoundGroup == 0 && !r.pending.empty() && !r.reads.has_room(kRoundGroup)) break;
+        if (i % kRoundGroup == 0 && !r.pending.empty() && r.reads.holds(kRoundGroup) && !r.reads.has_room(kRoundGroup))
+            break;
         if (cache.slot_of(i) >= 0) continue;
         if (!r.reads.plan(l, i)) break;
         r.pending.push_back(i);
@@ -450,6 +453,7 @@ void SparseFfn::plan_sparse_ahead(ThreadPool& pool, int l, const float* xn) {
     int m = 0;
     r.reads.clear();
     r.pending.clear();
+    const auto t0 = Clock::now();
     if (!trace_steps_ || trace_scores_) predictor_.scores(pool, l, xn, 1, scores_.data<float>());
     if (trace_steps_) {
         const int32_t* ids = ahead_trace_.data() + (size_t(step_[l] % trace_steps_) * n_layers_ + l) * ahead_trace_m_;
@@ -458,7 +462,7 @@ void SparseFfn::plan_sparse_ahead(ThreadPool& pool, int l, const float* xn) {
     } else {
         const float* sc = scores_.data<float>();
         std::iota(order, order + d_ff_, 0);
-        std::nth_element(order, order + (want - 1), order + d_ff_, [&](int32_t a, int32_t b) {
+        std::partial_sort(order, order + want, order + d_ff_, [&](int32_t a, int32_t b) {  // likeliest first
             return sc[a] > sc[b] || (sc[a] == sc[b] && a < b);
         });
         for (int j = 0; j < want; ++j)
@@ -474,6 +478,7 @@ void SparseFfn::plan_sparse_ahead(ThreadPool& pool, int l, const float* xn) {
         if (int(r.pending.size()) == n) break;
         n = int(r.pending.size());
     }
+    stats_.select_s += since(t0);
     if (submit(r)) sparse_ahead_layer_ = l, stats_.ahead_read += r.pending.size();
 }
 
@@ -489,7 +494,7 @@ void SparseFfn::use_ahead(int l) {
     const NeuronCache& cache = neuron_caches_[l];
     for (size_t j = 0; j < r.pending.size(); ++j) {
         const int i = r.pending[j];
-        if (!in_list[i] || cache.slot_of(i) >= 0) continue;
+        if (!in_list[i] || cache.slot_of(i) >= 0 || row[i]) continue;  // (a replay's ahead ids may repeat)
         row[i] = r.reads.bundle(int(j));
         stats_.ahead_used += 1, stats_.misses += 1;
     }
@@ -505,6 +510,7 @@ void SparseFfn::drain() noexcept {
         }
     }
     for (Round& r : rounds_) r.submitted = false;
+    for (Round& r : ahead_rounds_) r.submitted = false;
     ahead_layer_ = -1, ahead_ = nullptr;
 }
 
@@ -552,7 +558,7 @@ void SparseFfn::compute_round(ThreadPool& pool, int l, const float* xn, int T, c
         if (slot >= 0) rows[pos] = cache.row(slot);
         else if (ahead && ahead[list[pos]]) rows[pos] = ahead[list[pos]], pending.push_back(pos);
     }
-    // admitted in list order, as without reading ahead: the cache then holds the same neurons
+    // admitted in list order, as without reading ahead
     if (pending.size() > misses) std::sort(pending.begin(), pending.end());
     FfnRows fr{rows, n_list_, has_mask_ ? list_mask_.data<uint8_t>() : nullptr, list, down_scales_[l]};
     if (early_used_) fr.early = early_.data<float>(), fr.ready = ready_.data<uint8_t>();

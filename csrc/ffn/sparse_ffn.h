@@ -77,10 +77,11 @@ struct SparseStats {
     uint64_t misses = 0;       // picked neurons read from flash
     uint64_t rounds_ahead = 0;   // rounds of a layer's first misses read during the layer before (sparsity 0)
     uint64_t rounds_dropped = 0; // of those, the ones not used: the cache or the list had changed
-    uint64_t early = 0;        // cached neurons whose gate and up ran while the layer's first reads were in flight
+    uint64_t early = 0;        // cached (or read-ahead) neurons whose gate and up ran while the layer's first reads were in flight
     uint64_t ahead_read = 0;   // neurons read a layer ahead at sparsity > 0 (read_ahead)
     uint64_t ahead_used = 0;   // of those, the ones the layer picked (counted in misses too: read from flash)
-    double select_s = 0, io_s = 0, compute_s = 0;  // io_s: time the compute waited for reads
+    double select_s = 0, io_s = 0, compute_s = 0;  // io_s: time the compute waited for reads; select_s includes
+                                                   // the predictor a layer ahead (read_ahead)
 };
 
 class SparseFfn {
@@ -156,7 +157,8 @@ class SparseFfn {
     static int ahead_rows(const SparseOptions& opt) { return std::min(opt.read_ahead, opt.staging_rows); }
     bool can_read_ahead(int l, int T) const;
     void plan_sparse_ahead(ThreadPool& pool, int l, const float* xn);
-    void use_ahead(int l);    bool submit(Round& r);                      // its reads to the I/O threads; false when it has none
+    void use_ahead(int l);
+    bool submit(Round& r);                      // its reads to the I/O threads; false when it has none
     void wait_for(Round& r);
     void compute_round(ThreadPool& pool, int l, const float* xn, int T, const FfnScratch& s, Round& r);
     // One token, block formats: the cached list entries' gate and up, while the first round reads.

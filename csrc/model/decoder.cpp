@@ -255,11 +255,14 @@ void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const 
     }
     // read ahead at sparsity > 0: by default an eighth of a layer's neurons, the likeliest (a
     // predictor a layer ahead gets about nine in ten of them right, SmolLM2 and Gemma alike), where
-    // a bundle fills a 4 KiB block at least: smaller ones share blocks with their neighbours, which
-    // the layer's own rounds would then read again (SmolLM2's q4_1 bundles, 1080 bytes: +35% read)
-    if (opt.read_ahead < 0)
-        opt.read_ahead = flash && opt.sparsity > 0 && c.ffn_bundle.bytes(c.d_model) >= kIoAlign ? std::max(1, c.d_ff / 8)
-                                                                                                 : 0;
+    // each piece read (a bundle, or unbundled its gate row, up row, down column) fills a 4 KiB
+    // block at least: smaller ones share blocks with their neighbours, which the layer's own
+    // rounds would then read again (SmolLM2's q4_1 bundles, 1080 bytes: +35% read)
+    if (opt.read_ahead < 0) {
+        const bool whole_blocks =
+            flash && *std::min_element(layout->piece_bytes.begin(), layout->piece_bytes.end()) >= kIoAlign;
+        opt.read_ahead = opt.sparsity > 0 && whole_blocks ? std::max(1, c.d_ff / 8) : 0;
+    }
     const size_t predictor =
         with_predictor ? Predictor::bytes_for(c.n_layers, c.d_ff, c.d_model, chunk_, opt.predictor_rank) : 0;
     const size_t row = SparseFfn::row_bytes(c.d_model, c.ffn_bundle);
