@@ -253,8 +253,8 @@ void Model::configure_sparse(SparseFfn::Source source, SparseOptions opt, const 
                             : budget >= (size_t(128) << 20)           ? size_t(4) << 20
                                                                       : size_t(2) << 20;
     }
-    // read ahead at sparsity > 0: by default an eighth of a layer's neurons, the likeliest (a
-    // predictor a layer ahead gets about nine in ten of them right, SmolLM2 and Gemma alike), where
+    // read ahead at sparsity > 0: by default an eighth of a layer's neurons, the likeliest (the
+    // predictor a layer ahead gets 91% of them right on SmolLM2, 85% on Gemma 3 270M), where
     // each piece read (a bundle, or unbundled its gate row, up row, down column) fills a 4 KiB
     // block at least: smaller ones share blocks with their neighbours, which the layer's own
     // rounds would then read again (SmolLM2's q4_1 bundles, 1080 bytes: +35% read)
