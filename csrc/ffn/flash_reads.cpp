@@ -105,14 +105,16 @@ bool FlashReads::plan(int layer, int neuron) {
     return true;
 }
 
-bool FlashReads::fits(int n, const size_t* used, int planned) const {
-    if ((planned < 0 ? planned_ : planned) + n > staging_rows_) return false;
+bool FlashReads::full_before(int n) const {
+    if (planned_ == 0) return false;
+    bool empty_holds = n <= staging_rows_, holds = planned_ + n <= staging_rows_;
     for (int p = 0; p < layout_.n_pieces(); ++p) {  // a piece's blocks and the gap a request may span before it
         const uint64_t gap = std::min<uint64_t>(coalesce_gap_ * layout_.piece_stride[p], max_request_);
-        const size_t worst = blocks_of(layout_.piece_bytes[p] + gap) + 1;
-        if (used[p] + size_t(n) * worst > region_blocks_[p]) return false;
+        const size_t worst = size_t(n) * (blocks_of(layout_.piece_bytes[p] + gap) + 1);
+        empty_holds = empty_holds && worst <= region_blocks_[p];
+        holds = holds && used_[p] + worst <= region_blocks_[p];
     }
-    return true;
+    return empty_holds && !holds;
 }
 
 const std::vector<ReadRequest>& FlashReads::requests() {

@@ -51,14 +51,11 @@ class FlashReads {
     // clear(), and plan again).
     bool plan(int layer, int neuron);
     int planned() const { return planned_; }
-    // Whether n more neurons are sure to fit, wherever they lie (each piece's blocks, and a
-    // coalescing gap before it): rounds then end on groups of list positions (sparse_ffn.cpp);
-    // holds(n): whether an empty buffer is sure to fit n (else rounds end where they fill).
-    bool has_room(int n) const { return fits(n, used_); }
-    bool holds(int n) const {
-        const size_t none[FileLayout::kMaxPieces] = {};
-        return fits(n, none, 0);
-    }
+    // Whether to end the round before n more neurons: once it holds some, they might not fit
+    // wherever they lie (each piece's blocks, and a coalescing gap before it), though an empty
+    // buffer would hold them. Rounds then end on groups of list positions (sparse_ffn.cpp); where
+    // even an empty buffer might not hold a group, they end where they fill.
+    bool full_before(int n) const;
     // The round's requests, in piece order, each run of blocks one request.
     const std::vector<ReadRequest>& requests();
     // Once the round is read: the bundle [gate | up | down] of the j-th planned neuron, where it
@@ -67,7 +64,6 @@ class FlashReads {
     void clear();  // starts a new round
 
   private:
-    bool fits(int n, const size_t* used, int planned = -1) const;  // planned -1: planned_
     struct Run {
         uint64_t b0, b1;  // blocks [b0, b1) of the file
         char* dst;

@@ -372,9 +372,7 @@ int SparseFfn::plan_round(Round& r, int l, int from) {
     int pos = from;
     for (; pos < n_list_; ++pos) {
         const int i = list[pos];
-        if (pos % kRoundGroup == 0 && !r.pending.empty() && r.reads.holds(kRoundGroup) &&
-            !r.reads.has_room(kRoundGroup))
-            break;
+        if (pos % kRoundGroup == 0 && r.reads.full_before(kRoundGroup)) break;
         if (cache.slot_of(i) >= 0) {
             stats_.hits += picked_now[i];  // window neurons are in the cache by definition
             continue;
@@ -398,8 +396,7 @@ void SparseFfn::plan_ahead(Round& r, int l) {
     r.lo = 0;
     int i = 0;  // at sparsity 0 the list is every neuron: list position i is neuron i
     for (; i < d_ff_; ++i) {
-        if (i % kRoundGroup == 0 && !r.pending.empty() && r.reads.holds(kRoundGroup) && !r.reads.has_room(kRoundGroup))
-            break;
+        if (i % kRoundGroup == 0 && r.reads.full_before(kRoundGroup)) break;
         if (cache.slot_of(i) >= 0) continue;
         if (!r.reads.plan(l, i)) break;
         r.pending.push_back(i);
