@@ -433,6 +433,39 @@ def test_read_error_in_streamed_attention(folder, tmp_path):
     assert m.generate("Hello", max_new_tokens=6).text == fresh.text
 
 
+def test_read_error_in_streamed_lm_head(folder, tmp_path):
+    """offload="all" under a budget that holds every layer's attention but not the (tied) LM head:
+    the head is read a chunk at a time, the next in flight while one computes, and gives the text
+    of the head held in DRAM. A disk that loses the table's second half raises naming the file (the
+    prompt's embedding rows lie before the cut), again on the next call, and once the file is back
+    the model generates as before."""
+    import json
+    import struct
+
+    dst = linked_copy(folder, tmp_path / "m", copy=("model.safetensors",))
+    path = os.path.join(dst, "model.safetensors")
+    minimum = flashmem.load(dst, threads=2, max_context=128, offload="all").flash_stats()["minimum_budget"]
+    m = flashmem.load(dst, threads=2, max_context=128, offload="all", dram_budget=minimum + 110_000_000)
+    fresh = m.generate("Hello", max_new_tokens=6)
+    head = 49152 * 576 * 4  # f32 rows
+    assert head < fresh.flash["weights_read_per_token"] < head + 1e6  # the head (and an embedding row) alone
+    assert fresh.text == flashmem.load(dst, threads=2, max_context=128, offload="flash").generate(
+        "Hello", max_new_tokens=6).text
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        start, end = json.loads(f.read(n))["model.embed_tokens.weight"]["data_offsets"]
+        f.seek(0)
+        whole = f.read()
+    with open(path, "r+b") as f:
+        f.truncate(8 + n + (start + end) // 2)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"model.safetensors' at byte \d+: unexpected end of file"):
+            m.generate("Hello again", max_new_tokens=4)
+    with open(path, "r+b") as f:
+        f.write(whole)
+    assert m.generate("Hello", max_new_tokens=6).text == fresh.text
+
+
 def test_unaligned_bundle_file(tmp_path, smollm2_gguf):
     from conftest import make_tiny_hf
 

@@ -693,16 +693,18 @@ void Model::compute_logits(const float* x, int T, float* logits) {
         b.linear(xn, T, c.d_model, {{logits, size_t(c.vocab_size), head, size_t(c.vocab_size)}}, /*precise=*/true);
         return;
     }
-    // streamed: as many rows at a time as the staging buffer holds
-    const size_t per = std::max<size_t>(16, (stream_->bytes() - 2 * kIoAlign) / head->row_bytes) / 16 * 16;
-    for (size_t r0 = 0; r0 < size_t(c.vocab_size); r0 += per) {
-        const size_t n = std::min(per, size_t(c.vocab_size) - r0);
-        const uint64_t at = head->file_offset + r0 * head->row_bytes;
-        const size_t len = n * head->row_bytes;
-        const char* rows = nullptr;
-        stream_->fetch(&at, &len, 1, &rows, "the LM head");
-        b.linear(xn, T, c.d_model, {{logits + r0, size_t(c.vocab_size), head, n, rows}}, /*precise=*/true);
-    }
+    // streamed: as many rows at a time as half the staging buffer holds, the next chunk read while
+    // this one computes (as the whole buffer holds, one after the other, where half holds too few)
+    const auto rows_in = [&](size_t bytes) { return bytes / head->row_bytes / 16 * 16; };
+    size_t per = rows_in(stream_->double_buffered_chunk());
+    if (per < 16) per = std::max<size_t>(16, rows_in(stream_->bytes() > 2 * kIoAlign ? stream_->bytes() - 2 * kIoAlign : 0));
+    stream_->stream(head->file_offset, size_t(c.vocab_size) * head->row_bytes, per * head->row_bytes,
+                    [&](size_t at, size_t bytes, const char* rows) {
+                        const size_t r0 = at / head->row_bytes;
+                        b.linear(xn, T, c.d_model, {{logits + r0, size_t(c.vocab_size), head, bytes / head->row_bytes, rows}},
+                                 /*precise=*/true);
+                    },
+                    "the LM head");
 }
 
 void Model::layer_forward(int l, int T) {

@@ -76,19 +76,60 @@ void WeightStream::fetch(const uint64_t* offsets, const size_t* sizes, int n, co
 }
 
 void WeightStream::plan(const uint64_t* offsets, const size_t* sizes, int n, const char** out, const char* what) {
-    requests_.clear();
+    plan(offsets, sizes, n, out, what, staging_.data<char>(), staging_.size(), requests_);
+}
+
+void WeightStream::plan(const uint64_t* offsets, const size_t* sizes, int n, const char** out, const char* what,
+                        char* base, size_t room, std::vector<ReadRequest>& reqs) {
+    reqs.clear();
     size_t at = 0;
     for (int i = 0; i < n; ++i) {
         const uint64_t a0 = block_floor(offsets[i]), a1 = block_ceil(offsets[i] + sizes[i]);
         FM_IO(offsets[i] + sizes[i] <= reader_.size(), "'", reader_.path(), "' is truncated: ", what, " needs bytes [",
               offsets[i], ", ", offsets[i] + sizes[i], "), the file has ", reader_.size());
-        FM_ARG(at + (a1 - a0) <= staging_.size(), "weight stream: ", what, " needs ", at + (a1 - a0),
-               " bytes of staging, there are ", staging_.size());
-        char* dst = staging_.data<char>() + at;
+        FM_ARG(at + (a1 - a0) <= room, "weight stream: ", what, " needs ", at + (a1 - a0),
+               " bytes of staging, there are ", room);
+        char* dst = base + at;
         for (uint64_t p = a0; p < a1; p += kPiece)  // pieces the reader's threads serve in parallel
-            requests_.push_back({p, size_t(std::min<uint64_t>(kPiece, a1 - p)), dst + (p - a0)});
+            reqs.push_back({p, size_t(std::min<uint64_t>(kPiece, a1 - p)), dst + (p - a0)});
         out[i] = dst + (offsets[i] - a0);
         at += a1 - a0;
+    }
+}
+
+size_t WeightStream::double_buffered_chunk() const {
+    const size_t half = staging_.size() / 2 / kIoAlign * kIoAlign;
+    return half > kIoAlign ? half - kIoAlign : 0;  // a chunk may start anywhere inside a block
+}
+
+void WeightStream::stream(uint64_t offset, size_t total, size_t chunk, const ChunkUse& use, const char* what) {
+    FM_ARG(chunk > 0, "weight stream: ", what, ": chunks of 0 bytes");
+    drop_ahead();  // the staging buffer is read into again
+    const size_t n = (total + chunk - 1) / chunk;
+    const bool two = chunk <= double_buffered_chunk();
+    const size_t half = staging_.size() / 2 / kIoAlign * kIoAlign;
+    const char* data[2] = {};
+    auto submit = [&](size_t k) {  // chunk k, into half k % 2 (the whole buffer with one)
+        const uint64_t at = offset + k * chunk;
+        const size_t len = std::min(chunk, total - k * chunk);
+        const int h = two ? int(k % 2) : 0;
+        plan(&at, &len, 1, &data[h], what, staging_.data<char>() + h * half, two ? half : staging_.size(),
+             chunk_requests_[h]);
+        reader_.submit(chunk_requests_[h]);
+        in_flight_ = true;
+    };
+    try {
+        if (n) submit(0);
+        for (size_t k = 0; k < n; ++k) {
+            in_flight_ = false;
+            reader_.wait();
+            if (two && k + 1 < n) submit(k + 1);
+            use(k * chunk, std::min(chunk, total - k * chunk), data[two ? k % 2 : 0]);
+            if (!two && k + 1 < n) submit(k + 1);
+        }
+    } catch (...) {
+        drop_ahead();  // no read still lands in the staging buffer
+        throw;
     }
 }
 

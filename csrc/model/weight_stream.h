@@ -8,6 +8,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -45,19 +46,32 @@ class WeightStream {
     void prefetch(const uint64_t* offsets, const size_t* sizes, int n, const char* what);
     int64_t prefetch_hits() const { return hits_; }  // fetches the batch read ahead served
 
+    // Reads the bytes [offset, offset + total) of the file `chunk` bytes at a time and calls
+    // use(at, bytes, data) on each chunk in order (at: its first byte's index in the range). Where
+    // two chunks fit in the staging buffer, the next is read while `use` computes with this one.
+    // Throws naming `what` on a read error, with no read left in flight.
+    using ChunkUse = std::function<void(size_t at, size_t bytes, const char* data)>;
+    void stream(uint64_t offset, size_t total, size_t chunk, const ChunkUse& use, const char* what);
+    // The largest chunk stream() reads while computing with another (0: none fits twice).
+    size_t double_buffered_chunk() const;
+
   private:
     struct Range {
         uint64_t offset;
         size_t size;
         const char* data;
     };
-    // Plans the ranges into requests_ over the staging buffer; out[i]: where range i will be.
+    // Plans the ranges into `reqs` over the `room` bytes of staging at `base` (requests_ over the
+    // whole buffer unless given); out[i]: where range i will be.
     void plan(const uint64_t* offsets, const size_t* sizes, int n, const char** out, const char* what);
+    void plan(const uint64_t* offsets, const size_t* sizes, int n, const char** out, const char* what, char* base,
+              size_t room, std::vector<ReadRequest>& reqs);
     void drop_ahead();  // waits for a batch still in flight (its errors dropped) and forgets it
 
     DirectReader reader_;
     Buffer staging_;
     std::vector<ReadRequest> requests_;
+    std::vector<ReadRequest> chunk_requests_[2];  // stream(): the chunk in flight and the one computed
     std::vector<Range> ahead_;  // the ranges read ahead (empty: none)
     bool in_flight_ = false;    // ahead_'s batch was submitted and not waited for
     int64_t hits_ = 0;

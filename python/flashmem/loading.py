@@ -248,12 +248,13 @@ class WeightFile:
 
 
 STREAMED_KINDS = ("embed", "lm_head", "wq", "wk", "wv", "wo")
-LM_HEAD_CHUNK = 1 << 20  # bytes of LM head rows a streamed logits pass reads at a time
+LM_HEAD_CHUNK = 1 << 20  # bytes of LM head rows a streamed logits pass reads at a time (two in staging:
+#                          the next is read while one computes)
 
 
 def stream_staging_bytes(weights: list[WeightFile]) -> int:
     """The staging buffer streamed matrices need: the largest of a layer's four attention matrices
-    together, a chunk of the LM head, an embedding row."""
+    together, two chunks of the LM head, an embedding row."""
     per_layer: dict = {}
     need = [4 * 4096]
     head = next((w for w in weights if w.kind == "lm_head"), None)  # else the tied embeddings
@@ -262,7 +263,7 @@ def stream_staging_bytes(weights: list[WeightFile]) -> int:
             per_layer.setdefault(w.layer, {})[w.kind] = w.nbytes
         elif w.streamed:
             as_head = w.kind == "lm_head" or (w.kind == "embed" and head is None)
-            need.append(LM_HEAD_CHUNK + 2 * 4096 if as_head else w.nbytes // w.shape[0] + 2 * 4096)
+            need.append(2 * (LM_HEAD_CHUNK + 4096) if as_head else w.nbytes // w.shape[0] + 2 * 4096)
     for kinds in per_layer.values():
         # the four together: the next layer's are read ahead while this layer's FFN computes
         need.append(_core.stream_staging_for([kinds.get(k, 0) for k in ("wq", "wk", "wv", "wo")]))
