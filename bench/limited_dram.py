@@ -25,7 +25,8 @@ the neuron cache's eviction "hot" instead of "lru"; then _noahead: read_ahead=0)
 --new-tokens tokens greedily after the first --prompt-tokens tokens of tinyshakespeare (after a
 4-token untimed warm-up generation) and reports decode tok/s
 (tokens after the first / their time), prefill tok/s, peak RSS and, when streaming, bytes read per
-token. This script adds the group's peak usage (memory.max_usage_in_bytes: page cache included),
+token (llama.cpp: disk_read_per_token, what the kernel read from the disk for its decode steps,
+/proc/self/io read_bytes: the page faults of the mapped file). This script adds the group's peak usage (memory.max_usage_in_bytes: page cache included),
 its failcnt, whether the child was OOM-killed, exit status, wall time and the stderr tail of a
 failure.
 
@@ -225,8 +226,8 @@ def summarize(runs: list[dict]) -> dict:
             s["message"] += f" ({len(ok)} of {len(runs)} runs ok)"
     peaks = [r["peak_cgroup_mb"] for r in runs if r.get("peak_cgroup_mb") is not None]
     s["peak_cgroup_mb"] = max(peaks) if peaks else None
-    for key in ("decode_tok_s", "prefill_tok_s", "peak_rss_mb", "bytes_read_per_token", "owned_mb", "dram_budget_mb",
-                "wall_s"):
+    for key in ("decode_tok_s", "prefill_tok_s", "peak_rss_mb", "bytes_read_per_token", "disk_read_per_token",
+                "owned_mb", "dram_budget_mb", "wall_s"):
         vals = [r[key] for r in ok if r.get(key) is not None]
         s[key] = median(vals) if vals else None
     if ok:
@@ -602,7 +603,9 @@ def main():
                 fig = (f"{r['decode_tok_s']:6.1f} tok/s decode, {r['prefill_tok_s']:6.1f} prefill"
                        if r["status"] == "ok" else f"{r['status']}: {r.get('message', '')[:150]}")
                 extra = (f", {r['bytes_read_per_token'] / 1e6:.1f} MB read/token"
-                         if r.get("bytes_read_per_token") is not None else "")
+                         if r.get("bytes_read_per_token") is not None else
+                         f", {r['disk_read_per_token'] / 1e6:.1f} MB read from disk/token"
+                         if r.get("disk_read_per_token") is not None else "")
                 print(f"[{time.perf_counter() - t_start:6.0f} s] {label(lim):>8} {m:>20}: {fig}{extra}; peak cgroup "
                       f"{r['peak_cgroup_mb'] or 0:.0f} MB, RSS {r.get('peak_rss_mb') or 0:.0f} MB, "
                       f"{r['wall_s']:.0f} s", flush=True)

@@ -91,6 +91,13 @@ def no_extra_bufts():
     L.llama_model_default_params = params
 
 
+def disk_read_bytes() -> int:
+    """Bytes this process has had read from storage (/proc/self/io read_bytes: page-cache misses
+    and direct reads, every thread)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+
+
 def run_llamacpp(a, ids: list[int], repack: bool) -> dict:
     import numpy as np
     from llama_cpp import Llama
@@ -109,6 +116,7 @@ def run_llamacpp(a, ids: list[int], repack: bool) -> dict:
         t0 = time.perf_counter()
         llm.eval(ids)
         t1 = time.perf_counter()
+        read0 = disk_read_bytes()
         out = []
         while True:
             tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))))
@@ -117,10 +125,10 @@ def run_llamacpp(a, ids: list[int], repack: bool) -> dict:
                 break
             llm.eval([tok])
         t2 = time.perf_counter()
-        return out, t1 - t0, t2 - t1
+        return out, t1 - t0, t2 - t1, disk_read_bytes() - read0
 
     gen(min(WARMUP_TOKENS, a.new_tokens))
-    toks, prefill_s, decode_s = gen(a.new_tokens)
+    toks, prefill_s, decode_s, decode_read = gen(a.new_tokens)
     text = "".join(log)
     buffers = {}
     for line in text.splitlines():
@@ -132,6 +140,8 @@ def run_llamacpp(a, ids: list[int], repack: bool) -> dict:
                 pass
     return {"decode_tok_s": (len(toks) - 1) / decode_s if len(toks) > 1 else 0.0,
             "prefill_tok_s": len(ids) / prefill_s, "load_s": load_s, "tokens": toks,
+            # what the kernel read from the disk for the decode steps (page faults of the mapped file)
+            "disk_read_per_token": decode_read / (len(toks) - 1) if len(toks) > 1 else None,
             "use_extra_bufts": bool(llm.model_params.use_extra_bufts),
             "llama_buffers_mib": buffers,  # from llama.cpp's log: model (CPU_Mapped / CPU_REPACK), KV, compute
             "repack_refused": "cannot be used with preferred buffer type CPU_REPACK" in text}
