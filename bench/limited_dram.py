@@ -26,9 +26,9 @@ the neuron cache's eviction "hot" instead of "lru"; then _noahead: read_ahead=0)
 4-token untimed warm-up generation) and reports decode tok/s
 (tokens after the first / their time), prefill tok/s, peak RSS and, when streaming, bytes read per
 token (llama.cpp: disk_read_per_token, what the kernel read from the disk for its decode steps,
-/proc/self/io read_bytes: the page faults of the mapped file). This script adds the group's peak usage (memory.max_usage_in_bytes: page cache included),
-its failcnt, whether the child was OOM-killed, exit status, wall time and the stderr tail of a
-failure.
+/proc/self/io read_bytes: the page faults of the mapped file). This script adds the group's peak
+usage (memory.max_usage_in_bytes: page cache included), its failcnt, whether the child was
+OOM-killed, exit status, wall time and the stderr tail of a failure.
 
 Order: first every mode without a limit (in a group without a limit: its footprint), then each
 limit of --limits from the largest down, modes interleaved at each limit, repeats interleaved

@@ -696,15 +696,17 @@ void Model::compute_logits(const float* x, int T, float* logits) {
     // streamed: as many rows at a time as half the staging buffer holds, the next chunk read while
     // this one computes (as the whole buffer holds, one after the other, where half holds too few)
     const auto rows_in = [&](size_t bytes) { return bytes / head->row_bytes / 16 * 16; };
+    const size_t whole = stream_->bytes() > 2 * kIoAlign ? stream_->bytes() - 2 * kIoAlign : 0;
     size_t per = rows_in(stream_->double_buffered_chunk());
-    if (per < 16) per = std::max<size_t>(16, rows_in(stream_->bytes() > 2 * kIoAlign ? stream_->bytes() - 2 * kIoAlign : 0));
-    stream_->stream(head->file_offset, size_t(c.vocab_size) * head->row_bytes, per * head->row_bytes,
-                    [&](size_t at, size_t bytes, const char* rows) {
-                        const size_t r0 = at / head->row_bytes;
-                        b.linear(xn, T, c.d_model, {{logits + r0, size_t(c.vocab_size), head, bytes / head->row_bytes, rows}},
-                                 /*precise=*/true);
-                    },
-                    "the LM head");
+    if (per < 16) per = std::max<size_t>(16, rows_in(whole));
+    const size_t row = head->row_bytes;
+    stream_->stream(
+        head->file_offset, size_t(c.vocab_size) * row, per * row,
+        [&](size_t at, size_t bytes, const char* rows) {
+            b.linear(xn, T, c.d_model, {{logits + at / row, size_t(c.vocab_size), head, bytes / row, rows}},
+                     /*precise=*/true);
+        },
+        "the LM head");
 }
 
 void Model::layer_forward(int l, int T) {

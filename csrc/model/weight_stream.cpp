@@ -97,9 +97,10 @@ void WeightStream::plan(const uint64_t* offsets, const size_t* sizes, int n, con
     }
 }
 
+size_t WeightStream::half() const { return staging_.size() / 2 / kIoAlign * kIoAlign; }
+
 size_t WeightStream::double_buffered_chunk() const {
-    const size_t half = staging_.size() / 2 / kIoAlign * kIoAlign;
-    return half > kIoAlign ? half - kIoAlign : 0;  // a chunk may start anywhere inside a block
+    return half() > kIoAlign ? half() - kIoAlign : 0;  // a chunk may start anywhere inside a block
 }
 
 void WeightStream::stream(uint64_t offset, size_t total, size_t chunk, const ChunkUse& use, const char* what) {
@@ -107,13 +108,12 @@ void WeightStream::stream(uint64_t offset, size_t total, size_t chunk, const Chu
     drop_ahead();  // the staging buffer is read into again
     const size_t n = (total + chunk - 1) / chunk;
     const bool two = chunk <= double_buffered_chunk();
-    const size_t half = staging_.size() / 2 / kIoAlign * kIoAlign;
     const char* data[2] = {};
     auto submit = [&](size_t k) {  // chunk k, into half k % 2 (the whole buffer with one)
         const uint64_t at = offset + k * chunk;
         const size_t len = std::min(chunk, total - k * chunk);
         const int h = two ? int(k % 2) : 0;
-        plan(&at, &len, 1, &data[h], what, staging_.data<char>() + h * half, two ? half : staging_.size(),
+        plan(&at, &len, 1, &data[h], what, staging_.data<char>() + h * half(), two ? half() : staging_.size(),
              chunk_requests_[h]);
         reader_.submit(chunk_requests_[h]);
         in_flight_ = true;

@@ -67,13 +67,14 @@ class WeightStream {
     void plan(const uint64_t* offsets, const size_t* sizes, int n, const char** out, const char* what, char* base,
               size_t room, std::vector<ReadRequest>& reqs);
     void drop_ahead();  // waits for a batch still in flight (its errors dropped) and forgets it
+    size_t half() const;  // bytes of each half of the staging buffer (block-aligned), for stream()
 
     DirectReader reader_;
     Buffer staging_;
     std::vector<ReadRequest> requests_;
     std::vector<ReadRequest> chunk_requests_[2];  // stream(): the chunk in flight and the one computed
     std::vector<Range> ahead_;  // the ranges read ahead (empty: none)
-    bool in_flight_ = false;    // ahead_'s batch was submitted and not waited for
+    bool in_flight_ = false;    // a batch (ahead_'s, or stream()'s next chunk) was submitted and not waited for
     int64_t hits_ = 0;
 };
 
