@@ -439,8 +439,7 @@ def test_read_error_in_streamed_lm_head(folder, tmp_path):
     of the head held in DRAM. A disk that loses the table's second half raises naming the file (the
     prompt's embedding rows lie before the cut), again on the next call, and once the file is back
     the model generates as before."""
-    import json
-    import struct
+    from flashmem.checkpoints.safetensors_io import read_header
 
     dst = linked_copy(folder, tmp_path / "m", copy=("model.safetensors",))
     path = os.path.join(dst, "model.safetensors")
@@ -451,13 +450,11 @@ def test_read_error_in_streamed_lm_head(folder, tmp_path):
     assert head < fresh.flash["weights_read_per_token"] < head + 1e6  # the head (and an embedding row) alone
     assert fresh.text == flashmem.load(dst, threads=2, max_context=128, offload="flash").generate(
         "Hello", max_new_tokens=6).text
+    table = read_header(path)[0]["model.embed_tokens.weight"]
     with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        start, end = json.loads(f.read(n))["model.embed_tokens.weight"]["data_offsets"]
-        f.seek(0)
         whole = f.read()
     with open(path, "r+b") as f:
-        f.truncate(8 + n + (start + end) // 2)
+        f.truncate(table.offset + table.nbytes // 2)
     for _ in range(2):
         with pytest.raises(RuntimeError, match=r"model.safetensors' at byte \d+: unexpected end of file"):
             m.generate("Hello again", max_new_tokens=4)
